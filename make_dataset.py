@@ -1,0 +1,826 @@
+"""Build D4RL-style offline datasets for Gymnasium MuJoCo v5 envs, as local Minari datasets.
+
+D4RL (mujoco-py, gym 0.23) no longer installs and hosted Minari data may be out of reach, so this script
+follows the D4RL recipe locally: train SAC on `<Env>-v5` keeping behaviour-policy snapshots, then write
+`local/<env>/<level>-v0` for the levels asked for:
+    random         uniform random actions
+    medium         rollouts of the first snapshot whose return reaches --medium-fraction of the D4RL expert return
+    medium-replay  the SAC replay buffer up to that snapshot
+    expert         rollouts of the final policy (needs the full --train-steps)
+    medium-expert  medium + expert
+Datasets carry D4RL's ref_min_score / ref_max_score so normalised scores read on the usual 0-100 scale.
+
+Usage:
+    python make_dataset.py --env hopper-medium-v2 --levels medium medium-replay
+    python make_dataset.py --env hopper-medium-v2 --policy benchmarks/behavior_policies/hopper/medium_policy.pt
+    python make_dataset.py --env hopper-medium-replay-v2 --policy benchmarks/behavior_policies/hopper/snapshot_*.pt
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, NoReturn, Sequence
+
+import gymnasium as gym
+import minari
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from gymnasium.envs.registration import EnvSpec
+from minari.data_collector import EpisodeBuffer
+from torch import Tensor
+from tqdm import tqdm
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    env: str = "hopper-medium-v2"
+    """D4RL-style name `<env>-<level>-v2`; the level is built unless --levels says otherwise"""
+    levels: tuple[str, ...] = ()
+    """levels to build, among random, medium, medium-replay, expert, medium-expert (default: the level of --env)"""
+    seed: int = 0
+    """seed of SAC training and of the collection environments"""
+    out_dir: str = "runs/make_dataset"
+    """behaviour-policy snapshots go to <out_dir>/<env>/seed<k>/"""
+    overwrite: bool = False
+    """replace datasets that already exist in the local Minari store"""
+    device: str = "auto"
+    """auto (CUDA when present), cpu or cuda"""
+
+    # --- collection ---
+    size: int = 1_000_000
+    """transitions per collected level (random, medium, expert; medium-expert holds twice this)"""
+    num_envs: int = 10
+    """environments stepped together during collection, with one batched actor call per step"""
+    policy: tuple[str, ...] = ()
+    """behaviour-policy snapshot(s) to collect from instead of training: one for medium or expert; the ordered
+    snapshot chain of a training run for medium-replay; the medium snapshot for medium-expert"""
+    expert_policy: str | None = None
+    """with --policy and medium-expert: the expert snapshot"""
+
+    # --- SAC training of the behaviour policy ---
+    train_steps: int = 1_000_000
+    """SAC environment steps (one update each); training stops early at the medium snapshot unless expert data is asked for"""
+    medium_fraction: float = 0.4
+    """a snapshot is `medium` once its mean return reaches this fraction of the D4RL expert reference return"""
+    snapshot_every: int = 10_000
+    """save and evaluate a behaviour-policy snapshot every this many environment steps"""
+    snapshot_episodes: int = 5
+    """episodes (stochastic actions, as collected) to estimate a snapshot's mean return"""
+    learning_starts: int = 5_000
+    """uniform random actions before the first update"""
+    batch_size: int = 256
+    """SAC batch size"""
+    lr: float = 3e-4
+    """SAC learning rate (actor, critics, temperature)"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 0.005
+    """Polyak rate of the target critics"""
+    hidden: tuple[int, ...] = (256, 256)
+    """hidden layer sizes of the SAC actor and critics"""
+
+
+# --- shared: utils ---
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr that names the fix, exit status 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` is CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {name} asked for, but CUDA is not available; use --device cpu or auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        fail(f"unknown --device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if path.suffix == ".json":
+            Path(tmp).write_text(json.dumps(obj, indent=2, default=float))
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+def state_dict_cpu(module: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+# --- end shared: utils ---
+
+
+# --- shared: networks ---
+def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(in_dim, h), act()]
+        in_dim = h
+    layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+def tanh_gaussian_log_prob(mu: Tensor, log_std: Tensor, pre_tanh: Tensor) -> Tensor:
+    """log pi(a|s) of a = tanh(u), u ~ N(mu, std), with the change-of-variables term, summed over action dims."""
+    normal_lp = -0.5 * ((pre_tanh - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+    # log(1 - tanh(u)^2) computed stably as 2 (log 2 - u - softplus(-2u))
+    correction = 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
+    return (normal_lp - correction).sum(-1)
+
+
+class TanhGaussianActor(nn.Module):
+    """SAC/CQL actor: a = max_action * tanh(u), u ~ N(mu(s), exp(log_std(s))^2)."""
+
+    family = "tanh_gaussian"
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256, 256), max_action: float = 1.0):
+        super().__init__()
+        self.net = mlp(obs_dim, hidden[:-1], hidden[-1])
+        self.head = nn.Linear(hidden[-1], 2 * act_dim)
+        self.max_action = max_action
+
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        mu, log_std = self.head(F.relu(self.net(obs))).chunk(2, dim=-1)
+        return mu, log_std.clamp(-20.0, 2.0)
+
+    def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """Reparameterised action and its log-prob."""
+        mu, log_std = self(obs)
+        u = mu + log_std.exp() * torch.randn_like(mu)
+        return self.max_action * torch.tanh(u), tanh_gaussian_log_prob(mu, log_std, u)
+
+    def log_prob(self, obs: Tensor, action: Tensor) -> Tensor:
+        mu, log_std = self(obs)
+        a = (action / self.max_action).clamp(-1.0 + 1e-6, 1.0 - 1e-6)
+        return tanh_gaussian_log_prob(mu, log_std, torch.atanh(a))
+
+    def act(self, obs: Tensor) -> Tensor:
+        """Deterministic action: the mode tanh(mu)."""
+        return self.max_action * torch.tanh(self(obs)[0])
+
+
+class GaussianActor(nn.Module):
+    """IQL/PPO actor: N(tanh-squashed mean(s), exp(log_std)^2) with a state-independent log_std."""
+
+    family = "gaussian"
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), max_action: float = 1.0):
+        super().__init__()
+        self.net = mlp(obs_dim, hidden, act_dim)
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+        self.max_action = max_action
+
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        mu = self.max_action * torch.tanh(self.net(obs))
+        return mu, self.log_std.clamp(-20.0, 2.0).expand_as(mu)
+
+    def dist(self, obs: Tensor) -> torch.distributions.Normal:
+        mu, log_std = self(obs)
+        return torch.distributions.Normal(mu, log_std.exp())
+
+    def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        d = self.dist(obs)
+        a = d.rsample()
+        return a, d.log_prob(a).sum(-1)
+
+    def log_prob(self, obs: Tensor, action: Tensor) -> Tensor:
+        return self.dist(obs).log_prob(action).sum(-1)
+
+    def act(self, obs: Tensor) -> Tensor:
+        return self(obs)[0]
+
+
+class DeterministicActor(nn.Module):
+    """TD3 actor: a = max_action * tanh(f(s))."""
+
+    family = "deterministic"
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), max_action: float = 1.0):
+        super().__init__()
+        self.net = mlp(obs_dim, hidden, act_dim)
+        self.max_action = max_action
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return self.max_action * torch.tanh(self.net(obs))
+
+    def act(self, obs: Tensor) -> Tensor:
+        return self(obs)
+
+
+ACTOR_FAMILIES: dict[str, type[nn.Module]] = {
+    "tanh_gaussian": TanhGaussianActor,
+    "gaussian": GaussianActor,
+    "deterministic": DeterministicActor,
+}
+
+
+def build_actor(family: str, obs_dim: int, act_dim: int, hidden: Sequence[int], max_action: float = 1.0) -> nn.Module:
+    if family not in ACTOR_FAMILIES:
+        fail(f"unknown actor family {family!r}; known: {', '.join(ACTOR_FAMILIES)}")
+    return ACTOR_FAMILIES[family](obs_dim, act_dim, tuple(hidden), max_action)
+
+class EnsembleLinear(nn.Module):
+    """`n` independent linear layers applied in one batched matmul: x (n, B, in) -> (n, B, out)."""
+
+    def __init__(self, n: int, in_features: int, out_features: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default init, per member
+        self.weight = nn.Parameter(torch.empty(n, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_features).uniform_(-bound, bound))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleLayerNorm(nn.Module):
+    def __init__(self, n: int, features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n, 1, features))
+        self.bias = nn.Parameter(torch.zeros(n, 1, features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, x.shape[-1:]) * self.weight + self.bias
+
+
+class Critic(nn.Module):
+    """`n` critics held as one module (fused twin critics): Q(s, a) for every member in one call, shape (n, ...).
+    With act_dim = 0 it is a state-value function V(s)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), n: int = 2, layer_norm: bool = False, activation: str = "relu"):
+        super().__init__()
+        act_cls = {"relu": nn.ReLU, "tanh": nn.Tanh}[activation]
+        layers: list[nn.Module] = []
+        in_dim = obs_dim + act_dim
+        for h in hidden:
+            layers += [EnsembleLinear(n, in_dim, h)] + ([EnsembleLayerNorm(n, h)] if layer_norm else []) + [act_cls()]
+            in_dim = h
+        layers.append(EnsembleLinear(n, in_dim, 1))
+        self.net = nn.Sequential(*layers)
+        self.n = n
+
+    def forward(self, obs: Tensor, act: Tensor | None = None) -> Tensor:
+        x = obs if act is None else torch.cat([obs, act], -1)
+        lead = x.shape[:-1]
+        x = x.reshape(1, -1, x.shape[-1]).expand(self.n, -1, -1)
+        return self.net(x).reshape(self.n, *lead)
+
+
+def orthogonal_init_(critic: Critic, gain: float = 1.0) -> Critic:
+    """Orthogonal weights (gain 1) and zero biases on every linear layer of every member."""
+    for m in critic.modules():
+        if isinstance(m, EnsembleLinear):
+            with torch.no_grad():
+                for w in m.weight:
+                    q = torch.empty(w.shape[1], w.shape[0])
+                    nn.init.orthogonal_(q, gain)
+                    w.copy_(q.T)
+                m.bias.zero_()
+    return critic
+
+
+@torch.no_grad()
+def polyak_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """target <- (1 - tau) target + tau source, one fused lerp over all parameters."""
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+# --- end shared: networks ---
+
+
+# --- shared: dataset ---
+D4RL_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5", "ant": "Ant-v5"}
+D4RL_LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
+# D4RL's reference returns (random policy, expert policy), so normalised scores read on the usual 0-100 scale.
+D4RL_REF_SCORES = {
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6727, 3879.7),
+}
+HOSTED_LEVELS = {"medium": ["medium-v0"], "expert": ["expert-v0"], "medium-expert": ["medium-v0", "expert-v0"]}
+DATASET_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*-v\d+$")
+
+
+def parse_env_name(name: str) -> tuple[str, str]:
+    """`hopper-medium-replay-v2` -> ("hopper", "medium-replay"); unknown names exit 2 listing the known ones."""
+    m = re.fullmatch(r"([a-z0-9]+)-(.+)-v\d+", name)
+    if m is None or m.group(1) not in D4RL_ENVS or m.group(2) not in D4RL_LEVELS:
+        known = ", ".join(f"{e}-{lvl}-v2" for e in D4RL_ENVS for lvl in D4RL_LEVELS)
+        fail(f"unknown env {name!r}; known: {known} (or pass any Minari id with --dataset-id)")
+    return m.group(1), m.group(2)
+
+
+def _dataset_exists(dataset_id: str) -> bool:
+    return (minari.storage.get_dataset_path(dataset_id) / "data").exists()
+
+
+def _network_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
+    """Short TCP probe so a missing network fails in seconds instead of minari's long retry loop."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 1.0)  # DNS resolution ignores the socket timeout
+    return bool(result and result[0])
+
+
+def _download(dataset_id: str) -> None:
+    if not _network_reachable():
+        fail(f"dataset {dataset_id} is not in the local Minari store and the network is unreachable")
+    try:
+        minari.download_dataset(dataset_id)
+    except Exception as e:  # any failure of the remote is a missing dataset for the user
+        fail(f"could not download {dataset_id}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def resolve_dataset(env: str, dataset_id: str | None = None, no_download: bool = False) -> tuple[list[str], bool]:
+    """The Minari ids to load for --env / --dataset-id (DESIGN.md order) and whether they are a local stand-in."""
+    if dataset_id is not None:
+        if not DATASET_ID_RE.match(dataset_id):
+            fail(f"malformed dataset id {dataset_id!r}; Minari ids look like namespace/name-v0")
+        if not _dataset_exists(dataset_id):
+            if no_download:
+                fail(f"dataset {dataset_id} is not in the local Minari store; drop --no-download to fetch it")
+            _download(dataset_id)
+        return [dataset_id], dataset_id.startswith("local/")
+    name, level = parse_env_name(env)
+    hosted = [f"mujoco/{name}/{v}" for v in HOSTED_LEVELS.get(level, [])]
+    if hosted and all(_dataset_exists(i) for i in hosted):
+        return hosted, False
+    local = f"local/{name}/{level}-v0"
+    if _dataset_exists(local):
+        return [local], True
+    if hosted and not no_download and _network_reachable():
+        for i in hosted:
+            if not _dataset_exists(i):
+                _download(i)
+        return hosted, False
+    fail(f"no dataset for {env} (looked for {', '.join(hosted + [local])}); build it with: python make_dataset.py --env {env}")
+
+
+def load_dataset(env: str, dataset_id: str | None = None, no_download: bool = False, quiet: bool = False) -> dict:
+    """Transitions of every episode as float32 arrays, plus what evaluation needs.
+
+    done = termination only: a time-limit truncation is not a terminal state and must be bootstrapped.
+    `ends` marks the last transition of each episode (terminal or not) for Monte-Carlo returns.
+    """
+    ids, local = resolve_dataset(env, dataset_id, no_download)
+    if local and not quiet:
+        print(f"NOTICE: using LOCALLY BUILT dataset {ids[0]} (made by make_dataset.py, not the hosted D4RL/Minari data)")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "ends")}
+    returns, meta = [], {}
+    for i in ids:
+        ds = minari.load_dataset(i)
+        if not meta:
+            meta = ds.storage.metadata
+        for ep in ds.iterate_episodes():
+            obs = np.asarray(ep.observations, dtype=np.float32)
+            if obs.ndim != 2:
+                fail(f"dataset {i} has non-flat observations {obs.shape}; only Box observations are supported")
+            n = len(ep.rewards)
+            if n == 0:
+                continue
+            parts["observations"].append(obs[:-1])
+            parts["next_observations"].append(obs[1:])
+            parts["actions"].append(np.asarray(ep.actions, dtype=np.float32).reshape(n, -1))
+            parts["rewards"].append(np.asarray(ep.rewards, dtype=np.float32))
+            parts["terminals"].append(np.asarray(ep.terminations, dtype=np.float32))
+            end = np.zeros(n, dtype=np.float32)
+            end[-1] = 1.0
+            parts["ends"].append(end)
+            returns.append(float(np.sum(ep.rewards)))
+    if not returns:
+        fail(f"dataset {', '.join(ids)} holds no transitions")
+    data = {k: np.concatenate(v) for k, v in parts.items()}
+    env_spec = meta.get("eval_env_spec") or meta.get("env_spec")
+    if env_spec is None:
+        fail(f"dataset {ids[0]} records no environment spec; it cannot be evaluated")
+    ref = (meta.get("ref_min_score"), meta.get("ref_max_score"))
+    if dataset_id is None and None in ref:
+        ref = D4RL_REF_SCORES[parse_env_name(env)[0]]
+    data.update(
+        dataset_ids=ids,
+        local_standin=local,
+        env_spec=env_spec if isinstance(env_spec, str) else json.dumps(env_spec),
+        ref_min_score=float(ref[0]) if ref[0] is not None else 0.0,
+        ref_max_score=float(ref[1]) if ref[1] is not None else 1.0,
+        episode_returns=np.asarray(returns, dtype=np.float32),
+        obs_dim=data["observations"].shape[1],
+        act_dim=data["actions"].shape[1],
+    )
+    return data
+
+
+def obs_stats(observations: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """State normalisation fixed from the dataset: mean and std + eps."""
+    return observations.mean(0).astype(np.float32), (observations.std(0) + eps).astype(np.float32)
+
+
+def normalized_score(ret: float | np.ndarray, ref_min: float, ref_max: float) -> float | np.ndarray:
+    return 100.0 * (ret - ref_min) / (ref_max - ref_min)
+# --- end shared: dataset ---
+
+
+# --- shared: evaluation ---
+def make_env(env_spec: str) -> gym.Env:
+    """An environment from the JSON spec a dataset (and every checkpoint) records, or from a plain env id."""
+    return gym.make(EnvSpec.from_json(env_spec) if env_spec.lstrip().startswith("{") else env_spec)
+
+
+class Evaluator:
+    """Deterministic evaluation on environments of its own (never the training env), all episodes stepped
+    together with one batched actor call; every evaluation uses the same start seeds, so curves compare."""
+
+    def __init__(self, env_spec: str, n_episodes: int, seed: int, obs_mean: np.ndarray, obs_std: np.ndarray, device: torch.device):
+        self.envs = [make_env(env_spec) for _ in range(n_episodes)]
+        self.seed = seed
+        self.obs_mean = torch.as_tensor(obs_mean, dtype=torch.float32, device=device)
+        self.obs_std = torch.as_tensor(obs_std, dtype=torch.float32, device=device)
+        self.device = device
+        space = self.envs[0].action_space
+        self.low, self.high = space.low, space.high
+
+    @torch.no_grad()
+    def __call__(self, act: Callable[[Tensor], Tensor]) -> np.ndarray:
+        """Undiscounted returns of one episode per environment; `act` maps normalised observations to actions."""
+        obs = np.stack([env.reset(seed=self.seed + i)[0] for i, env in enumerate(self.envs)])
+        returns = np.zeros(len(self.envs))
+        alive = list(range(len(self.envs)))
+        while alive:
+            o = torch.as_tensor(obs[alive], dtype=torch.float32, device=self.device)
+            actions = act((o - self.obs_mean) / self.obs_std).cpu().numpy()
+            for j, a in zip(list(alive), np.clip(actions, self.low, self.high)):
+                obs[j], r, term, trunc, _ = self.envs[j].step(a)
+                returns[j] += r
+                if term or trunc:
+                    alive.remove(j)
+        return returns
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+# --- end shared: evaluation ---
+
+
+# ---------------------------------------------------------------- behaviour policy (SAC)
+def sac_target(reward: Tensor, terminal: Tensor, next_q: Tensor, next_logp: Tensor, alpha: Tensor, gamma: float) -> Tensor:
+    """y = r + gamma (1 - d) [min Qbar(s', a') - alpha log pi(a'|s')]; d is a true termination only."""
+    return reward + gamma * (1.0 - terminal) * (next_q.min(0).values - alpha * next_logp)
+
+
+def save_snapshot(path: Path, actor: TanhGaussianActor, env_spec: str, step: int, returns: np.ndarray, args: Args) -> None:
+    """A behaviour policy: small file that acts on raw observations (no normalisation)."""
+    atomic_save(
+        {
+            "format": "behavior_policy",
+            "env_spec": env_spec,
+            "obs_dim": actor.net[0].in_features,
+            "act_dim": actor.head.out_features // 2,
+            "hidden": list(args.hidden),
+            "actor": state_dict_cpu(actor),
+            "step": step,
+            "return_mean": float(np.mean(returns)),
+            "return_std": float(np.std(returns)),
+            "learning_starts": args.learning_starts,
+            "seed": args.seed,
+        },
+        path,
+    )
+
+
+def load_snapshot(path: str, env_spec: str, device: torch.device) -> tuple[TanhGaussianActor, dict]:
+    try:
+        snap = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"behaviour policy {path} is missing or corrupt ({type(e).__name__}); pass a snapshot written by make_dataset.py")
+    if not isinstance(snap, dict) or snap.get("format") != "behavior_policy":
+        fail(f"{path} is not a behaviour-policy snapshot of make_dataset.py")
+    if EnvSpec.from_json(snap["env_spec"]).id != EnvSpec.from_json(env_spec).id:
+        fail(f"behaviour policy {path} is for {EnvSpec.from_json(snap['env_spec']).id}, not {EnvSpec.from_json(env_spec).id}")
+    actor = TanhGaussianActor(snap["obs_dim"], snap["act_dim"], snap["hidden"]).to(device)
+    actor.load_state_dict(snap["actor"])
+    return actor, snap
+
+
+# ---------------------------------------------------------------- collection
+def rollout(
+    act: Callable[[np.ndarray], np.ndarray], env_spec: str, num_envs: int, seed: int, max_steps: int | None = None,
+    max_episodes: int | None = None, desc: str = "collect",
+) -> list[dict]:
+    """Episodes from `num_envs` environments stepped together; `act` maps a batch of raw observations to actions.
+
+    With max_steps the collection stops at exactly that many transitions; episodes cut there end with a
+    truncation (a time-limit-like end, not a termination). With max_episodes only complete episodes are kept.
+    """
+    envs = [make_env(env_spec) for _ in range(num_envs)]
+    low, high = envs[0].action_space.low, envs[0].action_space.high
+    obs = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
+    bufs = [dict(obs=[o], act=[], rew=[], term=[], trunc=[]) for o in obs]
+    episodes: list[dict] = []
+    steps, next_seed = 0, seed + num_envs
+    bar = tqdm(total=max_steps or max_episodes, desc=desc, unit="step" if max_steps else "ep", leave=False, disable=None)
+    while (max_steps is None or steps < max_steps) and (max_episodes is None or len(episodes) < max_episodes):
+        actions = np.clip(act(np.stack(obs)), low, high)
+        for i, env in enumerate(envs):
+            if max_steps is not None and steps >= max_steps:
+                break
+            o, r, term, trunc, _ = env.step(actions[i])
+            b = bufs[i]
+            b["act"].append(actions[i]), b["rew"].append(r), b["obs"].append(o), b["term"].append(term), b["trunc"].append(trunc)
+            steps += 1
+            if max_steps:
+                bar.update(1)
+            if term or trunc:
+                episodes.append(b)
+                if max_episodes:
+                    bar.update(1)
+                o, _ = env.reset(seed=next_seed)
+                next_seed += 1
+                bufs[i] = dict(obs=[o], act=[], rew=[], term=[], trunc=[])
+            obs[i] = o
+    bar.close()
+    if max_steps is not None:  # cut the unfinished episodes at the step budget
+        for b in bufs:
+            if b["act"]:
+                b["trunc"][-1] = True
+                episodes.append(b)
+    for env in envs:
+        env.close()
+    return [finish_episode(b) for b in episodes[: max_episodes or len(episodes)]]
+
+
+def finish_episode(b: dict) -> dict:
+    return dict(
+        observations=np.asarray(b["obs"]),
+        actions=np.asarray(b["act"], dtype=np.float32),
+        rewards=np.asarray(b["rew"], dtype=np.float64),
+        terminations=np.asarray(b["term"], dtype=bool),
+        truncations=np.asarray(b["trunc"], dtype=bool),
+    )
+
+
+def policy_fn(actor: TanhGaussianActor, device: torch.device, stochastic: bool = True) -> Callable[[np.ndarray], np.ndarray]:
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        o = torch.as_tensor(obs, dtype=torch.float32, device=device)
+        return (actor.sample(o)[0] if stochastic else actor.act(o)).cpu().numpy()
+
+    return act
+
+
+def random_fn(env_spec: str, seed: int) -> Callable[[np.ndarray], np.ndarray]:
+    space = make_env(env_spec).action_space
+    rng = np.random.default_rng(seed)
+    return lambda obs: rng.uniform(space.low, space.high, size=(len(obs), space.shape[0])).astype(np.float32)
+
+
+def write_dataset(dataset_id: str, episodes: list[dict], env_spec: str, ref: tuple[float, float], description: str, overwrite: bool) -> None:
+    if _dataset_exists(dataset_id):
+        if not overwrite:
+            fail(f"dataset {dataset_id} already exists; pass --overwrite to replace it")
+        minari.delete_dataset(dataset_id)
+    buffers = [
+        EpisodeBuffer(id=i, observations=ep["observations"], actions=ep["actions"], rewards=list(ep["rewards"]),
+                      terminations=list(ep["terminations"]), truncations=list(ep["truncations"]))
+        for i, ep in enumerate(episodes)
+    ]
+    spec = EnvSpec.from_json(env_spec)
+    minari.create_dataset_from_buffers(
+        dataset_id=dataset_id, buffer=buffers, env=spec, eval_env=spec, algorithm_name="SAC (make_dataset.py)",
+        author="make_dataset.py", ref_min_score=ref[0], ref_max_score=ref[1], description=description, data_format="hdf5",
+    )
+    n = sum(len(ep["rewards"]) for ep in episodes)
+    rets = [float(ep["rewards"].sum()) for ep in episodes]
+    print(f"wrote {dataset_id}: {len(episodes)} episodes, {n} transitions, return mean {np.mean(rets):.1f} (min {np.min(rets):.1f}, max {np.max(rets):.1f})")
+
+
+# ---------------------------------------------------------------- SAC training
+def train_sac(args: Args, env_spec: str, medium_return: float, stop_at_medium: bool, snap_dir: Path, device: torch.device) -> dict:
+    """SAC from scratch; returns the medium snapshot step, the replay episodes up to it, and the final actor."""
+    env = make_env(env_spec)
+    env.action_space.seed(args.seed)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    actor = TanhGaussianActor(obs_dim, act_dim, args.hidden).to(device)
+    qf, qf_target = Critic(obs_dim, act_dim, args.hidden, n=2).to(device), Critic(obs_dim, act_dim, args.hidden, n=2).to(device)
+    qf_target.load_state_dict(qf.state_dict())
+    log_alpha = torch.zeros((), device=device, requires_grad=True)
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.lr)
+    q_opt = torch.optim.Adam(qf.parameters(), lr=args.lr)
+    alpha_opt = torch.optim.Adam([log_alpha], lr=args.lr)
+    target_entropy = -float(act_dim)
+    n = args.train_steps
+    rb = {k: torch.zeros((n, d) if d else (n,), device=device) for k, d in (("obs", obs_dim), ("act", act_dim), ("rew", 0), ("next_obs", obs_dim), ("term", 0))}
+    episodes: list[dict] = []  # the replay buffer, episode by episode (medium-replay)
+    ep = dict(obs=[], act=[], rew=[], term=[], trunc=[])
+    obs, _ = env.reset(seed=args.seed)
+    ep["obs"].append(obs)
+    ep_ret, recent = 0.0, []
+    medium = None
+    act_fn = policy_fn(actor, device)
+    bar = tqdm(range(n), desc="SAC", unit="step", disable=None)
+    for step in bar:
+        if step < args.learning_starts:
+            action = env.action_space.sample()
+        else:
+            action = act_fn(obs[None])[0]
+        next_obs, r, term, trunc, _ = env.step(action)
+        rb["obs"][step] = torch.as_tensor(obs)
+        rb["act"][step] = torch.as_tensor(action)
+        rb["rew"][step] = float(r)
+        rb["next_obs"][step] = torch.as_tensor(next_obs)
+        rb["term"][step] = float(term)
+        ep["act"].append(action), ep["rew"].append(r), ep["obs"].append(next_obs), ep["term"].append(term), ep["trunc"].append(trunc)
+        ep_ret += r
+        obs = next_obs
+        if term or trunc:
+            episodes.append(ep)
+            recent = (recent + [ep_ret])[-10:]
+            obs, _ = env.reset()
+            ep, ep_ret = dict(obs=[obs], act=[], rew=[], term=[], trunc=[]), 0.0
+
+        if step >= args.learning_starts:
+            idx = torch.randint(step + 1, (args.batch_size,), device=device)
+            b = {k: v[idx] for k, v in rb.items()}
+            alpha = log_alpha.exp().detach()
+            with torch.no_grad():
+                next_a, next_logp = actor.sample(b["next_obs"])
+                y = sac_target(b["rew"], b["term"], qf_target(b["next_obs"], next_a), next_logp, alpha, args.gamma)
+            q_loss = ((qf(b["obs"], b["act"]) - y) ** 2).mean(-1).sum()
+            q_opt.zero_grad(set_to_none=True)
+            q_loss.backward()
+            q_opt.step()
+            a, logp = actor.sample(b["obs"])
+            actor_loss = (alpha * logp - qf(b["obs"], a).min(0).values).mean()
+            actor_opt.zero_grad(set_to_none=True)
+            actor_loss.backward()
+            actor_opt.step()
+            alpha_loss = -(log_alpha * (logp.detach() + target_entropy)).mean()
+            alpha_opt.zero_grad(set_to_none=True)
+            alpha_loss.backward()
+            alpha_opt.step()
+            polyak_update(qf_target, qf, args.tau)
+
+        done_steps = step + 1
+        if done_steps == args.learning_starts or (done_steps % args.snapshot_every == 0 and done_steps > args.learning_starts):
+            # snapshot = the policy that acts from this step on; its return is estimated as it will be collected (stochastic)
+            rets = np.array([e["rewards"].sum() for e in rollout(act_fn, env_spec, args.snapshot_episodes, args.seed + 10_000, max_episodes=args.snapshot_episodes, desc="snapshot eval")])
+            save_snapshot(snap_dir / f"snapshot_{done_steps:08d}.pt", actor, env_spec, done_steps, rets, args)
+            bar.set_postfix(snapshot_return=f"{rets.mean():.0f}", train_return=f"{np.mean(recent) if recent else 0:.0f}")
+            tqdm.write(f"step {done_steps}: snapshot return {rets.mean():.1f} +- {rets.std():.1f}")
+            if medium is None and rets.mean() >= medium_return and done_steps > args.learning_starts:
+                medium = dict(step=done_steps, path=snap_dir / f"snapshot_{done_steps:08d}.pt", episodes=list(episodes), partial=ep, ret=float(rets.mean()))
+                if stop_at_medium:
+                    break
+    bar.close()
+    if medium is not None:  # the replay buffer up to the medium snapshot: cut the running episode there
+        part = medium.pop("partial")
+        if part["act"]:
+            part = {k: list(v) for k, v in part.items()}
+            part["trunc"][-1] = True
+            medium["episodes"].append(part)
+        medium["episodes"] = [finish_episode(e) for e in medium["episodes"]]
+    final = snap_dir / f"snapshot_{done_steps:08d}.pt"
+    if not final.exists():
+        rets = np.array([e["rewards"].sum() for e in rollout(act_fn, env_spec, args.snapshot_episodes, args.seed + 10_000, max_episodes=args.snapshot_episodes, desc="snapshot eval")])
+        save_snapshot(final, actor, env_spec, done_steps, rets, args)
+    return dict(medium=medium, final=final)
+
+
+def replay_from_snapshots(paths: Sequence[str], env_spec: str, args: Args, device: torch.device) -> list[dict]:
+    """Rebuild medium-replay from a training run's snapshot chain: uniform actions until learning_starts, then
+    each snapshot acts for the steps until the next one, as the policies did in the original replay buffer."""
+    snaps = sorted((load_snapshot(p, env_spec, device) for p in paths), key=lambda s: s[1]["step"])
+    episodes = rollout(random_fn(env_spec, args.seed), env_spec, 1, args.seed, max_steps=snaps[0][1]["learning_starts"], desc="replay: random")
+    for k, (actor, snap) in enumerate(snaps[:-1]):
+        n = snaps[k + 1][1]["step"] - snap["step"]
+        episodes += rollout(policy_fn(actor, device), env_spec, 1, args.seed + 1000 * (k + 1), max_steps=n, desc=f"replay: snapshot {snap['step']}")
+    return episodes
+
+
+# ---------------------------------------------------------------- main
+def main(args: Args) -> dict:
+    name, level = parse_env_name(args.env)
+    levels = tuple(args.levels) or (level,)
+    for lvl in levels:
+        if lvl not in D4RL_LEVELS:
+            fail(f"unknown level {lvl!r}; known: {', '.join(D4RL_LEVELS)}")
+    for flag in ("size", "num_envs", "train_steps", "snapshot_every", "snapshot_episodes", "batch_size"):
+        if getattr(args, flag) <= 0:
+            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if not 0 < args.learning_starts < args.train_steps:
+        fail(f"--learning-starts must lie in (0, --train-steps={args.train_steps}), got {args.learning_starts}")
+    if args.policy and "random" in levels and len(levels) == 1:
+        fail("random data needs no --policy")
+    if args.policy and "medium-replay" in levels and len(args.policy) < 2:
+        fail("medium-replay is a training replay buffer: rebuild it from the snapshot chain (--policy <dir>/snapshot_*.pt up to the medium snapshot)")
+    if "medium-expert" in levels and args.policy and args.expert_policy is None:
+        fail("medium-expert from stored policies needs --policy <medium snapshot> --expert-policy <expert snapshot>")
+    ids = {lvl: f"local/{name}/{lvl}-v0" for lvl in levels}
+    for dataset_id in ids.values():
+        if _dataset_exists(dataset_id) and not args.overwrite:
+            fail(f"dataset {dataset_id} already exists; pass --overwrite to replace it")
+
+    set_seed(args.seed)
+    device = pick_device(args.device)
+    env_spec = make_env(D4RL_ENVS[name]).spec.to_json()
+    ref = D4RL_REF_SCORES[name]
+    medium_return = args.medium_fraction * ref[1]
+    snap_dir = Path(args.out_dir) / name / f"seed{args.seed}"
+    times: dict[str, float] = {}
+    sources: dict[str, tuple[Any, str]] = {}  # level -> (actor, description of the behaviour policy)
+    replay: list[dict] | None = None
+    t0 = time.time()
+
+    needs_policy = [lvl for lvl in levels if lvl != "random"]
+    if needs_policy and args.policy:
+        if "medium-replay" in levels:
+            replay = replay_from_snapshots(args.policy, env_spec, args, device)
+        # the medium (or expert) behaviour policy is the last snapshot given
+        actor, snap = load_snapshot(sorted(args.policy)[-1], env_spec, device)
+        who = f"{Path(sorted(args.policy)[-1]).name}: SAC snapshot at step {snap['step']}, return {snap['return_mean']:.0f}"
+        sources = {"medium": (actor, who), "expert": (actor, who), "medium-replay": (None, f"replay of a SAC run up to {who}, rebuilt from its snapshot chain")}
+        if args.expert_policy:
+            actor, snap = load_snapshot(args.expert_policy, env_spec, device)
+            sources["expert"] = (actor, f"{Path(args.expert_policy).name}: SAC snapshot at step {snap['step']}, return {snap['return_mean']:.0f}")
+    elif needs_policy:
+        needs_expert = any(lvl in ("expert", "medium-expert") for lvl in levels)
+        print(f"training SAC on {D4RL_ENVS[name]} (medium = first snapshot with return >= {medium_return:.0f}); snapshots in {snap_dir}")
+        out = train_sac(args, env_spec, medium_return, stop_at_medium=not needs_expert, snap_dir=snap_dir, device=device)
+        times["train_s"] = time.time() - t0
+        med = out["medium"]
+        if med is None and any(lvl.startswith("medium") for lvl in levels):
+            fail(f"no snapshot reached return {medium_return:.0f} in {args.train_steps} steps (snapshots kept in {snap_dir}); raise --train-steps or lower --medium-fraction")
+        if med is not None:
+            actor, _ = load_snapshot(str(med["path"]), env_spec, device)
+            sources["medium"] = (actor, f"{med['path'].name}: SAC snapshot at step {med['step']}, return {med['ret']:.0f}")
+            replay = med["episodes"]
+            sources["medium-replay"] = (None, f"SAC replay buffer up to step {med['step']} (snapshot return {med['ret']:.0f})")
+            atomic_save(torch.load(med["path"], weights_only=True), snap_dir / "medium_policy.pt")
+        if needs_expert:
+            actor, snap = load_snapshot(str(out["final"]), env_spec, device)
+            sources["expert"] = (actor, f"{out['final'].name}: final SAC policy at step {snap['step']}, return {snap['return_mean']:.0f}")
+            atomic_save(torch.load(out["final"], weights_only=True), snap_dir / "expert_policy.pt")
+
+    t1 = time.time()
+    written = {}
+    for lvl in levels:
+        env_id = D4RL_ENVS[name]
+        if lvl == "random":
+            eps = rollout(random_fn(env_spec, args.seed), env_spec, args.num_envs, args.seed, max_steps=args.size, desc="random")
+            who = "uniform random actions"
+        elif lvl == "medium-replay":
+            eps, who = replay, sources["medium-replay"][1]
+        elif lvl == "medium-expert":
+            eps = rollout(policy_fn(sources["medium"][0], device), env_spec, args.num_envs, args.seed, max_steps=args.size, desc="medium")
+            eps += rollout(policy_fn(sources["expert"][0], device), env_spec, args.num_envs, args.seed + 7919, max_steps=args.size, desc="expert")
+            who = f"medium ({sources['medium'][1]}) + expert ({sources['expert'][1]})"
+        else:
+            eps = rollout(policy_fn(sources[lvl][0], device), env_spec, args.num_envs, args.seed, max_steps=args.size, desc=lvl)
+            who = sources[lvl][1]
+        desc = (f"Locally built D4RL-style '{lvl}' dataset for {env_id} (Gymnasium MuJoCo v5, not the mujoco-py v2 envs of D4RL). "
+                f"Behaviour policy: {who}. ref_min/max_score are D4RL's {name} reference returns.")
+        write_dataset(ids[lvl], eps, env_spec, ref, desc, args.overwrite)
+        written[lvl] = dict(dataset_id=ids[lvl], episodes=len(eps), transitions=int(sum(len(e["rewards"]) for e in eps)),
+                            mean_return=float(np.mean([e["rewards"].sum() for e in eps])), behaviour=who)
+    times["collect_s"] = time.time() - t1
+    result = dict(datasets=written, times=times, snapshot_dir=str(snap_dir))
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,939 @@
+"""Offline pre-training: CQL, IQL, TD3+BC or BC on a Minari dataset -> one self-contained checkpoint.
+
+The checkpoint (actor, its family, critics where the method has them, state normalisation, reward transform)
+is what the offline-to-online scripts o2o_sac.py / o2o_td3.py / o2o_ppo.py start from.
+Defaults follow CORL's 1M-step MuJoCo settings (ALGORITHMS.md section 5).
+
+Usage:
+    python offline_pretrain.py --algo iql --env hopper-medium-v2
+    python offline_pretrain.py --algo cql --env hopper-medium-v2 --total-steps 100000
+    python offline_pretrain.py --algo td3_bc --env hopper-medium-v2 --resume
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, NoReturn, Sequence
+
+import gymnasium as gym
+import minari
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from gymnasium.envs.registration import EnvSpec
+from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    algo: Literal["cql", "iql", "td3_bc", "bc"] = "iql"
+    """offline method"""
+    env: str = "hopper-medium-v2"
+    """D4RL-style dataset name (resolved to a Minari dataset, see README)"""
+    dataset_id: str | None = None
+    """any Minari dataset id; overrides the name resolution of --env"""
+    no_download: bool = False
+    """never try to download a hosted dataset"""
+    seed: int = 0
+    """random seed"""
+    run_dir: str = "runs"
+    """outputs go to <run_dir>/offline/<algo>/<env>/seed<k>/"""
+    resume: bool = False
+    """continue from the checkpoint in the output folder"""
+    device: str = "auto"
+    """auto (CUDA when present), cpu or cuda"""
+
+    # --- training ---
+    total_steps: int = 1_000_000
+    """gradient steps"""
+    batch_size: int = 256
+    """batch size"""
+    gamma: float = 0.99
+    """discount"""
+    eval_every: int = 10_000
+    """evaluate (and write the checkpoint) every this many gradient steps"""
+    eval_episodes: int = 10
+    """evaluation episodes (deterministic actions, separate env)"""
+    log_every: int = 1_000
+    """log losses to tensorboard every this many gradient steps"""
+
+    # --- CQL ---
+    cql_alpha: float = 10.0
+    """weight of the conservative penalty"""
+    cql_n_actions: int = 10
+    """sampled actions per state (uniform, current policy, next-state policy) in the penalty"""
+    cql_temp: float = 1.0
+    """temperature of the logsumexp"""
+    cql_actor_lr: float = 3e-5
+    """actor learning rate"""
+    cql_critic_lr: float = 3e-4
+    """critic and temperature learning rate"""
+
+    # --- IQL ---
+    iql_expectile: float = 0.7
+    """expectile of the value regression"""
+    iql_beta: float = 3.0
+    """inverse temperature of the advantage weights"""
+    iql_lr: float = 3e-4
+    """learning rate of actor (cosine schedule), critics and value"""
+
+    # --- TD3+BC ---
+    td3_bc_alpha: float = 2.5
+    """weight of the normalised Q term against the BC term"""
+    td3_bc_lr: float = 3e-4
+    """actor and critic learning rate"""
+    policy_noise: float = 0.2
+    """target policy smoothing noise"""
+    noise_clip: float = 0.5
+    """clip of the smoothing noise"""
+    policy_freq: int = 2
+    """actor and target update every this many critic updates"""
+
+    # --- BC ---
+    bc_family: Literal["tanh_gaussian", "deterministic"] = "tanh_gaussian"
+    """BC actor: tanh-Gaussian by maximum likelihood, or deterministic by MSE"""
+    bc_lr: float = 3e-4
+    """learning rate"""
+
+    tau: float = 5e-3
+    """Polyak rate of target networks (all methods with targets)"""
+
+
+# --- shared: utils ---
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr that names the fix, exit status 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` is CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {name} asked for, but CUDA is not available; use --device cpu or auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        fail(f"unknown --device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if path.suffix == ".json":
+            Path(tmp).write_text(json.dumps(obj, indent=2, default=float))
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+def state_dict_cpu(module: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+# --- end shared: utils ---
+
+
+# --- shared: networks ---
+def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(in_dim, h), act()]
+        in_dim = h
+    layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+def tanh_gaussian_log_prob(mu: Tensor, log_std: Tensor, pre_tanh: Tensor) -> Tensor:
+    """log pi(a|s) of a = tanh(u), u ~ N(mu, std), with the change-of-variables term, summed over action dims."""
+    normal_lp = -0.5 * ((pre_tanh - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+    # log(1 - tanh(u)^2) computed stably as 2 (log 2 - u - softplus(-2u))
+    correction = 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
+    return (normal_lp - correction).sum(-1)
+
+
+class TanhGaussianActor(nn.Module):
+    """SAC/CQL actor: a = max_action * tanh(u), u ~ N(mu(s), exp(log_std(s))^2)."""
+
+    family = "tanh_gaussian"
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256, 256), max_action: float = 1.0):
+        super().__init__()
+        self.net = mlp(obs_dim, hidden[:-1], hidden[-1])
+        self.head = nn.Linear(hidden[-1], 2 * act_dim)
+        self.max_action = max_action
+
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        mu, log_std = self.head(F.relu(self.net(obs))).chunk(2, dim=-1)
+        return mu, log_std.clamp(-20.0, 2.0)
+
+    def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """Reparameterised action and its log-prob."""
+        mu, log_std = self(obs)
+        u = mu + log_std.exp() * torch.randn_like(mu)
+        return self.max_action * torch.tanh(u), tanh_gaussian_log_prob(mu, log_std, u)
+
+    def log_prob(self, obs: Tensor, action: Tensor) -> Tensor:
+        mu, log_std = self(obs)
+        a = (action / self.max_action).clamp(-1.0 + 1e-6, 1.0 - 1e-6)
+        return tanh_gaussian_log_prob(mu, log_std, torch.atanh(a))
+
+    def act(self, obs: Tensor) -> Tensor:
+        """Deterministic action: the mode tanh(mu)."""
+        return self.max_action * torch.tanh(self(obs)[0])
+
+
+class GaussianActor(nn.Module):
+    """IQL/PPO actor: N(tanh-squashed mean(s), exp(log_std)^2) with a state-independent log_std."""
+
+    family = "gaussian"
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), max_action: float = 1.0):
+        super().__init__()
+        self.net = mlp(obs_dim, hidden, act_dim)
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+        self.max_action = max_action
+
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        mu = self.max_action * torch.tanh(self.net(obs))
+        return mu, self.log_std.clamp(-20.0, 2.0).expand_as(mu)
+
+    def dist(self, obs: Tensor) -> torch.distributions.Normal:
+        mu, log_std = self(obs)
+        return torch.distributions.Normal(mu, log_std.exp())
+
+    def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        d = self.dist(obs)
+        a = d.rsample()
+        return a, d.log_prob(a).sum(-1)
+
+    def log_prob(self, obs: Tensor, action: Tensor) -> Tensor:
+        return self.dist(obs).log_prob(action).sum(-1)
+
+    def act(self, obs: Tensor) -> Tensor:
+        return self(obs)[0]
+
+
+class DeterministicActor(nn.Module):
+    """TD3 actor: a = max_action * tanh(f(s))."""
+
+    family = "deterministic"
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), max_action: float = 1.0):
+        super().__init__()
+        self.net = mlp(obs_dim, hidden, act_dim)
+        self.max_action = max_action
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return self.max_action * torch.tanh(self.net(obs))
+
+    def act(self, obs: Tensor) -> Tensor:
+        return self(obs)
+
+
+ACTOR_FAMILIES: dict[str, type[nn.Module]] = {
+    "tanh_gaussian": TanhGaussianActor,
+    "gaussian": GaussianActor,
+    "deterministic": DeterministicActor,
+}
+
+
+def build_actor(family: str, obs_dim: int, act_dim: int, hidden: Sequence[int], max_action: float = 1.0) -> nn.Module:
+    if family not in ACTOR_FAMILIES:
+        fail(f"unknown actor family {family!r}; known: {', '.join(ACTOR_FAMILIES)}")
+    return ACTOR_FAMILIES[family](obs_dim, act_dim, tuple(hidden), max_action)
+
+class EnsembleLinear(nn.Module):
+    """`n` independent linear layers applied in one batched matmul: x (n, B, in) -> (n, B, out)."""
+
+    def __init__(self, n: int, in_features: int, out_features: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default init, per member
+        self.weight = nn.Parameter(torch.empty(n, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_features).uniform_(-bound, bound))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleLayerNorm(nn.Module):
+    def __init__(self, n: int, features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n, 1, features))
+        self.bias = nn.Parameter(torch.zeros(n, 1, features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, x.shape[-1:]) * self.weight + self.bias
+
+
+class Critic(nn.Module):
+    """`n` critics held as one module (fused twin critics): Q(s, a) for every member in one call, shape (n, ...).
+    With act_dim = 0 it is a state-value function V(s)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), n: int = 2, layer_norm: bool = False, activation: str = "relu"):
+        super().__init__()
+        act_cls = {"relu": nn.ReLU, "tanh": nn.Tanh}[activation]
+        layers: list[nn.Module] = []
+        in_dim = obs_dim + act_dim
+        for h in hidden:
+            layers += [EnsembleLinear(n, in_dim, h)] + ([EnsembleLayerNorm(n, h)] if layer_norm else []) + [act_cls()]
+            in_dim = h
+        layers.append(EnsembleLinear(n, in_dim, 1))
+        self.net = nn.Sequential(*layers)
+        self.n = n
+
+    def forward(self, obs: Tensor, act: Tensor | None = None) -> Tensor:
+        x = obs if act is None else torch.cat([obs, act], -1)
+        lead = x.shape[:-1]
+        x = x.reshape(1, -1, x.shape[-1]).expand(self.n, -1, -1)
+        return self.net(x).reshape(self.n, *lead)
+
+
+def orthogonal_init_(critic: Critic, gain: float = 1.0) -> Critic:
+    """Orthogonal weights (gain 1) and zero biases on every linear layer of every member."""
+    for m in critic.modules():
+        if isinstance(m, EnsembleLinear):
+            with torch.no_grad():
+                for w in m.weight:
+                    q = torch.empty(w.shape[1], w.shape[0])
+                    nn.init.orthogonal_(q, gain)
+                    w.copy_(q.T)
+                m.bias.zero_()
+    return critic
+
+
+@torch.no_grad()
+def polyak_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """target <- (1 - tau) target + tau source, one fused lerp over all parameters."""
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+# --- end shared: networks ---
+
+
+# --- shared: dataset ---
+D4RL_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5", "ant": "Ant-v5"}
+D4RL_LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
+# D4RL's reference returns (random policy, expert policy), so normalised scores read on the usual 0-100 scale.
+D4RL_REF_SCORES = {
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6727, 3879.7),
+}
+HOSTED_LEVELS = {"medium": ["medium-v0"], "expert": ["expert-v0"], "medium-expert": ["medium-v0", "expert-v0"]}
+DATASET_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*-v\d+$")
+
+
+def parse_env_name(name: str) -> tuple[str, str]:
+    """`hopper-medium-replay-v2` -> ("hopper", "medium-replay"); unknown names exit 2 listing the known ones."""
+    m = re.fullmatch(r"([a-z0-9]+)-(.+)-v\d+", name)
+    if m is None or m.group(1) not in D4RL_ENVS or m.group(2) not in D4RL_LEVELS:
+        known = ", ".join(f"{e}-{lvl}-v2" for e in D4RL_ENVS for lvl in D4RL_LEVELS)
+        fail(f"unknown env {name!r}; known: {known} (or pass any Minari id with --dataset-id)")
+    return m.group(1), m.group(2)
+
+
+def _dataset_exists(dataset_id: str) -> bool:
+    return (minari.storage.get_dataset_path(dataset_id) / "data").exists()
+
+
+def _network_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
+    """Short TCP probe so a missing network fails in seconds instead of minari's long retry loop."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 1.0)  # DNS resolution ignores the socket timeout
+    return bool(result and result[0])
+
+
+def _download(dataset_id: str) -> None:
+    if not _network_reachable():
+        fail(f"dataset {dataset_id} is not in the local Minari store and the network is unreachable")
+    try:
+        minari.download_dataset(dataset_id)
+    except Exception as e:  # any failure of the remote is a missing dataset for the user
+        fail(f"could not download {dataset_id}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def resolve_dataset(env: str, dataset_id: str | None = None, no_download: bool = False) -> tuple[list[str], bool]:
+    """The Minari ids to load for --env / --dataset-id (DESIGN.md order) and whether they are a local stand-in."""
+    if dataset_id is not None:
+        if not DATASET_ID_RE.match(dataset_id):
+            fail(f"malformed dataset id {dataset_id!r}; Minari ids look like namespace/name-v0")
+        if not _dataset_exists(dataset_id):
+            if no_download:
+                fail(f"dataset {dataset_id} is not in the local Minari store; drop --no-download to fetch it")
+            _download(dataset_id)
+        return [dataset_id], dataset_id.startswith("local/")
+    name, level = parse_env_name(env)
+    hosted = [f"mujoco/{name}/{v}" for v in HOSTED_LEVELS.get(level, [])]
+    if hosted and all(_dataset_exists(i) for i in hosted):
+        return hosted, False
+    local = f"local/{name}/{level}-v0"
+    if _dataset_exists(local):
+        return [local], True
+    if hosted and not no_download and _network_reachable():
+        for i in hosted:
+            if not _dataset_exists(i):
+                _download(i)
+        return hosted, False
+    fail(f"no dataset for {env} (looked for {', '.join(hosted + [local])}); build it with: python make_dataset.py --env {env}")
+
+
+def load_dataset(env: str, dataset_id: str | None = None, no_download: bool = False, quiet: bool = False) -> dict:
+    """Transitions of every episode as float32 arrays, plus what evaluation needs.
+
+    done = termination only: a time-limit truncation is not a terminal state and must be bootstrapped.
+    `ends` marks the last transition of each episode (terminal or not) for Monte-Carlo returns.
+    """
+    ids, local = resolve_dataset(env, dataset_id, no_download)
+    if local and not quiet:
+        print(f"NOTICE: using LOCALLY BUILT dataset {ids[0]} (made by make_dataset.py, not the hosted D4RL/Minari data)")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "ends")}
+    returns, meta = [], {}
+    for i in ids:
+        ds = minari.load_dataset(i)
+        if not meta:
+            meta = ds.storage.metadata
+        for ep in ds.iterate_episodes():
+            obs = np.asarray(ep.observations, dtype=np.float32)
+            if obs.ndim != 2:
+                fail(f"dataset {i} has non-flat observations {obs.shape}; only Box observations are supported")
+            n = len(ep.rewards)
+            if n == 0:
+                continue
+            parts["observations"].append(obs[:-1])
+            parts["next_observations"].append(obs[1:])
+            parts["actions"].append(np.asarray(ep.actions, dtype=np.float32).reshape(n, -1))
+            parts["rewards"].append(np.asarray(ep.rewards, dtype=np.float32))
+            parts["terminals"].append(np.asarray(ep.terminations, dtype=np.float32))
+            end = np.zeros(n, dtype=np.float32)
+            end[-1] = 1.0
+            parts["ends"].append(end)
+            returns.append(float(np.sum(ep.rewards)))
+    if not returns:
+        fail(f"dataset {', '.join(ids)} holds no transitions")
+    data = {k: np.concatenate(v) for k, v in parts.items()}
+    env_spec = meta.get("eval_env_spec") or meta.get("env_spec")
+    if env_spec is None:
+        fail(f"dataset {ids[0]} records no environment spec; it cannot be evaluated")
+    ref = (meta.get("ref_min_score"), meta.get("ref_max_score"))
+    if dataset_id is None and None in ref:
+        ref = D4RL_REF_SCORES[parse_env_name(env)[0]]
+    data.update(
+        dataset_ids=ids,
+        local_standin=local,
+        env_spec=env_spec if isinstance(env_spec, str) else json.dumps(env_spec),
+        ref_min_score=float(ref[0]) if ref[0] is not None else 0.0,
+        ref_max_score=float(ref[1]) if ref[1] is not None else 1.0,
+        episode_returns=np.asarray(returns, dtype=np.float32),
+        obs_dim=data["observations"].shape[1],
+        act_dim=data["actions"].shape[1],
+    )
+    return data
+
+
+def obs_stats(observations: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """State normalisation fixed from the dataset: mean and std + eps."""
+    return observations.mean(0).astype(np.float32), (observations.std(0) + eps).astype(np.float32)
+
+
+def normalized_score(ret: float | np.ndarray, ref_min: float, ref_max: float) -> float | np.ndarray:
+    return 100.0 * (ret - ref_min) / (ref_max - ref_min)
+# --- end shared: dataset ---
+
+
+# --- shared: buffer ---
+class ReplayBuffer:
+    """Transitions as preallocated device tensors (observations already normalised); sampling uses the
+    device RNG, so neither adding a batch nor sampling syncs with the host."""
+
+    def __init__(self, obs_dim: int, act_dim: int, capacity: int, device: torch.device):
+        def z(*shape: int) -> Tensor:
+            return torch.zeros(capacity, *shape, dtype=torch.float32, device=device)
+
+        self.data = {"obs": z(obs_dim), "actions": z(act_dim), "rewards": z(), "next_obs": z(obs_dim), "terminals": z()}
+        self.capacity, self.size, self.ptr, self.device = capacity, 0, 0, device
+
+    @classmethod
+    def from_dataset(cls, data: dict, obs_mean: np.ndarray, obs_std: np.ndarray, device: torch.device, reward_scale: float = 1.0, reward_shift: float = 0.0) -> "ReplayBuffer":
+        n = len(data["rewards"])
+        rb = cls(data["obs_dim"], data["act_dim"], n, device)
+        rb.add(
+            (data["observations"] - obs_mean) / obs_std, data["actions"], data["rewards"] * reward_scale + reward_shift,
+            (data["next_observations"] - obs_mean) / obs_std, data["terminals"],
+        )
+        return rb
+
+    def add(self, obs: Any, actions: Any, rewards: Any, next_obs: Any, terminals: Any) -> None:
+        """Add a batch of transitions (ring buffer: the oldest are overwritten when full)."""
+        batch = {"obs": obs, "actions": actions, "rewards": rewards, "next_obs": next_obs, "terminals": terminals}
+        n = len(rewards)
+        idx = (torch.arange(n, device=self.device) + self.ptr) % self.capacity
+        for k, v in batch.items():
+            self.data[k][idx] = torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v, dtype=torch.float32).to(self.device).reshape(self.data[k][idx].shape)
+        self.ptr = (self.ptr + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+
+    def sample(self, batch_size: int) -> dict[str, Tensor]:
+        idx = torch.randint(self.size, (batch_size,), device=self.device)
+        return {k: v[idx] for k, v in self.data.items()}
+# --- end shared: buffer ---
+
+
+# --- shared: evaluation ---
+def make_env(env_spec: str) -> gym.Env:
+    """An environment from the JSON spec a dataset (and every checkpoint) records, or from a plain env id."""
+    return gym.make(EnvSpec.from_json(env_spec) if env_spec.lstrip().startswith("{") else env_spec)
+
+
+class Evaluator:
+    """Deterministic evaluation on environments of its own (never the training env), all episodes stepped
+    together with one batched actor call; every evaluation uses the same start seeds, so curves compare."""
+
+    def __init__(self, env_spec: str, n_episodes: int, seed: int, obs_mean: np.ndarray, obs_std: np.ndarray, device: torch.device):
+        self.envs = [make_env(env_spec) for _ in range(n_episodes)]
+        self.seed = seed
+        self.obs_mean = torch.as_tensor(obs_mean, dtype=torch.float32, device=device)
+        self.obs_std = torch.as_tensor(obs_std, dtype=torch.float32, device=device)
+        self.device = device
+        space = self.envs[0].action_space
+        self.low, self.high = space.low, space.high
+
+    @torch.no_grad()
+    def __call__(self, act: Callable[[Tensor], Tensor]) -> np.ndarray:
+        """Undiscounted returns of one episode per environment; `act` maps normalised observations to actions."""
+        obs = np.stack([env.reset(seed=self.seed + i)[0] for i, env in enumerate(self.envs)])
+        returns = np.zeros(len(self.envs))
+        alive = list(range(len(self.envs)))
+        while alive:
+            o = torch.as_tensor(obs[alive], dtype=torch.float32, device=self.device)
+            actions = act((o - self.obs_mean) / self.obs_std).cpu().numpy()
+            for j, a in zip(list(alive), np.clip(actions, self.low, self.high)):
+                obs[j], r, term, trunc, _ = self.envs[j].step(a)
+                returns[j] += r
+                if term or trunc:
+                    alive.remove(j)
+        return returns
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+# --- end shared: evaluation ---
+
+
+# --- shared: checkpoint ---
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_KEYS = ("format_version", "algo", "env_name", "dataset_id", "obs_dim", "act_dim", "max_action", "actor_family",
+                   "actor_config", "actor", "obs_mean", "obs_std", "reward_transform", "args", "grad_steps", "env_spec")
+
+
+def load_checkpoint(path: str | Path, env_name: str | None = None, obs_dim: int | None = None, act_dim: int | None = None) -> dict:
+    """A checkpoint of DESIGN.md's format, checked against the run that wants it; any mismatch exits 2."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}); delete it or pass another")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
+        fail(f"{path} is not a checkpoint of this project (missing fields); pass one written by offline_pretrain.py")
+    if ckpt["format_version"] != CHECKPOINT_FORMAT:
+        fail(f"checkpoint {path} has format {ckpt['format_version']}, this code reads {CHECKPOINT_FORMAT}")
+    if env_name is not None and ckpt["env_name"] != env_name:
+        fail(f"checkpoint {path} was trained on {ckpt['env_name']}, not {env_name}; pass a checkpoint of {env_name}")
+    if (obs_dim is not None and ckpt["obs_dim"] != obs_dim) or (act_dim is not None and ckpt["act_dim"] != act_dim):
+        fail(f"checkpoint {path} has obs/act dims {ckpt['obs_dim']}/{ckpt['act_dim']}, the dataset {obs_dim}/{act_dim}")
+    return ckpt
+
+
+def actor_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> nn.Module:
+    """The checkpoint's actor, in its own family, weights copied exactly."""
+    actor = build_actor(ckpt["actor_family"], ckpt["obs_dim"], ckpt["act_dim"], ckpt["actor_config"]["hidden"], ckpt["max_action"])
+    actor.load_state_dict(ckpt["actor"])
+    return actor.to(device)
+# --- end shared: checkpoint ---
+
+
+# ---------------------------------------------------------------- networks per method (ALGORITHMS.md section 5)
+ALGO_TABLE: dict[str, dict[str, Any]] = {
+    "cql": dict(actor_family="tanh_gaussian", actor_hidden=(256, 256, 256), critic_hidden=(256, 256, 256)),
+    "iql": dict(actor_family="gaussian", actor_hidden=(256, 256), critic_hidden=(256, 256)),
+    "td3_bc": dict(actor_family="deterministic", actor_hidden=(256, 256), critic_hidden=(256, 256)),
+    "bc": dict(actor_family=None, actor_hidden=(256, 256), critic_hidden=None),  # family from --bc-family
+}
+
+
+# ---------------------------------------------------------------- pure loss pieces
+def td_target(rewards: Tensor, terminals: Tensor, next_value: Tensor, gamma: float) -> Tensor:
+    """y = r + gamma (1 - d) V'; d is 1 only for a true termination (a time-limit end bootstraps)."""
+    return rewards + gamma * (1.0 - terminals) * next_value
+
+
+def cql_penalty(q_data: Tensor, q_rand: Tensor, q_pi: Tensor, q_next_pi: Tensor, logp_pi: Tensor, logp_next_pi: Tensor, act_dim: int, temp: float = 1.0) -> Tensor:
+    """CQL(H) with importance sampling, one value per critic: mean_s[temp logsumexp_j(Q(s,a_j)/temp) - Q(s,a_data)].
+
+    q_data (n, B); q_rand, q_pi, q_next_pi (n, B, N) at uniform actions, pi(.|s) and pi(.|s') actions; each
+    sample is divided by its sampling density: 0.5^|A| for uniform on [-1, 1]^|A|, pi for the policy ones.
+    """
+    log_uniform = act_dim * math.log(0.5)
+    cat = torch.cat([q_rand - log_uniform, q_next_pi - logp_next_pi, q_pi - logp_pi], dim=-1)
+    return (temp * torch.logsumexp(cat / temp, dim=-1) - q_data).mean(-1)
+
+
+def expectile_loss(diff: Tensor, expectile: float) -> Tensor:
+    """Asymmetric squared loss |expectile - 1(diff < 0)| diff^2 (IQL's value regression, diff = Q - V)."""
+    return torch.abs(expectile - (diff < 0).float()) * diff**2
+
+
+def iql_weights(adv: Tensor, beta: float, max_weight: float = 100.0) -> Tensor:
+    """Advantage-weighted regression weights exp(beta A), clipped for stability."""
+    return torch.exp(beta * adv).clamp(max=max_weight)
+
+
+def td3_bc_actor_loss(q: Tensor, pi: Tensor, data_actions: Tensor, alpha: float) -> Tensor:
+    """-lambda mean Q(s, pi(s)) + mean (pi(s) - a)^2 with lambda = alpha / mean|Q| (detached): Q's scale drops out."""
+    lmbda = alpha / q.abs().mean().detach()
+    return -lmbda * q.mean() + F.mse_loss(pi, data_actions)
+
+
+# ---------------------------------------------------------------- learners: one update = one gradient step
+class CQL:
+    def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
+        cfg = ALGO_TABLE["cql"]
+        self.args, self.act_dim = args, act_dim
+        self.actor = TanhGaussianActor(obs_dim, act_dim, cfg["actor_hidden"]).to(device)
+        with torch.no_grad():  # small last layer: the initial policy is near uniform
+            self.actor.head.weight.uniform_(-1e-3, 1e-3)
+            self.actor.head.bias.zero_()
+        self.qf = Critic(obs_dim, act_dim, cfg["critic_hidden"], n=2).to(device)
+        self.qf_target = Critic(obs_dim, act_dim, cfg["critic_hidden"], n=2).to(device)
+        self.qf_target.load_state_dict(self.qf.state_dict())
+        self.log_alpha = nn.Parameter(torch.zeros((), device=device))
+        self.target_entropy = -float(act_dim)
+        self.opts = {
+            "actor": torch.optim.Adam(self.actor.parameters(), lr=args.cql_actor_lr),
+            "qf": torch.optim.Adam(self.qf.parameters(), lr=args.cql_critic_lr),
+            "alpha": torch.optim.Adam([self.log_alpha], lr=args.cql_critic_lr),
+        }
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"actor": self.actor, "qf": self.qf, "qf_target": self.qf_target}
+
+    def update(self, b: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        a = self.args
+        obs, next_obs = b["obs"], b["next_obs"]
+        pi, logp = self.actor.sample(obs)
+        alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
+        alpha = self.log_alpha.exp().detach()
+        actor_loss = (alpha * logp - self.qf(obs, pi).min(0).values).mean()
+
+        with torch.no_grad():
+            next_a, _ = self.actor.sample(next_obs)
+            y = td_target(b["rewards"], b["terminals"], self.qf_target(next_obs, next_a).min(0).values, a.gamma)
+        q_data = self.qf(obs, b["actions"])
+        td_loss = ((q_data - y) ** 2).mean(-1).sum()
+        # conservative penalty on N actions per state from three proposals
+        B, N = obs.shape[0], a.cql_n_actions
+        obs_rep, next_rep = obs.repeat_interleave(N, 0), next_obs.repeat_interleave(N, 0)
+        rand_a = torch.empty(B * N, self.act_dim, device=obs.device).uniform_(-1.0, 1.0)
+        with torch.no_grad():
+            pi_a, logp_pi = self.actor.sample(obs_rep)
+            next_pi_a, logp_next = self.actor.sample(next_rep)
+        q_rand = self.qf(obs_rep, rand_a).view(2, B, N)
+        q_pi = self.qf(obs_rep, pi_a).view(2, B, N)
+        q_next_pi = self.qf(obs_rep, next_pi_a).view(2, B, N)
+        penalty = cql_penalty(q_data, q_rand, q_pi, q_next_pi, logp_pi.view(B, N), logp_next.view(B, N), self.act_dim, a.cql_temp)
+        qf_loss = td_loss + a.cql_alpha * penalty.sum()
+
+        for name, loss in (("alpha", alpha_loss), ("actor", actor_loss), ("qf", qf_loss)):
+            self.opts[name].zero_grad(set_to_none=True)
+        # the actor loss must not push gradients into the critics it reads
+        actor_grads = torch.autograd.grad(actor_loss, list(self.actor.parameters()), retain_graph=True)
+        alpha_loss.backward()
+        qf_loss.backward()
+        for p, g in zip(self.actor.parameters(), actor_grads):
+            p.grad = g
+        for opt in self.opts.values():
+            opt.step()
+        polyak_update(self.qf_target, self.qf, a.tau)
+        return {"losses/qf_loss": td_loss.detach(), "losses/cql_penalty": penalty.mean().detach(), "losses/actor_loss": actor_loss.detach(),
+                "losses/alpha": alpha, "losses/qf_values": q_data.mean().detach()}
+
+
+class IQL:
+    def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
+        cfg = ALGO_TABLE["iql"]
+        self.args = args
+        self.actor = GaussianActor(obs_dim, act_dim, cfg["actor_hidden"]).to(device)
+        self.qf = Critic(obs_dim, act_dim, cfg["critic_hidden"], n=2).to(device)
+        self.qf_target = Critic(obs_dim, act_dim, cfg["critic_hidden"], n=2).to(device)
+        self.qf_target.load_state_dict(self.qf.state_dict())
+        self.vf = Critic(obs_dim, 0, cfg["critic_hidden"], n=1).to(device)
+        self.opts = {
+            "actor": torch.optim.Adam(self.actor.parameters(), lr=args.iql_lr),
+            "qf": torch.optim.Adam(self.qf.parameters(), lr=args.iql_lr),
+            "vf": torch.optim.Adam(self.vf.parameters(), lr=args.iql_lr),
+        }
+        self.actor_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opts["actor"], args.total_steps)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"actor": self.actor, "qf": self.qf, "qf_target": self.qf_target, "vf": self.vf}
+
+    def update(self, b: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        a = self.args
+        with torch.no_grad():
+            target_q = self.qf_target(b["obs"], b["actions"]).min(0).values
+            next_v = self.vf(b["next_obs"])[0]
+        v = self.vf(b["obs"])[0]
+        adv = target_q - v
+        v_loss = expectile_loss(adv, a.iql_expectile).mean()
+        y = td_target(b["rewards"], b["terminals"], next_v, a.gamma)
+        q = self.qf(b["obs"], b["actions"])
+        q_loss = ((q - y) ** 2).mean(-1).sum() / 2
+        weights = iql_weights(adv.detach(), a.iql_beta)
+        actor_loss = (weights * -self.actor.log_prob(b["obs"], b["actions"])).mean()
+        for name, loss in (("vf", v_loss), ("qf", q_loss), ("actor", actor_loss)):
+            self.opts[name].zero_grad(set_to_none=True)
+            loss.backward()
+            self.opts[name].step()
+        self.actor_sched.step()
+        polyak_update(self.qf_target, self.qf, a.tau)
+        return {"losses/qf_loss": q_loss.detach(), "losses/vf_loss": v_loss.detach(), "losses/actor_loss": actor_loss.detach(),
+                "losses/qf_values": q.mean().detach()}
+
+
+class TD3BC:
+    def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
+        cfg = ALGO_TABLE["td3_bc"]
+        self.args = args
+        self.actor = DeterministicActor(obs_dim, act_dim, cfg["actor_hidden"]).to(device)
+        self.actor_target = DeterministicActor(obs_dim, act_dim, cfg["actor_hidden"]).to(device)
+        self.actor_target.load_state_dict(self.actor.state_dict())
+        self.qf = Critic(obs_dim, act_dim, cfg["critic_hidden"], n=2).to(device)
+        self.qf_target = Critic(obs_dim, act_dim, cfg["critic_hidden"], n=2).to(device)
+        self.qf_target.load_state_dict(self.qf.state_dict())
+        self.opts = {"actor": torch.optim.Adam(self.actor.parameters(), lr=args.td3_bc_lr), "qf": torch.optim.Adam(self.qf.parameters(), lr=args.td3_bc_lr)}
+        self.last_actor_loss = torch.zeros((), device=device)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"actor": self.actor, "actor_target": self.actor_target, "qf": self.qf, "qf_target": self.qf_target}
+
+    def update(self, b: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        a = self.args
+        with torch.no_grad():
+            noise = (torch.randn_like(b["actions"]) * a.policy_noise).clamp(-a.noise_clip, a.noise_clip)
+            next_a = (self.actor_target(b["next_obs"]) + noise).clamp(-1.0, 1.0)
+            y = td_target(b["rewards"], b["terminals"], self.qf_target(b["next_obs"], next_a).min(0).values, a.gamma)
+        q = self.qf(b["obs"], b["actions"])
+        q_loss = ((q - y) ** 2).mean(-1).sum()
+        self.opts["qf"].zero_grad(set_to_none=True)
+        q_loss.backward()
+        self.opts["qf"].step()
+        if step % a.policy_freq == 0:  # delayed actor and target updates
+            pi = self.actor(b["obs"])
+            actor_loss = td3_bc_actor_loss(self.qf(b["obs"], pi)[0], pi, b["actions"], a.td3_bc_alpha)
+            self.opts["actor"].zero_grad(set_to_none=True)
+            actor_loss.backward()
+            self.opts["actor"].step()
+            polyak_update(self.actor_target, self.actor, a.tau)
+            polyak_update(self.qf_target, self.qf, a.tau)
+            self.last_actor_loss = actor_loss.detach()
+        return {"losses/qf_loss": q_loss.detach(), "losses/actor_loss": self.last_actor_loss, "losses/qf_values": q.mean().detach()}
+
+
+class BC:
+    def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
+        self.args = args
+        self.actor = build_actor(args.bc_family, obs_dim, act_dim, ALGO_TABLE["bc"]["actor_hidden"]).to(device)
+        self.opts = {"actor": torch.optim.Adam(self.actor.parameters(), lr=args.bc_lr)}
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"actor": self.actor}
+
+    def update(self, b: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        if self.args.bc_family == "deterministic":
+            loss = F.mse_loss(self.actor(b["obs"]), b["actions"])
+        else:  # maximum likelihood of the dataset action under the tanh-Gaussian
+            loss = -self.actor.log_prob(b["obs"], b["actions"]).mean()
+        self.opts["actor"].zero_grad(set_to_none=True)
+        loss.backward()
+        self.opts["actor"].step()
+        return {"losses/actor_loss": loss.detach()}
+
+
+LEARNERS = {"cql": CQL, "iql": IQL, "td3_bc": TD3BC, "bc": BC}
+
+
+# ---------------------------------------------------------------- checkpoint
+def reward_transform_for(algo: str, data: dict) -> dict[str, float]:
+    """IQL rescales rewards by 1000 / (max - min episode return) as in its paper; the others keep them."""
+    if algo == "iql":
+        r = data["episode_returns"]
+        return {"scale": float(1000.0 / max(float(r.max() - r.min()), 1e-6)), "shift": 0.0}
+    return {"scale": 1.0, "shift": 0.0}
+
+
+def make_checkpoint(args: Args, learner: Any, data: dict, obs_mean: np.ndarray, obs_std: np.ndarray, reward_transform: dict, step: int, score: float, history: list) -> dict:
+    actor = learner.actor
+    critics = {k: state_dict_cpu(m) for k, m in learner.modules().items() if k in ("qf", "vf")}
+    critic_hidden = ALGO_TABLE[args.algo]["critic_hidden"]
+    return {
+        "format_version": CHECKPOINT_FORMAT, "algo": args.algo, "env_name": args.env if args.dataset_id is None else args.dataset_id,
+        "dataset_id": ",".join(data["dataset_ids"]), "local_standin": data["local_standin"], "env_spec": data["env_spec"],
+        "obs_dim": data["obs_dim"], "act_dim": data["act_dim"], "max_action": 1.0,
+        "actor_family": actor.family, "actor_config": {"hidden": list(ALGO_TABLE[args.algo]["actor_hidden"])}, "actor": state_dict_cpu(actor),
+        "critics": critics or None, "critic_config": {"hidden": list(critic_hidden), "layer_norm": False} if critic_hidden else None,
+        "obs_mean": torch.as_tensor(obs_mean), "obs_std": torch.as_tensor(obs_std), "reward_transform": reward_transform,
+        "ref_min_score": data["ref_min_score"], "ref_max_score": data["ref_max_score"],
+        "args": asdict(args), "grad_steps": step, "eval_normalized_score": score, "eval_history": history,
+        "train_state": {
+            "modules": {k: state_dict_cpu(m) for k, m in learner.modules().items()},
+            "optimizers": {k: o.state_dict() for k, o in learner.opts.items()},
+            "log_alpha": learner.log_alpha.detach().cpu() if hasattr(learner, "log_alpha") else None,
+            "actor_sched": learner.actor_sched.state_dict() if hasattr(learner, "actor_sched") else None,
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "numpy": json.dumps(np.random.get_state()[1].tolist()), "numpy_pos": int(np.random.get_state()[2])},
+        },
+    }
+
+
+def restore(learner: Any, ckpt: dict, args: Args) -> None:
+    ts = ckpt.get("train_state")
+    if not isinstance(ts, dict) or ckpt["algo"] != args.algo:
+        fail(f"checkpoint is from --algo {ckpt['algo']} or has no training state; cannot resume --algo {args.algo} from it")
+    for k, m in learner.modules().items():
+        m.load_state_dict(ts["modules"][k])
+    for k, o in learner.opts.items():
+        o.load_state_dict(ts["optimizers"][k])
+    if ts["log_alpha"] is not None:
+        with torch.no_grad():
+            learner.log_alpha.copy_(ts["log_alpha"])
+    if ts["actor_sched"] is not None:
+        learner.actor_sched.load_state_dict(ts["actor_sched"])
+    torch.set_rng_state(ts["rng"]["torch"])
+    if ts["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ts["rng"]["cuda"])
+    np.random.set_state(("MT19937", np.array(json.loads(ts["rng"]["numpy"]), dtype=np.uint32), ts["rng"]["numpy_pos"], 0, 0.0))
+
+
+# ---------------------------------------------------------------- main
+def validate(args: Args) -> None:
+    if args.algo not in LEARNERS:
+        fail(f"unknown --algo {args.algo!r}; known: {', '.join(LEARNERS)}")
+    for flag in ("total_steps", "batch_size", "eval_every", "eval_episodes", "log_every", "cql_n_actions", "policy_freq"):
+        if getattr(args, flag) <= 0:
+            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if not 0.0 < args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0:
+        fail("--gamma and --tau must lie in (0, 1]")
+
+
+def main(args: Args) -> dict:
+    validate(args)
+    data = load_dataset(args.env, args.dataset_id, args.no_download)
+    env_key = args.env if args.dataset_id is None else args.dataset_id.replace("/", "_")
+    out = Path(args.run_dir) / "offline" / args.algo / env_key / f"seed{args.seed}"
+    ckpt_path = out / "checkpoint.pt"
+    ckpt = None
+    if args.resume:
+        if not ckpt_path.exists():
+            fail(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start")
+        ckpt = load_checkpoint(ckpt_path, env_name=args.env if args.dataset_id is None else args.dataset_id, obs_dim=data["obs_dim"], act_dim=data["act_dim"])
+        if ckpt["algo"] != args.algo:
+            fail(f"--resume: {ckpt_path} holds a {ckpt['algo']} run, not {args.algo}")
+        if ckpt["grad_steps"] >= args.total_steps:
+            fail(f"--resume: {ckpt_path} already has {ckpt['grad_steps']} steps >= --total-steps {args.total_steps}; raise --total-steps")
+
+    set_seed(args.seed)
+    device = pick_device(args.device)
+    obs_mean, obs_std = obs_stats(data["observations"])
+    reward_transform = reward_transform_for(args.algo, data)
+    rb = ReplayBuffer.from_dataset(data, obs_mean, obs_std, device, reward_transform["scale"], reward_transform["shift"])
+    learner = LEARNERS[args.algo](args, data["obs_dim"], data["act_dim"], device)
+    start, history = 0, []
+    if ckpt is not None:
+        restore(learner, ckpt, args)
+        start, history = ckpt["grad_steps"], list(ckpt.get("eval_history", []))
+        print(f"resuming {ckpt_path} at step {start}")
+    evaluator = Evaluator(data["env_spec"], args.eval_episodes, args.seed + 100, obs_mean, obs_std, device)
+
+    def evaluate() -> tuple[float, float]:
+        learner.actor.eval()
+        returns = evaluator(learner.actor.act)
+        learner.actor.train()
+        return float(returns.mean()), float(normalized_score(returns.mean(), data["ref_min_score"], data["ref_max_score"]))
+
+    out.mkdir(parents=True, exist_ok=True)
+    writer = SummaryWriter(str(out))
+    writer.add_text("args", json.dumps(asdict(args)))
+    writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
+    metrics: dict[str, Tensor] = {}
+    score = history[-1][2] if history else float("nan")
+    t0, steps_t0 = time.time(), start
+    bar = tqdm(range(start, args.total_steps), desc=f"{args.algo} {args.env}", initial=start, total=args.total_steps, disable=None)
+    for step in bar:
+        m = learner.update(rb.sample(args.batch_size), step)
+        for k, v in m.items():  # accumulate on the device; read only at log time
+            metrics[k] = metrics.get(k, 0.0) + v
+        done = step + 1
+        if done % args.log_every == 0:
+            for k, v in metrics.items():
+                val = float(v) / args.log_every
+                if not math.isfinite(val):
+                    fail(f"non-finite {k} at step {done} of {args.algo}; the last good checkpoint is {ckpt_path}")
+                writer.add_scalar(k, val, done)
+            writer.add_scalar("charts/SPS", (done - steps_t0) / (time.time() - t0), done)
+            metrics = {}
+        if done % args.eval_every == 0 or done == args.total_steps:
+            ret, score = evaluate()
+            history.append([done, ret, score])
+            writer.add_scalar("eval/episodic_return", ret, done)
+            writer.add_scalar("eval/normalized_score", score, done)
+            bar.set_postfix(score=f"{score:.1f}")
+            tqdm.write(f"step {done}: return {ret:.1f}, normalized score {score:.1f}")
+            atomic_save(make_checkpoint(args, learner, data, obs_mean, obs_std, reward_transform, done, score, history), ckpt_path)
+    bar.close()
+    writer.close()
+    evaluator.close()
+    result = {"checkpoint": str(ckpt_path), "grad_steps": args.total_steps, "eval_normalized_score": score, "eval_history": history,
+              "dataset_ids": data["dataset_ids"], "local_standin": data["local_standin"], "wall_clock_s": time.time() - t0}
+    atomic_save(result, out / "results.json")
+    print(f"offline {args.algo} on {args.env}: normalized score {score:.1f}; checkpoint {ckpt_path}")
+    return result
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
