@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
@@ -619,10 +620,12 @@ def write_dataset(dataset_id: str, episodes: list[dict], env_spec: str, ref: tup
         for i, ep in enumerate(episodes)
     ]
     spec = EnvSpec.from_json(env_spec)
-    minari.create_dataset_from_buffers(
-        dataset_id=dataset_id, buffer=buffers, env=spec, eval_env=spec, algorithm_name="SAC (make_dataset.py)",
-        author="make_dataset.py", ref_min_score=ref[0], ref_max_score=ref[1], description=description, data_format="hdf5",
-    )
+    with warnings.catch_warnings():  # minari nags about a missing code link and author e-mail
+        warnings.simplefilter("ignore", UserWarning)
+        minari.create_dataset_from_buffers(
+            dataset_id=dataset_id, buffer=buffers, env=spec, eval_env=spec, algorithm_name="SAC (make_dataset.py)",
+            author="make_dataset.py", ref_min_score=ref[0], ref_max_score=ref[1], description=description, data_format="hdf5",
+        )
     n = sum(len(ep["rewards"]) for ep in episodes)
     rets = [float(ep["rewards"].sum()) for ep in episodes]
     print(f"wrote {dataset_id}: {len(episodes)} episodes, {n} transitions, return mean {np.mean(rets):.1f} (min {np.min(rets):.1f}, max {np.max(rets):.1f})")
