@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import gymnasium as gym
 import minari
@@ -42,8 +42,8 @@ from tqdm import tqdm
 @dataclass
 class Args:
     # --- experiment ---
-    algo: Literal["cql", "iql", "td3_bc", "bc"] = "iql"
-    """offline method"""
+    algo: str = "iql"
+    """offline method: cql | iql | td3_bc | bc"""
     env: str = "hopper-medium-v2"
     """D4RL-style dataset name (resolved to a Minari dataset, see README)"""
     dataset_id: str | None = None
@@ -106,8 +106,8 @@ class Args:
     """actor and target update every this many critic updates"""
 
     # --- BC ---
-    bc_family: Literal["tanh_gaussian", "deterministic"] = "tanh_gaussian"
-    """BC actor: tanh-Gaussian by maximum likelihood, or deterministic by MSE"""
+    bc_family: str = "tanh_gaussian"
+    """BC actor: tanh_gaussian (maximum likelihood) | deterministic (MSE)"""
     bc_lr: float = 3e-4
     """learning rate"""
 
@@ -854,6 +854,8 @@ def restore(learner: Any, ckpt: dict, args: Args) -> None:
 def validate(args: Args) -> None:
     if args.algo not in LEARNERS:
         fail(f"unknown --algo {args.algo!r}; known: {', '.join(LEARNERS)}")
+    if args.bc_family not in ("tanh_gaussian", "deterministic"):
+        fail(f"unknown --bc-family {args.bc_family!r}; known: tanh_gaussian, deterministic")
     for flag in ("total_steps", "batch_size", "eval_every", "eval_episodes", "log_every", "cql_n_actions", "policy_freq"):
         if getattr(args, flag) <= 0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")

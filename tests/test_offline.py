@@ -206,3 +206,14 @@ def test_resume_rejects_missing_corrupt_and_foreign_checkpoints(tiny_dataset, of
     (ckpt_dir / "checkpoint.pt").write_bytes(offline_checkpoints["iql"].read_bytes())
     expect_exit2(capsys, lambda: run(tmp_path, "--resume"), "iql")
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["checkpoint.pt"]  # nothing half-written beside it
+
+
+def test_cli_bad_algo_is_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    p = subprocess.run([sys.executable, str(ROOT / "offline_pretrain.py"), "--algo", "sac", "--run-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == ["error: unknown --algo 'sac'; known: cql, iql, td3_bc, bc"]

@@ -1,0 +1,1270 @@
+"""O2PPO: offline-to-online fine-tuning with PPO (OCR-CFT, Luo et al., NeurIPS 2024, arXiv 2412.18855).
+
+Phases (ALGORITHMS.md section 3): load the offline actor (a Gaussian actor is copied exactly, any other family
+is distilled into the Gaussian family, section 6) -> re-evaluation: regress V on discounted Monte-Carlo returns of
+the offline episodes -> online PPO whose advantages are mixed with an auxiliary reference advantage that keeps
+pi near a reference policy, with a weight decaying linearly to 0 (the constraint).
+Naive PPO fine-tuning (the ablation baseline) is `--no-reevaluate --no-constraint`.
+
+Usage:
+    python o2o_ppo.py --env hopper-medium-v2                                  # IQL checkpoint by convention
+    python o2o_ppo.py --env hopper-medium-v2 --offline-algo cql               # any offline method (distilled)
+    python o2o_ppo.py --env hopper-medium-v2 --no-reevaluate --no-constraint  # naive PPO fine-tuning
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, NoReturn, Sequence
+
+import gymnasium as gym
+import minari
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from gymnasium.envs.registration import EnvSpec
+from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    env: str = "hopper-medium-v2"
+    """D4RL-style dataset name (resolved to a Minari dataset, see README)"""
+    dataset_id: str | None = None
+    """any Minari dataset id; overrides the name resolution of --env"""
+    no_download: bool = False
+    """never try to download a hosted dataset"""
+    offline_algo: Literal["iql", "cql", "td3_bc", "bc"] = "iql"
+    """offline method whose checkpoint is used (runs/offline/<algo>/<env>/seed<k>/checkpoint.pt)"""
+    checkpoint: str | None = None
+    """path of an offline checkpoint; overrides the --offline-algo convention"""
+    seed: int = 0
+    """random seed (also selects the offline checkpoint seed<k>)"""
+    run_dir: str = "runs"
+    """outputs go to <run_dir>/o2o_ppo/<env>/<run_name>/"""
+    run_name: str | None = None
+    """name of the output folder; default <mode>_seed<k> with mode o2ppo, naive, no_reevaluate or no_constraint"""
+    no_resume: bool = False
+    """ignore (and overwrite) phase checkpoints and online.pt of an earlier run with the same run name"""
+    device: str = "auto"
+    """auto (CUDA when present), cpu or cuda"""
+
+    # --- any offline actor -> Gaussian actor (section 6) ---
+    distill_steps: int = 5_000
+    """gradient steps distilling a tanh-Gaussian or deterministic offline actor into the Gaussian family"""
+    distill_batch_size: int = 256
+    """batch of dataset states per distillation step"""
+    distill_lr: float = 3e-4
+    """learning rate of the distillation"""
+    distill_log_std: float | None = None
+    """fixed log-std of the distilled actor; default: the offline policy's mean action std on dataset states
+    (tanh-Gaussian) or DETERMINISTIC_LOG_STD (a deterministic actor has none)"""
+
+    # --- re-evaluation (section 3a) ---
+    no_reevaluate: bool = False
+    """ablation: skip re-evaluation, start online PPO with a freshly initialised V"""
+    reeval_steps: int = 1_000_000
+    """gradient steps of V on the Monte-Carlo returns of the offline episodes"""
+    reeval_batch_size: int = 512
+    """batch size of the re-evaluation"""
+    reeval_lr: float = 1e-4
+    """learning rate of the re-evaluation"""
+    reward_scaling: Literal["checkpoint", "none"] = "checkpoint"
+    """rewards (offline Monte-Carlo returns and online) transformed by the checkpoint's reward_transform (IQL:
+    1000 / return range; identity for CQL, TD3+BC, BC) or used raw; V, re-evaluated and online, sees one scale"""
+    gamma: float = 0.99
+    """discount"""
+
+    # --- online PPO (section 3c) ---
+    total_env_steps: int = 250_000
+    """online environment steps (rounded down to whole rollouts)"""
+    num_envs: int = 1
+    """parallel training environments (1 = the paper's setting); --rollout-size is split over them"""
+    rollout_size: int = 2048
+    """transitions per rollout (all envs together)"""
+    update_epochs: int | None = None
+    """PPO epochs per rollout; default from PPO_FAMILY_DEFAULTS (10; 5 for hopper medium-expert/expert)"""
+    minibatch_size: int = 128
+    """PPO minibatch size"""
+    clip_coef: float = 0.2
+    """PPO ratio clip"""
+    ent_coef: float = 0.01
+    """entropy bonus weight"""
+    max_grad_norm: float = 0.5
+    """gradient-norm clip (actor and V separately)"""
+    actor_lr: float = 3e-5
+    """actor learning rate (decays linearly to 0)"""
+    critic_lr: float = 2e-4
+    """V learning rate (decays linearly to 0)"""
+    adam_eps: float = 1e-5
+    """Adam epsilon"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+
+    # --- constraint (section 3c) ---
+    no_constraint: bool = False
+    """ablation: plain PPO advantages, no auxiliary reference advantage"""
+    t_end: int | None = None
+    """env step at which the reference-advantage weight w_t = max(0, 1 - t / t_end) reaches 0; default from
+    PPO_FAMILY_DEFAULTS (250k; 500k for medium-expert/expert)"""
+    reference: Literal["best", "offline"] = "best"
+    """best: pi_ref <- pi whenever an evaluation beats the best score so far; offline: pi_ref = pi0 always"""
+
+    # --- evaluation, logging, checkpoints ---
+    eval_every: int = 5_000
+    """evaluate every this many env steps (at the end of the rollout that crosses the mark)"""
+    eval_episodes: int = 10
+    """evaluation episodes (deterministic actions, separate envs)"""
+    log_every: int = 2_048
+    """log losses every this many env steps (offline phases: every this many gradient steps)"""
+    checkpoint_every: int = 20_480
+    """write online.pt every this many env steps (a killed run resumes from it)"""
+    stop_after_steps: int | None = None
+    """stop (as if killed) after this many online env steps, after writing online.pt; rerun to resume"""
+
+
+# Per dataset family (the level of --env); --update-epochs and --t-end override. Rows: level -> T_end and PPO
+# epochs per environment ("*" = any other). ALGORITHMS.md 3c. A --dataset-id run uses the "other" row.
+PPO_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "random": dict(t_end=250_000, update_epochs={"*": 10}),
+    "medium": dict(t_end=250_000, update_epochs={"*": 10}),
+    "medium-replay": dict(t_end=250_000, update_epochs={"*": 10}),
+    "medium-expert": dict(t_end=500_000, update_epochs={"hopper": 5, "*": 10}),
+    "expert": dict(t_end=500_000, update_epochs={"hopper": 5, "*": 10}),
+    "other": dict(t_end=250_000, update_epochs={"*": 10}),
+}
+ACTOR_HIDDEN = (256, 256)  # the Gaussian actor a non-Gaussian offline actor is distilled into
+VALUE_HIDDEN = (256, 256, 256)  # V: 3 x [Linear 256 -> tanh], Linear -> 1
+DETERMINISTIC_LOG_STD = math.log(0.2)  # distilled std of a deterministic actor: TD3's smoothing-noise scale
+CKPT_NAME = "o2o_ppo"
+
+
+# --- shared: utils ---
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr that names the fix, exit status 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` is CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {name} asked for, but CUDA is not available; use --device cpu or auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        fail(f"unknown --device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if path.suffix == ".json":
+            Path(tmp).write_text(json.dumps(obj, indent=2, default=float))
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+def state_dict_cpu(module: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+# --- end shared: utils ---
+
+
+# --- shared: networks ---
+def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(in_dim, h), act()]
+        in_dim = h
+    layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+def tanh_gaussian_log_prob(mu: Tensor, log_std: Tensor, pre_tanh: Tensor) -> Tensor:
+    """log pi(a|s) of a = tanh(u), u ~ N(mu, std), with the change-of-variables term, summed over action dims."""
+    normal_lp = -0.5 * ((pre_tanh - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+    # log(1 - tanh(u)^2) computed stably as 2 (log 2 - u - softplus(-2u))
+    correction = 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
+    return (normal_lp - correction).sum(-1)
+
+
+class TanhGaussianActor(nn.Module):
+    """SAC/CQL actor: a = max_action * tanh(u), u ~ N(mu(s), exp(log_std(s))^2)."""
+
+    family = "tanh_gaussian"
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256, 256), max_action: float = 1.0):
+        super().__init__()
+        self.net = mlp(obs_dim, hidden[:-1], hidden[-1])
+        self.head = nn.Linear(hidden[-1], 2 * act_dim)
+        self.max_action = max_action
+
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        mu, log_std = self.head(F.relu(self.net(obs))).chunk(2, dim=-1)
+        return mu, log_std.clamp(-20.0, 2.0)
+
+    def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """Reparameterised action and its log-prob."""
+        mu, log_std = self(obs)
+        u = mu + log_std.exp() * torch.randn_like(mu)
+        return self.max_action * torch.tanh(u), tanh_gaussian_log_prob(mu, log_std, u)
+
+    def log_prob(self, obs: Tensor, action: Tensor) -> Tensor:
+        mu, log_std = self(obs)
+        a = (action / self.max_action).clamp(-1.0 + 1e-6, 1.0 - 1e-6)
+        return tanh_gaussian_log_prob(mu, log_std, torch.atanh(a))
+
+    def act(self, obs: Tensor) -> Tensor:
+        """Deterministic action: the mode tanh(mu)."""
+        return self.max_action * torch.tanh(self(obs)[0])
+
+
+class GaussianActor(nn.Module):
+    """IQL/PPO actor: N(tanh-squashed mean(s), exp(log_std)^2) with a state-independent log_std."""
+
+    family = "gaussian"
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), max_action: float = 1.0):
+        super().__init__()
+        self.net = mlp(obs_dim, hidden, act_dim)
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+        self.max_action = max_action
+
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        mu = self.max_action * torch.tanh(self.net(obs))
+        return mu, self.log_std.clamp(-20.0, 2.0).expand_as(mu)
+
+    def dist(self, obs: Tensor) -> torch.distributions.Normal:
+        mu, log_std = self(obs)
+        return torch.distributions.Normal(mu, log_std.exp())
+
+    def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        d = self.dist(obs)
+        a = d.rsample()
+        return a, d.log_prob(a).sum(-1)
+
+    def log_prob(self, obs: Tensor, action: Tensor) -> Tensor:
+        return self.dist(obs).log_prob(action).sum(-1)
+
+    def act(self, obs: Tensor) -> Tensor:
+        return self(obs)[0]
+
+
+class DeterministicActor(nn.Module):
+    """TD3 actor: a = max_action * tanh(f(s))."""
+
+    family = "deterministic"
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), max_action: float = 1.0):
+        super().__init__()
+        self.net = mlp(obs_dim, hidden, act_dim)
+        self.max_action = max_action
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return self.max_action * torch.tanh(self.net(obs))
+
+    def act(self, obs: Tensor) -> Tensor:
+        return self(obs)
+
+
+ACTOR_FAMILIES: dict[str, type[nn.Module]] = {
+    "tanh_gaussian": TanhGaussianActor,
+    "gaussian": GaussianActor,
+    "deterministic": DeterministicActor,
+}
+
+
+def build_actor(family: str, obs_dim: int, act_dim: int, hidden: Sequence[int], max_action: float = 1.0) -> nn.Module:
+    if family not in ACTOR_FAMILIES:
+        fail(f"unknown actor family {family!r}; known: {', '.join(ACTOR_FAMILIES)}")
+    return ACTOR_FAMILIES[family](obs_dim, act_dim, tuple(hidden), max_action)
+
+class EnsembleLinear(nn.Module):
+    """`n` independent linear layers applied in one batched matmul: x (n, B, in) -> (n, B, out)."""
+
+    def __init__(self, n: int, in_features: int, out_features: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default init, per member
+        self.weight = nn.Parameter(torch.empty(n, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_features).uniform_(-bound, bound))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleLayerNorm(nn.Module):
+    def __init__(self, n: int, features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n, 1, features))
+        self.bias = nn.Parameter(torch.zeros(n, 1, features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, x.shape[-1:]) * self.weight + self.bias
+
+
+class Critic(nn.Module):
+    """`n` critics held as one module (fused twin critics): Q(s, a) for every member in one call, shape (n, ...).
+    With act_dim = 0 it is a state-value function V(s)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), n: int = 2, layer_norm: bool = False, activation: str = "relu"):
+        super().__init__()
+        act_cls = {"relu": nn.ReLU, "tanh": nn.Tanh}[activation]
+        layers: list[nn.Module] = []
+        in_dim = obs_dim + act_dim
+        for h in hidden:
+            layers += [EnsembleLinear(n, in_dim, h)] + ([EnsembleLayerNorm(n, h)] if layer_norm else []) + [act_cls()]
+            in_dim = h
+        layers.append(EnsembleLinear(n, in_dim, 1))
+        self.net = nn.Sequential(*layers)
+        self.n = n
+
+    def forward(self, obs: Tensor, act: Tensor | None = None) -> Tensor:
+        x = obs if act is None else torch.cat([obs, act], -1)
+        lead = x.shape[:-1]
+        x = x.reshape(1, -1, x.shape[-1]).expand(self.n, -1, -1)
+        return self.net(x).reshape(self.n, *lead)
+
+
+def orthogonal_init_(critic: Critic, gain: float = 1.0) -> Critic:
+    """Orthogonal weights (gain 1) and zero biases on every linear layer of every member."""
+    for m in critic.modules():
+        if isinstance(m, EnsembleLinear):
+            with torch.no_grad():
+                for w in m.weight:
+                    q = torch.empty(w.shape[1], w.shape[0])
+                    nn.init.orthogonal_(q, gain)
+                    w.copy_(q.T)
+                m.bias.zero_()
+    return critic
+
+
+@torch.no_grad()
+def polyak_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """target <- (1 - tau) target + tau source, one fused lerp over all parameters."""
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+# --- end shared: networks ---
+
+
+# --- shared: dataset ---
+D4RL_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5", "ant": "Ant-v5"}
+D4RL_LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
+# D4RL's reference returns (random policy, expert policy), so normalised scores read on the usual 0-100 scale.
+D4RL_REF_SCORES = {
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6727, 3879.7),
+}
+HOSTED_LEVELS = {"medium": ["medium-v0"], "expert": ["expert-v0"], "medium-expert": ["medium-v0", "expert-v0"]}
+DATASET_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*-v\d+$")
+
+
+def parse_env_name(name: str) -> tuple[str, str]:
+    """`hopper-medium-replay-v2` -> ("hopper", "medium-replay"); unknown names exit 2 listing the known ones."""
+    m = re.fullmatch(r"([a-z0-9]+)-(.+)-v\d+", name)
+    if m is None or m.group(1) not in D4RL_ENVS or m.group(2) not in D4RL_LEVELS:
+        known = ", ".join(f"{e}-{lvl}-v2" for e in D4RL_ENVS for lvl in D4RL_LEVELS)
+        fail(f"unknown env {name!r}; known: {known} (or pass any Minari id with --dataset-id)")
+    return m.group(1), m.group(2)
+
+
+def _dataset_exists(dataset_id: str) -> bool:
+    return (minari.storage.get_dataset_path(dataset_id) / "data").exists()
+
+
+def _network_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
+    """Short TCP probe so a missing network fails in seconds instead of minari's long retry loop."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 1.0)  # DNS resolution ignores the socket timeout
+    return bool(result and result[0])
+
+
+def _download(dataset_id: str) -> None:
+    if not _network_reachable():
+        fail(f"dataset {dataset_id} is not in the local Minari store and the network is unreachable")
+    try:
+        minari.download_dataset(dataset_id)
+    except Exception as e:  # any failure of the remote is a missing dataset for the user
+        fail(f"could not download {dataset_id}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def resolve_dataset(env: str, dataset_id: str | None = None, no_download: bool = False) -> tuple[list[str], bool]:
+    """The Minari ids to load for --env / --dataset-id (DESIGN.md order) and whether they are a local stand-in."""
+    if dataset_id is not None:
+        if not DATASET_ID_RE.match(dataset_id):
+            fail(f"malformed dataset id {dataset_id!r}; Minari ids look like namespace/name-v0")
+        if not _dataset_exists(dataset_id):
+            if no_download:
+                fail(f"dataset {dataset_id} is not in the local Minari store; drop --no-download to fetch it")
+            _download(dataset_id)
+        return [dataset_id], dataset_id.startswith("local/")
+    name, level = parse_env_name(env)
+    hosted = [f"mujoco/{name}/{v}" for v in HOSTED_LEVELS.get(level, [])]
+    if hosted and all(_dataset_exists(i) for i in hosted):
+        return hosted, False
+    local = f"local/{name}/{level}-v0"
+    if _dataset_exists(local):
+        return [local], True
+    if hosted and not no_download and _network_reachable():
+        for i in hosted:
+            if not _dataset_exists(i):
+                _download(i)
+        return hosted, False
+    fail(f"no dataset for {env} (looked for {', '.join(hosted + [local])}); build it with: python make_dataset.py --env {env}")
+
+
+def load_dataset(env: str, dataset_id: str | None = None, no_download: bool = False, quiet: bool = False) -> dict:
+    """Transitions of every episode as float32 arrays, plus what evaluation needs.
+
+    done = termination only: a time-limit truncation is not a terminal state and must be bootstrapped.
+    `ends` marks the last transition of each episode (terminal or not) for Monte-Carlo returns.
+    """
+    ids, local = resolve_dataset(env, dataset_id, no_download)
+    if local and not quiet:
+        print(f"NOTICE: using LOCALLY BUILT dataset {ids[0]} (made by make_dataset.py, not the hosted D4RL/Minari data)")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "ends")}
+    returns, meta = [], {}
+    for i in ids:
+        ds = minari.load_dataset(i)
+        if not meta:
+            meta = ds.storage.metadata
+        for ep in ds.iterate_episodes():
+            obs = np.asarray(ep.observations, dtype=np.float32)
+            if obs.ndim != 2:
+                fail(f"dataset {i} has non-flat observations {obs.shape}; only Box observations are supported")
+            n = len(ep.rewards)
+            if n == 0:
+                continue
+            parts["observations"].append(obs[:-1])
+            parts["next_observations"].append(obs[1:])
+            parts["actions"].append(np.asarray(ep.actions, dtype=np.float32).reshape(n, -1))
+            parts["rewards"].append(np.asarray(ep.rewards, dtype=np.float32))
+            parts["terminals"].append(np.asarray(ep.terminations, dtype=np.float32))
+            end = np.zeros(n, dtype=np.float32)
+            end[-1] = 1.0
+            parts["ends"].append(end)
+            returns.append(float(np.sum(ep.rewards)))
+    if not returns:
+        fail(f"dataset {', '.join(ids)} holds no transitions")
+    data = {k: np.concatenate(v) for k, v in parts.items()}
+    env_spec = meta.get("eval_env_spec") or meta.get("env_spec")
+    if env_spec is None:
+        fail(f"dataset {ids[0]} records no environment spec; it cannot be evaluated")
+    ref = (meta.get("ref_min_score"), meta.get("ref_max_score"))
+    if dataset_id is None and None in ref:
+        ref = D4RL_REF_SCORES[parse_env_name(env)[0]]
+    data.update(
+        dataset_ids=ids,
+        local_standin=local,
+        env_spec=env_spec if isinstance(env_spec, str) else json.dumps(env_spec),
+        ref_min_score=float(ref[0]) if ref[0] is not None else 0.0,
+        ref_max_score=float(ref[1]) if ref[1] is not None else 1.0,
+        episode_returns=np.asarray(returns, dtype=np.float32),
+        obs_dim=data["observations"].shape[1],
+        act_dim=data["actions"].shape[1],
+    )
+    return data
+
+
+def obs_stats(observations: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """State normalisation fixed from the dataset: mean and std + eps."""
+    return observations.mean(0).astype(np.float32), (observations.std(0) + eps).astype(np.float32)
+
+
+def normalized_score(ret: float | np.ndarray, ref_min: float, ref_max: float) -> float | np.ndarray:
+    return 100.0 * (ret - ref_min) / (ref_max - ref_min)
+# --- end shared: dataset ---
+
+
+# --- shared: buffer ---
+class ReplayBuffer:
+    """Transitions as preallocated device tensors (observations already normalised); sampling uses the
+    device RNG, so neither adding a batch nor sampling syncs with the host."""
+
+    def __init__(self, obs_dim: int, act_dim: int, capacity: int, device: torch.device):
+        def z(*shape: int) -> Tensor:
+            return torch.zeros(capacity, *shape, dtype=torch.float32, device=device)
+
+        self.data = {"obs": z(obs_dim), "actions": z(act_dim), "rewards": z(), "next_obs": z(obs_dim), "terminals": z()}
+        self.capacity, self.size, self.ptr, self.device = capacity, 0, 0, device
+
+    @classmethod
+    def from_dataset(cls, data: dict, obs_mean: np.ndarray, obs_std: np.ndarray, device: torch.device, reward_scale: float = 1.0, reward_shift: float = 0.0) -> "ReplayBuffer":
+        n = len(data["rewards"])
+        rb = cls(data["obs_dim"], data["act_dim"], n, device)
+        rb.add(
+            (data["observations"] - obs_mean) / obs_std, data["actions"], data["rewards"] * reward_scale + reward_shift,
+            (data["next_observations"] - obs_mean) / obs_std, data["terminals"],
+        )
+        return rb
+
+    def add(self, obs: Any, actions: Any, rewards: Any, next_obs: Any, terminals: Any) -> None:
+        """Add a batch of transitions (ring buffer: the oldest are overwritten when full)."""
+        batch = {"obs": obs, "actions": actions, "rewards": rewards, "next_obs": next_obs, "terminals": terminals}
+        n = len(rewards)
+        idx = (torch.arange(n, device=self.device) + self.ptr) % self.capacity
+        for k, v in batch.items():
+            self.data[k][idx] = torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v, dtype=torch.float32).to(self.device).reshape(self.data[k][idx].shape)
+        self.ptr = (self.ptr + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+
+    def sample(self, batch_size: int) -> dict[str, Tensor]:
+        idx = torch.randint(self.size, (batch_size,), device=self.device)
+        return {k: v[idx] for k, v in self.data.items()}
+# --- end shared: buffer ---
+
+
+# --- shared: evaluation ---
+def make_env(env_spec: str) -> gym.Env:
+    """An environment from the JSON spec a dataset (and every checkpoint) records, or from a plain env id."""
+    return gym.make(EnvSpec.from_json(env_spec) if env_spec.lstrip().startswith("{") else env_spec)
+
+
+class Evaluator:
+    """Deterministic evaluation on environments of its own (never the training env), all episodes stepped
+    together with one batched actor call; every evaluation uses the same start seeds, so curves compare."""
+
+    def __init__(self, env_spec: str, n_episodes: int, seed: int, obs_mean: np.ndarray, obs_std: np.ndarray, device: torch.device):
+        self.envs = [make_env(env_spec) for _ in range(n_episodes)]
+        self.seed = seed
+        self.obs_mean = torch.as_tensor(obs_mean, dtype=torch.float32, device=device)
+        self.obs_std = torch.as_tensor(obs_std, dtype=torch.float32, device=device)
+        self.device = device
+        space = self.envs[0].action_space
+        self.low, self.high = space.low, space.high
+
+    @torch.no_grad()
+    def __call__(self, act: Callable[[Tensor], Tensor]) -> np.ndarray:
+        """Undiscounted returns of one episode per environment; `act` maps normalised observations to actions."""
+        obs = np.stack([env.reset(seed=self.seed + i)[0] for i, env in enumerate(self.envs)])
+        returns = np.zeros(len(self.envs))
+        alive = list(range(len(self.envs)))
+        while alive:
+            o = torch.as_tensor(obs[alive], dtype=torch.float32, device=self.device)
+            actions = act((o - self.obs_mean) / self.obs_std).cpu().numpy()
+            for j, a in zip(list(alive), np.clip(actions, self.low, self.high)):
+                obs[j], r, term, trunc, _ = self.envs[j].step(a)
+                returns[j] += r
+                if term or trunc:
+                    alive.remove(j)
+        return returns
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+# --- end shared: evaluation ---
+
+
+# --- shared: checkpoint ---
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_KEYS = ("format_version", "algo", "env_name", "dataset_id", "obs_dim", "act_dim", "max_action", "actor_family",
+                   "actor_config", "actor", "obs_mean", "obs_std", "reward_transform", "args", "grad_steps", "env_spec")
+
+
+def load_checkpoint(path: str | Path, env_name: str | None = None, obs_dim: int | None = None, act_dim: int | None = None) -> dict:
+    """A checkpoint of DESIGN.md's format, checked against the run that wants it; any mismatch exits 2."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}); delete it or pass another")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
+        fail(f"{path} is not a checkpoint of this project (missing fields); pass one written by offline_pretrain.py")
+    if ckpt["format_version"] != CHECKPOINT_FORMAT:
+        fail(f"checkpoint {path} has format {ckpt['format_version']}, this code reads {CHECKPOINT_FORMAT}")
+    if env_name is not None and ckpt["env_name"] != env_name:
+        fail(f"checkpoint {path} was trained on {ckpt['env_name']}, not {env_name}; pass a checkpoint of {env_name}")
+    if (obs_dim is not None and ckpt["obs_dim"] != obs_dim) or (act_dim is not None and ckpt["act_dim"] != act_dim):
+        fail(f"checkpoint {path} has obs/act dims {ckpt['obs_dim']}/{ckpt['act_dim']}, the dataset {obs_dim}/{act_dim}")
+    return ckpt
+
+
+def actor_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> nn.Module:
+    """The checkpoint's actor, in its own family, weights copied exactly."""
+    actor = build_actor(ckpt["actor_family"], ckpt["obs_dim"], ckpt["act_dim"], ckpt["actor_config"]["hidden"], ckpt["max_action"])
+    actor.load_state_dict(ckpt["actor"])
+    return actor.to(device)
+# --- end shared: checkpoint ---
+
+
+# ---------------------------------------------------------------- networks
+def build_value(obs_dim: int) -> Critic:
+    """V(s): 3 x [Linear 256 -> tanh], Linear -> 1 (ALGORITHMS.md 3), orthogonal init; returns shape (1, B)."""
+    return orthogonal_init_(Critic(obs_dim, 0, VALUE_HIDDEN, n=1, activation="tanh"))
+
+
+# ---------------------------------------------------------------- pure math (ALGORITHMS.md sections 3 and 6)
+def monte_carlo_returns(rewards: np.ndarray, ends: np.ndarray, gamma: float) -> np.ndarray:
+    """Discounted return G_t = r_t + gamma G_{t+1} of every transition, transitions stored episode after episode.
+    DECISION 3a: the return restarts at EVERY episode end (`ends`), a termination or a time limit alike."""
+    r, end = np.asarray(rewards, dtype=np.float64).tolist(), np.asarray(ends).tolist()  # plain floats: a fast Python loop
+    out, g = [0.0] * len(r), 0.0
+    for t in range(len(r) - 1, -1, -1):
+        g = r[t] + (0.0 if end[t] else gamma * g)
+        out[t] = g
+    return np.asarray(out, dtype=np.float32)
+
+
+def gae(rewards: Tensor, values: Tensor, next_values: Tensor, terminations: Tensor, ends: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over a rollout; every input has shape (T, num_envs).
+
+    next_values[t] = V(s_{t+1}) of the TRUE successor (the final observation when the episode ended at t).
+    The bootstrap is masked by termination only (a time-limit end bootstraps from V of the final observation);
+    the GAE chain is cut at every end (termination or time limit): the next row belongs to a new episode.
+    Returns (advantages, value targets = advantages + values).
+    """
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        delta = rewards[t] + gamma * (1.0 - terminations[t]) * next_values[t] - values[t]
+        last = delta + gamma * lam * (1.0 - ends[t]) * last
+        adv[t] = last
+    return adv, adv + values
+
+
+def reference_advantage(actions: Tensor, ref_mean: Tensor, ref_std: Tensor, advantages: Tensor) -> Tensor:
+    """Auxiliary reference advantage of section 3c, one value per sample, shape (B, 1) like A_hat:
+        z_j = (a_j - mu_ref_j) / sigma_ref_j,  g = 0.5 sum_j (1 - z_j^2),
+        A_ref = (2 / |A|) [softplus(g + 4|A|) - 4|A|] |std(A_hat)|
+    (close to (2/|A|) g near the reference mean, floored at -8 |std(A_hat)| far from it)."""
+    if advantages.dim() != 2 or advantages.shape[1] != 1 or advantages.shape[0] != actions.shape[0]:
+        raise ValueError(f"advantages must have shape (B, 1) with B = {actions.shape[0]}, got {tuple(advantages.shape)}")
+    n = actions.shape[-1]
+    z = (actions - ref_mean) / ref_std
+    g = 0.5 * (1.0 - z**2).sum(-1, keepdim=True)  # (B, 1): per sample (DECISION 3c, no (B, B) broadcast)
+    return (2.0 / n) * (F.softplus(g + 4.0 * n) - 4.0 * n) * advantages.std().abs()
+
+
+def constrained_advantages(advantages: Tensor, ref_advantages: Tensor, weight: Tensor | float) -> Tensor:
+    """A_hat <- (A_hat + w A_ref) / (1 + w), elementwise; both (B, 1)."""
+    if ref_advantages.shape != advantages.shape:
+        raise ValueError(f"A_ref {tuple(ref_advantages.shape)} and A_hat {tuple(advantages.shape)} must have one shape")
+    return (advantages + weight * ref_advantages) / (1.0 + weight)
+
+
+def constraint_weight(step: int, t_end: int) -> float:
+    """w_t = max(0, 1 - t / T_end): the reference term fades out linearly over the first T_end env steps."""
+    return max(0.0, 1.0 - step / t_end)
+
+
+def linear_lr(lr0: float, iteration: int, num_iterations: int) -> float:
+    """Learning rate decayed linearly to 0 over the online iterations (iteration counts from 0)."""
+    return lr0 * (1.0 - iteration / num_iterations)
+
+
+def min_first_tenth(curve: list[dict], total_steps: int) -> float:
+    """Lowest online evaluation within the first tenth of the online steps (the first online one if none falls there)."""
+    online = [e["normalized_score"] for e in curve if e["phase"] == "online" and e["step"] <= total_steps / 10]
+    if not online:
+        online = [e["normalized_score"] for e in curve if e["phase"] == "online"][:1]
+    return min(online) if online else float("nan")
+
+
+@torch.no_grad()
+def update_reference(actor_ref: nn.Module, actor: nn.Module, score: float, best: float) -> float:
+    """Section 3c: pi_ref <- copy(pi) when an evaluation beats the best score so far; returns the new best."""
+    if score > best:
+        actor_ref.load_state_dict(actor.state_dict())
+        return score
+    return best
+
+
+def normalize_advantages(advantages: Tensor) -> Tensor:
+    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+
+def ppo_clip_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_coef: float) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO's clipped surrogate mean[max(-A r, -A clip(r, 1 - c, 1 + c))], r = pi / pi_old; all (B,).
+    Also returns the approximate KL ((r - 1) - log r) and the clipped fraction (diagnostics)."""
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef)).mean()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1.0) - log_ratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > clip_coef).float().mean()
+    return loss, approx_kl, clipfrac
+
+
+def distill_loss(mean: Tensor, log_std: Tensor, target: Tensor) -> Tensor:
+    """Negative log-likelihood of the offline actor's mean action under the Gaussian N(mean, exp(log_std)^2)."""
+    return -torch.distributions.Normal(mean, log_std.exp()).log_prob(target).sum(-1).mean()
+
+
+# ---------------------------------------------------------------- updates (one gradient step each; tensors in, tensors out)
+def distill_update(student: GaussianActor, opt: torch.optim.Optimizer, obs: Tensor, target: Tensor) -> Tensor:
+    mean, log_std = student(obs)
+    loss = distill_loss(mean, log_std.detach(), target)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def reeval_update(vf: Critic, opt: torch.optim.Optimizer, obs: Tensor, returns: Tensor) -> Tensor:
+    """Regress V(s) on Monte-Carlo returns (section 3a)."""
+    loss = F.mse_loss(vf(obs)[0], returns)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def ppo_update(actor: GaussianActor, vf: Critic, actor_ref: GaussianActor, actor_opt: torch.optim.Optimizer, vf_opt: torch.optim.Optimizer,
+               obs: Tensor, actions: Tensor, old_logp: Tensor, advantages: Tensor, returns: Tensor, weight: Tensor,
+               clip_coef: float, ent_coef: float, max_grad_norm: float, constraint: bool) -> dict[str, Tensor]:
+    """One PPO minibatch step: advantages (B, 1) mixed with the reference advantage (weight w_t), normalised,
+    clipped surrogate + entropy bonus for the actor, 0.5 MSE to the GAE targets for V, gradient clipping."""
+    metrics: dict[str, Tensor] = {}
+    if constraint:
+        with torch.no_grad():
+            ref_mean, ref_log_std = actor_ref(obs)
+            a_ref = reference_advantage(actions, ref_mean, ref_log_std.exp(), advantages)
+        advantages = constrained_advantages(advantages, a_ref, weight)
+        metrics["losses/ref_advantage"] = a_ref.mean()
+    adv = normalize_advantages(advantages).squeeze(-1)
+    dist = actor.dist(obs)
+    logp = dist.log_prob(actions).sum(-1)
+    pg_loss, approx_kl, clipfrac = ppo_clip_loss(logp, old_logp, adv, clip_coef)
+    entropy = dist.entropy().sum(-1).mean()
+    actor_loss = pg_loss - ent_coef * entropy
+    v_loss = 0.5 * ((vf(obs)[0] - returns) ** 2).mean()
+    actor_opt.zero_grad(set_to_none=True)
+    vf_opt.zero_grad(set_to_none=True)
+    actor_loss.backward()
+    v_loss.backward()
+    nn.utils.clip_grad_norm_(actor.parameters(), max_grad_norm)
+    nn.utils.clip_grad_norm_(vf.parameters(), max_grad_norm)
+    actor_opt.step()
+    vf_opt.step()
+    metrics.update({"losses/actor_loss": pg_loss.detach(), "losses/value_loss": v_loss.detach(), "losses/entropy": entropy.detach(),
+                    "losses/approx_kl": approx_kl, "losses/clipfrac": clipfrac})
+    return metrics
+
+
+# ---------------------------------------------------------------- online environments
+class EnvPool:
+    """`n` training environments stepped one after another (no subprocesses: MuJoCo steps are cheap next to
+    the networks). An environment whose episode ends is reset in the SAME step: `step` returns the true
+    successor (the final observation) separately, and `self.obs` holds what to act on next (the reset one)."""
+
+    def __init__(self, env_spec: str, n: int, seed: int):
+        self.envs = [make_env(env_spec) for _ in range(n)]
+        self.obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(self.envs)]).astype(np.float32)
+        space = self.envs[0].action_space
+        self.low, self.high = space.low, space.high
+        self.episode_return = np.zeros(n)
+        self.episode_length = np.zeros(n, dtype=np.int64)
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[tuple[float, int]]]:
+        """-> (successor obs, rewards, terminations, truncations, [(return, length) of every finished episode])."""
+        n = len(self.envs)
+        successor = np.empty_like(self.obs)
+        rewards, terms, truncs = np.zeros(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.float32)
+        finished = []
+        for i, (env, a) in enumerate(zip(self.envs, np.clip(actions, self.low, self.high))):
+            obs, r, term, trunc, _ = env.step(a)
+            successor[i], rewards[i] = obs, r
+            # termination wins when both happen: the state is terminal, nothing to bootstrap
+            terms[i], truncs[i] = float(term), float(trunc and not term)
+            self.episode_return[i] += r
+            self.episode_length[i] += 1
+            if term or trunc:
+                finished.append((float(self.episode_return[i]), int(self.episode_length[i])))
+                self.episode_return[i], self.episode_length[i] = 0.0, 0
+                obs, _ = env.reset()
+            self.obs[i] = obs
+        return successor, rewards, terms, truncs, finished
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+@torch.no_grad()
+def collect_rollout(pool: EnvPool, actor: GaussianActor, vf: Critic, steps: int, obs_mean: Tensor, obs_std: Tensor,
+                    reward_scale: float, reward_shift: float) -> tuple[dict[str, Tensor], list[tuple[float, int]]]:
+    """`steps` steps of every env with a ~ pi(.|s); tensors of shape (steps, num_envs, ...) on the actor's device.
+    Actions are stored unclipped (their log-prob is the one PPO's ratio needs); the env gets them clipped."""
+    device = obs_mean.device
+    keys = ("obs", "actions", "logprobs", "values", "successors")
+    rows: dict[str, list[Tensor]] = {k: [] for k in keys}
+    rewards, terms, truncs, finished = [], [], [], []
+    for _ in range(steps):
+        obs = (torch.as_tensor(pool.obs, device=device) - obs_mean) / obs_std
+        dist = actor.dist(obs)
+        action = dist.sample()
+        successor, r, term, trunc, fin = pool.step(action.cpu().numpy())
+        rows["obs"].append(obs)
+        rows["actions"].append(action)
+        rows["logprobs"].append(dist.log_prob(action).sum(-1))
+        rows["values"].append(vf(obs)[0])
+        rows["successors"].append(torch.as_tensor(successor))
+        rewards.append(r)
+        terms.append(term)
+        truncs.append(trunc)
+        finished += fin
+    out = {k: torch.stack(v).to(device) for k, v in rows.items()}
+    out["successors"] = (out["successors"] - obs_mean) / obs_std
+    out["next_values"] = vf(out["successors"])[0]  # V of the true successor; only read where not terminated
+    out["rewards"] = torch.as_tensor(np.stack(rewards) * reward_scale + reward_shift, device=device)
+    out["terminations"] = torch.as_tensor(np.stack(terms), device=device)
+    out["ends"] = torch.as_tensor(np.maximum(np.stack(terms), np.stack(truncs)), device=device)
+    return out, finished
+
+
+# ---------------------------------------------------------------- phases
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def load_own(path: Path) -> dict:
+    """A phase/online checkpoint this script wrote; corrupt -> exit 2 naming the fix."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{path} is corrupt ({type(e).__name__}); delete it or pass --no-resume")
+    if not isinstance(obj, dict) or "phase_key" not in obj:
+        fail(f"{path} was not written by o2o_ppo.py; delete it or pass --no-resume")
+    return obj
+
+
+def make_checkpoint(ckpt: dict, data: dict, args: Args, actor: nn.Module, vf: Critic | None, reward_transform: dict,
+                    score: float, phase_key: dict, **extra: Any) -> dict:
+    """Same format as the offline checkpoints (load_checkpoint / actor_from_checkpoint read it), plus V and extras."""
+    return {
+        "format_version": CHECKPOINT_FORMAT, "algo": CKPT_NAME, "offline_algo": ckpt["algo"], "env_name": ckpt["env_name"],
+        "dataset_id": ckpt["dataset_id"], "local_standin": data["local_standin"], "env_spec": ckpt["env_spec"],
+        "obs_dim": ckpt["obs_dim"], "act_dim": ckpt["act_dim"], "max_action": ckpt["max_action"],
+        "actor_family": "gaussian", "actor_config": {"hidden": [m.out_features for m in actor.net if isinstance(m, nn.Linear)][:-1]},
+        "actor": state_dict_cpu(actor),
+        "critics": {"vf": state_dict_cpu(vf)} if vf is not None else None,
+        "critic_config": {"hidden": list(VALUE_HIDDEN), "layer_norm": False, "activation": "tanh"} if vf is not None else None,
+        "obs_mean": ckpt["obs_mean"], "obs_std": ckpt["obs_std"], "reward_transform": reward_transform,
+        "ref_min_score": data["ref_min_score"], "ref_max_score": data["ref_max_score"],
+        "args": asdict(args), "grad_steps": extra.pop("grad_steps", 0), "eval_normalized_score": score, "phase_key": phase_key, **extra,
+    }
+
+
+def distill_actor(args: Args, teacher: nn.Module, obs_all: Tensor, writer: SummaryWriter) -> tuple[GaussianActor, dict]:
+    """Section 6: a tanh-Gaussian or deterministic offline actor -> GaussianActor(256 x 2) by maximum likelihood of
+    the offline mean action on dataset states. The state-independent log_std is held fixed during the fit (the ML
+    std of a deterministic target would collapse to the fitting error and leave PPO nothing to explore with)."""
+    device = obs_all.device
+    student = GaussianActor(obs_all.shape[1], teacher.act(obs_all[:1]).shape[1], ACTOR_HIDDEN).to(device)
+    teacher.eval()
+    with torch.no_grad():
+        if args.distill_log_std is not None:
+            log_std = torch.full_like(student.log_std, args.distill_log_std)
+        elif isinstance(teacher, TanhGaussianActor):  # match its average per-dimension action std on dataset states
+            probe = obs_all[torch.randint(len(obs_all), (512,), device=device)]
+            samples = teacher.sample(probe.repeat_interleave(16, 0))[0].view(len(probe), 16, -1)
+            log_std = samples.std(1).mean(0).clamp_min(1e-3).log()
+        else:
+            log_std = torch.full_like(student.log_std, DETERMINISTIC_LOG_STD)
+        student.log_std.copy_(log_std)
+    opt = torch.optim.Adam(student.net.parameters(), lr=args.distill_lr)
+    loss_sum = torch.zeros((), device=device)
+    for step in tqdm(range(1, args.distill_steps + 1), desc="distill", disable=None):
+        obs = obs_all[torch.randint(len(obs_all), (args.distill_batch_size,), device=device)]
+        with torch.no_grad():
+            target = teacher.act(obs)
+        loss_sum += distill_update(student, opt, obs, target)
+        if step % args.log_every == 0 or step == args.distill_steps:
+            n = args.log_every if step % args.log_every == 0 else step % args.log_every
+            loss = float(loss_sum) / n
+            if not math.isfinite(loss):
+                fail(f"non-finite distillation loss at step {step}; try a lower --distill-lr")
+            writer.add_scalar("distill/loss", loss, step)
+            loss_sum.zero_()
+    with torch.no_grad():  # distillation error on (up to) 10k dataset states
+        probe = obs_all[: min(len(obs_all), 10_000)]
+        err = student(probe)[0] - teacher.act(probe)
+        info = {"teacher_family": teacher.family, "steps": args.distill_steps, "log_std": student.log_std.tolist(),
+                "mse": float((err**2).mean()), "max_abs_error": float(err.abs().max())}
+    writer.add_scalar("distill/mse", info["mse"], args.distill_steps)
+    writer.add_scalar("distill/max_abs_error", info["max_abs_error"], args.distill_steps)
+    return student, info
+
+
+def reevaluate_value(args: Args, vf: Critic, obs_all: Tensor, returns_all: Tensor, writer: SummaryWriter) -> dict:
+    """Section 3a: V(s) regressed on the offline Monte-Carlo returns, `reeval_steps` steps of batch `reeval_batch_size`."""
+    device = obs_all.device
+    opt = torch.optim.Adam(vf.parameters(), lr=args.reeval_lr)
+    loss_sum, loss = torch.zeros((), device=device), float("nan")
+    for step in tqdm(range(1, args.reeval_steps + 1), desc="re-evaluation", disable=None):
+        idx = torch.randint(len(obs_all), (args.reeval_batch_size,), device=device)
+        loss_sum += reeval_update(vf, opt, obs_all[idx], returns_all[idx])
+        if step % args.log_every == 0 or step == args.reeval_steps:
+            n = args.log_every if step % args.log_every == 0 else step % args.log_every
+            loss = float(loss_sum) / n
+            if not math.isfinite(loss):
+                fail(f"non-finite value loss in re-evaluation at step {step}; try a lower --reeval-lr")
+            writer.add_scalar("reeval/value_loss", loss, step)
+            loss_sum.zero_()
+    with torch.no_grad():
+        probe = torch.arange(min(len(obs_all), 100_000), device=device)
+        v, g = vf(obs_all[probe])[0], returns_all[probe]
+        explained = float(1.0 - (g - v).var() / g.var().clamp_min(1e-8))
+    writer.add_scalar("reeval/explained_variance", explained, args.reeval_steps)
+    return {"steps": args.reeval_steps, "final_loss": loss, "explained_variance": explained}
+
+
+# ---------------------------------------------------------------- main
+def mode_name(args: Args) -> str:
+    if args.no_reevaluate and args.no_constraint:
+        return "naive"
+    return "no_reevaluate" if args.no_reevaluate else "no_constraint" if args.no_constraint else "o2ppo"
+
+
+def family_defaults(args: Args) -> dict[str, Any]:
+    """update_epochs and t_end: the explicit flag, else the PPO_FAMILY_DEFAULTS row of the dataset's level."""
+    if args.dataset_id is None:
+        env, level = parse_env_name(args.env)
+    else:
+        env, level = "*", "other"
+    row = PPO_FAMILY_DEFAULTS[level]
+    epochs = row["update_epochs"].get(env, row["update_epochs"]["*"])
+    return {"family_row": level, "update_epochs": args.update_epochs if args.update_epochs is not None else epochs,
+            "t_end": args.t_end if args.t_end is not None else row["t_end"]}
+
+
+def validate(args: Args) -> None:
+    for flag in ("distill_steps", "distill_batch_size", "reeval_batch_size", "total_env_steps", "num_envs", "rollout_size",
+                 "minibatch_size", "eval_every", "eval_episodes", "log_every", "checkpoint_every"):
+        if getattr(args, flag) <= 0:
+            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    for flag in ("update_epochs", "t_end", "stop_after_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if not args.no_reevaluate and args.reeval_steps <= 0:
+        fail(f"--reeval-steps must be positive, got {args.reeval_steps} (or pass --no-reevaluate)")
+    if args.rollout_size % args.num_envs:
+        fail(f"--rollout-size {args.rollout_size} must be a multiple of --num-envs {args.num_envs}")
+    if args.rollout_size % args.minibatch_size:
+        fail(f"--rollout-size {args.rollout_size} must be a multiple of --minibatch-size {args.minibatch_size}")
+    if args.total_env_steps < args.rollout_size:
+        fail(f"--total-env-steps {args.total_env_steps} is less than one rollout (--rollout-size {args.rollout_size}); raise it")
+    if not 0.0 < args.gamma <= 1.0 or not 0.0 <= args.gae_lambda <= 1.0:
+        fail("--gamma must lie in (0, 1] and --gae-lambda in [0, 1]")
+    for flag in ("actor_lr", "critic_lr", "reeval_lr", "distill_lr", "clip_coef", "max_grad_norm", "adam_eps"):
+        if not getattr(args, flag) > 0.0:
+            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.ent_coef < 0.0:
+        fail(f"--ent-coef must be >= 0, got {args.ent_coef}")
+    if args.run_name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.run_name):
+        fail(f"--run-name {args.run_name!r} may hold only letters, digits, '_', '.', '-'")
+    if args.dataset_id is None:
+        parse_env_name(args.env)  # unknown names exit 2 listing the known ones
+
+
+# args that do not change what a resumed online run computed up to where it stopped (a longer --total-env-steps
+# resumes and stretches the remaining learning-rate decay over the new budget)
+BUDGET_ARGS = ("total_env_steps", "stop_after_steps", "eval_every", "log_every", "checkpoint_every", "no_resume", "run_dir", "checkpoint", "device")
+
+
+def main(args: Args) -> dict:
+    validate(args)
+    data = load_dataset(args.env, args.dataset_id, args.no_download)
+    env_name = args.env if args.dataset_id is None else args.dataset_id
+    env_key = args.env if args.dataset_id is None else args.dataset_id.replace("/", "_")
+    if args.checkpoint is not None:
+        ckpt_path = Path(args.checkpoint)
+        if not ckpt_path.is_file():
+            fail(f"--checkpoint {ckpt_path} does not exist; pass the path of a checkpoint written by offline_pretrain.py")
+    else:
+        ckpt_path = Path(args.run_dir) / "offline" / args.offline_algo / env_key / f"seed{args.seed}" / "checkpoint.pt"
+        if not ckpt_path.is_file():
+            data_flag = f"--dataset-id {args.dataset_id}" if args.dataset_id is not None else f"--env {args.env}"
+            fail(f"no offline checkpoint at {ckpt_path}; train one with: python offline_pretrain.py --algo {args.offline_algo} "
+                 f"{data_flag} --seed {args.seed}" + (f" --run-dir {args.run_dir}" if args.run_dir != "runs" else "") + " (or pass --checkpoint PATH)")
+    ckpt = load_checkpoint(ckpt_path, env_name=env_name, obs_dim=data["obs_dim"], act_dim=data["act_dim"])
+    defaults = family_defaults(args)
+    update_epochs, t_end = defaults["update_epochs"], defaults["t_end"]
+    mode = mode_name(args)
+    run_name = args.run_name or f"{mode}_seed{args.seed}"
+    out = Path(args.run_dir) / "o2o_ppo" / env_key / run_name
+    digest = file_digest(ckpt_path)
+    args_dict = json.loads(json.dumps(asdict(args)))
+    online_key = {"offline_checkpoint": digest, **{k: v for k, v in args_dict.items() if k not in BUDGET_ARGS}}
+    online = None
+    if not args.no_resume and (out / "online.pt").exists():
+        online = load_own(out / "online.pt")
+        if online["phase_key"] != online_key:
+            diff = sorted(k for k in set(online_key) | set(online["phase_key"]) if online_key.get(k) != online["phase_key"].get(k))
+            fail(f"{out} holds a run with other settings ({', '.join(diff)}); pass --no-resume to overwrite it or choose another --run-name")
+
+    set_seed(args.seed)
+    device = pick_device(args.device)
+    obs_mean_np, obs_std_np = ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy()  # the actor was trained on these
+    obs_mean = torch.as_tensor(obs_mean_np, device=device)
+    obs_std = torch.as_tensor(obs_std_np, device=device)
+    rt = ckpt["reward_transform"] if args.reward_scaling == "checkpoint" else {"scale": 1.0, "shift": 0.0}
+    reward_transform = {"scale": float(rt["scale"]), "shift": float(rt["shift"])}
+    evaluator = Evaluator(data["env_spec"], args.eval_episodes, args.seed + 100, obs_mean_np, obs_std_np, device)
+
+    def evaluate(actor: nn.Module) -> tuple[float, float]:
+        actor.eval()
+        returns = evaluator(actor.act)
+        actor.train()
+        ret = float(returns.mean())
+        return ret, float(normalized_score(ret, data["ref_min_score"], data["ref_max_score"]))
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save(args_dict, out / "args.json")
+    writer = SummaryWriter(str(out))
+    writer.add_text("args", json.dumps(args_dict))
+    writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
+    print(f"o2o_ppo {mode} on {env_name} from {ckpt_path} ({ckpt['actor_family']} actor); epochs {update_epochs}, T_end {t_end} "
+          f"(row {defaults['family_row']!r} of PPO_FAMILY_DEFAULTS unless set by flags)")
+    obs_all = torch.as_tensor((data["observations"] - obs_mean_np) / obs_std_np, device=device)
+    wall: dict[str, float] = {}
+    distill_info = reeval_info = None
+    phase_ids = {"offline": 0, "distilled": 1, "reevaluated": 2, "online": 3}
+
+    def log_eval(entry: dict) -> None:
+        writer.add_scalar("eval/episodic_return", entry["return"], entry["step"])
+        writer.add_scalar("eval/normalized_score", entry["normalized_score"], entry["step"])
+        writer.add_scalar("charts/phase", phase_ids[entry["phase"]], entry["step"])
+        tqdm.write(f"[{entry['phase']}] step {entry['step']}: return {entry['return']:.1f}, normalized score {entry['normalized_score']:.1f}")
+
+    if online is None:
+        # --- phase: offline actor in, evaluated (the curve starts with its score at step 0)
+        t0 = time.time()
+        teacher = actor_from_checkpoint(ckpt, device)
+        ret, score = evaluate(teacher)
+        curve = [{"step": 0, "normalized_score": score, "return": ret, "phase": "offline"}]
+        log_eval(curve[-1])
+        wall["offline_eval"] = time.time() - t0
+        base_key = {"offline_checkpoint": digest, "seed": args.seed, "device": str(device)}
+        # every phase draws from its own seed, so a reused phase checkpoint leaves later phases unchanged
+        # --- phase: any family -> Gaussian (section 6)
+        if isinstance(teacher, GaussianActor):
+            pi0 = teacher  # same family: weights copied exactly
+        else:
+            t0 = time.time()
+            key = {**base_key, **{k: args_dict[k] for k in ("distill_steps", "distill_batch_size", "distill_lr", "distill_log_std")}}
+            path = out / "distilled.pt"
+            saved = load_own(path) if path.exists() and not args.no_resume else None
+            if saved is not None and saved["phase_key"] == key:
+                pi0 = actor_from_checkpoint(saved, device)
+                distill_info, ret, score = saved["distillation"], saved["eval_return"], saved["eval_normalized_score"]
+                print(f"reusing {path}")
+            else:
+                torch.manual_seed(args.seed + 1)
+                pi0, distill_info = distill_actor(args, teacher, obs_all, writer)
+                ret, score = evaluate(pi0)
+                atomic_save(make_checkpoint(ckpt, data, args, pi0, None, reward_transform, score, key, grad_steps=args.distill_steps,
+                                            distillation=distill_info, eval_return=ret), path)
+            curve.append({"step": 0, "normalized_score": score, "return": ret, "phase": "distilled"})
+            log_eval(curve[-1])
+            tqdm.write(f"distilled {teacher.family} -> gaussian: mse {distill_info['mse']:.4g}, max abs error {distill_info['max_abs_error']:.3g}")
+            wall["distill"] = time.time() - t0
+        start_ret, start_score = curve[-1]["return"], curve[-1]["normalized_score"]
+        # --- phase: re-evaluation (section 3a) or a fresh V (ablation)
+        torch.manual_seed(args.seed + 2)
+        vf = build_value(data["obs_dim"]).to(device)
+        if not args.no_reevaluate:
+            t0 = time.time()
+            key = {**base_key, **{k: args_dict[k] for k in ("reeval_steps", "reeval_batch_size", "reeval_lr", "reward_scaling", "gamma")}}
+            path = out / "reevaluated.pt"
+            saved = load_own(path) if path.exists() and not args.no_resume else None
+            if saved is not None and saved["phase_key"] == key:
+                vf.load_state_dict(saved["critics"]["vf"])
+                reeval_info = saved["reevaluation"]
+                print(f"reusing {path}")
+            else:
+                returns_np = monte_carlo_returns(data["rewards"] * reward_transform["scale"] + reward_transform["shift"], data["ends"], args.gamma)
+                reeval_info = reevaluate_value(args, vf, obs_all, torch.as_tensor(returns_np, device=device), writer)
+                atomic_save(make_checkpoint(ckpt, data, args, pi0, vf, reward_transform, start_score, key, grad_steps=args.reeval_steps,
+                                            reevaluation=reeval_info), path)
+            tqdm.write(f"re-evaluation: value loss {reeval_info['final_loss']:.4g}, explained variance {reeval_info['explained_variance']:.3f}")
+            wall["reevaluate"] = time.time() - t0
+        torch.manual_seed(args.seed + 3)
+        actor = copy.deepcopy(pi0).train()
+        actor.log_std.requires_grad_(True)
+        actor_ref = copy.deepcopy(pi0).eval()
+        best = start_score
+        global_step, iteration, resumed_from = 0, 0, None
+        episodes_seen = 0
+    else:
+        curve = online["curve"]
+        wall = dict(online["wall_clock_s"])
+        distill_info, reeval_info = online["distillation"], online["reevaluation"]
+        actor = actor_from_checkpoint(online, device).train()
+        actor_ref = build_actor("gaussian", data["obs_dim"], data["act_dim"], online["actor_config"]["hidden"], online["max_action"]).to(device).eval()
+        actor_ref.load_state_dict(online["actor_ref"])
+        vf = build_value(data["obs_dim"]).to(device)
+        vf.load_state_dict(online["critics"]["vf"])
+        best, start_score = online["best_score"], online["start_score"]
+        global_step, iteration, episodes_seen = online["env_steps"], online["iteration"], online["episodes_seen"]
+        resumed_from = global_step
+        print(f"resuming {out / 'online.pt'} at env step {global_step}")
+
+    # --- phase: online PPO (section 3c)
+    for p in actor_ref.parameters():
+        p.requires_grad_(False)
+    steps_per_env = args.rollout_size // args.num_envs
+    num_iterations = args.total_env_steps // args.rollout_size
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=args.adam_eps)
+    vf_opt = torch.optim.Adam(vf.parameters(), lr=args.critic_lr, eps=args.adam_eps)
+    if online is not None:
+        actor_opt.load_state_dict(online["optimizers"]["actor"])
+        vf_opt.load_state_dict(online["optimizers"]["vf"])
+        torch.set_rng_state(online["rng"]["torch"])
+        if online["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(online["rng"]["cuda"])
+    # a resumed run restarts its training episodes (simulator states are not saved); new seeds for new starts
+    pool = EnvPool(data["env_spec"], args.num_envs, args.seed + 1000 + global_step)
+    t_online = time.time() - wall.get("online", 0.0)
+
+    def save_online() -> None:
+        wall["online"] = time.time() - t_online
+        atomic_save(make_checkpoint(
+            ckpt, data, args, actor, vf, reward_transform, curve[-1]["normalized_score"], online_key, grad_steps=iteration * update_epochs * (args.rollout_size // args.minibatch_size),
+            env_steps=global_step, iteration=iteration, actor_ref=state_dict_cpu(actor_ref), best_score=best, start_score=start_score,
+            curve=curve, wall_clock_s=wall, distillation=distill_info, reevaluation=reeval_info, episodes_seen=episodes_seen,
+            optimizers={"actor": actor_opt.state_dict(), "vf": vf_opt.state_dict()},
+            rng={"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}), out / "online.pt")
+
+    metrics: dict[str, Tensor] = {}
+    n_metric = 0
+    next_log = (global_step // args.log_every + 1) * args.log_every
+    next_eval = (global_step // args.eval_every + 1) * args.eval_every
+    next_ckpt = (global_step // args.checkpoint_every + 1) * args.checkpoint_every
+    bar = tqdm(total=num_iterations * args.rollout_size, initial=global_step, desc=f"o2o_ppo {mode}", disable=None)
+    sps_t0, sps_step0 = time.time(), global_step
+    stopped = False
+    while iteration < num_iterations:
+        for opt, lr0 in ((actor_opt, args.actor_lr), (vf_opt, args.critic_lr)):
+            for g in opt.param_groups:
+                g["lr"] = linear_lr(lr0, iteration, num_iterations)
+        roll, finished = collect_rollout(pool, actor, vf, steps_per_env, obs_mean, obs_std, reward_transform["scale"], reward_transform["shift"])
+        global_step += args.rollout_size
+        iteration += 1
+        for ep_ret, ep_len in finished:
+            episodes_seen += 1
+            writer.add_scalar("charts/episodic_return", ep_ret, global_step)
+            writer.add_scalar("charts/episodic_length", ep_len, global_step)
+        advantages, returns = gae(roll["rewards"], roll["values"], roll["next_values"], roll["terminations"], roll["ends"], args.gamma, args.gae_lambda)
+        b_obs, b_actions = roll["obs"].reshape(args.rollout_size, -1), roll["actions"].reshape(args.rollout_size, -1)
+        b_logp, b_adv, b_ret = roll["logprobs"].reshape(-1), advantages.reshape(-1, 1), returns.reshape(-1)
+        w = constraint_weight(global_step, t_end) if not args.no_constraint else 0.0
+        weight = torch.tensor(w, device=device)
+        for _ in range(update_epochs):
+            perm = torch.randperm(args.rollout_size, device=device)
+            for start in range(0, args.rollout_size, args.minibatch_size):
+                idx = perm[start : start + args.minibatch_size]
+                m = ppo_update(actor, vf, actor_ref, actor_opt, vf_opt, b_obs[idx], b_actions[idx], b_logp[idx], b_adv[idx], b_ret[idx],
+                               weight, args.clip_coef, args.ent_coef, args.max_grad_norm, not args.no_constraint)
+                for k, v in m.items():  # accumulated on the device; read only at log time
+                    metrics[k] = metrics.get(k, 0.0) + v
+                n_metric += 1
+        bar.update(args.rollout_size)
+        last = iteration == num_iterations
+        if global_step >= next_log or last:
+            for k, v in metrics.items():
+                val = float(v) / n_metric
+                if not math.isfinite(val):
+                    fail(f"non-finite {k} in online PPO at env step {global_step}; the last good state is {out / 'online.pt'}")
+                writer.add_scalar(k, val, global_step)
+            writer.add_scalar("charts/constraint_weight", w, global_step)
+            writer.add_scalar("charts/learning_rate", actor_opt.param_groups[0]["lr"], global_step)
+            writer.add_scalar("charts/actor_std", float(actor.log_std.detach().exp().mean()), global_step)
+            writer.add_scalar("charts/SPS", (global_step - sps_step0) / max(time.time() - sps_t0, 1e-9), global_step)
+            metrics, n_metric = {}, 0
+            next_log = (global_step // args.log_every + 1) * args.log_every
+        if global_step >= next_eval or last:
+            ret, score = evaluate(actor)
+            curve.append({"step": global_step, "normalized_score": score, "return": ret, "phase": "online"})
+            log_eval(curve[-1])
+            bar.set_postfix(score=f"{score:.1f}")
+            if args.reference == "best":
+                best = update_reference(actor_ref, actor, score, best)
+            next_eval = (global_step // args.eval_every + 1) * args.eval_every
+        stop = args.stop_after_steps is not None and global_step >= args.stop_after_steps and not last
+        if global_step >= next_ckpt or last or stop:
+            save_online()
+            next_ckpt = (global_step // args.checkpoint_every + 1) * args.checkpoint_every
+        if stop:
+            stopped = True
+            break
+    bar.close()
+    pool.close()
+    evaluator.close()
+    wall["online"] = time.time() - t_online
+    writer.close()
+    result = {
+        "script": CKPT_NAME, "mode": mode, "env": env_name, "run_name": run_name, "seed": args.seed,
+        "offline_algo": ckpt["algo"], "offline_checkpoint": str(ckpt_path), "offline_actor_family": ckpt["actor_family"],
+        "dataset_ids": data["dataset_ids"], "local_standin": data["local_standin"],
+        "reevaluate": not args.no_reevaluate, "constraint": not args.no_constraint, "reference": args.reference,
+        "update_epochs": update_epochs, "t_end": t_end, "family_row": defaults["family_row"], "reward_transform": reward_transform,
+        "num_envs": args.num_envs, "env_steps": global_step, "iterations": iteration, "resumed_from": resumed_from, "stopped": stopped,
+        "curve": curve,
+        "phases": [{"phase": p, "start_step": 0, "wall_clock_s": s} for p, s in wall.items()],  # in the order they ran
+        "offline_normalized_score": curve[0]["normalized_score"], "start_normalized_score": start_score,
+        "final_normalized_score": curve[-1]["normalized_score"],
+        "min_normalized_score_first_tenth": min_first_tenth(curve, num_iterations * args.rollout_size),
+        "best_normalized_score": best, "distillation": distill_info, "reevaluation": reeval_info, "wall_clock_s": wall,
+    }
+    if stopped:  # as if killed: only online.pt (and what came before) is on disk
+        print(f"stopped after {global_step} env steps (--stop-after-steps); rerun the same command without it to resume")
+        return result
+    atomic_save(make_checkpoint(ckpt, data, args, actor, vf, reward_transform, curve[-1]["normalized_score"], online_key,
+                                grad_steps=iteration * update_epochs * (args.rollout_size // args.minibatch_size), env_steps=global_step,
+                                actor_ref=state_dict_cpu(actor_ref), best_score=best, curve=curve), out / "final.pt")
+    atomic_save(result, out / "results.json")
+    print(f"o2o_ppo {mode} on {env_name}: offline {result['offline_normalized_score']:.1f} -> final {result['final_normalized_score']:.1f} "
+          f"(min over the first tenth {result['min_normalized_score_first_tenth']:.1f}); results in {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,1313 @@
+"""O2SAC: offline-to-online SAC with optimistic critic reconstruction and constrained fine-tuning (OCR-CFT).
+
+Takes the actor of any offline_pretrain.py checkpoint (a tanh-Gaussian actor is copied, other families are
+distilled into one), re-evaluates it with entropy-regularised FQE into new LayerNorm critics, aligns the critics
+with the actor, then fine-tunes online with a Lagrangian KL constraint to a reference policy whose threshold
+loosens over time. Paper: Luo et al., NeurIPS 2024, https://arxiv.org/abs/2412.18855 (ALGORITHMS.md sections 1, 4a,
+4c, 6, 7). Also PORL (policy-only fine-tuning, https://arxiv.org/abs/2505.16856) with `--critic-init scratch`.
+
+Usage:
+    python o2o_sac.py --env hopper-medium-v2                                   # O2SAC from the CQL checkpoint
+    python o2o_sac.py --env hopper-medium-v2 --offline-algo iql --reference offline --buffer-mode all
+    python o2o_sac.py --env hopper-medium-v2 --no-reevaluate --no-align --no-constraint   # naive fine-tuning
+    python o2o_sac.py --env hopper-medium-v2 --offline-algo bc --critic-init scratch       # PORL
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import re
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, NoReturn, Sequence
+
+import gymnasium as gym
+import minari
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from gymnasium.envs.registration import EnvSpec
+from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    env: str = "hopper-medium-v2"
+    """D4RL-style dataset name (resolved to a Minari dataset); its level picks the per-family defaults"""
+    dataset_id: str | None = None
+    """any Minari dataset id; overrides the name resolution of --env"""
+    no_download: bool = False
+    """never try to download a hosted dataset"""
+    seed: int = 0
+    """random seed (also picks the offline checkpoint runs/offline/<algo>/<env>/seed<k>)"""
+    offline_algo: Literal["cql", "iql", "td3_bc", "bc"] = "cql"
+    """offline method whose checkpoint is loaded by the path convention (the paper pairs O2SAC with CQL)"""
+    checkpoint: str | None = None
+    """explicit offline checkpoint path; overrides the convention"""
+    run_dir: str = "runs"
+    """outputs go to <run_dir>/o2o_sac/<env>/<run_name>/; offline checkpoints are looked up under it"""
+    run_name: str | None = None
+    """output sub-folder; default: <offline_algo>_<mode>_seed<k>"""
+    no_resume: bool = False
+    """recompute every phase even when the run folder holds phase checkpoints of the same args"""
+    stop_after: int | None = None
+    """stop (as if killed, without final outputs) after this many online env steps; for resume tests"""
+
+    # --- modes (ALGORITHMS.md 1, 4a, 4c) ---
+    no_reevaluate: bool = False
+    """skip re-evaluation: keep the checkpoint's critic if it has one, else fresh critics"""
+    no_align: bool = False
+    """skip value alignment"""
+    no_constraint: bool = False
+    """online SAC without the KL constraint (all three = naive fine-tuning)"""
+    critic_init: Literal["ocr", "scratch"] = "ocr"
+    """ocr: the OCR-CFT pipeline above; scratch: PORL (random critics, pre-sample stage, plain SAC)"""
+    reference: Literal["best", "interval", "offline"] = "best"
+    """reference policy: best evaluated so far, a copy every --reference-interval evaluations, or the offline one"""
+    reference_interval: int = 10
+    """with --reference interval: copy pi into pi_ref every this many evaluations (table eps_end is divided by 4)"""
+    buffer_mode: Literal["half", "all", "part", "none"] | None = None
+    """half: batches half online half offline; all / part: offline data (all / top trajectories) inside the
+    online buffer; none: online data only. Default: half, none with --critic-init scratch"""
+    part_trajectories: int = 50
+    """with --buffer-mode part: how many top-return offline trajectories to keep"""
+
+    # --- per-dataset-family values (None = from FAMILY_DEFAULTS by the level of --env) ---
+    alpha0: float | None = None
+    """entropy weight of re-evaluation and alignment, initial online alpha"""
+    eps0: float | None = None
+    """initial KL threshold"""
+    eps_end: float | None = None
+    """final KL threshold (the threshold loosens from eps0 to eps_end)"""
+
+    # --- offline phases ---
+    distill_steps: int = 5_000
+    """gradient steps distilling a non-tanh-Gaussian offline actor into a tanh-Gaussian one (section 6)"""
+    reeval_steps: int = 500_000
+    """re-evaluation (FQE) gradient steps"""
+    align_steps: int = 500_000
+    """value-alignment gradient steps"""
+    batch_size: int = 256
+    """batch size of every phase"""
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 5e-3
+    """Polyak rate of the target critics"""
+    critic_lr: float = 3e-4
+    """critic learning rate"""
+    actor_lr: float = 1e-4
+    """actor learning rate (also the distillation's is 3e-4, fixed)"""
+
+    # --- online phase ---
+    online_steps: int = 100_000
+    """online env steps (PORL: including the pre-sample stage)"""
+    utd: int = 10
+    """gradient updates per env step"""
+    learning_starts: int = 1_000
+    """updates start after this many env steps (the policy acts from step 1, no random warm-up)"""
+    pre_sample_steps: int = 5_000
+    """PORL only: env steps with the frozen policy while only the critics learn"""
+    alpha_lr: float = 3e-4
+    """temperature learning rate (auto-tuned online, target entropy -|A|)"""
+    lambda_init: float = 1.0
+    """initial Lagrange multiplier (2.0 for hard mazes)"""
+    lambda_lr: float = 5e-5
+    """learning rate of log lambda (updated once per env step)"""
+    kl_horizon: int = 100_000
+    """env steps over which the KL threshold goes from eps0 to eps_end"""
+    kl_floor: float = -50.0
+    """lower clamp of log pi_ref(a|s) in the KL estimate"""
+
+    # --- evaluation and logging ---
+    eval_every: int = 1_000
+    """evaluate every this many online env steps"""
+    eval_episodes: int = 10
+    """evaluation episodes (deterministic actions, separate env)"""
+    log_every: int = 1_000
+    """log losses every this many steps (gradient steps offline, env steps online)"""
+    checkpoint_every: int = 5_000
+    """write online.pt at the first episode end after this many env steps since the last one"""
+
+    # --- performance ---
+    device: str = "auto"
+    """auto (CUDA when present), cpu or cuda"""
+
+
+# --- shared: utils ---
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr that names the fix, exit status 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` is CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {name} asked for, but CUDA is not available; use --device cpu or auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        fail(f"unknown --device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if path.suffix == ".json":
+            Path(tmp).write_text(json.dumps(obj, indent=2, default=float))
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+def state_dict_cpu(module: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+# --- end shared: utils ---
+
+
+# --- shared: networks ---
+def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(in_dim, h), act()]
+        in_dim = h
+    layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+def tanh_gaussian_log_prob(mu: Tensor, log_std: Tensor, pre_tanh: Tensor) -> Tensor:
+    """log pi(a|s) of a = tanh(u), u ~ N(mu, std), with the change-of-variables term, summed over action dims."""
+    normal_lp = -0.5 * ((pre_tanh - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+    # log(1 - tanh(u)^2) computed stably as 2 (log 2 - u - softplus(-2u))
+    correction = 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
+    return (normal_lp - correction).sum(-1)
+
+
+class TanhGaussianActor(nn.Module):
+    """SAC/CQL actor: a = max_action * tanh(u), u ~ N(mu(s), exp(log_std(s))^2)."""
+
+    family = "tanh_gaussian"
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256, 256), max_action: float = 1.0):
+        super().__init__()
+        self.net = mlp(obs_dim, hidden[:-1], hidden[-1])
+        self.head = nn.Linear(hidden[-1], 2 * act_dim)
+        self.max_action = max_action
+
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        mu, log_std = self.head(F.relu(self.net(obs))).chunk(2, dim=-1)
+        return mu, log_std.clamp(-20.0, 2.0)
+
+    def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """Reparameterised action and its log-prob."""
+        mu, log_std = self(obs)
+        u = mu + log_std.exp() * torch.randn_like(mu)
+        return self.max_action * torch.tanh(u), tanh_gaussian_log_prob(mu, log_std, u)
+
+    def log_prob(self, obs: Tensor, action: Tensor) -> Tensor:
+        mu, log_std = self(obs)
+        a = (action / self.max_action).clamp(-1.0 + 1e-6, 1.0 - 1e-6)
+        return tanh_gaussian_log_prob(mu, log_std, torch.atanh(a))
+
+    def act(self, obs: Tensor) -> Tensor:
+        """Deterministic action: the mode tanh(mu)."""
+        return self.max_action * torch.tanh(self(obs)[0])
+
+
+class GaussianActor(nn.Module):
+    """IQL/PPO actor: N(tanh-squashed mean(s), exp(log_std)^2) with a state-independent log_std."""
+
+    family = "gaussian"
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), max_action: float = 1.0):
+        super().__init__()
+        self.net = mlp(obs_dim, hidden, act_dim)
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+        self.max_action = max_action
+
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        mu = self.max_action * torch.tanh(self.net(obs))
+        return mu, self.log_std.clamp(-20.0, 2.0).expand_as(mu)
+
+    def dist(self, obs: Tensor) -> torch.distributions.Normal:
+        mu, log_std = self(obs)
+        return torch.distributions.Normal(mu, log_std.exp())
+
+    def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        d = self.dist(obs)
+        a = d.rsample()
+        return a, d.log_prob(a).sum(-1)
+
+    def log_prob(self, obs: Tensor, action: Tensor) -> Tensor:
+        return self.dist(obs).log_prob(action).sum(-1)
+
+    def act(self, obs: Tensor) -> Tensor:
+        return self(obs)[0]
+
+
+class DeterministicActor(nn.Module):
+    """TD3 actor: a = max_action * tanh(f(s))."""
+
+    family = "deterministic"
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), max_action: float = 1.0):
+        super().__init__()
+        self.net = mlp(obs_dim, hidden, act_dim)
+        self.max_action = max_action
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return self.max_action * torch.tanh(self.net(obs))
+
+    def act(self, obs: Tensor) -> Tensor:
+        return self(obs)
+
+
+ACTOR_FAMILIES: dict[str, type[nn.Module]] = {
+    "tanh_gaussian": TanhGaussianActor,
+    "gaussian": GaussianActor,
+    "deterministic": DeterministicActor,
+}
+
+
+def build_actor(family: str, obs_dim: int, act_dim: int, hidden: Sequence[int], max_action: float = 1.0) -> nn.Module:
+    if family not in ACTOR_FAMILIES:
+        fail(f"unknown actor family {family!r}; known: {', '.join(ACTOR_FAMILIES)}")
+    return ACTOR_FAMILIES[family](obs_dim, act_dim, tuple(hidden), max_action)
+
+class EnsembleLinear(nn.Module):
+    """`n` independent linear layers applied in one batched matmul: x (n, B, in) -> (n, B, out)."""
+
+    def __init__(self, n: int, in_features: int, out_features: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default init, per member
+        self.weight = nn.Parameter(torch.empty(n, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_features).uniform_(-bound, bound))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleLayerNorm(nn.Module):
+    def __init__(self, n: int, features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n, 1, features))
+        self.bias = nn.Parameter(torch.zeros(n, 1, features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, x.shape[-1:]) * self.weight + self.bias
+
+
+class Critic(nn.Module):
+    """`n` critics held as one module (fused twin critics): Q(s, a) for every member in one call, shape (n, ...).
+    With act_dim = 0 it is a state-value function V(s)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), n: int = 2, layer_norm: bool = False, activation: str = "relu"):
+        super().__init__()
+        act_cls = {"relu": nn.ReLU, "tanh": nn.Tanh}[activation]
+        layers: list[nn.Module] = []
+        in_dim = obs_dim + act_dim
+        for h in hidden:
+            layers += [EnsembleLinear(n, in_dim, h)] + ([EnsembleLayerNorm(n, h)] if layer_norm else []) + [act_cls()]
+            in_dim = h
+        layers.append(EnsembleLinear(n, in_dim, 1))
+        self.net = nn.Sequential(*layers)
+        self.n = n
+
+    def forward(self, obs: Tensor, act: Tensor | None = None) -> Tensor:
+        x = obs if act is None else torch.cat([obs, act], -1)
+        lead = x.shape[:-1]
+        x = x.reshape(1, -1, x.shape[-1]).expand(self.n, -1, -1)
+        return self.net(x).reshape(self.n, *lead)
+
+
+def orthogonal_init_(critic: Critic, gain: float = 1.0) -> Critic:
+    """Orthogonal weights (gain 1) and zero biases on every linear layer of every member."""
+    for m in critic.modules():
+        if isinstance(m, EnsembleLinear):
+            with torch.no_grad():
+                for w in m.weight:
+                    q = torch.empty(w.shape[1], w.shape[0])
+                    nn.init.orthogonal_(q, gain)
+                    w.copy_(q.T)
+                m.bias.zero_()
+    return critic
+
+
+@torch.no_grad()
+def polyak_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """target <- (1 - tau) target + tau source, one fused lerp over all parameters."""
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+# --- end shared: networks ---
+
+
+# --- shared: dataset ---
+D4RL_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5", "ant": "Ant-v5"}
+D4RL_LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
+# D4RL's reference returns (random policy, expert policy), so normalised scores read on the usual 0-100 scale.
+D4RL_REF_SCORES = {
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6727, 3879.7),
+}
+HOSTED_LEVELS = {"medium": ["medium-v0"], "expert": ["expert-v0"], "medium-expert": ["medium-v0", "expert-v0"]}
+DATASET_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*-v\d+$")
+
+
+def parse_env_name(name: str) -> tuple[str, str]:
+    """`hopper-medium-replay-v2` -> ("hopper", "medium-replay"); unknown names exit 2 listing the known ones."""
+    m = re.fullmatch(r"([a-z0-9]+)-(.+)-v\d+", name)
+    if m is None or m.group(1) not in D4RL_ENVS or m.group(2) not in D4RL_LEVELS:
+        known = ", ".join(f"{e}-{lvl}-v2" for e in D4RL_ENVS for lvl in D4RL_LEVELS)
+        fail(f"unknown env {name!r}; known: {known} (or pass any Minari id with --dataset-id)")
+    return m.group(1), m.group(2)
+
+
+def _dataset_exists(dataset_id: str) -> bool:
+    return (minari.storage.get_dataset_path(dataset_id) / "data").exists()
+
+
+def _network_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
+    """Short TCP probe so a missing network fails in seconds instead of minari's long retry loop."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 1.0)  # DNS resolution ignores the socket timeout
+    return bool(result and result[0])
+
+
+def _download(dataset_id: str) -> None:
+    if not _network_reachable():
+        fail(f"dataset {dataset_id} is not in the local Minari store and the network is unreachable")
+    try:
+        minari.download_dataset(dataset_id)
+    except Exception as e:  # any failure of the remote is a missing dataset for the user
+        fail(f"could not download {dataset_id}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def resolve_dataset(env: str, dataset_id: str | None = None, no_download: bool = False) -> tuple[list[str], bool]:
+    """The Minari ids to load for --env / --dataset-id (DESIGN.md order) and whether they are a local stand-in."""
+    if dataset_id is not None:
+        if not DATASET_ID_RE.match(dataset_id):
+            fail(f"malformed dataset id {dataset_id!r}; Minari ids look like namespace/name-v0")
+        if not _dataset_exists(dataset_id):
+            if no_download:
+                fail(f"dataset {dataset_id} is not in the local Minari store; drop --no-download to fetch it")
+            _download(dataset_id)
+        return [dataset_id], dataset_id.startswith("local/")
+    name, level = parse_env_name(env)
+    hosted = [f"mujoco/{name}/{v}" for v in HOSTED_LEVELS.get(level, [])]
+    if hosted and all(_dataset_exists(i) for i in hosted):
+        return hosted, False
+    local = f"local/{name}/{level}-v0"
+    if _dataset_exists(local):
+        return [local], True
+    if hosted and not no_download and _network_reachable():
+        for i in hosted:
+            if not _dataset_exists(i):
+                _download(i)
+        return hosted, False
+    fail(f"no dataset for {env} (looked for {', '.join(hosted + [local])}); build it with: python make_dataset.py --env {env}")
+
+
+def load_dataset(env: str, dataset_id: str | None = None, no_download: bool = False, quiet: bool = False) -> dict:
+    """Transitions of every episode as float32 arrays, plus what evaluation needs.
+
+    done = termination only: a time-limit truncation is not a terminal state and must be bootstrapped.
+    `ends` marks the last transition of each episode (terminal or not) for Monte-Carlo returns.
+    """
+    ids, local = resolve_dataset(env, dataset_id, no_download)
+    if local and not quiet:
+        print(f"NOTICE: using LOCALLY BUILT dataset {ids[0]} (made by make_dataset.py, not the hosted D4RL/Minari data)")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "ends")}
+    returns, meta = [], {}
+    for i in ids:
+        ds = minari.load_dataset(i)
+        if not meta:
+            meta = ds.storage.metadata
+        for ep in ds.iterate_episodes():
+            obs = np.asarray(ep.observations, dtype=np.float32)
+            if obs.ndim != 2:
+                fail(f"dataset {i} has non-flat observations {obs.shape}; only Box observations are supported")
+            n = len(ep.rewards)
+            if n == 0:
+                continue
+            parts["observations"].append(obs[:-1])
+            parts["next_observations"].append(obs[1:])
+            parts["actions"].append(np.asarray(ep.actions, dtype=np.float32).reshape(n, -1))
+            parts["rewards"].append(np.asarray(ep.rewards, dtype=np.float32))
+            parts["terminals"].append(np.asarray(ep.terminations, dtype=np.float32))
+            end = np.zeros(n, dtype=np.float32)
+            end[-1] = 1.0
+            parts["ends"].append(end)
+            returns.append(float(np.sum(ep.rewards)))
+    if not returns:
+        fail(f"dataset {', '.join(ids)} holds no transitions")
+    data = {k: np.concatenate(v) for k, v in parts.items()}
+    env_spec = meta.get("eval_env_spec") or meta.get("env_spec")
+    if env_spec is None:
+        fail(f"dataset {ids[0]} records no environment spec; it cannot be evaluated")
+    ref = (meta.get("ref_min_score"), meta.get("ref_max_score"))
+    if dataset_id is None and None in ref:
+        ref = D4RL_REF_SCORES[parse_env_name(env)[0]]
+    data.update(
+        dataset_ids=ids,
+        local_standin=local,
+        env_spec=env_spec if isinstance(env_spec, str) else json.dumps(env_spec),
+        ref_min_score=float(ref[0]) if ref[0] is not None else 0.0,
+        ref_max_score=float(ref[1]) if ref[1] is not None else 1.0,
+        episode_returns=np.asarray(returns, dtype=np.float32),
+        obs_dim=data["observations"].shape[1],
+        act_dim=data["actions"].shape[1],
+    )
+    return data
+
+
+def obs_stats(observations: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """State normalisation fixed from the dataset: mean and std + eps."""
+    return observations.mean(0).astype(np.float32), (observations.std(0) + eps).astype(np.float32)
+
+
+def normalized_score(ret: float | np.ndarray, ref_min: float, ref_max: float) -> float | np.ndarray:
+    return 100.0 * (ret - ref_min) / (ref_max - ref_min)
+# --- end shared: dataset ---
+
+
+# --- shared: buffer ---
+class ReplayBuffer:
+    """Transitions as preallocated device tensors (observations already normalised); sampling uses the
+    device RNG, so neither adding a batch nor sampling syncs with the host."""
+
+    def __init__(self, obs_dim: int, act_dim: int, capacity: int, device: torch.device):
+        def z(*shape: int) -> Tensor:
+            return torch.zeros(capacity, *shape, dtype=torch.float32, device=device)
+
+        self.data = {"obs": z(obs_dim), "actions": z(act_dim), "rewards": z(), "next_obs": z(obs_dim), "terminals": z()}
+        self.capacity, self.size, self.ptr, self.device = capacity, 0, 0, device
+
+    @classmethod
+    def from_dataset(cls, data: dict, obs_mean: np.ndarray, obs_std: np.ndarray, device: torch.device, reward_scale: float = 1.0, reward_shift: float = 0.0) -> "ReplayBuffer":
+        n = len(data["rewards"])
+        rb = cls(data["obs_dim"], data["act_dim"], n, device)
+        rb.add(
+            (data["observations"] - obs_mean) / obs_std, data["actions"], data["rewards"] * reward_scale + reward_shift,
+            (data["next_observations"] - obs_mean) / obs_std, data["terminals"],
+        )
+        return rb
+
+    def add(self, obs: Any, actions: Any, rewards: Any, next_obs: Any, terminals: Any) -> None:
+        """Add a batch of transitions (ring buffer: the oldest are overwritten when full)."""
+        batch = {"obs": obs, "actions": actions, "rewards": rewards, "next_obs": next_obs, "terminals": terminals}
+        n = len(rewards)
+        idx = (torch.arange(n, device=self.device) + self.ptr) % self.capacity
+        for k, v in batch.items():
+            self.data[k][idx] = torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v, dtype=torch.float32).to(self.device).reshape(self.data[k][idx].shape)
+        self.ptr = (self.ptr + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+
+    def sample(self, batch_size: int) -> dict[str, Tensor]:
+        idx = torch.randint(self.size, (batch_size,), device=self.device)
+        return {k: v[idx] for k, v in self.data.items()}
+# --- end shared: buffer ---
+
+
+# --- shared: evaluation ---
+def make_env(env_spec: str) -> gym.Env:
+    """An environment from the JSON spec a dataset (and every checkpoint) records, or from a plain env id."""
+    return gym.make(EnvSpec.from_json(env_spec) if env_spec.lstrip().startswith("{") else env_spec)
+
+
+class Evaluator:
+    """Deterministic evaluation on environments of its own (never the training env), all episodes stepped
+    together with one batched actor call; every evaluation uses the same start seeds, so curves compare."""
+
+    def __init__(self, env_spec: str, n_episodes: int, seed: int, obs_mean: np.ndarray, obs_std: np.ndarray, device: torch.device):
+        self.envs = [make_env(env_spec) for _ in range(n_episodes)]
+        self.seed = seed
+        self.obs_mean = torch.as_tensor(obs_mean, dtype=torch.float32, device=device)
+        self.obs_std = torch.as_tensor(obs_std, dtype=torch.float32, device=device)
+        self.device = device
+        space = self.envs[0].action_space
+        self.low, self.high = space.low, space.high
+
+    @torch.no_grad()
+    def __call__(self, act: Callable[[Tensor], Tensor]) -> np.ndarray:
+        """Undiscounted returns of one episode per environment; `act` maps normalised observations to actions."""
+        obs = np.stack([env.reset(seed=self.seed + i)[0] for i, env in enumerate(self.envs)])
+        returns = np.zeros(len(self.envs))
+        alive = list(range(len(self.envs)))
+        while alive:
+            o = torch.as_tensor(obs[alive], dtype=torch.float32, device=self.device)
+            actions = act((o - self.obs_mean) / self.obs_std).cpu().numpy()
+            for j, a in zip(list(alive), np.clip(actions, self.low, self.high)):
+                obs[j], r, term, trunc, _ = self.envs[j].step(a)
+                returns[j] += r
+                if term or trunc:
+                    alive.remove(j)
+        return returns
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+# --- end shared: evaluation ---
+
+
+# --- shared: checkpoint ---
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_KEYS = ("format_version", "algo", "env_name", "dataset_id", "obs_dim", "act_dim", "max_action", "actor_family",
+                   "actor_config", "actor", "obs_mean", "obs_std", "reward_transform", "args", "grad_steps", "env_spec")
+
+
+def load_checkpoint(path: str | Path, env_name: str | None = None, obs_dim: int | None = None, act_dim: int | None = None) -> dict:
+    """A checkpoint of DESIGN.md's format, checked against the run that wants it; any mismatch exits 2."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}); delete it or pass another")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
+        fail(f"{path} is not a checkpoint of this project (missing fields); pass one written by offline_pretrain.py")
+    if ckpt["format_version"] != CHECKPOINT_FORMAT:
+        fail(f"checkpoint {path} has format {ckpt['format_version']}, this code reads {CHECKPOINT_FORMAT}")
+    if env_name is not None and ckpt["env_name"] != env_name:
+        fail(f"checkpoint {path} was trained on {ckpt['env_name']}, not {env_name}; pass a checkpoint of {env_name}")
+    if (obs_dim is not None and ckpt["obs_dim"] != obs_dim) or (act_dim is not None and ckpt["act_dim"] != act_dim):
+        fail(f"checkpoint {path} has obs/act dims {ckpt['obs_dim']}/{ckpt['act_dim']}, the dataset {obs_dim}/{act_dim}")
+    return ckpt
+
+
+def actor_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> nn.Module:
+    """The checkpoint's actor, in its own family, weights copied exactly."""
+    actor = build_actor(ckpt["actor_family"], ckpt["obs_dim"], ckpt["act_dim"], ckpt["actor_config"]["hidden"], ckpt["max_action"])
+    actor.load_state_dict(ckpt["actor"])
+    return actor.to(device)
+# --- end shared: checkpoint ---
+
+
+# ---------------------------------------------------------------- per-dataset-family defaults (ALGORITHMS.md 1a, 1d)
+# Keyed by the level parsed from --env; explicit --alpha0 / --eps0 / --eps-end override. "random" is not in the
+# paper: it gets the medium values.
+FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
+    "medium": dict(alpha0=0.2, eps0=0.125, eps_end=2.0),
+    "medium-replay": dict(alpha0=0.2, eps0=0.125, eps_end=2.0),
+    "random": dict(alpha0=0.2, eps0=0.125, eps_end=2.0),
+    "medium-expert": dict(alpha0=0.5, eps0=0.005, eps_end=0.125),
+    "expert": dict(alpha0=0.5, eps0=0.005, eps_end=0.125),
+}
+ACTOR_HIDDEN = (256, 256, 256)
+CRITIC_HIDDEN = (256, 256, 256)
+DISTILL_LR = 3e-4
+# args that never change what a phase computes (excluded when deciding whether a saved phase can be reused)
+NOT_STATE = {"no_resume", "stop_after", "log_every", "online_steps", "device", "run_dir", "run_name", "checkpoint_every"}
+ONLINE_ONLY = {"no_constraint", "reference", "reference_interval", "buffer_mode", "part_trajectories", "eps0", "eps_end", "utd",
+               "learning_starts", "pre_sample_steps", "alpha_lr", "lambda_init", "lambda_lr", "kl_horizon", "kl_floor", "eval_every"}
+ALIGN_ONLY = {"no_align", "align_steps"}
+
+
+def family_values(args: Args) -> dict[str, Any]:
+    """alpha0, eps0, eps_end: explicit flags first, else the FAMILY_DEFAULTS row of --env's level."""
+    if args.dataset_id is None:
+        level: str | None = parse_env_name(args.env)[1]  # unknown names exit 2 listing the known ones
+    else:  # any Minari id: the level of --env if it names one, else the values must be given
+        m = re.fullmatch(r"[a-z0-9]+-(.+)-v\d+", args.env)
+        level = m.group(1) if m and m.group(1) in FAMILY_DEFAULTS else None
+    row = FAMILY_DEFAULTS.get(level or "", {})
+    vals: dict[str, Any] = {"level": level}
+    for k in ("alpha0", "eps0", "eps_end"):
+        v = getattr(args, k)
+        if v is None:
+            if level is None:
+                fail(f"--env {args.env} names no dataset level ({', '.join(FAMILY_DEFAULTS)}); pass --alpha0, --eps0 and --eps-end")
+            v = row[k] / 4.0 if (k == "eps_end" and args.reference == "interval") else row[k]
+        vals[k] = float(v)
+    return vals
+
+
+# ---------------------------------------------------------------- pure math (ALGORITHMS.md section 1)
+def fqe_target(rewards: Tensor, terminals: Tensor, next_q: Tensor, next_logp: Tensor, alpha: float | Tensor, gamma: float) -> Tensor:
+    """Soft TD target y = r + gamma (1 - d) [min_i Qbar_i(s', a') - alpha log pi(a'|s')] (1a); next_q is (n, B).
+    d = 1 only for a true termination: a time-limit end is bootstrapped."""
+    return rewards + gamma * (1.0 - terminals) * (next_q.min(0).values - alpha * next_logp)
+
+
+def constrained_target(rewards: Tensor, terminals: Tensor, next_q: Tensor, next_logp: Tensor, next_kl: Tensor, alpha: float | Tensor,
+                       lam: float | Tensor, gamma: float) -> Tensor:
+    """Critic target of constrained fine-tuning (1d): the soft target minus gamma (1 - d) lam (l' - lr')."""
+    return fqe_target(rewards, terminals, next_q, next_logp, alpha, gamma) - gamma * (1.0 - terminals) * lam * next_kl
+
+
+def alignment_targets(qbar_star: Tensor, qbar_an: Tensor, logp0_star: Tensor, logp0_an: Tensor, alpha0: float) -> tuple[Tensor, Tensor]:
+    """Value alignment (1b). qbar_* are the frozen target critics (n, B) at a* = tanh(mu0(s)) and at an ~ pi(.|s);
+    logp0_* are log pi0 at those actions. Returns Q* = min_i Qbar_i(s, a*) and
+    y = min(Q* - alpha0 (log pi0(a*|s) - log pi0(an|s)), min_i Qbar_i(s, an)): values are only pushed down."""
+    q_star = qbar_star.min(0).values
+    y = torch.minimum(q_star - alpha0 * (logp0_star - logp0_an), qbar_an.min(0).values)
+    return q_star, y
+
+
+def kl_estimate(logp: Tensor, logp_ref: Tensor, floor: float = -50.0) -> Tensor:
+    """One-sample KL(pi || pi_ref) at a ~ pi: D = log pi(a|s) - max(log pi_ref(a|s), floor)."""
+    return logp - logp_ref.clamp(min=floor)
+
+
+def kl_threshold(t: int | float, eps0: float, eps_end: float, horizon: int) -> float:
+    """eps_t = min(eps_end, eps0 + (eps_end - eps0) t / horizon): the threshold LOOSENS with env steps t."""
+    return min(eps_end, eps0 + (eps_end - eps0) * t / horizon)
+
+
+def lagrange_loss(log_lam: Tensor, kl: Tensor, eps: float | Tensor) -> Tensor:
+    """lam * c.detach() with u_k = eps - D_k, c = mean_k w(u_k) u_k, w = 0.7 where u < 0 (violated) else 0.3.
+    Violations make c < 0, so gradient descent on this loss raises lam."""
+    u = eps - kl.detach()
+    c = (torch.where(u < 0, 0.7, 0.3) * u).mean()
+    return log_lam.exp() * c.detach()
+
+
+def sac_alpha_loss(log_alpha: Tensor, logp: Tensor, target_entropy: float) -> Tensor:
+    """Standard temperature auto-tuning: alpha rises while the entropy -log pi is below the target."""
+    return -(log_alpha * (logp.detach() + target_entropy)).mean()
+
+
+# ---------------------------------------------------------------- networks
+def make_critic(obs_dim: int, act_dim: int) -> Critic:
+    """Twin critics, 3 x [Linear 256 -> LayerNorm -> ReLU] -> Linear, orthogonal init gain 1, zero bias."""
+    return orthogonal_init_(Critic(obs_dim, act_dim, CRITIC_HIDDEN, n=2, layer_norm=True))
+
+
+def frozen(module: nn.Module) -> nn.Module:
+    """A copy that never trains (pi0, pi_ref, target critics)."""
+    m = copy.deepcopy(module)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+# ---------------------------------------------------------------- one gradient step per phase (tensors in, metrics out)
+def distill_update(student: TanhGaussianActor, opt: torch.optim.Optimizer, obs: Tensor, target_actions: Tensor) -> Tensor:
+    """Maximum likelihood of the offline actor's mean action under the tanh-Gaussian student (section 6)."""
+    loss = -student.log_prob(obs, target_actions).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def reeval_update(pi0: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_opt: torch.optim.Optimizer, b: dict[str, Tensor],
+                  alpha0: float, gamma: float, tau: float) -> dict[str, Tensor]:
+    """Entropy-regularised FQE of the frozen pi0 (1a); a' is a reparameterised sample, not the mean."""
+    with torch.no_grad():
+        next_a, next_logp = pi0.sample(b["next_obs"])
+        y = fqe_target(b["rewards"], b["terminals"], qf_target(b["next_obs"], next_a), next_logp, alpha0, gamma)
+    q = qf(b["obs"], b["actions"])
+    qf_loss = ((q - y) ** 2).mean(-1).sum()
+    qf_opt.zero_grad(set_to_none=True)
+    qf_loss.backward()
+    qf_opt.step()
+    polyak_update(qf_target, qf, tau)
+    return {"qf_loss": qf_loss.detach(), "qf_values": q.mean().detach()}
+
+
+def align_update(pi0: TanhGaussianActor, actor: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_opt: torch.optim.Optimizer,
+                 actor_opt: torch.optim.Optimizer, b: dict[str, Tensor], alpha0: float) -> dict[str, Tensor]:
+    """Value alignment (1b): targets frozen; the actor takes a plain SAC step (computed before the critic step)."""
+    obs = b["obs"]
+    an, logp_an = actor.sample(obs)
+    actor_loss = (alpha0 * logp_an - qf(obs, an).min(0).values).mean()
+    actor_opt.zero_grad(set_to_none=True)
+    actor_loss.backward()
+    actor_opt.step()
+    with torch.no_grad():
+        mu0, log_std0 = pi0(obs)
+        a_star = pi0.max_action * torch.tanh(mu0)
+        logp0_star = tanh_gaussian_log_prob(mu0, log_std0, mu0)  # log pi0 at its own mode tanh(mu0), exact
+        an = an.detach()
+        logp0_an = pi0.log_prob(obs, an)
+        qbar = qf_target(torch.cat([obs, obs]), torch.cat([a_star, an]))
+        B = obs.shape[0]
+        q_star, y = alignment_targets(qbar[:, :B], qbar[:, B:], logp0_star, logp0_an, alpha0)
+    q = qf(torch.cat([obs, obs]), torch.cat([a_star, an]))  # both action sets in one fused call
+    B = obs.shape[0]
+    qf_loss = ((q[:, :B] - q_star) ** 2).mean(-1).sum() + ((q[:, B:] - y) ** 2).mean(-1).sum()
+    qf_opt.zero_grad(set_to_none=True)
+    qf_loss.backward()
+    qf_opt.step()
+    return {"qf_loss": qf_loss.detach(), "actor_loss": actor_loss.detach(), "q_star": q_star.mean().detach(),
+            "q_gap": (q[:, :B] - q[:, B:]).min(0).values.mean().detach()}
+
+
+def online_update(actor: TanhGaussianActor, pi_ref: TanhGaussianActor | None, qf: Critic, qf_target: Critic, log_alpha: Tensor,
+                  log_lam: Tensor, opts: dict[str, torch.optim.Optimizer], b: dict[str, Tensor], eps_t: float, target_entropy: float,
+                  gamma: float, tau: float, kl_floor: float, update_lam: bool, update_actor: bool) -> dict[str, Tensor]:
+    """One constrained SAC update (1d); pi_ref None = unconstrained. Order: lam, alpha, actor, critics, Polyak, all
+    from the same pre-update forward pass (lam and alpha enter the other losses detached)."""
+    obs, next_obs = b["obs"], b["next_obs"]
+    constrained = pi_ref is not None
+    alpha = log_alpha.exp().detach()
+    lam = log_lam.exp().detach() if constrained else torch.zeros((), device=obs.device)
+    pi_a, logp = actor.sample(obs)
+    kl = kl_estimate(logp, pi_ref.log_prob(obs, pi_a), kl_floor) if constrained else torch.zeros_like(logp)
+    actor_loss = (alpha * logp - qf(obs, pi_a).min(0).values + lam * kl).mean()
+    alpha_loss = sac_alpha_loss(log_alpha, logp, target_entropy)
+    with torch.no_grad():
+        next_a, next_logp = actor.sample(next_obs)
+        next_kl = kl_estimate(next_logp, pi_ref.log_prob(next_obs, next_a), kl_floor) if constrained else torch.zeros_like(next_logp)
+        y = constrained_target(b["rewards"], b["terminals"], qf_target(next_obs, next_a), next_logp, next_kl, alpha, lam, gamma)
+    q = qf(obs, b["actions"])
+    qf_loss = ((q - y) ** 2).mean(-1).sum()
+
+    for opt in opts.values():
+        opt.zero_grad(set_to_none=True)
+    if constrained and update_lam:
+        lagrange_loss(log_lam, kl, eps_t).backward()
+        opts["lambda"].step()
+    if update_actor:
+        alpha_loss.backward()
+        opts["alpha"].step()
+        actor_loss.backward()  # also fills critic grads: cleared below before the critic's own backward
+        opts["actor"].step()
+    opts["qf"].zero_grad(set_to_none=True)
+    qf_loss.backward()
+    opts["qf"].step()
+    polyak_update(qf_target, qf, tau)
+    return {"losses/qf_loss": qf_loss.detach(), "losses/actor_loss": actor_loss.detach(), "losses/alpha": alpha,
+            "losses/lambda": lam, "losses/kl": kl.mean().detach(), "losses/qf_values": q.mean().detach(), "losses/entropy": -logp.mean().detach()}
+
+
+# ---------------------------------------------------------------- helpers of main
+class Metrics:
+    """Device-tensor sums, read (one host sync) only at log time; non-finite values stop the run."""
+
+    def __init__(self, writer: SummaryWriter, prefix: str = ""):
+        self.writer, self.prefix, self.sums, self.count = writer, prefix, {}, 0
+
+    def add(self, m: dict[str, Tensor]) -> None:
+        for k, v in m.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+
+    def flush(self, step: int, phase: str, on_fail: Callable[[], None] = lambda: None) -> dict[str, float]:
+        out = {}
+        for k, v in self.sums.items():
+            val = float(v) / max(self.count, 1)
+            if not math.isfinite(val):
+                on_fail()
+                fail(f"non-finite {self.prefix}{k} in phase {phase} at step {step}; lower the learning rates or check the data")
+            self.writer.add_scalar(self.prefix + k, val, step)
+            out[k] = val
+        self.sums, self.count = {}, 0
+        return out
+
+
+def phase_key(args: Args, phase: str, ckpt_path: Path, ckpt: dict) -> dict:
+    """The args that determine what a phase computes; a saved phase is reused only when this matches."""
+    drop = set(NOT_STATE)
+    if phase in ("reevaluated", "aligned"):
+        drop |= ONLINE_ONLY
+    if phase == "reevaluated":
+        drop |= ALIGN_ONLY
+    key = {k: v for k, v in asdict(args).items() if k not in drop}
+    key["offline_checkpoint"] = [str(ckpt_path.resolve()), ckpt["grad_steps"], ckpt["algo"]]
+    return key
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": json.dumps(np.random.get_state()[1].tolist()), "numpy_pos": int(np.random.get_state()[2]), "python": json.dumps(random.getstate())}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    np.random.set_state(("MT19937", np.array(json.loads(s["numpy"]), dtype=np.uint32), s["numpy_pos"], 0, 0.0))
+    st = json.loads(s["python"])
+    random.setstate((st[0], tuple(st[1]), st[2]))
+
+
+def load_phase(path: Path, key: dict, no_resume: bool) -> dict | None:
+    """A saved phase checkpoint written with the same phase key, else None (then the phase is recomputed)."""
+    if no_resume or not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        print(f"ignoring unreadable {path}; recomputing that phase")
+        return None
+    if not isinstance(saved, dict) or json.dumps(saved.get("o2o", {}).get("key"), sort_keys=True, default=str) != json.dumps(key, sort_keys=True, default=str):
+        print(f"{path.name} was written with other args; recomputing that phase")
+        return None
+    return saved
+
+
+def offline_trajectory_indices(data: dict, top_k: int) -> np.ndarray:
+    """Transition indices of the top_k offline episodes by return (--buffer-mode part)."""
+    ends = np.flatnonzero(data["ends"] > 0.5)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    order = np.argsort(-data["episode_returns"])[:top_k]
+    return np.concatenate([np.arange(starts[i], ends[i] + 1) for i in sorted(order)])
+
+
+def subset(data: dict, idx: np.ndarray) -> dict:
+    out = dict(data)
+    for k in ("observations", "actions", "rewards", "next_observations", "terminals", "ends"):
+        out[k] = data[k][idx]
+    return out
+
+
+def default_run_name(args: Args, buffer_mode: str) -> str:
+    if args.critic_init == "scratch":
+        mode = "porl"
+    elif args.no_reevaluate and args.no_align and args.no_constraint:
+        mode = "naive"
+    else:
+        off = [n for n, f in (("noreeval", args.no_reevaluate), ("noalign", args.no_align), ("noconstraint", args.no_constraint)) if f]
+        mode = "-".join(["o2sac", *off])
+    if args.reference != "best":
+        mode += f"_ref-{args.reference}"
+    if buffer_mode != ("none" if args.critic_init == "scratch" else "half"):
+        mode += f"_buf-{buffer_mode}"
+    return f"{args.offline_algo if args.checkpoint is None else 'ckpt'}_{mode}_seed{args.seed}"
+
+
+def validate(args: Args) -> None:
+    """Bad args exit 2 before anything is read or written."""
+    positive = ["distill_steps", "online_steps", "utd", "batch_size", "eval_every", "eval_episodes", "log_every", "checkpoint_every",
+                "reference_interval", "part_trajectories", "kl_horizon"]
+    if args.critic_init != "scratch":
+        if not args.no_reevaluate:
+            positive.append("reeval_steps")
+        if not args.no_align:
+            positive.append("align_steps")
+    for flag in positive:
+        if getattr(args, flag) <= 0:
+            hint = {"reeval_steps": " (or pass --no-reevaluate)", "align_steps": " (or pass --no-align)"}.get(flag, "")
+            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}{hint}")
+    for flag in ("reeval_steps", "align_steps", "learning_starts", "pre_sample_steps"):
+        if getattr(args, flag) < 0:
+            fail(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.learning_starts >= args.online_steps:
+        fail(f"--learning-starts {args.learning_starts} >= --online-steps {args.online_steps}: no update would ever run; lower it")
+    if args.critic_init == "scratch" and args.pre_sample_steps >= args.online_steps:
+        fail(f"--pre-sample-steps {args.pre_sample_steps} >= --online-steps {args.online_steps}: PORL would never fine-tune; lower it")
+    if args.stop_after is not None and not 0 < args.stop_after:
+        fail(f"--stop-after must be positive, got {args.stop_after}")
+    if not 0.0 < args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0:
+        fail("--gamma and --tau must lie in (0, 1]")
+    for flag in ("critic_lr", "actor_lr", "alpha_lr", "lambda_lr", "lambda_init"):
+        if not getattr(args, flag) > 0:
+            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    for flag in ("alpha0", "eps0", "eps_end"):
+        v = getattr(args, flag)
+        if v is not None and not v > 0:
+            fail(f"--{flag.replace('_', '-')} must be positive, got {v}")
+    if args.eps0 is not None and args.eps_end is not None and args.eps_end < args.eps0:
+        fail(f"--eps-end {args.eps_end} < --eps0 {args.eps0}: the KL threshold must loosen; swap them")
+
+
+def resolve_checkpoint(args: Args) -> Path:
+    if args.checkpoint is not None:
+        path = Path(args.checkpoint)
+        if not path.is_file():
+            fail(f"--checkpoint {path} does not exist; pass the checkpoint.pt written by offline_pretrain.py")
+        return path
+    env_key = args.env if args.dataset_id is None else args.dataset_id.replace("/", "_")
+    path = Path(args.run_dir) / "offline" / args.offline_algo / env_key / f"seed{args.seed}" / "checkpoint.pt"
+    if not path.is_file():
+        cmd = f"python offline_pretrain.py --algo {args.offline_algo} --env {args.env} --seed {args.seed}"
+        if args.dataset_id is not None:
+            cmd += f" --dataset-id {args.dataset_id}"
+        if args.run_dir != "runs":
+            cmd += f" --run-dir {args.run_dir}"
+        fail(f"no offline checkpoint at {path}; train one with: {cmd} (or pass --checkpoint PATH)")
+    return path
+
+
+def make_phase_checkpoint(args: Args, ckpt: dict, data: dict, actor: TanhGaussianActor, qf: Critic, qf_target: Critic, step: int,
+                          score: float, o2o: dict) -> dict:
+    """Same format as offline checkpoints (loadable by load_checkpoint and actor_from_checkpoint), with the critics;
+    run state (pi0, reference actor, Lagrange and temperature, optimisers, RNG, curve) under "o2o"."""
+    return {
+        "format_version": CHECKPOINT_FORMAT, "algo": "o2o_sac", "env_name": ckpt["env_name"], "dataset_id": ckpt["dataset_id"],
+        "local_standin": data["local_standin"], "env_spec": ckpt["env_spec"], "obs_dim": ckpt["obs_dim"], "act_dim": ckpt["act_dim"],
+        "max_action": ckpt["max_action"], "actor_family": "tanh_gaussian", "actor_config": {"hidden": [m.out_features for m in actor.net if isinstance(m, nn.Linear)]},
+        "actor": state_dict_cpu(actor), "critics": {"qf": state_dict_cpu(qf), "qf_target": state_dict_cpu(qf_target)},
+        "critic_config": o2o["critic_config"], "obs_mean": ckpt["obs_mean"], "obs_std": ckpt["obs_std"],
+        "reward_transform": o2o["reward_transform"], "ref_min_score": data["ref_min_score"], "ref_max_score": data["ref_max_score"],
+        "args": asdict(args), "grad_steps": step, "eval_normalized_score": score, "o2o": o2o,
+    }
+
+
+# ---------------------------------------------------------------- main
+def main(args: Args) -> dict:
+    validate(args)
+    fam = family_values(args)
+    scratch = args.critic_init == "scratch"
+    reevaluate, align, constrain = not (args.no_reevaluate or scratch), not (args.no_align or scratch), not (args.no_constraint or scratch)
+    buffer_mode = args.buffer_mode or ("none" if scratch else "half")
+    data = load_dataset(args.env, args.dataset_id, args.no_download)
+    ckpt_path = resolve_checkpoint(args)
+    ckpt = load_checkpoint(ckpt_path, env_name=args.env if args.dataset_id is None else args.dataset_id, obs_dim=data["obs_dim"], act_dim=data["act_dim"])
+    env_key = args.env if args.dataset_id is None else args.dataset_id.replace("/", "_")
+    out = Path(args.run_dir) / "o2o_sac" / env_key / (args.run_name or default_run_name(args, buffer_mode))
+
+    device = pick_device(args.device)
+    set_seed(args.seed)
+    obs_dim, act_dim = data["obs_dim"], data["act_dim"]
+    obs_mean, obs_std = ckpt["obs_mean"].numpy().astype(np.float32), ckpt["obs_std"].numpy().astype(np.float32)  # the actor's own stats
+    # Keeping the checkpoint's critic means keeping its reward scale; new critics learn on raw rewards.
+    keep_critic = args.no_reevaluate and not scratch and bool(ckpt.get("critics")) and "qf" in ckpt["critics"]
+    reward_transform = dict(ckpt["reward_transform"]) if keep_critic else {"scale": 1.0, "shift": 0.0}
+    rb_off = ReplayBuffer.from_dataset(data, obs_mean, obs_std, device, reward_transform["scale"], reward_transform["shift"])
+    evaluator = Evaluator(data["env_spec"], args.eval_episodes, args.seed + 100, obs_mean, obs_std, device)
+    ref_min, ref_max = data["ref_min_score"], data["ref_max_score"]
+
+    def evaluate(actor: nn.Module) -> tuple[float, float]:
+        returns = evaluator(actor.act)
+        return float(returns.mean()), float(normalized_score(returns.mean(), ref_min, ref_max))
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save(asdict(args), out / "args.json")
+    writer = SummaryWriter(str(out))
+    writer.add_text("args", json.dumps(asdict(args)))
+    writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
+    alpha0 = fam["alpha0"]
+    wall: dict[str, float] = {}
+    reused: list[str] = []
+    if keep_critic:
+        cc = ckpt["critic_config"] or {}
+        critic_config = {"hidden": list(cc.get("hidden", CRITIC_HIDDEN)), "layer_norm": bool(cc.get("layer_norm", False)), "from": "checkpoint"}
+    else:
+        critic_config = {"hidden": list(CRITIC_HIDDEN), "layer_norm": True, "from": "new"}
+
+    def build_qf() -> Critic:
+        if critic_config["from"] == "checkpoint":
+            return Critic(obs_dim, act_dim, critic_config["hidden"], n=2, layer_norm=critic_config["layer_norm"]).to(device)
+        return make_critic(obs_dim, act_dim).to(device)
+
+    # ---- online resume: a periodic online.pt of the same args skips every offline phase
+    online_key = phase_key(args, "online", ckpt_path, ckpt)
+    online_state = load_phase(out / "online.pt", online_key, args.no_resume)
+
+    # a tanh-Gaussian offline actor is copied exactly (its own widths); other families are distilled into 3 x 256
+    actor_hidden = list(ckpt["actor_config"]["hidden"]) if ckpt["actor_family"] == "tanh_gaussian" else list(ACTOR_HIDDEN)
+    actor = TanhGaussianActor(obs_dim, act_dim, actor_hidden, ckpt["max_action"]).to(device)
+    qf = build_qf()
+    if online_state is None:
+        # ---- phase 0: the offline actor, its score, distillation into a tanh-Gaussian when needed (section 6)
+        t0 = time.time()
+        reeval_key = phase_key(args, "reevaluated", ckpt_path, ckpt)
+        aligned_key = phase_key(args, "aligned", ckpt_path, ckpt)
+        saved_re = load_phase(out / "reevaluated.pt", reeval_key, args.no_resume) if reevaluate else None
+        saved_al = load_phase(out / "aligned.pt", aligned_key, args.no_resume) if align else None
+        start = saved_al or saved_re
+        if start is not None:
+            o = start["o2o"]
+            offline_ret, offline_score, distill = o["offline_return"], o["offline_score"], o["distill"]
+            pi0 = TanhGaussianActor(obs_dim, act_dim, actor_hidden, ckpt["max_action"]).to(device)
+            pi0.load_state_dict(o["pi0"])
+        else:
+            offline_actor = actor_from_checkpoint(ckpt, device)
+            offline_ret, offline_score = evaluate(offline_actor)
+            tqdm.write(f"offline {ckpt['algo']} actor ({ckpt['actor_family']}): return {offline_ret:.1f}, normalized score {offline_score:.1f}")
+            distill = None
+            if ckpt["actor_family"] == "tanh_gaussian":
+                pi0 = offline_actor
+            else:
+                pi0 = TanhGaussianActor(obs_dim, act_dim, actor_hidden, ckpt["max_action"]).to(device)
+                opt = torch.optim.Adam(pi0.parameters(), lr=DISTILL_LR)
+                met = Metrics(writer, "distill/")
+                for step in tqdm(range(args.distill_steps), desc="distill", disable=None):
+                    obs = rb_off.sample(args.batch_size)["obs"]
+                    with torch.no_grad():
+                        target = offline_actor.act(obs)
+                    met.add({"loss": distill_update(pi0, opt, obs, target)})
+                    if (step + 1) % args.log_every == 0 or step + 1 == args.distill_steps:
+                        met.flush(step + 1, "distill")
+                with torch.no_grad():
+                    idx = torch.randperm(rb_off.size, device=device)[:10_000]
+                    obs = rb_off.data["obs"][idx]
+                    mse = float(F.mse_loss(pi0.act(obs), offline_actor.act(obs)))
+                d_ret, d_score = evaluate(pi0)
+                distill = {"from_family": ckpt["actor_family"], "steps": args.distill_steps, "action_mse": mse, "return": d_ret, "normalized_score": d_score}
+                writer.add_scalar("distill/action_mse", mse, args.distill_steps)
+                writer.add_scalar("distill/normalized_score", d_score, args.distill_steps)
+                tqdm.write(f"distilled {ckpt['actor_family']} -> tanh_gaussian: action MSE {mse:.4g}, normalized score {d_score:.1f}")
+        pi0 = frozen(pi0)
+        actor.load_state_dict(pi0.state_dict())
+        writer.add_scalar("eval/normalized_score", offline_score, 0)
+        curve = [{"step": 0, "normalized_score": offline_score, "return": offline_ret, "phase": "offline"}]
+        if distill is not None:
+            curve.append({"step": 0, "normalized_score": distill["normalized_score"], "return": distill["return"], "phase": "distilled"})
+        base_o2o = {"pi0": state_dict_cpu(pi0), "offline_return": offline_ret, "offline_score": offline_score, "distill": distill,
+                    "critic_config": critic_config, "reward_transform": reward_transform}
+        wall["load_and_distill"] = time.time() - t0
+
+        # ---- phase 1: re-evaluation (1a): FQE of the frozen pi0 into new LayerNorm critics
+        if keep_critic:
+            qf.load_state_dict(ckpt["critics"]["qf"])
+        if reevaluate:
+            t0 = time.time()
+            if start is not None:
+                reused.append("reevaluated")
+                set_rng_state(start["o2o"]["rng"])
+            else:
+                qf_target = frozen(qf)
+                qf_opt = torch.optim.Adam(qf.parameters(), lr=args.critic_lr)
+                met = Metrics(writer, "reevaluate/")
+                bar = tqdm(range(args.reeval_steps), desc="re-evaluation", disable=None)
+                for step in bar:
+                    met.add(reeval_update(pi0, qf, qf_target, qf_opt, rb_off.sample(args.batch_size), alpha0, args.gamma, args.tau))
+                    if (step + 1) % args.log_every == 0 or step + 1 == args.reeval_steps:
+                        vals = met.flush(step + 1, "re-evaluation")
+                        bar.set_postfix(qf_loss=f"{vals['qf_loss']:.3g}")
+                atomic_save(make_phase_checkpoint(args, ckpt, data, actor, qf, qf_target, args.reeval_steps, offline_score,
+                                                  {**base_o2o, "key": reeval_key, "rng": rng_state(), "curve": curve}), out / "reevaluated.pt")
+            wall["reevaluate"] = time.time() - t0
+            writer.add_scalar("charts/phase", 1, 0)
+            if start is not None and saved_al is None:  # reuse reevaluated.pt, recompute the alignment
+                qf.load_state_dict(saved_re["critics"]["qf"])
+
+        # ---- phase 2: value alignment (1b): targets frozen at the re-evaluation result; the actor keeps training
+        if align:
+            t0 = time.time()
+            if saved_al is not None:
+                reused.append("aligned")
+                qf.load_state_dict(saved_al["critics"]["qf"])
+                actor.load_state_dict(saved_al["actor"])
+                set_rng_state(saved_al["o2o"]["rng"])
+                after_ret, after_score = saved_al["o2o"]["after_align_return"], saved_al["o2o"]["after_align_score"]
+            else:
+                qf_target = frozen(qf)
+                qf_opt = torch.optim.Adam(qf.parameters(), lr=args.critic_lr)
+                actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr)
+                met = Metrics(writer, "align/")
+                bar = tqdm(range(args.align_steps), desc="alignment", disable=None)
+                for step in bar:
+                    met.add(align_update(pi0, actor, qf, qf_target, qf_opt, actor_opt, rb_off.sample(args.batch_size), alpha0))
+                    if (step + 1) % args.log_every == 0 or step + 1 == args.align_steps:
+                        vals = met.flush(step + 1, "alignment")
+                        bar.set_postfix(qf_loss=f"{vals['qf_loss']:.3g}", q_gap=f"{vals['q_gap']:.3g}")
+                after_ret, after_score = evaluate(actor)
+                atomic_save(make_phase_checkpoint(args, ckpt, data, actor, qf, qf, args.align_steps, after_score,
+                                                  {**base_o2o, "key": aligned_key, "rng": rng_state(), "curve": curve,
+                                                   "after_align_return": after_ret, "after_align_score": after_score}), out / "aligned.pt")
+            wall["align"] = time.time() - t0
+            writer.add_scalar("charts/phase", 2, 0)
+        else:
+            after_ret, after_score = (offline_ret, offline_score) if distill is None else (distill["return"], distill["normalized_score"])
+        # ---- start of online (1c): targets <- critics; pi_ref <- pi if alignment improved on the offline score
+        tqdm.write(f"start of online: return {after_ret:.1f}, normalized score {after_score:.1f}")
+        curve.append({"step": 0, "normalized_score": after_score, "return": after_ret, "phase": "aligned" if align else "start_online"})
+        qf_target = frozen(qf)
+        start_score = offline_score if distill is None else distill["normalized_score"]
+        if args.reference != "offline" and after_score > start_score:
+            pi_ref_sd, best = state_dict_cpu(actor), after_score
+        else:
+            pi_ref_sd, best = state_dict_cpu(pi0), start_score
+        run = {"t": 0, "best": best, "n_evals": 0, "episode": 0, "env_rng": None, "curve": curve, "wall": wall, "reused": reused,
+               "offline_score": offline_score, "after_align_score": after_score, "distill": distill}
+        opt_states = None
+        log_alpha_init, log_lam_init = math.log(alpha0), math.log(args.lambda_init)
+        online_rb = None
+    else:
+        o = online_state["o2o"]
+        reused.append("online")
+        pi0 = TanhGaussianActor(obs_dim, act_dim, actor_hidden, ckpt["max_action"]).to(device)
+        pi0.load_state_dict(o["pi0"])
+        pi0 = frozen(pi0)
+        actor.load_state_dict(online_state["actor"])
+        qf.load_state_dict(online_state["critics"]["qf"])
+        qf_target = frozen(qf)
+        qf_target.load_state_dict(online_state["critics"]["qf_target"])
+        pi_ref_sd = o["pi_ref"]
+        run = o["run"]
+        run["reused"] = sorted(set(run["reused"]) | {"online"})
+        opt_states = o["optimizers"]
+        log_alpha_init, log_lam_init = float(o["log_alpha"]), float(o["log_lam"])
+        online_rb = o["online_rb"]
+        set_rng_state(o["rng"])
+        tqdm.write(f"resuming online fine-tuning from {out / 'online.pt'} at env step {run['t']}")
+
+    # ---- phase 3: online fine-tuning (1d-1f; PORL: pre-sample stage then plain SAC)
+    t_phase = time.time()
+    pi_ref = None
+    if constrain:
+        pi_ref = frozen(actor)
+        pi_ref.load_state_dict(pi_ref_sd)
+    log_alpha = torch.tensor(log_alpha_init, device=device, requires_grad=True)
+    log_lam = torch.tensor(log_lam_init, device=device, requires_grad=True)
+    opts = {"actor": torch.optim.Adam(actor.parameters(), lr=args.actor_lr), "qf": torch.optim.Adam(qf.parameters(), lr=args.critic_lr),
+            "alpha": torch.optim.Adam([log_alpha], lr=args.alpha_lr), "lambda": torch.optim.Adam([log_lam], lr=args.lambda_lr)}
+    if opt_states is not None:
+        for k, opt in opts.items():
+            opt.load_state_dict(opt_states[k])
+    # replay (1f): the offline part of all/part lives at the front of the online buffer and is never overwritten
+    if buffer_mode in ("all", "part"):
+        pre = data if buffer_mode == "all" else subset(data, offline_trajectory_indices(data, args.part_trajectories))
+        n_pre = len(pre["rewards"])
+    else:
+        pre, n_pre = None, 0
+    rb = ReplayBuffer(obs_dim, act_dim, n_pre + max(args.online_steps, run["t"]), device)
+    if pre is not None:
+        rb.add((pre["observations"] - obs_mean) / obs_std, pre["actions"], pre["rewards"] * reward_transform["scale"] + reward_transform["shift"],
+               (pre["next_observations"] - obs_mean) / obs_std, pre["terminals"])
+    if online_rb is not None and len(online_rb["rewards"]):
+        rb.add(online_rb["obs"], online_rb["actions"], online_rb["rewards"], online_rb["next_obs"], online_rb["terminals"])
+    half = args.batch_size // 2
+
+    def sample() -> dict[str, Tensor]:
+        if buffer_mode != "half":
+            return rb.sample(args.batch_size)
+        on, off = rb.sample(half), rb_off.sample(args.batch_size - half)
+        return {k: torch.cat([on[k], off[k]]) for k in on}
+
+    env = make_env(data["env_spec"])
+    obs, _ = env.reset(seed=args.seed)
+    if run["env_rng"] is not None:  # continue the episode-start sequence of the interrupted run
+        env.unwrapped.np_random.bit_generator.state = json.loads(run["env_rng"])
+        obs, _ = env.reset()
+    obs_mean_t = torch.as_tensor(obs_mean, device=device)
+    obs_std_t = torch.as_tensor(obs_std, device=device)
+    fam_eps_end = fam["eps_end"]
+    target_entropy = -float(act_dim)
+    met = Metrics(writer)
+    ep_ret, ep_len = 0.0, 0
+    ckpt_t = run["t"]
+    sps_t0, sps_step0 = time.time(), run["t"]
+    score = run["curve"][-1]["normalized_score"]
+
+    def save_online(env_rng: str | None) -> None:
+        online = {k: v[n_pre:rb.size].cpu().clone() for k, v in rb.data.items()}
+        run["env_rng"] = env_rng
+        o2o = {"key": online_key, "pi0": state_dict_cpu(pi0), "pi_ref": pi_ref_sd, "run": run, "online_rb": online, "rng": rng_state(),
+               "optimizers": {k: opt.state_dict() for k, opt in opts.items()}, "log_alpha": log_alpha.item(), "log_lam": log_lam.item(),
+               "critic_config": critic_config, "reward_transform": reward_transform}
+        atomic_save(make_phase_checkpoint(args, ckpt, data, actor, qf, qf_target, run["t"], score, o2o), out / "online.pt")
+
+    def results(finished: bool) -> dict:
+        c = run["curve"]
+        # the start-of-online score (step 0) and every evaluation within the first tenth of the online budget
+        first_tenth = [p["normalized_score"] for p in c if p["phase"] in ("aligned", "start_online", "online", "pre_sample")
+                       and p["step"] <= args.online_steps / 10]
+        return {
+            "finished": finished, "env": args.env, "dataset_ids": data["dataset_ids"], "local_standin": data["local_standin"],
+            "offline_checkpoint": str(ckpt_path), "offline_algo": ckpt["algo"], "offline_actor_family": ckpt["actor_family"],
+            "mode": {"reevaluate": reevaluate, "align": align, "constraint": constrain, "critic_init": args.critic_init,
+                     "reference": args.reference, "buffer_mode": buffer_mode, "critic": critic_config},
+            "family_defaults": fam, "reward_transform": reward_transform, "distillation": run["distill"],
+            "offline_score": run["offline_score"], "after_align_score": run["after_align_score"],
+            "min_first_tenth_online": min(first_tenth), "final_score": c[-1]["normalized_score"], "best_score": run["best"],
+            "online_steps_done": run["t"], "curve": c, "wall_clock_s": run["wall"], "reused_phases": run["reused"],
+        }
+
+    porl_pre = args.pre_sample_steps if scratch else 0
+    bar = tqdm(range(run["t"], args.online_steps), desc="online", initial=run["t"], total=args.online_steps, disable=None)
+    writer.add_scalar("charts/phase", 3, run["t"])
+    for _ in bar:
+        with torch.no_grad():
+            o_t = (torch.as_tensor(obs, dtype=torch.float32, device=device) - obs_mean_t) / obs_std_t
+            action = actor.sample(o_t.unsqueeze(0))[0][0].cpu().numpy()
+        next_obs, reward, term, trunc, _ = env.step(np.clip(action, env.action_space.low, env.action_space.high))
+        # store termination only: a time-limit truncation must still be bootstrapped
+        rb.add(o_t.unsqueeze(0), action[None], [reward * reward_transform["scale"] + reward_transform["shift"]],
+               ((torch.as_tensor(next_obs, dtype=torch.float32, device=device) - obs_mean_t) / obs_std_t).unsqueeze(0), [float(term)])
+        obs = next_obs
+        ep_ret, ep_len = ep_ret + float(reward), ep_len + 1
+        run["t"] += 1
+        t = run["t"]
+        if t > args.learning_starts:
+            eps_t = kl_threshold(t, fam["eps0"], fam_eps_end, args.kl_horizon)
+            for k in range(args.utd):
+                met.add(online_update(actor, pi_ref, qf, qf_target, log_alpha, log_lam, opts, sample(), eps_t, target_entropy, args.gamma,
+                                      args.tau, args.kl_floor, update_lam=(k == 0), update_actor=t > porl_pre))
+        if t % args.log_every == 0 and met.count:
+            met.flush(t, "online")
+            writer.add_scalar("charts/kl_threshold", kl_threshold(t, fam["eps0"], fam_eps_end, args.kl_horizon), t)
+            writer.add_scalar("charts/SPS", (t - sps_step0) / max(time.time() - sps_t0, 1e-9), t)
+        if t % args.eval_every == 0 or t == args.online_steps:
+            ret, score = evaluate(actor)
+            run["n_evals"] += 1
+            phase = "pre_sample" if t <= porl_pre else "online"
+            run["curve"].append({"step": t, "normalized_score": score, "return": ret, "phase": phase})
+            writer.add_scalar("eval/episodic_return", ret, t)
+            writer.add_scalar("eval/normalized_score", score, t)
+            # reference update (1e)
+            if constrain and ((args.reference == "best" and score > run["best"]) or (args.reference == "interval" and run["n_evals"] % args.reference_interval == 0)):
+                pi_ref.load_state_dict(actor.state_dict())
+                pi_ref_sd = state_dict_cpu(actor)
+            run["best"] = max(run["best"], score)
+            bar.set_postfix(score=f"{score:.1f}")
+            tqdm.write(f"env step {t}: return {ret:.1f}, normalized score {score:.1f}")
+            atomic_save(results(False), out / "results.json")
+        if term or trunc:
+            writer.add_scalar("charts/episodic_return", ep_ret, t)
+            writer.add_scalar("charts/episodic_length", ep_len, t)
+            run["episode"] += 1
+            ep_ret, ep_len = 0.0, 0
+            # periodic checkpoint at episode boundaries, so a resumed run restarts exactly at an episode start
+            if t - ckpt_t >= args.checkpoint_every or t == args.online_steps:
+                save_online(json.dumps(env.unwrapped.np_random.bit_generator.state))
+                ckpt_t = t
+            obs, _ = env.reset()
+        if args.stop_after is not None and t >= args.stop_after and t < args.online_steps:
+            bar.close()
+            writer.close()
+            env.close()
+            evaluator.close()
+            return {"stopped_at": t, "run_dir": str(out)}
+    bar.close()
+    run["wall"]["online"] = run["wall"].get("online", 0.0) + time.time() - t_phase
+    if ckpt_t != run["t"] or not (out / "online.pt").exists():
+        save_online(None)  # mid-episode end: a longer rerun continues from here with a fresh episode
+    atomic_save(make_phase_checkpoint(args, ckpt, data, actor, qf, qf_target, run["t"], score,
+                                      {"pi0": state_dict_cpu(pi0), "pi_ref": pi_ref_sd, "log_alpha": log_alpha.item(), "log_lam": log_lam.item(),
+                                       "critic_config": critic_config, "reward_transform": reward_transform, "curve": run["curve"]}), out / "final.pt")
+    res = results(True)
+    res["run_dir"] = str(out)
+    atomic_save(res, out / "results.json")
+    writer.close()
+    env.close()
+    evaluator.close()
+    print(f"o2o_sac on {args.env}: offline {res['offline_score']:.1f} -> start of online {res['after_align_score']:.1f} -> final {res['final_score']:.1f} "
+          f"(min over first tenth {res['min_first_tenth_online']:.1f}); outputs in {out}")
+    return res
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,1645 @@
+"""O2TD3: offline-to-online TD3 with optimistic critic reconstruction and constrained fine-tuning (OCR-CFT).
+
+Paper: "Optimistic Critic Reconstruction and Constrained Fine-Tuning for General Offline-to-Online RL"
+(Luo et al., NeurIPS 2024, arXiv 2412.18855); OPT mode: "Online Pre-Training for Offline-to-Online RL"
+(arXiv 2507.08387). Math in ALGORITHMS.md sections 2 (O2TD3), 4b (OPT), 4c (naive), 6 (any actor in), 7.
+
+Phases (O2TD3): load the offline actor (deterministic actors are copied, stochastic ones distilled) ->
+evaluate -> re-evaluation (FQE with TD3 targets) -> alignment -> constrained online fine-tuning.
+OPT (`--opt`): keep the offline critic, collect with the frozen actor, meta-pre-train a new critic, then
+fine-tune both with a kappa-weighted actor objective.
+
+Usage:
+    python o2o_td3.py --env hopper-medium-v2                      # O2TD3 from runs/offline/td3_bc/...
+    python o2o_td3.py --env hopper-medium-v2 --opt                # OPT
+    python o2o_td3.py --env hopper-medium-v2 --no-reevaluate --no-align --no-constraint   # naive fine-tuning
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import re
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, NoReturn, Sequence
+
+import gymnasium as gym
+import minari
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from gymnasium.envs.registration import EnvSpec
+from torch import Tensor
+from torch.func import functional_call
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    env: str = "hopper-medium-v2"
+    """D4RL-style dataset name (resolved to a Minari dataset); its level picks the defaults of FAMILY_DEFAULTS"""
+    dataset_id: str | None = None
+    """any Minari dataset id; overrides the name resolution of --env"""
+    no_download: bool = False
+    """never try to download a hosted dataset"""
+    seed: int = 0
+    """random seed (also picks the offline checkpoint seed<k>)"""
+    offline_algo: Literal["td3_bc", "cql", "iql", "bc"] = "td3_bc"
+    """offline method whose checkpoint is loaded from runs/offline/<algo>/<env>/seed<k>/checkpoint.pt"""
+    checkpoint: str | None = None
+    """explicit offline checkpoint path; overrides the convention"""
+    run_dir: str = "runs"
+    """root of all outputs; this script writes to <run_dir>/o2o_td3/<env>/<run_name>/"""
+    run_name: str | None = None
+    """output folder name; default <mode>__<offline_algo>__seed<k>"""
+    no_resume: bool = False
+    """ignore phase checkpoints and online.pt of an earlier run with the same run name"""
+    stop_after: int | None = None
+    """stop the online phase after this many env steps, as if killed (the last online.pt stays for a resume)"""
+    device: str = "auto"
+    """auto (CUDA when present), cpu or cuda"""
+
+    # --- data ---
+    buffer_mode: Literal["half", "all", "part", "none"] = "half"
+    """offline data online: half of each batch from it, inside the online buffer, only top trajectories, or none"""
+    part_trajectories: int = 50
+    """--buffer-mode part: number of highest-return offline trajectories put in the online buffer"""
+    batch_size: int = 256
+    """batch size of every phase"""
+
+    # --- distillation of a stochastic offline actor (section 6) ---
+    distill_steps: int = 5_000
+    """gradient steps regressing a deterministic actor on the offline actor's mean action"""
+    distill_lr: float = 1e-3
+    """learning rate of the distillation"""
+
+    # --- TD3 ---
+    gamma: float = 0.99
+    """discount"""
+    tau: float = 5e-3
+    """Polyak rate of target networks"""
+    actor_lr: float = 1e-4
+    """actor learning rate (alignment and fine-tuning)"""
+    critic_lr: float = 3e-4
+    """critic learning rate (every phase)"""
+    policy_noise: float = 0.2
+    """target policy smoothing noise (and the alignment perturbation)"""
+    noise_clip: float = 0.5
+    """clip of the smoothing noise"""
+    policy_freq: int = 2
+    """actor, Lagrange and target updates every this many critic updates (online)"""
+
+    # --- re-evaluation (section 2a) ---
+    no_reevaluate: bool = False
+    """skip re-evaluation (ablation): the online critic is then the offline one (--critic-init)"""
+    reevaluate_steps: int = 500_000
+    """FQE gradient steps on the offline data"""
+    critic_init: Literal["offline", "scratch"] = "offline"
+    """with --no-reevaluate: start from the checkpoint's critic (when it has one) or from random init"""
+
+    # --- alignment (section 2b) ---
+    no_align: bool = False
+    """skip value alignment (ablation)"""
+    align_steps: int = 500_000
+    """alignment gradient steps on the offline data"""
+    align_beta: float = 1.0
+    """beta of the distance-shrunk targets"""
+    align_max_distance: float = 0.2
+    """cap of the normalised action distance delta"""
+
+    # --- online fine-tuning (section 2c) ---
+    online_steps: int = 100_000
+    """environment steps of the online phase (OPT: including its collection steps)"""
+    learning_starts: int = 1_000
+    """env steps before the first update (the policy acts from step 1)"""
+    utd: int = 1
+    """gradient updates per env step (O2TD3 and naive)"""
+    explore_noise: float | None = None
+    """std of the Gaussian exploration noise; default from FAMILY_DEFAULTS"""
+
+    # --- constraint (section 2c) ---
+    no_constraint: bool = False
+    """drop the MSE-to-reference constraint (ablation): lambda stays 0"""
+    eps0: float | None = None
+    """initial threshold of the per-dimension squared deviation; default from FAMILY_DEFAULTS"""
+    eps_end: float | None = None
+    """final threshold; default from FAMILY_DEFAULTS (divided by 4 with --reference interval)"""
+    eps_steps: int = 100_000
+    """env steps over which the threshold loosens linearly from eps0 to eps_end"""
+    lambda_init: float = 1.0
+    """initial Lagrange multiplier"""
+    lambda_lr: float = 5e-5
+    """Adam learning rate of log lambda"""
+    lagrange_tau: float = 0.7
+    """asymmetric weight of violations (u < 0) in the Lagrange loss; 1 - tau on satisfied samples"""
+    reference: Literal["best", "interval", "offline"] = "best"
+    """reference policy: best evaluated so far, a copy every --reference-interval evaluations, or the offline actor"""
+    reference_interval: int = 1
+    """--reference interval: copy pi into pi_ref every this many evaluations"""
+
+    # --- OPT (section 4b) ---
+    opt: bool = False
+    """OPT mode: offline critic kept, new critic meta-pre-trained online, kappa-weighted fine-tuning"""
+    opt_collect_steps: int = 25_000
+    """env steps collected with the frozen actor before pre-training (counted in --online-steps)"""
+    opt_pretrain_steps: int = 50_000
+    """meta-objective gradient steps of the new critic"""
+    opt_inner_lr: float = 3e-4
+    """step size of the differentiable inner step psi - lr grad L_off"""
+    opt_utd: int = 5
+    """gradient updates per env step during OPT fine-tuning"""
+    opt_actor_lr: float = 3e-4
+    """actor learning rate during OPT fine-tuning"""
+    kappa_start: float | None = None
+    """weight of Q_on at --kappa-begin; default from FAMILY_DEFAULTS"""
+    kappa_end: float = 0.9
+    """weight of Q_on from --kappa-finish on"""
+    kappa_begin: int = 25_000
+    """env step where kappa starts to rise"""
+    kappa_finish: int = 150_000
+    """env step where kappa reaches --kappa-end"""
+    opt_balanced_replay: bool = False
+    """sample offline and online transitions by an estimated density ratio (balanced replay) instead of --buffer-mode"""
+    ratio_every: int = 1_000
+    """balanced replay: refit the density-ratio classifier and the priorities every this many env steps"""
+    ratio_train_steps: int = 200
+    """balanced replay: classifier gradient steps per refit"""
+
+    # --- evaluation and logging ---
+    eval_every: int = 1_000
+    """evaluate every this many env steps"""
+    eval_episodes: int = 10
+    """evaluation episodes (deterministic actions, separate env)"""
+    phase_eval_every: int = 50_000
+    """evaluate during re-evaluation/alignment every this many gradient steps (tensorboard only)"""
+    log_every: int = 1_000
+    """write losses to tensorboard every this many steps"""
+    checkpoint_every: int = 10_000
+    """write online.pt every this many env steps (a multiple of --eval-every)"""
+
+
+# --- shared: utils ---
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr that names the fix, exit status 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` is CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {name} asked for, but CUDA is not available; use --device cpu or auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        fail(f"unknown --device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if path.suffix == ".json":
+            Path(tmp).write_text(json.dumps(obj, indent=2, default=float))
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+def state_dict_cpu(module: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+# --- end shared: utils ---
+
+
+# --- shared: networks ---
+def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(in_dim, h), act()]
+        in_dim = h
+    layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+def tanh_gaussian_log_prob(mu: Tensor, log_std: Tensor, pre_tanh: Tensor) -> Tensor:
+    """log pi(a|s) of a = tanh(u), u ~ N(mu, std), with the change-of-variables term, summed over action dims."""
+    normal_lp = -0.5 * ((pre_tanh - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+    # log(1 - tanh(u)^2) computed stably as 2 (log 2 - u - softplus(-2u))
+    correction = 2.0 * (math.log(2.0) - pre_tanh - F.softplus(-2.0 * pre_tanh))
+    return (normal_lp - correction).sum(-1)
+
+
+class TanhGaussianActor(nn.Module):
+    """SAC/CQL actor: a = max_action * tanh(u), u ~ N(mu(s), exp(log_std(s))^2)."""
+
+    family = "tanh_gaussian"
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256, 256), max_action: float = 1.0):
+        super().__init__()
+        self.net = mlp(obs_dim, hidden[:-1], hidden[-1])
+        self.head = nn.Linear(hidden[-1], 2 * act_dim)
+        self.max_action = max_action
+
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        mu, log_std = self.head(F.relu(self.net(obs))).chunk(2, dim=-1)
+        return mu, log_std.clamp(-20.0, 2.0)
+
+    def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """Reparameterised action and its log-prob."""
+        mu, log_std = self(obs)
+        u = mu + log_std.exp() * torch.randn_like(mu)
+        return self.max_action * torch.tanh(u), tanh_gaussian_log_prob(mu, log_std, u)
+
+    def log_prob(self, obs: Tensor, action: Tensor) -> Tensor:
+        mu, log_std = self(obs)
+        a = (action / self.max_action).clamp(-1.0 + 1e-6, 1.0 - 1e-6)
+        return tanh_gaussian_log_prob(mu, log_std, torch.atanh(a))
+
+    def act(self, obs: Tensor) -> Tensor:
+        """Deterministic action: the mode tanh(mu)."""
+        return self.max_action * torch.tanh(self(obs)[0])
+
+
+class GaussianActor(nn.Module):
+    """IQL/PPO actor: N(tanh-squashed mean(s), exp(log_std)^2) with a state-independent log_std."""
+
+    family = "gaussian"
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), max_action: float = 1.0):
+        super().__init__()
+        self.net = mlp(obs_dim, hidden, act_dim)
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+        self.max_action = max_action
+
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        mu = self.max_action * torch.tanh(self.net(obs))
+        return mu, self.log_std.clamp(-20.0, 2.0).expand_as(mu)
+
+    def dist(self, obs: Tensor) -> torch.distributions.Normal:
+        mu, log_std = self(obs)
+        return torch.distributions.Normal(mu, log_std.exp())
+
+    def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        d = self.dist(obs)
+        a = d.rsample()
+        return a, d.log_prob(a).sum(-1)
+
+    def log_prob(self, obs: Tensor, action: Tensor) -> Tensor:
+        return self.dist(obs).log_prob(action).sum(-1)
+
+    def act(self, obs: Tensor) -> Tensor:
+        return self(obs)[0]
+
+
+class DeterministicActor(nn.Module):
+    """TD3 actor: a = max_action * tanh(f(s))."""
+
+    family = "deterministic"
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), max_action: float = 1.0):
+        super().__init__()
+        self.net = mlp(obs_dim, hidden, act_dim)
+        self.max_action = max_action
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return self.max_action * torch.tanh(self.net(obs))
+
+    def act(self, obs: Tensor) -> Tensor:
+        return self(obs)
+
+
+ACTOR_FAMILIES: dict[str, type[nn.Module]] = {
+    "tanh_gaussian": TanhGaussianActor,
+    "gaussian": GaussianActor,
+    "deterministic": DeterministicActor,
+}
+
+
+def build_actor(family: str, obs_dim: int, act_dim: int, hidden: Sequence[int], max_action: float = 1.0) -> nn.Module:
+    if family not in ACTOR_FAMILIES:
+        fail(f"unknown actor family {family!r}; known: {', '.join(ACTOR_FAMILIES)}")
+    return ACTOR_FAMILIES[family](obs_dim, act_dim, tuple(hidden), max_action)
+
+class EnsembleLinear(nn.Module):
+    """`n` independent linear layers applied in one batched matmul: x (n, B, in) -> (n, B, out)."""
+
+    def __init__(self, n: int, in_features: int, out_features: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default init, per member
+        self.weight = nn.Parameter(torch.empty(n, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_features).uniform_(-bound, bound))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleLayerNorm(nn.Module):
+    def __init__(self, n: int, features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n, 1, features))
+        self.bias = nn.Parameter(torch.zeros(n, 1, features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, x.shape[-1:]) * self.weight + self.bias
+
+
+class Critic(nn.Module):
+    """`n` critics held as one module (fused twin critics): Q(s, a) for every member in one call, shape (n, ...).
+    With act_dim = 0 it is a state-value function V(s)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (256, 256), n: int = 2, layer_norm: bool = False, activation: str = "relu"):
+        super().__init__()
+        act_cls = {"relu": nn.ReLU, "tanh": nn.Tanh}[activation]
+        layers: list[nn.Module] = []
+        in_dim = obs_dim + act_dim
+        for h in hidden:
+            layers += [EnsembleLinear(n, in_dim, h)] + ([EnsembleLayerNorm(n, h)] if layer_norm else []) + [act_cls()]
+            in_dim = h
+        layers.append(EnsembleLinear(n, in_dim, 1))
+        self.net = nn.Sequential(*layers)
+        self.n = n
+
+    def forward(self, obs: Tensor, act: Tensor | None = None) -> Tensor:
+        x = obs if act is None else torch.cat([obs, act], -1)
+        lead = x.shape[:-1]
+        x = x.reshape(1, -1, x.shape[-1]).expand(self.n, -1, -1)
+        return self.net(x).reshape(self.n, *lead)
+
+
+def orthogonal_init_(critic: Critic, gain: float = 1.0) -> Critic:
+    """Orthogonal weights (gain 1) and zero biases on every linear layer of every member."""
+    for m in critic.modules():
+        if isinstance(m, EnsembleLinear):
+            with torch.no_grad():
+                for w in m.weight:
+                    q = torch.empty(w.shape[1], w.shape[0])
+                    nn.init.orthogonal_(q, gain)
+                    w.copy_(q.T)
+                m.bias.zero_()
+    return critic
+
+
+@torch.no_grad()
+def polyak_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """target <- (1 - tau) target + tau source, one fused lerp over all parameters."""
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+# --- end shared: networks ---
+
+
+# --- shared: dataset ---
+D4RL_ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5", "ant": "Ant-v5"}
+D4RL_LEVELS = ("random", "medium", "medium-replay", "expert", "medium-expert")
+# D4RL's reference returns (random policy, expert policy), so normalised scores read on the usual 0-100 scale.
+D4RL_REF_SCORES = {
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6727, 3879.7),
+}
+HOSTED_LEVELS = {"medium": ["medium-v0"], "expert": ["expert-v0"], "medium-expert": ["medium-v0", "expert-v0"]}
+DATASET_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*-v\d+$")
+
+
+def parse_env_name(name: str) -> tuple[str, str]:
+    """`hopper-medium-replay-v2` -> ("hopper", "medium-replay"); unknown names exit 2 listing the known ones."""
+    m = re.fullmatch(r"([a-z0-9]+)-(.+)-v\d+", name)
+    if m is None or m.group(1) not in D4RL_ENVS or m.group(2) not in D4RL_LEVELS:
+        known = ", ".join(f"{e}-{lvl}-v2" for e in D4RL_ENVS for lvl in D4RL_LEVELS)
+        fail(f"unknown env {name!r}; known: {known} (or pass any Minari id with --dataset-id)")
+    return m.group(1), m.group(2)
+
+
+def _dataset_exists(dataset_id: str) -> bool:
+    return (minari.storage.get_dataset_path(dataset_id) / "data").exists()
+
+
+def _network_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
+    """Short TCP probe so a missing network fails in seconds instead of minari's long retry loop."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 1.0)  # DNS resolution ignores the socket timeout
+    return bool(result and result[0])
+
+
+def _download(dataset_id: str) -> None:
+    if not _network_reachable():
+        fail(f"dataset {dataset_id} is not in the local Minari store and the network is unreachable")
+    try:
+        minari.download_dataset(dataset_id)
+    except Exception as e:  # any failure of the remote is a missing dataset for the user
+        fail(f"could not download {dataset_id}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def resolve_dataset(env: str, dataset_id: str | None = None, no_download: bool = False) -> tuple[list[str], bool]:
+    """The Minari ids to load for --env / --dataset-id (DESIGN.md order) and whether they are a local stand-in."""
+    if dataset_id is not None:
+        if not DATASET_ID_RE.match(dataset_id):
+            fail(f"malformed dataset id {dataset_id!r}; Minari ids look like namespace/name-v0")
+        if not _dataset_exists(dataset_id):
+            if no_download:
+                fail(f"dataset {dataset_id} is not in the local Minari store; drop --no-download to fetch it")
+            _download(dataset_id)
+        return [dataset_id], dataset_id.startswith("local/")
+    name, level = parse_env_name(env)
+    hosted = [f"mujoco/{name}/{v}" for v in HOSTED_LEVELS.get(level, [])]
+    if hosted and all(_dataset_exists(i) for i in hosted):
+        return hosted, False
+    local = f"local/{name}/{level}-v0"
+    if _dataset_exists(local):
+        return [local], True
+    if hosted and not no_download and _network_reachable():
+        for i in hosted:
+            if not _dataset_exists(i):
+                _download(i)
+        return hosted, False
+    fail(f"no dataset for {env} (looked for {', '.join(hosted + [local])}); build it with: python make_dataset.py --env {env}")
+
+
+def load_dataset(env: str, dataset_id: str | None = None, no_download: bool = False, quiet: bool = False) -> dict:
+    """Transitions of every episode as float32 arrays, plus what evaluation needs.
+
+    done = termination only: a time-limit truncation is not a terminal state and must be bootstrapped.
+    `ends` marks the last transition of each episode (terminal or not) for Monte-Carlo returns.
+    """
+    ids, local = resolve_dataset(env, dataset_id, no_download)
+    if local and not quiet:
+        print(f"NOTICE: using LOCALLY BUILT dataset {ids[0]} (made by make_dataset.py, not the hosted D4RL/Minari data)")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "ends")}
+    returns, meta = [], {}
+    for i in ids:
+        ds = minari.load_dataset(i)
+        if not meta:
+            meta = ds.storage.metadata
+        for ep in ds.iterate_episodes():
+            obs = np.asarray(ep.observations, dtype=np.float32)
+            if obs.ndim != 2:
+                fail(f"dataset {i} has non-flat observations {obs.shape}; only Box observations are supported")
+            n = len(ep.rewards)
+            if n == 0:
+                continue
+            parts["observations"].append(obs[:-1])
+            parts["next_observations"].append(obs[1:])
+            parts["actions"].append(np.asarray(ep.actions, dtype=np.float32).reshape(n, -1))
+            parts["rewards"].append(np.asarray(ep.rewards, dtype=np.float32))
+            parts["terminals"].append(np.asarray(ep.terminations, dtype=np.float32))
+            end = np.zeros(n, dtype=np.float32)
+            end[-1] = 1.0
+            parts["ends"].append(end)
+            returns.append(float(np.sum(ep.rewards)))
+    if not returns:
+        fail(f"dataset {', '.join(ids)} holds no transitions")
+    data = {k: np.concatenate(v) for k, v in parts.items()}
+    env_spec = meta.get("eval_env_spec") or meta.get("env_spec")
+    if env_spec is None:
+        fail(f"dataset {ids[0]} records no environment spec; it cannot be evaluated")
+    ref = (meta.get("ref_min_score"), meta.get("ref_max_score"))
+    if dataset_id is None and None in ref:
+        ref = D4RL_REF_SCORES[parse_env_name(env)[0]]
+    data.update(
+        dataset_ids=ids,
+        local_standin=local,
+        env_spec=env_spec if isinstance(env_spec, str) else json.dumps(env_spec),
+        ref_min_score=float(ref[0]) if ref[0] is not None else 0.0,
+        ref_max_score=float(ref[1]) if ref[1] is not None else 1.0,
+        episode_returns=np.asarray(returns, dtype=np.float32),
+        obs_dim=data["observations"].shape[1],
+        act_dim=data["actions"].shape[1],
+    )
+    return data
+
+
+def obs_stats(observations: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """State normalisation fixed from the dataset: mean and std + eps."""
+    return observations.mean(0).astype(np.float32), (observations.std(0) + eps).astype(np.float32)
+
+
+def normalized_score(ret: float | np.ndarray, ref_min: float, ref_max: float) -> float | np.ndarray:
+    return 100.0 * (ret - ref_min) / (ref_max - ref_min)
+# --- end shared: dataset ---
+
+
+# --- shared: buffer ---
+class ReplayBuffer:
+    """Transitions as preallocated device tensors (observations already normalised); sampling uses the
+    device RNG, so neither adding a batch nor sampling syncs with the host."""
+
+    def __init__(self, obs_dim: int, act_dim: int, capacity: int, device: torch.device):
+        def z(*shape: int) -> Tensor:
+            return torch.zeros(capacity, *shape, dtype=torch.float32, device=device)
+
+        self.data = {"obs": z(obs_dim), "actions": z(act_dim), "rewards": z(), "next_obs": z(obs_dim), "terminals": z()}
+        self.capacity, self.size, self.ptr, self.device = capacity, 0, 0, device
+
+    @classmethod
+    def from_dataset(cls, data: dict, obs_mean: np.ndarray, obs_std: np.ndarray, device: torch.device, reward_scale: float = 1.0, reward_shift: float = 0.0) -> "ReplayBuffer":
+        n = len(data["rewards"])
+        rb = cls(data["obs_dim"], data["act_dim"], n, device)
+        rb.add(
+            (data["observations"] - obs_mean) / obs_std, data["actions"], data["rewards"] * reward_scale + reward_shift,
+            (data["next_observations"] - obs_mean) / obs_std, data["terminals"],
+        )
+        return rb
+
+    def add(self, obs: Any, actions: Any, rewards: Any, next_obs: Any, terminals: Any) -> None:
+        """Add a batch of transitions (ring buffer: the oldest are overwritten when full)."""
+        batch = {"obs": obs, "actions": actions, "rewards": rewards, "next_obs": next_obs, "terminals": terminals}
+        n = len(rewards)
+        idx = (torch.arange(n, device=self.device) + self.ptr) % self.capacity
+        for k, v in batch.items():
+            self.data[k][idx] = torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v, dtype=torch.float32).to(self.device).reshape(self.data[k][idx].shape)
+        self.ptr = (self.ptr + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+
+    def sample(self, batch_size: int) -> dict[str, Tensor]:
+        idx = torch.randint(self.size, (batch_size,), device=self.device)
+        return {k: v[idx] for k, v in self.data.items()}
+# --- end shared: buffer ---
+
+
+# --- shared: evaluation ---
+def make_env(env_spec: str) -> gym.Env:
+    """An environment from the JSON spec a dataset (and every checkpoint) records, or from a plain env id."""
+    return gym.make(EnvSpec.from_json(env_spec) if env_spec.lstrip().startswith("{") else env_spec)
+
+
+class Evaluator:
+    """Deterministic evaluation on environments of its own (never the training env), all episodes stepped
+    together with one batched actor call; every evaluation uses the same start seeds, so curves compare."""
+
+    def __init__(self, env_spec: str, n_episodes: int, seed: int, obs_mean: np.ndarray, obs_std: np.ndarray, device: torch.device):
+        self.envs = [make_env(env_spec) for _ in range(n_episodes)]
+        self.seed = seed
+        self.obs_mean = torch.as_tensor(obs_mean, dtype=torch.float32, device=device)
+        self.obs_std = torch.as_tensor(obs_std, dtype=torch.float32, device=device)
+        self.device = device
+        space = self.envs[0].action_space
+        self.low, self.high = space.low, space.high
+
+    @torch.no_grad()
+    def __call__(self, act: Callable[[Tensor], Tensor]) -> np.ndarray:
+        """Undiscounted returns of one episode per environment; `act` maps normalised observations to actions."""
+        obs = np.stack([env.reset(seed=self.seed + i)[0] for i, env in enumerate(self.envs)])
+        returns = np.zeros(len(self.envs))
+        alive = list(range(len(self.envs)))
+        while alive:
+            o = torch.as_tensor(obs[alive], dtype=torch.float32, device=self.device)
+            actions = act((o - self.obs_mean) / self.obs_std).cpu().numpy()
+            for j, a in zip(list(alive), np.clip(actions, self.low, self.high)):
+                obs[j], r, term, trunc, _ = self.envs[j].step(a)
+                returns[j] += r
+                if term or trunc:
+                    alive.remove(j)
+        return returns
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+# --- end shared: evaluation ---
+
+
+# --- shared: checkpoint ---
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_KEYS = ("format_version", "algo", "env_name", "dataset_id", "obs_dim", "act_dim", "max_action", "actor_family",
+                   "actor_config", "actor", "obs_mean", "obs_std", "reward_transform", "args", "grad_steps", "env_spec")
+
+
+def load_checkpoint(path: str | Path, env_name: str | None = None, obs_dim: int | None = None, act_dim: int | None = None) -> dict:
+    """A checkpoint of DESIGN.md's format, checked against the run that wants it; any mismatch exits 2."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}); delete it or pass another")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
+        fail(f"{path} is not a checkpoint of this project (missing fields); pass one written by offline_pretrain.py")
+    if ckpt["format_version"] != CHECKPOINT_FORMAT:
+        fail(f"checkpoint {path} has format {ckpt['format_version']}, this code reads {CHECKPOINT_FORMAT}")
+    if env_name is not None and ckpt["env_name"] != env_name:
+        fail(f"checkpoint {path} was trained on {ckpt['env_name']}, not {env_name}; pass a checkpoint of {env_name}")
+    if (obs_dim is not None and ckpt["obs_dim"] != obs_dim) or (act_dim is not None and ckpt["act_dim"] != act_dim):
+        fail(f"checkpoint {path} has obs/act dims {ckpt['obs_dim']}/{ckpt['act_dim']}, the dataset {obs_dim}/{act_dim}")
+    return ckpt
+
+
+def actor_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> nn.Module:
+    """The checkpoint's actor, in its own family, weights copied exactly."""
+    actor = build_actor(ckpt["actor_family"], ckpt["obs_dim"], ckpt["act_dim"], ckpt["actor_config"]["hidden"], ckpt["max_action"])
+    actor.load_state_dict(ckpt["actor"])
+    return actor.to(device)
+# --- end shared: checkpoint ---
+
+
+# ---------------------------------------------------------------- defaults per dataset family (one visible table)
+# Keyed by the level parsed from --env. Explicit flags override. "random" has no paper value: it takes the
+# medium-replay row (the offline critic of a low-quality dataset deserves the smaller initial OPT weight).
+FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
+    #                 exploration sigma    threshold eps0 -> eps_end         OPT kappa at --kappa-begin
+    "random":        dict(explore_noise=0.1, eps0=0.0025, eps_end=0.04, kappa_start=0.1),
+    "medium":        dict(explore_noise=0.1, eps0=0.0025, eps_end=0.04, kappa_start=0.3),
+    "medium-replay": dict(explore_noise=0.1, eps0=0.0025, eps_end=0.04, kappa_start=0.1),
+    "medium-expert": dict(explore_noise=0.05, eps0=2.5e-5, eps_end=6.25e-4, kappa_start=0.3),
+    "expert":        dict(explore_noise=0.05, eps0=2.5e-5, eps_end=6.25e-4, kappa_start=0.3),
+}
+ACTOR_HIDDEN = (256, 256)  # online deterministic actor (distillation target)
+CRITIC_HIDDEN = (256, 256)  # new online critics: 2 x [Linear 256 -> LayerNorm -> ReLU]
+
+
+def dataset_level(env: str, dataset_id: str | None) -> str:
+    """The FAMILY_DEFAULTS key: the level of --env (with --dataset-id an unparsable --env falls back to medium)."""
+    m = re.fullmatch(r"([a-z0-9]+)-(.+)-v\d+", env)
+    if m is not None and m.group(2) in FAMILY_DEFAULTS:
+        return m.group(2)
+    if dataset_id is None:
+        parse_env_name(env)  # exits 2 listing the known names
+    return "medium"
+
+
+def resolve_defaults(args: Args) -> dict[str, float]:
+    """Exploration sigma, thresholds and kappa start: explicit flags win, else the FAMILY_DEFAULTS row."""
+    row = dict(FAMILY_DEFAULTS[dataset_level(args.env, args.dataset_id)])
+    if args.reference == "interval":  # section 1e: a reference refreshed on a clock gets a tighter final threshold
+        row["eps_end"] /= 4.0
+    for k in row:
+        if getattr(args, k) is not None:
+            row[k] = float(getattr(args, k))
+    return row
+
+
+def critic_config_of(qf: Critic) -> dict:
+    hidden = [m.weight.shape[-1] for m in qf.net if isinstance(m, EnsembleLinear)][:-1]
+    return {"hidden": hidden, "layer_norm": any(isinstance(m, EnsembleLayerNorm) for m in qf.net)}
+
+
+def new_critic(obs_dim: int, act_dim: int) -> Critic:
+    return orthogonal_init_(Critic(obs_dim, act_dim, CRITIC_HIDDEN, n=2, layer_norm=True))
+
+
+def critic_from_checkpoint(ckpt: dict) -> Critic | None:
+    """The checkpoint's twin Q critic in its own architecture, or None when it has none."""
+    critics, cfg = ckpt.get("critics") or {}, ckpt.get("critic_config") or {}
+    if "qf" not in critics or not cfg.get("hidden"):
+        return None
+    qf = Critic(ckpt["obs_dim"], ckpt["act_dim"], cfg["hidden"], n=2, layer_norm=bool(cfg.get("layer_norm", False)))
+    try:
+        qf.load_state_dict(critics["qf"])
+    except RuntimeError as e:
+        fail(f"the critic in the checkpoint does not match its critic_config ({str(e).splitlines()[0]}); pass another checkpoint")
+    return qf
+
+
+class DensityRatio(nn.Module):
+    """Balanced replay: a classifier online-vs-offline on (s, a); exp(logit) estimates d_on / d_off."""
+
+    def __init__(self, obs_dim: int, act_dim: int):
+        super().__init__()
+        self.net = mlp(obs_dim + act_dim, (256, 256), 1)
+
+    def forward(self, obs: Tensor, act: Tensor) -> Tensor:
+        return self.net(torch.cat([obs, act], -1)).squeeze(-1)
+
+
+# ---------------------------------------------------------------- pure math (each has a unit test)
+def smoothed_action(action: Tensor, noise: Tensor, noise_clip: float, max_action: float = 1.0) -> Tensor:
+    """TD3 target policy smoothing: clip(a + clip(noise, +-c), +-max_action); noise ~ N(0, sigma^2) from the caller."""
+    return (action + noise.clamp(-noise_clip, noise_clip)).clamp(-max_action, max_action)
+
+
+def fqe_target(rewards: Tensor, terminals: Tensor, next_q: Tensor, gamma: float) -> Tensor:
+    """Section 2a: y = r + gamma (1 - d) min_i Qbar_i(s', a'); next_q is (n, B); d = 1 only for a true termination."""
+    return rewards + gamma * (1.0 - terminals) * next_q.min(0).values
+
+
+def alignment_targets(q_star: Tensor, q_bar_at: Tensor, at: Tensor, a_off: Tensor, beta: float, max_distance: float) -> Tensor:
+    """Section 2b: distance-shrunk targets y_i = min(y*, Qbar_i(s, at)), shape (n, B).
+
+    delta = min(||at - a_off||_2 / sqrt|A|, max_distance); y* = Q* (1 + beta delta^2) if Q* < 0 else
+    Q* / (1 + beta delta^2): either way y* <= Q*, so actions away from the offline action are pushed down.
+    """
+    delta = ((at - a_off).norm(dim=-1) / math.sqrt(at.shape[-1])).clamp(max=max_distance)
+    shrink = 1.0 + beta * delta**2
+    y_star = torch.where(q_star < 0, q_star * shrink, q_star / shrink)
+    return torch.minimum(y_star.unsqueeze(0), q_bar_at)
+
+
+def mse_to_reference(pi: Tensor, pi_ref: Tensor) -> Tensor:
+    """M = mean over batch and action dims of (pi(s) - pi_ref(s))^2: one scalar per batch (section 2c)."""
+    return ((pi - pi_ref) ** 2).mean()
+
+
+def constrained_td_target(rewards: Tensor, terminals: Tensor, next_q: Tensor, lam: Tensor | float, m_next: Tensor | float, gamma: float) -> Tensor:
+    """Section 2c: y = r + gamma (1 - d) [min_i Qbar_i(s', a') - lam M']; next_q is (n, B)."""
+    return rewards + gamma * (1.0 - terminals) * (next_q.min(0).values - lam * m_next)
+
+
+def lagrange_loss(log_lam: Tensor, deviation: Tensor, threshold: float, tau: float = 0.7) -> Tensor:
+    """lam * c with c = mean_kj w(u) u, u = eps - D_kj, w = tau if u < 0 (violation) else 1 - tau (linear, not squared).
+    c < 0 while violations dominate, so descending lam * c raises lam; c is detached."""
+    u = threshold - deviation
+    c = (torch.where(u < 0, tau, 1.0 - tau) * u).mean()
+    return log_lam.exp() * c.detach()
+
+
+def constraint_threshold(t: int, eps0: float, eps_end: float, steps: int) -> float:
+    """eps_t = min(eps_end, eps0 + (eps_end - eps0) t / steps): the threshold LOOSENS over the online phase."""
+    return min(eps_end, eps0 + (eps_end - eps0) * t / steps)
+
+
+def constrained_actor_loss(q1: Tensor, pi: Tensor, pi_ref: Tensor, lam: Tensor | float) -> Tensor:
+    """-mean Q1(s, pi(s)) / mean|Q1| (detached scale) + lam mean (pi(s) - pi_ref(s))^2."""
+    return -q1.mean() / q1.abs().mean().detach() + lam * mse_to_reference(pi, pi_ref)
+
+
+def td_loss(q: Tensor, y: Tensor) -> Tensor:
+    """sum over the n critics of the mean squared TD error; q (n, B), y (B,) or (n, B)."""
+    return ((q - y) ** 2).mean(-1).sum()
+
+
+def opt_meta_loss(qf: nn.Module, params: dict[str, Tensor], off: tuple[Tensor, Tensor, Tensor], on: tuple[Tensor, Tensor, Tensor],
+                  inner_lr: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """OPT (section 4b): L_pre = L_off(psi) + w L_on(psi - inner_lr grad L_off(psi)), w = detached min(L_off, L_on) / L_on.
+
+    off / on = (obs, actions, TD targets) of an offline and an online batch; the inner step keeps its graph
+    (create_graph), so the gradient flows through grad L_off (second order). Returns (L_pre, L_off, L_on, w).
+    """
+    names = list(params)
+    l_off = td_loss(functional_call(qf, params, (off[0], off[1])), off[2])
+    grads = torch.autograd.grad(l_off, [params[k] for k in names], create_graph=True)
+    inner = {k: params[k] - inner_lr * g for k, g in zip(names, grads)}
+    l_on = td_loss(functional_call(qf, inner, (on[0], on[1])), on[2])
+    w = (torch.minimum(l_off, l_on) / l_on).detach()
+    return l_off + w * l_on, l_off, l_on, w
+
+
+def kappa_schedule(step: int, start: float, end: float, begin: int, finish: int) -> float:
+    """OPT weight of Q_on in the actor objective: start until `begin`, linear to `end` at `finish`, then end."""
+    if step <= begin:
+        return start
+    if step >= finish:
+        return end
+    return start + (end - start) * (step - begin) / (finish - begin)
+
+
+def opt_actor_loss(q_off: Tensor, q_on: Tensor, kappa: float) -> Tensor:
+    """OPT actor: maximise (1 - kappa) Q_off(s, pi(s)) + kappa Q_on(s, pi(s)); no BC term online."""
+    return -((1.0 - kappa) * q_off + kappa * q_on).mean()
+
+
+def distillation_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """Section 6: regress the deterministic actor on the offline actor's mean action (MSE)."""
+    return F.mse_loss(pred, target)
+
+
+# ---------------------------------------------------------------- agent state and replay
+class Agent:
+    """Every network, optimiser and the Lagrange multiplier of a run; checkpointed as plain dicts."""
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, nn.Module)}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.optim.Optimizer)}
+
+    def state(self) -> dict:
+        return {"modules": {k: state_dict_cpu(m) for k, m in self.modules().items()},
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
+                "log_lam": self.log_lam.detach().cpu().clone() if hasattr(self, "log_lam") else None}
+
+    def load(self, state: dict, names: Sequence[str] | None = None) -> None:
+        for k, m in self.modules().items():
+            if k in state["modules"] and (names is None or k in names):
+                m.load_state_dict(state["modules"][k])
+        for k, o in self.optimizers().items():
+            if k in state["optimizers"] and (names is None or k in names):
+                o.load_state_dict(state["optimizers"][k])
+        if state.get("log_lam") is not None and hasattr(self, "log_lam"):
+            with torch.no_grad():
+                self.log_lam.copy_(state["log_lam"])
+
+
+class OnlineReplay:
+    """The online buffer plus the offline data, sampled per --buffer-mode (or by density ratio for balanced replay).
+
+    Offline-prefilled modes (all, part) put the offline transitions first; only the online slice after them is
+    checkpointed, the prefix is rebuilt from the dataset on resume."""
+
+    def __init__(self, offline: ReplayBuffer, data: dict, mode: str, capacity: int, part_trajectories: int, balanced: bool, device: torch.device):
+        self.offline, self.mode, self.balanced = offline, "balanced" if balanced else mode, balanced
+        prefill: dict[str, Tensor] = {}
+        if self.mode == "all":
+            prefill = {k: v[: offline.size] for k, v in offline.data.items()}
+        elif self.mode == "part":
+            episode = np.concatenate([[0], np.cumsum(data["ends"])[:-1]]).astype(np.int64)  # episode index of each transition
+            top = np.argsort(-data["episode_returns"], kind="stable")[:part_trajectories]
+            idx = torch.as_tensor(np.flatnonzero(np.isin(episode, top)), device=device)
+            prefill = {k: v[idx] for k, v in offline.data.items()}
+        self.prefill = len(prefill["rewards"]) if prefill else 0
+        self.online = ReplayBuffer(data["obs_dim"], data["act_dim"], self.prefill + capacity, device)
+        if prefill:
+            self.online.add(prefill["obs"], prefill["actions"], prefill["rewards"], prefill["next_obs"], prefill["terminals"])
+        self.cdf: Tensor | None = None
+
+    @property
+    def n_online(self) -> int:
+        return self.online.size - self.prefill
+
+    def add(self, obs: Tensor, actions: Tensor, rewards: Tensor, next_obs: Tensor, terminals: Tensor) -> None:
+        self.online.add(obs, actions, rewards, next_obs, terminals)
+
+    def sample_online(self, batch_size: int) -> dict[str, Tensor]:
+        """Online transitions only (never the offline prefix of --buffer-mode all/part)."""
+        idx = self.prefill + torch.randint(self.n_online, (batch_size,), device=self.online.device)
+        return {k: v[idx] for k, v in self.online.data.items()}
+
+    def sample(self, batch_size: int) -> dict[str, Tensor]:
+        if self.mode == "half":  # section 1f: half online, half offline
+            on, off = self.online.sample(batch_size // 2), self.offline.sample(batch_size - batch_size // 2)
+            return {k: torch.cat([on[k], off[k]]) for k in on}
+        if self.mode == "balanced" and self.cdf is not None:
+            return self._sample_balanced(batch_size)
+        return self.online.sample(batch_size)
+
+    @torch.no_grad()
+    def refit_priorities(self, ratio: DensityRatio, opt: torch.optim.Optimizer, steps: int, batch_size: int) -> Tensor:
+        """Balanced replay (Lee et al. 2021, as OPT uses it): fit an online-vs-offline classifier, then sample every
+        stored transition with probability proportional to exp(logit) = estimated d_on / d_off. Returns the loss."""
+        loss = torch.zeros((), device=self.online.device)
+        for _ in range(steps):
+            on, off = self.sample_online(batch_size), self.offline.sample(batch_size)
+            with torch.enable_grad():
+                loss = F.binary_cross_entropy_with_logits(ratio(on["obs"], on["actions"]), torch.ones_like(on["rewards"])) + \
+                    F.binary_cross_entropy_with_logits(ratio(off["obs"], off["actions"]), torch.zeros_like(off["rewards"]))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+        def priorities(rb: ReplayBuffer) -> Tensor:
+            chunks = [ratio(rb.data["obs"][i:i + 65536], rb.data["actions"][i:i + 65536]) for i in range(0, rb.size, 65536)]
+            return torch.cat(chunks).clamp(-5.0, 5.0).exp()
+
+        self.n_off, self.n_on_fit = self.offline.size, self.online.size
+        self.cdf = torch.cumsum(torch.cat([priorities(self.offline), priorities(self.online)]), 0)
+        return loss.detach()
+
+    def _sample_balanced(self, batch_size: int) -> dict[str, Tensor]:
+        assert self.cdf is not None
+        u = torch.rand(batch_size, device=self.cdf.device) * self.cdf[-1]
+        idx = torch.searchsorted(self.cdf, u).clamp(max=len(self.cdf) - 1)
+        from_off = idx < self.n_off
+        off_idx, on_idx = idx.clamp(max=self.n_off - 1), (idx - self.n_off).clamp(min=0)
+        out = {}
+        for k in self.online.data:
+            off_v, on_v = self.offline.data[k][off_idx], self.online.data[k][on_idx]
+            mask = from_off.view(-1, *([1] * (off_v.dim() - 1)))
+            out[k] = torch.where(mask, off_v, on_v)
+        return out
+
+    def state(self) -> dict[str, Tensor]:
+        return {k: v[self.prefill: self.online.size].cpu().clone() for k, v in self.online.data.items()}
+
+    def load(self, state: dict[str, Tensor]) -> None:
+        if len(state["rewards"]):
+            self.add(state["obs"], state["actions"], state["rewards"], state["next_obs"], state["terminals"])
+
+
+class EnvRunner:
+    """The training environment: one step of pi(s) + N(0, sigma^2), clipped; returns the transition as device tensors.
+    DECISION (section 2): the EXECUTED (noisy, clipped) action is what the buffer stores."""
+
+    def __init__(self, env_spec: str, seed: int, obs_mean: np.ndarray, obs_std: np.ndarray, reward_transform: dict, device: torch.device):
+        self.env = make_env(env_spec)
+        self.env.action_space.seed(seed)
+        self.obs, _ = self.env.reset(seed=seed)
+        self.mean = torch.as_tensor(obs_mean, dtype=torch.float32, device=device)
+        self.std = torch.as_tensor(obs_std, dtype=torch.float32, device=device)
+        self.scale, self.shift = float(reward_transform["scale"]), float(reward_transform["shift"])
+        self.low, self.high = float(self.env.action_space.low.max()), float(self.env.action_space.high.min())
+        self.device, self.ep_return, self.ep_len = device, 0.0, 0
+
+    def normalize(self, obs: np.ndarray) -> Tensor:
+        return (torch.as_tensor(obs, dtype=torch.float32, device=self.device) - self.mean) / self.std
+
+    @torch.no_grad()
+    def step(self, actor: nn.Module, sigma: float) -> tuple[tuple[Tensor, ...], float | None]:
+        o = self.normalize(self.obs).unsqueeze(0)
+        a = actor(o)
+        a = (a + sigma * torch.randn_like(a)).clamp(self.low, self.high)
+        next_obs, r, term, trunc, _ = self.env.step(a[0].cpu().numpy())
+        # termination vs truncation: only a true termination stops the bootstrap
+        transition = (o, a, torch.tensor([r * self.scale + self.shift], device=self.device), self.normalize(next_obs).unsqueeze(0),
+                      torch.tensor([float(term)], device=self.device))
+        self.ep_return += float(r)
+        self.ep_len += 1
+        finished = None
+        if term or trunc:
+            finished = self.ep_return
+            self.ep_return, self.ep_len = 0.0, 0
+            self.obs, _ = self.env.reset()
+        else:
+            self.obs = next_obs
+        return transition, finished
+
+    def close(self) -> None:
+        self.env.close()
+
+
+# ---------------------------------------------------------------- one update per phase (tensors in, detached metrics out)
+def distill_update(actor: nn.Module, opt: torch.optim.Optimizer, obs: Tensor, target: Tensor) -> dict[str, Tensor]:
+    loss = distillation_loss(actor(obs), target)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return {"losses/distill_loss": loss.detach()}
+
+
+def reevaluate_update(ag: Agent, obs: Tensor, actions: Tensor, rewards: Tensor, next_obs: Tensor, terminals: Tensor, a: Args) -> dict[str, Tensor]:
+    """Section 2a: FQE of pi0 with TD3 targets and policy smoothing; Polyak every step."""
+    with torch.no_grad():
+        pi0_next = ag.actor0(next_obs)
+        next_a = smoothed_action(pi0_next, torch.randn_like(pi0_next) * a.policy_noise, a.noise_clip)
+        y = fqe_target(rewards, terminals, ag.qf_target(next_obs, next_a), a.gamma)
+    q = ag.qf(obs, actions)
+    loss = td_loss(q, y)
+    ag.qf_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    ag.qf_opt.step()
+    polyak_update(ag.qf_target, ag.qf, a.tau)
+    return {"losses/qf_loss": loss.detach(), "losses/qf_values": q.mean().detach()}
+
+
+def align_update(ag: Agent, obs: Tensor, a: Args) -> dict[str, Tensor]:
+    """Section 2b: distance-shrunk targets from the frozen targets; the actor steps on -mean Q1(s, pi(s)) computed
+    before the critic step."""
+    with torch.no_grad():
+        a_off = ag.actor0(obs)
+        q_star = ag.qf_target(obs, a_off).min(0).values
+        pi = ag.actor(obs)
+        at = smoothed_action(pi, torch.randn_like(pi) * a.policy_noise, a.noise_clip)
+        y = alignment_targets(q_star, ag.qf_target(obs, at), at, a_off, a.align_beta, a.align_max_distance)
+    actor_loss = -ag.qf(obs, ag.actor(obs))[0].mean()
+    actor_grads = torch.autograd.grad(actor_loss, list(ag.actor.parameters()))  # no gradient into the critic
+    q_at, q_off = ag.qf(torch.cat([obs, obs]), torch.cat([at, a_off])).split(obs.shape[0], dim=1)  # one fused call
+    loss = td_loss(q_at, y) + td_loss(q_off, q_star)
+    ag.qf_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    ag.qf_opt.step()
+    ag.actor_opt.zero_grad(set_to_none=True)
+    for p, g in zip(ag.actor.parameters(), actor_grads):
+        p.grad = g
+    ag.actor_opt.step()
+    return {"losses/align_loss": loss.detach(), "losses/actor_loss": actor_loss.detach(), "losses/qf_values": q_off.mean().detach()}
+
+
+def o2td3_update(ag: Agent, obs: Tensor, actions: Tensor, rewards: Tensor, next_obs: Tensor, terminals: Tensor,
+                 threshold: float, update_actor: bool, constraint: bool, a: Args) -> dict[str, Tensor]:
+    """Section 2c: constrained TD3 update (critic every call; Lagrange, actor and targets when update_actor)."""
+    lam = ag.log_lam.exp().detach() if constraint else torch.zeros((), device=obs.device)
+    with torch.no_grad():
+        next_pi = ag.actor_target(next_obs)
+        next_a = smoothed_action(next_pi, torch.randn_like(next_pi) * a.policy_noise, a.noise_clip)
+        m_next = mse_to_reference(ag.actor(next_obs), ag.actor_ref(next_obs)) if constraint else torch.zeros((), device=obs.device)
+        y = constrained_td_target(rewards, terminals, ag.qf_target(next_obs, next_a), lam, m_next, a.gamma)
+    q = ag.qf(obs, actions)
+    qf_loss = td_loss(q, y)
+    ag.qf_opt.zero_grad(set_to_none=True)
+    qf_loss.backward()
+    ag.qf_opt.step()
+    out = {"losses/qf_loss": qf_loss.detach(), "losses/qf_values": q.mean().detach(), "losses/lambda": lam}
+    if update_actor:  # delayed: Lagrange multiplier, actor, targets
+        pi = ag.actor(obs)
+        with torch.no_grad():
+            pi_ref = ag.actor_ref(obs)
+        if constraint:
+            lam_loss = lagrange_loss(ag.log_lam, (pi_ref - pi.detach()) ** 2, threshold, a.lagrange_tau)
+            ag.lam_opt.zero_grad(set_to_none=True)
+            lam_loss.backward()
+            ag.lam_opt.step()
+        actor_loss = constrained_actor_loss(ag.qf(obs, pi)[0], pi, pi_ref, lam)
+        ag.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()  # critic grads it leaves are cleared before the next critic step
+        ag.actor_opt.step()
+        polyak_update(ag.qf_target, ag.qf, a.tau)
+        polyak_update(ag.actor_target, ag.actor, a.tau)
+        out["losses/actor_loss"] = actor_loss.detach()
+        out["losses/mse_to_reference"] = mse_to_reference(pi.detach(), pi_ref)
+    return out
+
+
+def opt_pretrain_update(ag: Agent, off: dict[str, Tensor], on: dict[str, Tensor], a: Args) -> dict[str, Tensor]:
+    """Section 4b: one meta step of Q_on; both losses are TD3 losses with Q_on's own targets, pi0 acting."""
+    ys = []
+    with torch.no_grad():
+        for b in (off, on):
+            next_pi = ag.actor(b["next_obs"])  # the actor is frozen during pre-training
+            next_a = smoothed_action(next_pi, torch.randn_like(next_pi) * a.policy_noise, a.noise_clip)
+            ys.append(fqe_target(b["rewards"], b["terminals"], ag.qf_on_target(b["next_obs"], next_a), a.gamma))
+    params = dict(ag.qf_on.named_parameters())
+    loss, l_off, l_on, w = opt_meta_loss(ag.qf_on, params, (off["obs"], off["actions"], ys[0]), (on["obs"], on["actions"], ys[1]), a.opt_inner_lr)
+    ag.qf_on_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    ag.qf_on_opt.step()
+    polyak_update(ag.qf_on_target, ag.qf_on, a.tau)
+    return {"losses/opt_meta_loss": loss.detach(), "losses/opt_l_off": l_off.detach(), "losses/opt_l_on": l_on.detach(), "losses/opt_w": w}
+
+
+def opt_finetune_update(ag: Agent, obs: Tensor, actions: Tensor, rewards: Tensor, next_obs: Tensor, terminals: Tensor,
+                        kappa: float, update_actor: bool, a: Args) -> dict[str, Tensor]:
+    """Section 4b: both critics fitted on the same batch (own targets); the actor maximises the kappa mixture."""
+    with torch.no_grad():
+        next_pi = ag.actor_target(next_obs)
+        next_a = smoothed_action(next_pi, torch.randn_like(next_pi) * a.policy_noise, a.noise_clip)
+        y_off = fqe_target(rewards, terminals, ag.qf_target(next_obs, next_a), a.gamma)
+        y_on = fqe_target(rewards, terminals, ag.qf_on_target(next_obs, next_a), a.gamma)
+    q_off, q_on = ag.qf(obs, actions), ag.qf_on(obs, actions)
+    loss_off, loss_on = td_loss(q_off, y_off), td_loss(q_on, y_on)
+    ag.qf_opt.zero_grad(set_to_none=True)
+    ag.qf_on_opt.zero_grad(set_to_none=True)
+    (loss_off + loss_on).backward()
+    ag.qf_opt.step()
+    ag.qf_on_opt.step()
+    out = {"losses/qf_loss": loss_off.detach(), "losses/qf_on_loss": loss_on.detach(), "losses/qf_values": q_on.mean().detach()}
+    if update_actor:
+        pi = ag.actor(obs)
+        actor_loss = opt_actor_loss(ag.qf(obs, pi)[0], ag.qf_on(obs, pi)[0], kappa)
+        ag.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        ag.actor_opt.step()
+        polyak_update(ag.qf_target, ag.qf, a.tau)
+        polyak_update(ag.qf_on_target, ag.qf_on, a.tau)
+        polyak_update(ag.actor_target, ag.actor, a.tau)
+        out["losses/actor_loss"] = actor_loss.detach()
+    return out
+
+
+# ---------------------------------------------------------------- run bookkeeping
+PHASE_FIELDS: dict[str, tuple[str, ...]] = {
+    "distilled": ("env", "dataset_id", "seed", "offline_algo", "checkpoint", "distill_steps", "distill_lr", "batch_size", "device"),
+    "reevaluated": ("no_reevaluate", "reevaluate_steps", "critic_init", "gamma", "tau", "critic_lr", "policy_noise", "noise_clip"),
+    "aligned": ("no_align", "align_steps", "align_beta", "align_max_distance", "actor_lr"),
+    "opt_pretrained": ("opt", "gamma", "tau", "critic_lr", "policy_noise", "noise_clip", "opt_collect_steps", "opt_pretrain_steps",
+                       "opt_inner_lr", "explore_noise", "eval_every", "buffer_mode", "part_trajectories", "opt_balanced_replay"),
+}
+# fields a resumed online phase may change: the budget, when to stop, logging and checkpoint cadence
+RESUMABLE_CHANGES = ("online_steps", "stop_after", "no_resume", "log_every", "checkpoint_every", "phase_eval_every")
+
+
+def phase_key(args: Args, phase: str, source: str) -> dict:
+    """What a phase result depends on: reused only when this matches (the phases before it included)."""
+    order = ["distilled", "reevaluated", "aligned"] if phase != "opt_pretrained" else ["distilled", "opt_pretrained"]
+    key = {"source": source}
+    for p in order[: order.index(phase) + 1]:
+        key.update({f: getattr(args, f) for f in PHASE_FIELDS[p]})
+    return key
+
+
+def online_key(args: Args, source: str) -> dict:
+    return {"source": source, **{k: v for k, v in asdict(args).items() if k not in RESUMABLE_CHANGES}}
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": json.dumps(np_state[1].tolist()), "numpy_pos": int(np_state[2]), "python": json.dumps(random.getstate()[1])}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    np.random.set_state(("MT19937", np.array(json.loads(s["numpy"]), dtype=np.uint32), s["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(json.loads(s["python"])), None))
+
+
+class Run:
+    """Outputs of one run: folder, tensorboard, curve, phase wall-clock, evaluation and checkpoints."""
+
+    def __init__(self, args: Args, out: Path, ckpt: dict, ckpt_path: Path, data: dict, device: torch.device):
+        self.args, self.out, self.ckpt, self.data, self.device = args, out, ckpt, data, device
+        self.source = f"{ckpt_path.resolve()}@{ckpt['grad_steps']}"
+        self.writer = SummaryWriter(str(out))
+        self.evaluator = Evaluator(data["env_spec"], args.eval_episodes, args.seed + 100, ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy(), device)
+        self.curve: list[dict] = []
+        self.phases: dict[str, dict] = {}
+        self.metrics: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def evaluate(self, actor: nn.Module) -> tuple[float, float]:
+        was_training = actor.training
+        actor.eval()
+        ret = float(self.evaluator(actor.act).mean())
+        actor.train(was_training)
+        return ret, float(normalized_score(ret, self.ckpt["ref_min_score"], self.ckpt["ref_max_score"]))
+
+    def record(self, step: int, ret: float, score: float, phase: str, quiet: bool = False) -> None:
+        self.curve.append({"step": step, "normalized_score": score, "return": ret, "phase": phase})
+        self.writer.add_scalar("eval/normalized_score", score, step)
+        self.writer.add_scalar("eval/episodic_return", ret, step)
+        if not quiet:
+            tqdm.write(f"[{phase}] step {step}: return {ret:.1f}, normalized score {score:.1f}")
+
+    def accumulate(self, m: dict[str, Tensor]) -> None:
+        """Metrics stay on the device until log time (no host sync in the hot loop)."""
+        for k, v in m.items():
+            if k in self.metrics:
+                self.metrics[k] = self.metrics[k] + v
+                self.counts[k] += 1
+            else:
+                self.metrics[k], self.counts[k] = v, 1
+
+    def flush(self, step: int, phase: str) -> None:
+        if not self.metrics:
+            return
+        values = torch.stack([v.float() for v in self.metrics.values()]).cpu().tolist()  # the one host sync per log window
+        for k, total in zip(self.metrics, values):
+            v = total / self.counts[k]
+            if not math.isfinite(v):
+                fail(f"non-finite {k} at step {step} of phase {phase}; the last good checkpoint is in {self.out}")
+            self.writer.add_scalar(k, v, step)
+        self.metrics, self.counts = {}, {}
+
+    def phase_path(self, name: str) -> Path:
+        return self.out / f"{name}.pt"
+
+    def reuse(self, name: str, key: dict) -> dict | None:
+        """A phase checkpoint written by an earlier run with the same key, else None."""
+        path = self.phase_path(name)
+        if self.args.no_resume or not path.exists():
+            return None
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            print(f"NOTICE: {path} is unreadable; recomputing phase {name}")
+            return None
+        if saved.get("phase_key") != key:
+            print(f"NOTICE: {path} was made with other arguments; recomputing phase {name}")
+            return None
+        print(f"reusing {path} (pass --no-resume to recompute)")
+        return saved
+
+    def checkpoint(self, name: str, ag: Agent, key: dict, extra: dict, score: float | None) -> dict:
+        """Same format as an offline checkpoint (loadable by load_checkpoint), plus the training state."""
+        c, actor = self.ckpt, ag.actor
+        critics = {k: state_dict_cpu(getattr(ag, k)) for k in ("qf", "qf_on") if hasattr(ag, k)}
+        ckpt = {
+            "format_version": CHECKPOINT_FORMAT, "algo": "o2o_td3", "env_name": c["env_name"], "dataset_id": c["dataset_id"],
+            "local_standin": self.data["local_standin"], "env_spec": c["env_spec"], "obs_dim": c["obs_dim"], "act_dim": c["act_dim"],
+            "max_action": c["max_action"], "actor_family": "deterministic",
+            "actor_config": {"hidden": [m.out_features for m in actor.net if isinstance(m, nn.Linear)][:-1]},
+            "actor": state_dict_cpu(actor), "critics": critics or None,
+            "critic_config": critic_config_of(ag.qf) if hasattr(ag, "qf") else None,
+            "obs_mean": c["obs_mean"], "obs_std": c["obs_std"], "reward_transform": c["reward_transform"],
+            "ref_min_score": c["ref_min_score"], "ref_max_score": c["ref_max_score"], "args": asdict(self.args), "grad_steps": c["grad_steps"],
+            "eval_normalized_score": score, "phase": name, "phase_key": key, "source_checkpoint": self.source,
+            "reference_actor": state_dict_cpu(ag.actor_ref) if hasattr(ag, "actor_ref") else None,
+            "lagrange": {"log_lambda": ag.log_lam.detach().cpu().clone()} if hasattr(ag, "log_lam") else None,
+            "train_state": {**ag.state(), "rng": rng_state(), **extra},
+        }
+        atomic_save(ckpt, self.phase_path(name))
+        return ckpt
+
+    def phase_done(self, name: str, t0: float, reused: bool) -> None:
+        self.phases[name] = {"wall_clock_s": time.time() - t0, "reused": reused}
+        self.writer.add_scalar("charts/phase", list(PHASES).index(name), len(self.phases))
+
+    def close(self) -> None:
+        self.writer.close()
+        self.evaluator.close()
+
+
+PHASES = ("offline", "distilled", "reevaluated", "aligned", "opt_collect", "opt_pretrained", "online")
+
+
+# ---------------------------------------------------------------- phases
+def run_distillation(run: Run, offline_actor: nn.Module, off_rb: ReplayBuffer, key: dict) -> tuple[nn.Module, dict]:
+    """Section 6: a tanh-Gaussian or Gaussian offline actor becomes a DeterministicActor(256x256) regressed on its mean action."""
+    a, t0 = run.args, time.time()
+    ag = Agent()
+    ag.actor = DeterministicActor(run.ckpt["obs_dim"], run.ckpt["act_dim"], ACTOR_HIDDEN, run.ckpt["max_action"]).to(run.device)
+    ag.actor_opt = torch.optim.Adam(ag.actor.parameters(), lr=a.distill_lr)
+    saved = run.reuse("distilled", key)
+    if saved is not None:
+        ag.load(saved["train_state"])
+        set_rng_state(saved["train_state"]["rng"])
+        info = saved["train_state"]["distill"]
+    else:
+        offline_actor.eval()
+        for step in tqdm(range(1, a.distill_steps + 1), desc="distill", disable=None):
+            obs = off_rb.sample(a.batch_size)["obs"]
+            with torch.no_grad():
+                target = offline_actor.act(obs)
+            run.accumulate(distill_update(ag.actor, ag.actor_opt, obs, target))
+            if step % a.log_every == 0:
+                run.flush(step, "distillation")
+        run.flush(a.distill_steps, "distillation")
+        with torch.no_grad():  # distillation error on (up to) 10k fixed dataset states
+            obs = off_rb.data["obs"][: min(off_rb.size, 10_000)]
+            err = float(distillation_loss(ag.actor(obs), offline_actor.act(obs)))
+        ret, score = run.evaluate(ag.actor)
+        info = {"distill_error": err, "distilled_return": ret, "distilled_score": score, "from_family": run.ckpt["actor_family"]}
+        run.checkpoint("distilled", ag, key, {"distill": info}, score)
+    run.writer.add_scalar("losses/distill_error", info["distill_error"], 0)
+    print(f"distilled the {info['from_family']} actor: MSE to its mean action {info['distill_error']:.4g}, normalized score {info['distilled_score']:.1f}")
+    run.record(0, info["distilled_return"], info["distilled_score"], "distilled", quiet=True)
+    run.phase_done("distilled", t0, saved is not None)
+    return ag.actor, info
+
+
+def run_reevaluation(run: Run, ag: Agent, off_rb: ReplayBuffer, key: dict) -> None:
+    """Section 2a, into a NEW critic (orthogonal init, LayerNorm)."""
+    a, t0 = run.args, time.time()
+    saved = run.reuse("reevaluated", key)
+    if saved is not None:
+        ag.load(saved["train_state"], names=("qf", "qf_target", "qf_opt"))
+        set_rng_state(saved["train_state"]["rng"])
+    else:
+        for step in tqdm(range(1, a.reevaluate_steps + 1), desc="re-evaluation", disable=None):
+            b = off_rb.sample(a.batch_size)
+            run.accumulate(reevaluate_update(ag, b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"], a))
+            if step % a.log_every == 0:
+                run.flush(step, "re-evaluation")
+        run.flush(a.reevaluate_steps, "re-evaluation")
+        run.checkpoint("reevaluated", ag, key, {}, None)
+    run.phase_done("reevaluated", t0, saved is not None)
+
+
+def run_alignment(run: Run, ag: Agent, off_rb: ReplayBuffer, key: dict) -> float | None:
+    """Section 2b; targets frozen for the whole phase, then critics and actor copied to the targets."""
+    a, t0 = run.args, time.time()
+    saved = run.reuse("aligned", key)
+    if saved is not None:
+        ag.load(saved["train_state"], names=("actor", "actor_target", "actor_opt", "qf", "qf_target", "qf_opt"))
+        set_rng_state(saved["train_state"]["rng"])
+        ret, score = saved["train_state"]["aligned_return"], saved["train_state"]["aligned_score"]
+    else:
+        offset = 0 if a.no_reevaluate else a.reevaluate_steps  # tensorboard x-axis: gradient steps since the start
+        for step in tqdm(range(1, a.align_steps + 1), desc="alignment", disable=None):
+            run.accumulate(align_update(ag, off_rb.sample(a.batch_size)["obs"], a))
+            if step % a.log_every == 0:
+                run.flush(offset + step, "alignment")
+            if step % a.phase_eval_every == 0 and step < a.align_steps:
+                run.writer.add_scalar("eval/align_normalized_score", run.evaluate(ag.actor)[1], offset + step)
+        run.flush(offset + a.align_steps, "alignment")
+        ag.qf_target.load_state_dict(ag.qf.state_dict())
+        ag.actor_target.load_state_dict(ag.actor.state_dict())
+        ret, score = run.evaluate(ag.actor)
+        run.checkpoint("aligned", ag, key, {"aligned_return": ret, "aligned_score": score}, score)
+    run.record(0, ret, score, "aligned")
+    run.phase_done("aligned", t0, saved is not None)
+    return score
+
+
+def online_loop(run: Run, ag: Agent, replay: OnlineReplay, runner: EnvRunner, st: dict, update: Callable[[dict, int, bool], dict],
+                phase: str, sigma: float, utd: int, learning_starts: int, after_step: Callable[[int], None] | None = None) -> bool:
+    """The env loop shared by O2TD3, naive and OPT fine-tuning: act, store, `utd` updates, log, evaluate, checkpoint.
+    `st` is the resumable loop state (global_step, n_updates, best, n_evals). Returns False when --stop-after hit."""
+    a = run.args
+    t0, s0 = time.time(), st["global_step"]
+    bar = tqdm(range(st["global_step"] + 1, a.online_steps + 1), desc=phase, initial=st["global_step"], total=a.online_steps, disable=None)
+    for global_step in bar:
+        transition, ep_ret = runner.step(ag.actor, sigma)
+        replay.add(*transition)
+        if ep_ret is not None:
+            run.writer.add_scalar("charts/episodic_return", ep_ret, global_step)
+        if global_step >= learning_starts:
+            for _ in range(utd):
+                st["n_updates"] += 1
+                run.accumulate(update(replay.sample(a.batch_size), global_step, st["n_updates"] % a.policy_freq == 0))
+        if after_step is not None:
+            after_step(global_step)
+        st["global_step"] = global_step
+        if global_step % a.log_every == 0:
+            run.flush(global_step, phase)
+            run.writer.add_scalar("charts/SPS", (global_step - s0) / max(time.time() - t0, 1e-9), global_step)
+        if global_step % a.eval_every == 0:
+            ret, score = run.evaluate(ag.actor)
+            st["n_evals"] += 1
+            run.record(global_step, ret, score, phase)
+            atomic_save({"complete": False, "curve": run.curve, "phases": run.phases}, run.out / "results.json")  # progress so far
+            bar.set_postfix(score=f"{score:.1f}")
+            if hasattr(ag, "actor_ref"):  # section 1e: reference update
+                if a.reference == "best" and score > st["best"]:
+                    ag.actor_ref.load_state_dict(ag.actor.state_dict())
+                elif a.reference == "interval" and st["n_evals"] % a.reference_interval == 0:
+                    ag.actor_ref.load_state_dict(ag.actor.state_dict())
+            st["best"] = max(st["best"], score)
+        if global_step % a.checkpoint_every == 0 or global_step == a.online_steps:
+            run.checkpoint("online", ag, st["key"], {"loop": {k: v for k, v in st.items() if k != "key"}, "curve": run.curve,
+                                                    "phases": run.phases, "replay": replay.state()}, run.curve[-1]["normalized_score"])
+        if a.stop_after is not None and global_step >= a.stop_after:
+            bar.close()
+            return False
+    bar.close()
+    run.flush(a.online_steps, phase)
+    return True
+
+
+def resume_online(run: Run, ag: Agent, replay: OnlineReplay, st: dict) -> bool:
+    """Continue a killed run from online.pt (same arguments up to RESUMABLE_CHANGES); a fresh training episode starts."""
+    saved = run.reuse("online", st["key"])
+    if saved is None:
+        return False
+    ts = saved["train_state"]
+    if ts["loop"]["global_step"] > run.args.online_steps:
+        fail(f"{run.phase_path('online')} is at env step {ts['loop']['global_step']} > --online-steps {run.args.online_steps}; raise it or pass --no-resume")
+    ag.load(ts)
+    replay.load(ts["replay"])
+    st.update(ts["loop"])
+    run.curve[:] = ts["curve"]
+    run.phases.update({k: {**v, "reused": True} for k, v in ts["phases"].items() if k not in run.phases})
+    set_rng_state(ts["rng"])
+    print(f"resuming the online phase at env step {st['global_step']}")
+    return True
+
+
+def run_o2td3_online(run: Run, ag: Agent, off_rb: ReplayBuffer, data: dict, d: dict, st: dict, obs_mean: np.ndarray, obs_std: np.ndarray) -> bool:
+    """Section 2c (constrained) or plain TD3 fine-tuning (--no-constraint)."""
+    a, t0 = run.args, time.time()
+    constraint = not a.no_constraint
+    replay = OnlineReplay(off_rb, data, a.buffer_mode, a.online_steps, a.part_trajectories, False, run.device)
+    st["key"] = online_key(a, run.source)
+    resume_online(run, ag, replay, st)
+    runner = EnvRunner(data["env_spec"], a.seed + st["global_step"], obs_mean, obs_std, run.ckpt["reward_transform"], run.device)
+    if constraint:
+        run.writer.add_scalar("charts/kl_threshold", d["eps0"], 0)
+
+    def update(b: dict[str, Tensor], step: int, update_actor: bool) -> dict[str, Tensor]:
+        eps = constraint_threshold(step, d["eps0"], d["eps_end"], a.eps_steps)
+        return o2td3_update(ag, b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"], eps, update_actor, constraint, a)
+
+    def after_step(step: int) -> None:
+        if constraint and step % a.log_every == 0:
+            run.writer.add_scalar("charts/kl_threshold", constraint_threshold(step, d["eps0"], d["eps_end"], a.eps_steps), step)
+
+    ok = online_loop(run, ag, replay, runner, st, update, "online", d["explore_noise"], a.utd, a.learning_starts, after_step)
+    runner.close()
+    run.phase_done("online", t0, False)
+    return ok
+
+
+def run_opt(run: Run, ag: Agent, offline_qf: Critic, off_rb: ReplayBuffer, data: dict, d: dict, st: dict, obs_mean: np.ndarray, obs_std: np.ndarray) -> bool:
+    """Section 4b: collect with the frozen actor, meta-pre-train Q_on, then kappa-weighted fine-tuning of both critics."""
+    a, dev = run.args, run.device
+    obs_dim, act_dim = data["obs_dim"], data["act_dim"]
+    ag.qf = offline_qf.to(dev)  # Q_off
+    ag.qf_target = copy.deepcopy(ag.qf)
+    ag.qf_on = new_critic(obs_dim, act_dim).to(dev)
+    ag.qf_on_target = copy.deepcopy(ag.qf_on)
+    ag.qf_opt = torch.optim.Adam(ag.qf.parameters(), lr=a.critic_lr)
+    ag.qf_on_opt = torch.optim.Adam(ag.qf_on.parameters(), lr=a.critic_lr)
+    ag.actor_opt = torch.optim.Adam(ag.actor.parameters(), lr=a.opt_actor_lr)
+    if a.opt_balanced_replay:
+        ag.ratio = DensityRatio(obs_dim, act_dim).to(dev)
+        ag.ratio_opt = torch.optim.Adam(ag.ratio.parameters(), lr=3e-4)
+    replay = OnlineReplay(off_rb, data, a.buffer_mode, a.online_steps, a.part_trajectories, a.opt_balanced_replay, dev)
+    st["key"] = online_key(a, run.source)
+    resumed = resume_online(run, ag, replay, st)
+    runner = None
+    if not resumed:
+        key = phase_key(a, "opt_pretrained", run.source)
+        saved = run.reuse("opt_pretrained", key)
+        t0 = time.time()
+        if saved is not None:
+            ag.load(saved["train_state"], names=("qf_on", "qf_on_target", "qf_on_opt"))
+            replay.load(saved["train_state"]["replay"])
+            run.curve.extend(saved["train_state"]["collect_curve"])
+            set_rng_state(saved["train_state"]["rng"])
+        else:
+            # --- collection: the frozen actor (+ exploration noise), no updates; its score is the last evaluated one
+            runner = EnvRunner(data["env_spec"], a.seed, obs_mean, obs_std, run.ckpt["reward_transform"], dev)
+            n0 = len(run.curve)
+            for step in tqdm(range(1, a.opt_collect_steps + 1), desc="opt collect", disable=None):
+                transition, ep_ret = runner.step(ag.actor, d["explore_noise"])
+                replay.add(*transition)
+                if ep_ret is not None:
+                    run.writer.add_scalar("charts/episodic_return", ep_ret, step)
+                if step % a.eval_every == 0:  # actor unchanged: the deterministic evaluation would repeat the step-0 score
+                    run.record(step, run.curve[-1]["return"], run.curve[-1]["normalized_score"], "opt_collect", quiet=True)
+            run.phase_done("opt_collect", t0, False)
+            t0 = time.time()
+            # --- pre-training of Q_on with the one-step meta objective
+            for step in tqdm(range(1, a.opt_pretrain_steps + 1), desc="opt pre-train", disable=None):
+                run.accumulate(opt_pretrain_update(ag, off_rb.sample(a.batch_size), replay.sample_online(a.batch_size), a))
+                if step % a.log_every == 0:
+                    run.flush(a.opt_collect_steps + step, "opt pre-training")
+            run.flush(a.opt_collect_steps + a.opt_pretrain_steps, "opt pre-training")
+            run.checkpoint("opt_pretrained", ag, key, {"replay": replay.state(), "collect_curve": run.curve[n0:]}, None)
+        run.phase_done("opt_pretrained", t0, saved is not None)
+        st["global_step"] = a.opt_collect_steps
+    if runner is None:
+        runner = EnvRunner(data["env_spec"], a.seed + st["global_step"], obs_mean, obs_std, run.ckpt["reward_transform"], dev)
+    if a.opt_balanced_replay:
+        run.writer.add_scalar("losses/ratio_loss", float(replay.refit_priorities(ag.ratio, ag.ratio_opt, a.ratio_train_steps, a.batch_size)), st["global_step"])
+    t0 = time.time()
+
+    def update(b: dict[str, Tensor], step: int, update_actor: bool) -> dict[str, Tensor]:
+        kappa = kappa_schedule(step, d["kappa_start"], a.kappa_end, a.kappa_begin, a.kappa_finish)
+        return opt_finetune_update(ag, b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"], kappa, update_actor, a)
+
+    def after_step(step: int) -> None:
+        if step % a.log_every == 0:
+            run.writer.add_scalar("charts/kappa", kappa_schedule(step, d["kappa_start"], a.kappa_end, a.kappa_begin, a.kappa_finish), step)
+        if a.opt_balanced_replay and (step - a.opt_collect_steps) % a.ratio_every == 0:
+            loss = replay.refit_priorities(ag.ratio, ag.ratio_opt, a.ratio_train_steps, a.batch_size)
+            run.writer.add_scalar("losses/ratio_loss", float(loss), step)
+
+    ok = online_loop(run, ag, replay, runner, st, update, "online", d["explore_noise"], a.opt_utd, 0, after_step)
+    runner.close()
+    run.phase_done("online", t0, False)
+    return ok
+
+
+def summarize(run: Run, args: Args) -> dict:
+    curve = run.curve
+    online = [c for c in curve if c["step"] > 0]
+    first_tenth = [c["normalized_score"] for c in online if c["step"] <= args.online_steps / 10]
+    by_phase = {c["phase"]: c["normalized_score"] for c in curve if c["step"] == 0}
+    return {"offline_score": by_phase.get("offline"), "distilled_score": by_phase.get("distilled"), "aligned_score": by_phase.get("aligned"),
+            "min_first_tenth": min(first_tenth) if first_tenth else None, "final_score": curve[-1]["normalized_score"]}
+
+
+def validate(args: Args) -> None:
+    if args.offline_algo not in ("td3_bc", "cql", "iql", "bc"):
+        fail(f"unknown --offline-algo {args.offline_algo!r}; known: td3_bc, cql, iql, bc")
+    for flag in ("batch_size", "online_steps", "utd", "policy_freq", "eval_every", "eval_episodes", "log_every", "checkpoint_every",
+                 "phase_eval_every", "eps_steps", "reference_interval", "part_trajectories", "opt_utd", "ratio_every", "ratio_train_steps"):
+        if getattr(args, flag) <= 0:
+            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    for flag in ("distill_steps", "learning_starts", "opt_pretrain_steps"):
+        if getattr(args, flag) < 0:
+            fail(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if not args.no_reevaluate and args.reevaluate_steps <= 0:
+        fail(f"--reevaluate-steps must be positive, got {args.reevaluate_steps}; use --no-reevaluate to skip the phase")
+    if not args.no_align and args.align_steps <= 0:
+        fail(f"--align-steps must be positive, got {args.align_steps}; use --no-align to skip the phase")
+    if args.batch_size < 2 and args.buffer_mode == "half":
+        fail("--buffer-mode half needs --batch-size >= 2")
+    if not 0.0 < args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0:
+        fail("--gamma and --tau must lie in (0, 1]")
+    if args.checkpoint_every % args.eval_every != 0:
+        fail(f"--checkpoint-every {args.checkpoint_every} must be a multiple of --eval-every {args.eval_every}")
+    if args.stop_after is not None and not 0 < args.stop_after < args.online_steps:
+        fail(f"--stop-after must lie in (0, --online-steps={args.online_steps}), got {args.stop_after}")
+    if args.lambda_init <= 0:
+        fail(f"--lambda-init must be positive, got {args.lambda_init}")
+    d = resolve_defaults(args)  # also rejects an unknown --env
+    if d["explore_noise"] < 0:
+        fail(f"--explore-noise must be >= 0, got {d['explore_noise']}")
+    if not 0 < d["eps0"] <= d["eps_end"]:
+        fail(f"the threshold must loosen: need 0 < --eps0 ({d['eps0']}) <= --eps-end ({d['eps_end']})")
+    if args.opt:
+        if args.no_reevaluate or args.no_align or args.no_constraint:
+            fail("--opt is its own pipeline (no re-evaluation, alignment or constraint); drop --no-reevaluate/--no-align/--no-constraint")
+        if not 0 < args.opt_collect_steps < args.online_steps:
+            fail(f"--opt-collect-steps ({args.opt_collect_steps}) must lie in (0, --online-steps={args.online_steps})")
+        if args.stop_after is not None and args.stop_after <= args.opt_collect_steps:
+            fail(f"--stop-after must exceed --opt-collect-steps ({args.opt_collect_steps}) with --opt")
+        if not (0.0 <= d["kappa_start"] <= 1.0 and 0.0 <= args.kappa_end <= 1.0) or args.kappa_finish < args.kappa_begin:
+            fail("kappa must lie in [0, 1] and --kappa-finish >= --kappa-begin")
+    elif args.opt_balanced_replay:
+        fail("--opt-balanced-replay belongs to --opt; add --opt or drop it")
+    elif args.learning_starts >= args.online_steps:
+        fail(f"--learning-starts {args.learning_starts} >= --online-steps {args.online_steps}: no update would happen")
+
+
+def mode_name(args: Args) -> str:
+    if args.opt:
+        return "opt_balanced" if args.opt_balanced_replay else "opt"
+    if args.no_reevaluate and args.no_align and args.no_constraint:
+        return "naive"
+    return "o2td3" + "".join(f"_no_{n}" for n in ("reevaluate", "align", "constraint") if getattr(args, f"no_{n}"))
+
+
+def main(args: Args) -> dict:
+    validate(args)
+    defaults = resolve_defaults(args)
+    env_name = args.env if args.dataset_id is None else args.dataset_id
+    env_key = env_name.replace("/", "_")
+    if args.checkpoint is not None:
+        ckpt_path = Path(args.checkpoint)
+        if not ckpt_path.is_file():
+            fail(f"--checkpoint {ckpt_path} does not exist; pass the path of a checkpoint.pt written by offline_pretrain.py")
+    else:
+        ckpt_path = Path(args.run_dir) / "offline" / args.offline_algo / env_key / f"seed{args.seed}" / "checkpoint.pt"
+        if not ckpt_path.is_file():
+            ds = f" --dataset-id {args.dataset_id}" if args.dataset_id else ""
+            fail(f"no offline checkpoint at {ckpt_path}; train it with: python offline_pretrain.py --algo {args.offline_algo} --env {args.env}{ds} --seed {args.seed}"
+                 f" (or pass --checkpoint PATH)")
+    data = load_dataset(args.env, args.dataset_id, args.no_download)
+    ckpt = load_checkpoint(ckpt_path, env_name=env_name, obs_dim=data["obs_dim"], act_dim=data["act_dim"])
+    offline_qf = critic_from_checkpoint(ckpt)
+    if args.opt and offline_qf is None:
+        fail(f"--opt needs the offline critic, but {ckpt_path} ({ckpt['algo']}) has none; use a checkpoint with one, e.g. "
+             f"python offline_pretrain.py --algo td3_bc --env {args.env} --seed {args.seed}")
+
+    set_seed(args.seed)
+    device = pick_device(args.device)
+    mode = mode_name(args)
+    out = Path(args.run_dir) / "o2o_td3" / env_key / (args.run_name or f"{mode}__{args.offline_algo}__seed{args.seed}")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.no_resume:  # a stale online state must not be resumed by a later run either
+        for name in ("online.pt", "final.pt", "results.json"):
+            (out / name).unlink(missing_ok=True)
+    atomic_save({**asdict(args), "resolved_defaults": defaults, "mode": mode, "offline_checkpoint": str(ckpt_path)}, out / "args.json")
+    run = Run(args, out, ckpt, ckpt_path, data, device)
+    run.writer.add_text("args", json.dumps(asdict(args)))
+    run.writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
+    rt = ckpt["reward_transform"]  # the critics see rewards exactly as the offline method did
+    obs_mean, obs_std = ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy()
+    off_rb = ReplayBuffer.from_dataset(data, obs_mean, obs_std, device, rt["scale"], rt["shift"])
+    obs_dim, act_dim = data["obs_dim"], data["act_dim"]
+
+    # --- phase 0: the offline actor, and pi0 (copied exactly when deterministic, distilled otherwise)
+    t0 = time.time()
+    offline_actor = actor_from_checkpoint(ckpt, device)
+    ret, offline_score = run.evaluate(offline_actor)
+    run.record(0, ret, offline_score, "offline")
+    run.phase_done("offline", t0, False)
+    distill = None
+    if ckpt["actor_family"] == "deterministic":
+        actor0 = offline_actor
+        pi0_score = offline_score
+    else:
+        actor0, distill = run_distillation(run, offline_actor, off_rb, phase_key(args, "distilled", run.source))
+        pi0_score = distill["distilled_score"]
+    actor0.requires_grad_(False)
+
+    ag = Agent()
+    ag.actor0 = actor0
+    ag.actor = copy.deepcopy(actor0).requires_grad_(True)
+    ag.actor_target = copy.deepcopy(ag.actor)
+    st: dict[str, Any] = {"global_step": 0, "n_updates": 0, "n_evals": 0, "best": pi0_score}
+    ok = True
+    if args.opt:
+        ok = run_opt(run, ag, offline_qf, off_rb, data, defaults, st, obs_mean, obs_std)
+    else:
+        # --- critic: re-evaluated into a new one, or (ablation) the offline one / scratch
+        if not args.no_reevaluate or args.critic_init == "scratch" or offline_qf is None:
+            if args.no_reevaluate and args.critic_init == "offline":
+                print(f"NOTICE: {ckpt['algo']} checkpoint has no critic; the online critic starts from random init")
+            ag.qf = new_critic(obs_dim, act_dim).to(device)
+        else:
+            ag.qf = offline_qf.to(device)
+        ag.qf_target = copy.deepcopy(ag.qf)
+        ag.qf_opt = torch.optim.Adam(ag.qf.parameters(), lr=args.critic_lr)
+        ag.actor_opt = torch.optim.Adam(ag.actor.parameters(), lr=args.actor_lr)
+        ag.actor_ref = copy.deepcopy(actor0)
+        ag.log_lam = nn.Parameter(torch.tensor(math.log(args.lambda_init), device=device))
+        ag.lam_opt = torch.optim.Adam([ag.log_lam], lr=args.lambda_lr)
+        if not args.no_reevaluate:
+            run_reevaluation(run, ag, off_rb, phase_key(args, "reevaluated", run.source))
+        if not args.no_align:
+            aligned_score = run_alignment(run, ag, off_rb, phase_key(args, "aligned", run.source))
+            # section 1c: start from the aligned actor as reference only if it beats pi0
+            if aligned_score is not None and aligned_score > pi0_score and args.reference != "offline":
+                ag.actor_ref.load_state_dict(ag.actor.state_dict())
+                st["best"] = aligned_score
+        ok = run_o2td3_online(run, ag, off_rb, data, defaults, st, obs_mean, obs_std)
+
+    result = {"mode": mode, "run_dir": str(out), "offline_checkpoint": str(ckpt_path), "offline_algo": ckpt["algo"],
+              "actor_family": ckpt["actor_family"], "distillation": distill, "curve": run.curve, "phases": run.phases,
+              "dataset_ids": data["dataset_ids"], "local_standin": data["local_standin"], "resolved_defaults": defaults,
+              **summarize(run, args), "stopped": not ok, "complete": ok}
+    if ok:
+        run.checkpoint("final", ag, online_key(args, run.source), {}, run.curve[-1]["normalized_score"])
+        atomic_save(result, out / "results.json")
+        print(f"{mode} on {args.env}: offline {result['offline_score']:.1f} -> final {result['final_score']:.1f}; outputs in {out}")
+    run.close()
+    return result
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

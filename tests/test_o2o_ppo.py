@@ -1,0 +1,355 @@
+"""o2o_ppo.py: hand-checked math (Monte-Carlo returns, GAE, reference advantage, weights), the env pool's same-step
+autoreset against plain envs, smoke runs of every mode and offline family, resume, determinism, bad inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+import tyro
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import load_script
+
+ppo = load_script("o2o_ppo")
+
+TINY = ["--rollout-size", "64", "--minibatch-size", "32", "--update-epochs", "2", "--total-env-steps", "256",
+        "--reeval-steps", "50", "--distill-steps", "50", "--eval-every", "128", "--eval-episodes", "2",
+        "--log-every", "64", "--checkpoint-every", "128", "--device", "cpu"]
+
+
+def run(ckpt: Path, run_dir: Path, *extra: str) -> dict:
+    return ppo.main(tyro.cli(ppo.Args, args=["--env", "hopper-medium-v2", "--checkpoint", str(ckpt), "--run-dir", str(run_dir), *TINY, *extra]))
+
+
+def scalars(folder: Path) -> dict[str, list[float]]:
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+# ---------------------------------------------------------------- pure math
+def test_monte_carlo_returns_restart_at_terminal_and_time_limit():
+    # three episodes: ends in a termination (t=2), a time limit (t=4), then the dataset's last episode (t=6)
+    data = {"rewards": np.array([1, 2, 3, 4, 5, 6, 7], np.float32), "terminals": np.array([0, 0, 1, 0, 0, 0, 0], np.float32),
+            "ends": np.array([0, 0, 1, 0, 1, 0, 1], np.float32)}
+    g = ppo.monte_carlo_returns(data["rewards"], data["ends"], 0.5)
+    # by hand: 3, 2 + .5*3, 1 + .5*3.5 | 5, 4 + .5*5 (no leak from episode 3 across the time limit) | 7, 6 + .5*7
+    np.testing.assert_allclose(g, [2.75, 3.5, 3.0, 6.5, 5.0, 9.5, 7.0])
+    assert g.dtype == np.float32
+
+
+def test_monte_carlo_returns_on_a_real_dataset(tiny_dataset):
+    data = ppo.load_dataset("hopper-medium-v2", quiet=True)
+    g = ppo.monte_carlo_returns(data["rewards"], data["ends"], 0.99)
+    ends = data["ends"].astype(bool)
+    assert ends.sum() == len(data["episode_returns"])
+    np.testing.assert_allclose(g[ends], data["rewards"][ends], rtol=1e-6)  # every episode restarts
+    first_len = int(np.argmax(ends)) + 1
+    expect = sum(0.99**k * float(r) for k, r in enumerate(data["rewards"][:first_len]))
+    assert g[0] == pytest.approx(expect, rel=1e-4)
+
+
+def test_reevaluation_fits_the_monte_carlo_returns(tiny_dataset, tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    data = ppo.load_dataset("hopper-medium-v2", quiet=True)
+    mean, std = ppo.obs_stats(data["observations"])
+    obs = torch.as_tensor((data["observations"] - mean) / std)
+    g = torch.as_tensor(ppo.monte_carlo_returns(data["rewards"] / 3.0, data["ends"], 0.99))
+    torch.manual_seed(0)
+    vf = ppo.build_value(obs.shape[1])
+    fresh_mse = ((vf(obs)[0] - g) ** 2).mean().item()
+    args = tyro.cli(ppo.Args, args=["--reeval-steps", "300", "--reeval-lr", "1e-3", "--log-every", "100"])
+    with SummaryWriter(str(tmp_path)) as w:
+        info = ppo.reevaluate_value(args, vf, obs, g, w)
+    assert info["steps"] == 300 and info["final_loss"] < fresh_mse / 2 and info["explained_variance"] > 0.3
+    assert len(scalars(tmp_path)["reeval/value_loss"]) == 3
+
+
+def plain_gae(rewards, values, next_values, terms, truncs, gamma, lam):
+    """Per env, written independently with explicit branches."""
+    T, N = len(rewards), len(rewards[0])
+    adv = [[0.0] * N for _ in range(T)]
+    for i in range(N):
+        following = 0.0
+        for t in range(T - 1, -1, -1):
+            if terms[t][i]:
+                delta, following = rewards[t][i] - values[t][i], 0.0  # nothing after a terminal state
+            elif truncs[t][i]:
+                delta, following = rewards[t][i] + gamma * next_values[t][i] - values[t][i], 0.0  # bootstrap from V(final obs)
+            else:
+                delta = rewards[t][i] + gamma * next_values[t][i] - values[t][i]
+            following = delta + gamma * lam * following
+            adv[t][i] = following
+    return adv
+
+
+def test_gae_hand_checked():
+    # t0 normal, t1 time limit (V(final obs) = 2), t2 normal, t3 termination; gamma = lambda = 0.5
+    r = torch.ones(4, 1)
+    v = torch.full((4, 1), 0.5)
+    nv = torch.tensor([[0.5], [2.0], [0.5], [3.0]])
+    term = torch.tensor([[0.0], [0.0], [0.0], [1.0]])
+    ends = torch.tensor([[0.0], [1.0], [0.0], [1.0]])
+    adv, ret = ppo.gae(r, v, nv, term, ends, 0.5, 0.5)
+    torch.testing.assert_close(adv[:, 0], torch.tensor([1.125, 1.5, 0.875, 0.5]))
+    torch.testing.assert_close(ret, adv + v)
+
+
+def test_gae_against_plain_loop_with_both_kinds_of_ends():
+    g = torch.Generator().manual_seed(0)
+    T, N = 9, 3
+    r, v, nv = torch.randn(T, N, generator=g), torch.randn(T, N, generator=g), torch.randn(T, N, generator=g)
+    terms, truncs = torch.zeros(T, N), torch.zeros(T, N)
+    terms[2, 0] = terms[6, 1] = terms[8, 2] = 1.0
+    truncs[4, 0] = truncs[3, 1] = truncs[5, 2] = 1.0
+    adv, ret = ppo.gae(r, v, nv, terms, torch.maximum(terms, truncs), 0.99, 0.95)
+    expect = plain_gae(r.tolist(), v.tolist(), nv.tolist(), terms.tolist(), truncs.tolist(), 0.99, 0.95)
+    torch.testing.assert_close(adv, torch.tensor(expect))
+    # the time limit bootstraps, a termination does not: changing V(final obs) moves only the first
+    nv2 = nv.clone()
+    nv2[4, 0] += 1.0
+    nv2[2, 0] += 1.0
+    adv2, _ = ppo.gae(r, v, nv2, terms, torch.maximum(terms, truncs), 0.99, 0.95)
+    assert adv2[4, 0] - adv[4, 0] == pytest.approx(0.99)
+    assert adv2[2, 0] == adv[2, 0]
+
+
+def test_reference_advantage_hand_checked_and_per_sample():
+    mu, std = torch.zeros(3, 2), torch.ones(3, 2)
+    actions = torch.tensor([[0.0, 0.0], [2.0, 0.0], [30.0, 30.0]])
+    adv = torch.tensor([[1.0], [3.0], [5.0]])  # std (unbiased) = 2
+    a_ref = ppo.reference_advantage(actions, mu, std, adv)
+    assert a_ref.shape == (3, 1)  # DECISION 3c: per sample, like A_hat, never (B, B)
+    sp = lambda x: math.log1p(math.exp(x))  # noqa: E731
+    # |A| = 2: g = 1 at the reference mean, g = 0.5 (1 - 4 + 1) = -1 for z = (2, 0), far away g -> -inf
+    expect = [(2 / 2) * (sp(1 + 8) - 8) * 2, (2 / 2) * (sp(-1 + 8) - 8) * 2, -8.0 * 2]
+    torch.testing.assert_close(a_ref[:, 0], torch.tensor(expect))
+    # one sample's action changes only its own reference advantage
+    moved = actions.clone()
+    moved[1, 1] = 1.0
+    a2 = ppo.reference_advantage(moved, mu, std, adv)
+    assert a2[1, 0] != a_ref[1, 0] and torch.equal(a2[[0, 2]], a_ref[[0, 2]])
+    # sigma_ref scales z
+    torch.testing.assert_close(ppo.reference_advantage(actions * 3, mu, std * 3, adv), a_ref)
+    with pytest.raises(ValueError):
+        ppo.reference_advantage(actions, mu, std, adv[:, 0])  # a (B,) A_hat is refused
+
+
+def test_constrained_advantages_and_weight_schedule():
+    adv, a_ref = torch.tensor([[1.0], [-2.0]]), torch.tensor([[3.0], [0.5]])
+    out = ppo.constrained_advantages(adv, a_ref, 0.5)
+    torch.testing.assert_close(out, torch.tensor([[(1 + 1.5) / 1.5], [(-2 + 0.25) / 1.5]]))
+    assert out.shape == (2, 1)
+    torch.testing.assert_close(ppo.constrained_advantages(adv, a_ref, 0.0), adv)
+    with pytest.raises(ValueError):
+        ppo.constrained_advantages(adv, a_ref[:, 0], 0.5)  # the reference code's (B,) + (B, 1) -> (B, B) bug
+    assert ppo.constraint_weight(0, 1000) == 1.0
+    assert ppo.constraint_weight(250, 1000) == 0.75
+    assert ppo.constraint_weight(1000, 1000) == 0.0
+    assert ppo.constraint_weight(5000, 1000) == 0.0
+    assert ppo.linear_lr(3e-5, 0, 4) == 3e-5 and ppo.linear_lr(2e-4, 3, 4) == pytest.approx(5e-5)
+
+
+def test_ppo_clip_loss_and_distill_loss():
+    logp = torch.log(torch.tensor([1.5, 0.5, 1.5]))
+    adv = torch.tensor([2.0, 2.0, -2.0])
+    loss, kl, clipfrac = ppo.ppo_clip_loss(logp, torch.zeros(3), adv, 0.2)
+    # ratio 1.5, A>0 -> clipped 1.2 A; ratio 0.5, A>0 -> 0.5 A (pessimistic); ratio 1.5, A<0 -> 1.5 A
+    assert loss.item() == pytest.approx(-(1.2 * 2 + 0.5 * 2 - 1.5 * 2) / 3)
+    assert clipfrac.item() == pytest.approx(1.0)
+    mean, log_std, target = torch.tensor([[0.1, -0.2]]), torch.tensor([[0.0, math.log(0.5)]]), torch.tensor([[0.3, 0.2]])
+    nll = 0.5 * (0.2**2) + 0.5 * math.log(2 * math.pi) + 0.5 * (0.4 / 0.5) ** 2 + math.log(0.5) + 0.5 * math.log(2 * math.pi)
+    assert ppo.distill_loss(mean, log_std, target).item() == pytest.approx(nll, rel=1e-5)
+
+
+def test_update_reference_copies_only_on_a_new_best():
+    actor, ref = ppo.GaussianActor(3, 2, (8,)), ppo.GaussianActor(3, 2, (8,))
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    assert ppo.update_reference(ref, actor, 10.0, 20.0) == 20.0
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
+    assert ppo.update_reference(ref, actor, 30.0, 20.0) == 30.0
+    assert all(torch.equal(actor.state_dict()[k], v) for k, v in ref.state_dict().items())
+
+
+def test_family_defaults_table_and_overrides():
+    fd = lambda *a: ppo.family_defaults(tyro.cli(ppo.Args, args=list(a)))  # noqa: E731
+    assert fd("--env", "hopper-medium-v2") == {"family_row": "medium", "update_epochs": 10, "t_end": 250_000}
+    assert fd("--env", "hopper-medium-expert-v2") == {"family_row": "medium-expert", "update_epochs": 5, "t_end": 500_000}
+    assert fd("--env", "walker2d-expert-v2")["update_epochs"] == 10
+    assert fd("--env", "hopper-expert-v2", "--update-epochs", "7", "--t-end", "1000")["update_epochs"] == 7
+    assert fd("--env", "hopper-expert-v2", "--t-end", "1000")["t_end"] == 1000
+    assert fd("--dataset-id", "x/y-v0")["family_row"] == "other"
+
+
+# ---------------------------------------------------------------- environments and rollouts
+def short_spec(max_steps: int) -> str:
+    return dataclasses.replace(gym.spec("Hopper-v5"), max_episode_steps=max_steps).to_json()
+
+
+def test_env_pool_same_step_autoreset_matches_plain_envs():
+    spec, n, steps = short_spec(15), 2, 80
+    pool = ppo.EnvPool(spec, n, seed=5)
+    plain = [ppo.make_env(spec) for _ in range(n)]
+    obs = [env.reset(seed=5 + i)[0] for i, env in enumerate(plain)]
+    rng = np.random.default_rng(0)
+    kinds = {"term": 0, "trunc": 0}
+    for _ in range(steps):
+        actions = rng.uniform(-1.5, 1.5, size=(n, 3)).astype(np.float32)  # out of bounds: the pool clips
+        np.testing.assert_allclose(pool.obs, np.stack(obs), rtol=1e-6)
+        succ, rew, term, trunc, _ = pool.step(actions)
+        for i, env in enumerate(plain):
+            o, r, te, tr, _ = env.step(np.clip(actions[i], -1, 1))
+            np.testing.assert_allclose(succ[i], o, rtol=1e-6)  # successor = the final obs at an end
+            assert rew[i] == pytest.approx(r) and term[i] == te and trunc[i] == (tr and not te)
+            kinds["term"] += te
+            kinds["trunc"] += tr and not te
+            obs[i] = env.reset()[0] if te or tr else o
+    assert kinds["term"] > 0 and kinds["trunc"] > 0  # both kinds of ends were exercised
+    pool.close()
+
+
+def test_collect_rollout_two_envs_successors_and_values():
+    torch.manual_seed(0)
+    pool = ppo.EnvPool(short_spec(10), 2, seed=1)
+    actor, vf = ppo.GaussianActor(11, 3, (16,)), ppo.build_value(11)
+    mean, std = torch.zeros(11), torch.ones(11) * 2
+    roll, finished = ppo.collect_rollout(pool, actor, vf, 25, mean, std, 0.5, 0.0)
+    assert roll["obs"].shape == (25, 2, 11) and roll["actions"].shape == (25, 2, 3) and roll["logprobs"].shape == (25, 2)
+    ends = roll["ends"].bool()
+    assert ends.sum() >= 4 and len(finished) == int(ends.sum())
+    for t in range(24):
+        for i in range(2):
+            same = torch.equal(roll["successors"][t, i], roll["obs"][t + 1, i])
+            assert same != bool(ends[t, i])  # the next row continues the episode unless it ended (then: reset obs)
+    torch.testing.assert_close(roll["next_values"], vf(roll["successors"])[0])
+    assert (roll["ends"] >= roll["terminations"]).all()
+    pool.close()
+
+
+# ---------------------------------------------------------------- smoke runs
+@pytest.mark.parametrize("family", ["iql", "cql", "bc_det"])
+def test_o2ppo_from_every_actor_family(offline_checkpoints, tmp_path, family):
+    res = run(offline_checkpoints[family], tmp_path)
+    out = tmp_path / "o2o_ppo" / "hopper-medium-v2" / "o2ppo_seed0"
+    for f in ("args.json", "results.json", "final.pt", "online.pt", "reevaluated.pt"):
+        assert (out / f).exists(), f
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["curve"] == res["curve"] and saved["local_standin"] is True and saved["dataset_ids"]
+    ckpt = torch.load(offline_checkpoints[family], weights_only=True)
+    if family == "iql":  # same family: copied exactly, no distillation
+        assert not (out / "distilled.pt").exists() and res["distillation"] is None
+        actor = torch.load(out / "reevaluated.pt", weights_only=True)["actor"]
+        assert all(torch.equal(actor[k], ckpt["actor"][k]) for k in ckpt["actor"])
+        phases = ["offline", "online", "online"]
+        assert res["start_normalized_score"] == res["offline_normalized_score"]
+    else:
+        assert (out / "distilled.pt").exists() and res["distillation"]["teacher_family"] == ckpt["actor_family"]
+        assert math.isfinite(res["distillation"]["mse"])
+        phases = ["offline", "distilled", "online", "online"]
+    assert [e["phase"] for e in res["curve"]] == phases and [e["step"] for e in res["curve"]][-2:] == [128, 256]
+    s = scalars(out)
+    for tag in ("losses/actor_loss", "losses/value_loss", "losses/ref_advantage", "losses/entropy", "reeval/value_loss", "eval/normalized_score"):
+        assert s[tag] and all(math.isfinite(x) for x in s[tag]), tag
+    assert len(s["losses/actor_loss"]) == 4  # logged after every 64-step rollout
+    assert s["charts/constraint_weight"][-1] == pytest.approx(1 - 256 / 250_000)
+    # final.pt is a checkpoint of the common format: loadable and evaluable
+    final = ppo.load_checkpoint(out / "final.pt", env_name="hopper-medium-v2", obs_dim=11, act_dim=3)
+    assert isinstance(ppo.actor_from_checkpoint(final), ppo.GaussianActor) and "vf" in final["critics"]
+
+
+@pytest.mark.parametrize("flags,mode", [(["--no-reevaluate", "--no-constraint", "--num-envs", "2"], "naive"),
+                                        (["--no-constraint"], "no_constraint"),
+                                        (["--no-reevaluate", "--num-envs", "4", "--reference", "offline"], "no_reevaluate")])
+def test_ablations(offline_checkpoints, tmp_path, flags, mode):
+    res = run(offline_checkpoints["iql"], tmp_path, *flags)
+    out = tmp_path / "o2o_ppo" / "hopper-medium-v2" / f"{mode}_seed0"
+    assert res["mode"] == mode and (out / "results.json").exists() and res["env_steps"] == 256
+    assert (out / "reevaluated.pt").exists() == ("--no-reevaluate" not in flags)
+    assert (res["reevaluation"] is None) == ("--no-reevaluate" in flags)
+    s = scalars(out)
+    assert ("losses/ref_advantage" in s) == ("--no-constraint" not in flags)
+    assert all(math.isfinite(x) for x in s["losses/value_loss"])
+    if "--no-constraint" in flags:
+        assert s["charts/constraint_weight"] == [0.0] * 4
+
+
+def test_resume_after_kill_and_longer_budget(offline_checkpoints, tmp_path, capsys):
+    ck = offline_checkpoints["iql"]
+    out = tmp_path / "o2o_ppo" / "hopper-medium-v2" / "o2ppo_seed0"
+    killed = run(ck, tmp_path, "--stop-after-steps", "128")
+    assert killed["stopped"] and killed["env_steps"] == 128
+    assert (out / "online.pt").exists() and not (out / "results.json").exists() and not (out / "final.pt").exists()
+    resumed = run(ck, tmp_path)
+    assert "resuming" in capsys.readouterr().out
+    assert resumed["resumed_from"] == 128 and resumed["env_steps"] == 256 and not resumed["stopped"]
+    assert resumed["curve"][: len(killed["curve"])] == killed["curve"] and resumed["curve"][-1]["step"] == 256
+    longer = run(ck, tmp_path, "--total-env-steps", "384")
+    assert longer["resumed_from"] == 256 and longer["curve"][: len(resumed["curve"])] == resumed["curve"]
+    assert [e["step"] for e in longer["curve"]][-1] == 384
+    # other settings in the same run folder: refused, nothing overwritten
+    with pytest.raises(SystemExit) as e:
+        run(ck, tmp_path, "--clip-coef", "0.3")
+    assert e.value.code == 2 and "clip_coef" in capsys.readouterr().err
+
+
+def test_same_seed_same_result_and_phase_reuse(offline_checkpoints, tmp_path, capsys):
+    ck = offline_checkpoints["cql"]  # distillation and re-evaluation both run
+    a = run(ck, tmp_path / "a")
+    b = run(ck, tmp_path / "b")
+    assert a["curve"] == b["curve"]
+    fa, fb = (torch.load(p / "o2o_ppo/hopper-medium-v2/o2ppo_seed0/final.pt", weights_only=True) for p in (tmp_path / "a", tmp_path / "b"))
+    assert all(torch.equal(fa["actor"][k], fb["actor"][k]) for k in fa["actor"])
+    # a rerun without online.pt reuses distilled.pt and reevaluated.pt and computes the same run
+    out = tmp_path / "a/o2o_ppo/hopper-medium-v2/o2ppo_seed0"
+    (out / "online.pt").unlink()
+    (out / "final.pt").unlink()
+    capsys.readouterr()
+    c = run(ck, tmp_path / "a")
+    printed = capsys.readouterr().out
+    assert "reusing" in printed and "distilled.pt" in printed and "reevaluated.pt" in printed
+    assert c["curve"] == a["curve"]
+    d = run(ck, tmp_path / "a", "--no-resume", "--seed", "1", "--run-name", "other")
+    assert d["curve"] != a["curve"]  # another seed: other evaluation starts and another run
+
+
+# ---------------------------------------------------------------- bad inputs
+def test_missing_checkpoint_names_the_command(tiny_dataset, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        ppo.main(tyro.cli(ppo.Args, args=["--env", "hopper-medium-v2", "--run-dir", str(tmp_path), "--seed", "3", "--offline-algo", "td3_bc"]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "python offline_pretrain.py --algo td3_bc --env hopper-medium-v2 --seed 3" in err
+    assert not (tmp_path / "o2o_ppo").exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--env", "hopper-easy-v2"], "unknown env"),
+    (["--total-env-steps", "32"], "less than one rollout"),
+    (["--num-envs", "3"], "multiple of --num-envs"),
+    (["--minibatch-size", "48"], "multiple of --minibatch-size"),
+    (["--reeval-steps", "0"], "--no-reevaluate"),
+    (["--gamma", "1.5"], "--gamma"),
+    (["--env", "hopper-medium-replay-v2"], "was trained on hopper-medium-v2"),
+    (["--checkpoint", "CORRUPT"], "corrupt"),
+    (["--checkpoint", "MISSING"], "does not exist"),
+])
+def test_bad_inputs_exit_2(offline_checkpoints, tmp_path, capsys, extra, message):
+    ck = str(offline_checkpoints["iql"])
+    if "CORRUPT" in extra:
+        (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+        extra = ["--checkpoint", str(tmp_path / "bad.pt")]
+    if "MISSING" in extra:
+        extra = ["--checkpoint", str(tmp_path / "nope.pt")]
+    with pytest.raises(SystemExit) as e:
+        ppo.main(tyro.cli(ppo.Args, args=["--checkpoint", ck, "--run-dir", str(tmp_path), *TINY, *extra]))
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o2o_ppo").exists()  # nothing written
