@@ -97,7 +97,7 @@ class Args:
     # --- offline phases ---
     distill_steps: int = 5_000
     """gradient steps distilling a non-tanh-Gaussian offline actor into a tanh-Gaussian one (section 6)"""
-    reeval_steps: int = 500_000
+    reevaluate_steps: int = 500_000
     """re-evaluation (FQE) gradient steps"""
     align_steps: int = 500_000
     """value-alignment gradient steps"""
@@ -145,6 +145,8 @@ class Args:
     # --- performance ---
     device: str = "auto"
     """auto (CUDA when present), cpu or cuda"""
+    threads: int | None = None
+    """torch CPU threads (default: torch's choice; 1 is fastest on a small shared machine)"""
 
 
 # --- shared: utils ---
@@ -634,7 +636,7 @@ ACTOR_HIDDEN = (256, 256, 256)
 CRITIC_HIDDEN = (256, 256, 256)
 DISTILL_LR = 3e-4
 # args that never change what a phase computes (excluded when deciding whether a saved phase can be reused)
-NOT_STATE = {"no_resume", "stop_after", "log_every", "online_steps", "device", "run_dir", "run_name", "checkpoint_every"}
+NOT_STATE = {"no_resume", "stop_after", "log_every", "online_steps", "device", "threads", "run_dir", "run_name", "checkpoint_every"}
 ONLINE_ONLY = {"no_constraint", "reference", "reference_interval", "buffer_mode", "part_trajectories", "eps0", "eps_end", "utd",
                "learning_starts", "pre_sample_steps", "alpha_lr", "lambda_init", "lambda_lr", "kl_horizon", "kl_floor", "eval_every"}
 ALIGN_ONLY = {"no_align", "align_steps"}
@@ -728,7 +730,7 @@ def distill_update(student: TanhGaussianActor, opt: torch.optim.Optimizer, obs: 
     return loss.detach()
 
 
-def reeval_update(pi0: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_opt: torch.optim.Optimizer, b: dict[str, Tensor],
+def reevaluate_update(pi0: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_opt: torch.optim.Optimizer, b: dict[str, Tensor],
                   alpha0: float, gamma: float, tau: float) -> dict[str, Tensor]:
     """Entropy-regularised FQE of the frozen pi0 (1a); a' is a reparameterised sample, not the mean."""
     with torch.no_grad():
@@ -821,12 +823,11 @@ class Metrics:
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.count += 1
 
-    def flush(self, step: int, phase: str, on_fail: Callable[[], None] = lambda: None) -> dict[str, float]:
+    def flush(self, step: int, phase: str) -> dict[str, float]:
         out = {}
         for k, v in self.sums.items():
             val = float(v) / max(self.count, 1)
-            if not math.isfinite(val):
-                on_fail()
+            if not math.isfinite(val):  # the phase checkpoints and online.pt written so far stay valid
                 fail(f"non-finite {self.prefix}{k} in phase {phase} at step {step}; lower the learning rates or check the data")
             self.writer.add_scalar(self.prefix + k, val, step)
             out[k] = val
@@ -911,14 +912,16 @@ def validate(args: Args) -> None:
                 "reference_interval", "part_trajectories", "kl_horizon"]
     if args.critic_init != "scratch":
         if not args.no_reevaluate:
-            positive.append("reeval_steps")
+            positive.append("reevaluate_steps")
         if not args.no_align:
             positive.append("align_steps")
+    if args.threads is not None:
+        positive.append("threads")
     for flag in positive:
         if getattr(args, flag) <= 0:
-            hint = {"reeval_steps": " (or pass --no-reevaluate)", "align_steps": " (or pass --no-align)"}.get(flag, "")
+            hint = {"reevaluate_steps": " (or pass --no-reevaluate)", "align_steps": " (or pass --no-align)"}.get(flag, "")
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}{hint}")
-    for flag in ("reeval_steps", "align_steps", "learning_starts", "pre_sample_steps"):
+    for flag in ("reevaluate_steps", "align_steps", "learning_starts", "pre_sample_steps"):
         if getattr(args, flag) < 0:
             fail(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.learning_starts >= args.online_steps:
@@ -987,6 +990,8 @@ def main(args: Args) -> dict:
     out = Path(args.run_dir) / "o2o_sac" / env_key / (args.run_name or default_run_name(args, buffer_mode))
 
     device = pick_device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     set_seed(args.seed)
     obs_dim, act_dim = data["obs_dim"], data["act_dim"]
     obs_mean, obs_std = ckpt["obs_mean"].numpy().astype(np.float32), ckpt["obs_std"].numpy().astype(np.float32)  # the actor's own stats
@@ -1090,13 +1095,13 @@ def main(args: Args) -> dict:
                 qf_target = frozen(qf)
                 qf_opt = torch.optim.Adam(qf.parameters(), lr=args.critic_lr)
                 met = Metrics(writer, "reevaluate/")
-                bar = tqdm(range(args.reeval_steps), desc="re-evaluation", disable=None)
+                bar = tqdm(range(args.reevaluate_steps), desc="re-evaluation", disable=None)
                 for step in bar:
-                    met.add(reeval_update(pi0, qf, qf_target, qf_opt, rb_off.sample(args.batch_size), alpha0, args.gamma, args.tau))
-                    if (step + 1) % args.log_every == 0 or step + 1 == args.reeval_steps:
+                    met.add(reevaluate_update(pi0, qf, qf_target, qf_opt, rb_off.sample(args.batch_size), alpha0, args.gamma, args.tau))
+                    if (step + 1) % args.log_every == 0 or step + 1 == args.reevaluate_steps:
                         vals = met.flush(step + 1, "re-evaluation")
                         bar.set_postfix(qf_loss=f"{vals['qf_loss']:.3g}")
-                atomic_save(make_phase_checkpoint(args, ckpt, data, actor, qf, qf_target, args.reeval_steps, offline_score,
+                atomic_save(make_phase_checkpoint(args, ckpt, data, actor, qf, qf_target, args.reevaluate_steps, offline_score,
                                                   {**base_o2o, "key": reeval_key, "rng": rng_state(), "curve": curve}), out / "reevaluated.pt")
             wall["reevaluate"] = time.time() - t0
             writer.add_scalar("charts/phase", 1, 0)

@@ -1555,7 +1555,7 @@ def main(args: Args) -> dict:
     else:
         ckpt_path = Path(args.run_dir) / "offline" / args.offline_algo / env_key / f"seed{args.seed}" / "checkpoint.pt"
         if not ckpt_path.is_file():
-            ds = f" --dataset-id {args.dataset_id}" if args.dataset_id else ""
+            ds = (f" --dataset-id {args.dataset_id}" if args.dataset_id else "") + (f" --run-dir {args.run_dir}" if args.run_dir != "runs" else "")
             fail(f"no offline checkpoint at {ckpt_path}; train it with: python offline_pretrain.py --algo {args.offline_algo} --env {args.env}{ds} --seed {args.seed}"
                  f" (or pass --checkpoint PATH)")
     data = load_dataset(args.env, args.dataset_id, args.no_download)

@@ -16,7 +16,7 @@ from conftest import load_script
 
 o2o = load_script("o2o_sac")
 
-TINY = ["--reeval-steps", "50", "--align-steps", "50", "--online-steps", "300", "--learning-starts", "100", "--utd", "1",
+TINY = ["--reevaluate-steps", "50", "--align-steps", "50", "--online-steps", "300", "--learning-starts", "100", "--utd", "1",
         "--eval-every", "100", "--eval-episodes", "2", "--batch-size", "64", "--log-every", "50", "--distill-steps", "50",
         "--checkpoint-every", "50", "--pre-sample-steps", "150", "--device", "cpu"]
 
@@ -109,7 +109,7 @@ def test_alignment_makes_offline_action_preferred(tiny_dataset, offline_checkpoi
     qf_target = o2o.frozen(qf)
     qf_opt = torch.optim.Adam(qf.parameters(), lr=3e-4)
     for _ in range(100):
-        o2o.reeval_update(pi0, qf, qf_target, qf_opt, rb.sample(64), 0.2, 0.99, 0.005)
+        o2o.reevaluate_update(pi0, qf, qf_target, qf_opt, rb.sample(64), 0.2, 0.99, 0.005)
     obs = rb.data["obs"][:512]
 
     @torch.no_grad()
@@ -257,7 +257,7 @@ def test_checkpoint_of_other_env_or_dims(offline_checkpoints, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,expect", [
     (["--online-steps", "0"], "--online-steps must be positive"),
-    (["--reeval-steps", "0"], "--reeval-steps must be positive, got 0 (or pass --no-reevaluate)"),
+    (["--reevaluate-steps", "0"], "--reevaluate-steps must be positive, got 0 (or pass --no-reevaluate)"),
     (["--online-steps", "500", "--learning-starts", "500"], "no update would ever run"),
     (["--critic-init", "scratch", "--online-steps", "100", "--pre-sample-steps", "100", "--learning-starts", "10"], "PORL would never fine-tune"),
     (["--eps0", "2", "--eps-end", "1"], "must loosen"),
@@ -266,3 +266,16 @@ def test_checkpoint_of_other_env_or_dims(offline_checkpoints, tmp_path, capsys):
 ])
 def test_bad_args_exit_2(tmp_path, capsys, argv, expect):
     _fails(capsys, ["--run-dir", str(tmp_path), *argv], expect, tmp_path)
+
+
+def test_part_buffer_keeps_top_return_trajectories():
+    import numpy as np
+
+    data = {"ends": np.array([0, 1, 0, 0, 1, 1], dtype=np.float32), "episode_returns": np.array([5.0, 1.0, 9.0], dtype=np.float32)}
+    np.testing.assert_array_equal(o2o.offline_trajectory_indices(data, 2), [0, 1, 5])  # episodes 0 (return 5) and 2 (return 9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_smoke_cuda(offline_checkpoints, tmp_path):
+    res = run(offline_checkpoints["iql"], tmp_path, "--device", "cuda", "--online-steps", "150")
+    assert res["curve"][-1]["step"] == 150 and all(math.isfinite(p["normalized_score"]) for p in res["curve"])

@@ -396,6 +396,16 @@ def test_resume_after_kill_and_phase_reuse(tmp_path, offline_checkpoints):
     again = run(tmp_path, ck, *extra, "--run-name", "full")
     assert again["phases"]["reevaluated"]["reused"] and again["phases"]["aligned"]["reused"]
     assert again["curve"] == full["curve"]
+    fresh = run(tmp_path, ck, *extra, "--run-name", "full", "--no-resume", "--online-steps", "20")
+    assert not any(p["reused"] for p in fresh["phases"].values())
+
+
+def test_non_finite_loss_stops_with_phase_and_step(tmp_path, offline_checkpoints, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, offline_checkpoints["td3_bc"], "--critic-lr", "1e30", "--no-align")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "re-evaluation" in err
 
 
 def test_same_seed_same_results(tmp_path, offline_checkpoints):
@@ -437,7 +447,7 @@ def test_missing_checkpoint_names_the_command(tmp_path, tiny_dataset, capsys):
     with pytest.raises(SystemExit) as e:
         td3.main(tyro.cli(td3.Args, args=[*TINY, "--run-dir", str(tmp_path), "--seed", "3"]))
     assert e.value.code == 2
-    assert "python offline_pretrain.py --algo td3_bc --env hopper-medium-v2 --seed 3" in capsys.readouterr().err
+    assert f"python offline_pretrain.py --algo td3_bc --env hopper-medium-v2 --run-dir {tmp_path} --seed 3" in capsys.readouterr().err
 
 
 def test_bad_checkpoints_exit_2(tmp_path, offline_checkpoints, capsys):
@@ -477,3 +487,17 @@ def test_env_runner_termination_vs_truncation(tiny_dataset):
         ds.append(d.item())
     assert finished is not None and max(ds) == 0.0 and runner.ep_len == 0
     runner.close()
+
+
+def test_distillation_regresses_the_mean_action():
+    torch.manual_seed(0)
+    teacher = td3.GaussianActor(3, 2, (16, 16))
+    student = td3.DeterministicActor(3, 2, (32, 32))
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    obs = torch.randn(256, 3)
+    with torch.no_grad():
+        target = teacher.act(obs)
+        before = td3.distillation_loss(student(obs), target).item()
+    for _ in range(300):
+        m = td3.distill_update(student, opt, obs, target)
+    assert m["losses/distill_loss"].item() < before / 10
