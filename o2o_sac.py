@@ -110,7 +110,7 @@ class Args:
     critic_lr: float = 3e-4
     """critic learning rate"""
     actor_lr: float = 1e-4
-    """actor learning rate (also the distillation's is 3e-4, fixed)"""
+    """actor learning rate of alignment and online fine-tuning (distillation uses a fixed 3e-4)"""
 
     # --- online phase ---
     online_steps: int = 100_000

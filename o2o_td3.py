@@ -998,7 +998,8 @@ def reevaluate_update(ag: Agent, obs: Tensor, actions: Tensor, rewards: Tensor, 
     loss.backward()
     ag.qf_opt.step()
     polyak_update(ag.qf_target, ag.qf, a.tau)
-    return {"losses/qf_loss": loss.detach(), "losses/qf_values": q.mean().detach()}
+    # own names: the online phase's losses/qf_loss is logged against env steps on an overlapping x-axis
+    return {"losses/reeval_qf_loss": loss.detach(), "losses/reeval_qf_values": q.mean().detach()}
 
 
 def align_update(ag: Agent, obs: Tensor, a: Args) -> dict[str, Tensor]:
@@ -1006,10 +1007,11 @@ def align_update(ag: Agent, obs: Tensor, a: Args) -> dict[str, Tensor]:
     before the critic step."""
     with torch.no_grad():
         a_off = ag.actor0(obs)
-        q_star = ag.qf_target(obs, a_off).min(0).values
         pi = ag.actor(obs)
         at = smoothed_action(pi, torch.randn_like(pi) * a.policy_noise, a.noise_clip)
-        y = alignment_targets(q_star, ag.qf_target(obs, at), at, a_off, a.align_beta, a.align_max_distance)
+        q_bar_off, q_bar_at = ag.qf_target(torch.cat([obs, obs]), torch.cat([a_off, at])).split(obs.shape[0], dim=1)
+        q_star = q_bar_off.min(0).values
+        y = alignment_targets(q_star, q_bar_at, at, a_off, a.align_beta, a.align_max_distance)
     actor_loss = -ag.qf(obs, ag.actor(obs))[0].mean()
     actor_grads = torch.autograd.grad(actor_loss, list(ag.actor.parameters()))  # no gradient into the critic
     q_at, q_off = ag.qf(torch.cat([obs, obs]), torch.cat([at, a_off])).split(obs.shape[0], dim=1)  # one fused call
@@ -1021,7 +1023,7 @@ def align_update(ag: Agent, obs: Tensor, a: Args) -> dict[str, Tensor]:
     for p, g in zip(ag.actor.parameters(), actor_grads):
         p.grad = g
     ag.actor_opt.step()
-    return {"losses/align_loss": loss.detach(), "losses/actor_loss": actor_loss.detach(), "losses/qf_values": q_off.mean().detach()}
+    return {"losses/align_loss": loss.detach(), "losses/align_actor_loss": actor_loss.detach(), "losses/align_qf_values": q_off.mean().detach()}
 
 
 def o2td3_update(ag: Agent, obs: Tensor, actions: Tensor, rewards: Tensor, next_obs: Tensor, terminals: Tensor,

@@ -288,7 +288,7 @@ def test_default_o2td3_reaches_every_phase(tmp_path, offline_checkpoints):
     assert (out / "reevaluated.pt").exists() and (out / "aligned.pt").exists() and not (out / "distilled.pt").exists()
     assert res["mode"] == "o2td3" and res["distillation"] is None
     s = scalars(res["run_dir"])
-    for k in ("losses/qf_loss", "losses/align_loss", "losses/actor_loss", "losses/lambda", "charts/kl_threshold", "eval/normalized_score", "charts/SPS"):
+    for k in ("losses/reeval_qf_loss", "losses/align_loss", "losses/align_actor_loss", "losses/qf_loss", "losses/actor_loss", "losses/lambda", "charts/kl_threshold", "eval/normalized_score", "charts/SPS"):
         assert k in s and all(math.isfinite(v) for v in s[k]), k
     # a deterministic TD3+BC actor is copied exactly into pi0
     final = torch.load(out / "final.pt", weights_only=True)
