@@ -1032,7 +1032,6 @@ def main(args: Args) -> dict:
     # a tanh-Gaussian offline actor is copied exactly (its own widths); other families are distilled into 3 x 256
     actor_hidden = list(ckpt["actor_config"]["hidden"]) if ckpt["actor_family"] == "tanh_gaussian" else list(ACTOR_HIDDEN)
     actor = TanhGaussianActor(obs_dim, act_dim, actor_hidden, ckpt["max_action"]).to(device)
-    qf = build_qf()
     if online_state is None:
         # ---- phase 0: the offline actor, its score, distillation into a tanh-Gaussian when needed (section 6)
         t0 = time.time()
@@ -1084,6 +1083,7 @@ def main(args: Args) -> dict:
         wall["load_and_distill"] = time.time() - t0
 
         # ---- phase 1: re-evaluation (1a): FQE of the frozen pi0 into new LayerNorm critics
+        qf = build_qf()  # built after distillation, so pi0 is the same whichever critic a mode uses
         if keep_critic:
             qf.load_state_dict(ckpt["critics"]["qf"])
         if reevaluate:
@@ -1157,6 +1157,7 @@ def main(args: Args) -> dict:
         pi0.load_state_dict(o["pi0"])
         pi0 = frozen(pi0)
         actor.load_state_dict(online_state["actor"])
+        qf = build_qf()
         qf.load_state_dict(online_state["critics"]["qf"])
         qf_target = frozen(qf)
         qf_target.load_state_dict(online_state["critics"]["qf_target"])
