@@ -8,8 +8,8 @@ benchmarks/results/bench_o2o_<script>_<device>.json.
 Usage:
     python benchmarks/bench_o2o.py --script sac --seconds 30            # CPU, and CUDA too when present
     python benchmarks/bench_o2o.py --script sac --devices cpu --threads 1
-Adding o2o_td3.py / o2o_ppo.py: write measure_td3(mod, device, batch_size, seconds) -> {phase: stats} below and
-register it in MEASURES; timing, output and CLI are shared.
+    python benchmarks/bench_o2o.py --script td3      # or ppo
+A new script gets a measure_<name>(mod, device, args, seconds) -> {phase: stats} registered in MEASURES.
 """
 
 from __future__ import annotations
@@ -121,8 +121,65 @@ def measure_sac(mod: ModuleType, device: torch.device, a: Args, seconds: float) 
     }
 
 
+def measure_td3(mod: ModuleType, device: torch.device, a: Args, seconds: float) -> dict[str, dict[str, float]]:
+    """o2o_td3.py: reevaluate_update, align_update, o2td3_update (constrained / naive; actor and Lagrange step on every
+    policy_freq-th update), opt_pretrain_update (one meta step), opt_finetune_update."""
+    ta = mod.Args()
+    batches = random_batches(a.obs_dim, a.act_dim, a.batch_size, device)
+    ag = mod.Agent()
+    ag.actor0 = mod.DeterministicActor(a.obs_dim, a.act_dim, mod.ACTOR_HIDDEN).to(device).requires_grad_(False)
+    for n in ("actor", "actor_target", "actor_ref"):
+        setattr(ag, n, mod.DeterministicActor(a.obs_dim, a.act_dim, mod.ACTOR_HIDDEN).to(device))
+    for n in ("qf", "qf_target", "qf_on", "qf_on_target"):
+        setattr(ag, n, mod.new_critic(a.obs_dim, a.act_dim).to(device))
+    ag.qf_opt = torch.optim.Adam(ag.qf.parameters(), lr=ta.critic_lr)
+    ag.qf_on_opt = torch.optim.Adam(ag.qf_on.parameters(), lr=ta.critic_lr)
+    ag.actor_opt = torch.optim.Adam(ag.actor.parameters(), lr=ta.actor_lr)
+    ag.log_lam = torch.nn.Parameter(torch.zeros((), device=device))
+    ag.lam_opt = torch.optim.Adam([ag.log_lam], lr=ta.lambda_lr)
+    b = lambda i: batches[i % len(batches)]  # noqa: E731
+    x = lambda i: (b(i)["obs"], b(i)["actions"], b(i)["rewards"], b(i)["next_obs"], b(i)["terminals"])  # noqa: E731
+    turn = lambda i: i % ta.policy_freq == 0  # noqa: E731
+    per = seconds / 6
+    return {
+        "reevaluate": time_steps(lambda i: mod.reevaluate_update(ag, *x(i), ta), per, device),
+        "align": time_steps(lambda i: mod.align_update(ag, b(i)["obs"], ta), per, device),
+        "online_constrained": time_steps(lambda i: mod.o2td3_update(ag, *x(i), 0.01, turn(i), True, ta), per, device),
+        "online_naive": time_steps(lambda i: mod.o2td3_update(ag, *x(i), 0.01, turn(i), False, ta), per, device),
+        "opt_pretrain": time_steps(lambda i: mod.opt_pretrain_update(ag, b(i), b(i + 1), ta), per, device),
+        "opt_finetune": time_steps(lambda i: mod.opt_finetune_update(ag, *x(i), 0.5, turn(i), ta), per, device),
+    }
+
+
+def measure_ppo(mod: ModuleType, device: torch.device, a: Args, seconds: float) -> dict[str, dict[str, float]]:
+    """o2o_ppo.py: reeval_update (V on Monte-Carlo returns, batch 512) and ppo_update (one minibatch of 128, with and
+    without the reference-advantage constraint); one PPO iteration of the paper is 10 epochs x 16 minibatches."""
+    pa = mod.Args()
+    actor = mod.GaussianActor(a.obs_dim, a.act_dim, (256, 256)).to(device)
+    ref = mod.GaussianActor(a.obs_dim, a.act_dim, (256, 256)).to(device).requires_grad_(False)
+    vf = mod.build_value(a.obs_dim).to(device)
+    aopt = torch.optim.Adam(actor.parameters(), lr=3e-5, eps=1e-5)
+    vopt = torch.optim.Adam(vf.parameters(), lr=2e-4, eps=1e-5)
+    ropt = torch.optim.Adam(vf.parameters(), lr=1e-4)
+    mb = 128
+    obs, act = torch.randn(8, mb, a.obs_dim, device=device), torch.rand(8, mb, a.act_dim, device=device) * 2 - 1
+    logp, adv, ret = torch.randn(8, mb, device=device) - 3, torch.randn(8, mb, 1, device=device), torch.randn(8, mb, device=device)
+    obs512, ret512 = torch.randn(8, 512, a.obs_dim, device=device), torch.randn(8, 512, device=device)
+    w = torch.tensor(0.9, device=device)
+    per = seconds / 3
+    return {
+        "reevaluate": time_steps(lambda i: mod.reeval_update(vf, ropt, obs512[i % 8], ret512[i % 8]), per, device),
+        "online_constrained": time_steps(lambda i: mod.ppo_update(actor, vf, ref, aopt, vopt, obs[i % 8], act[i % 8], logp[i % 8], adv[i % 8], ret[i % 8], w,
+                                                                  0.2, 0.01, 0.5, True), per, device),
+        "online_unconstrained": time_steps(lambda i: mod.ppo_update(actor, vf, ref, aopt, vopt, obs[i % 8], act[i % 8], logp[i % 8], adv[i % 8], ret[i % 8], w,
+                                                                    0.2, 0.01, 0.5, False), per, device),
+    }
+
+
 MEASURES: dict[str, Callable[[ModuleType, torch.device, Args, float], dict[str, dict[str, float]]]] = {
     "sac": measure_sac,
+    "td3": measure_td3,
+    "ppo": measure_ppo,
 }
 
 
