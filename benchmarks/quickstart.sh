@@ -11,6 +11,7 @@ PY=.venv/bin/python
 OUT=runs/quickstart
 $PY make_dataset.py --env hopper-medium-v2 --policy benchmarks/behavior_policies/hopper/medium_policy.pt \
     --size 100000 --overwrite
-$PY offline_pretrain.py --algo iql --env hopper-medium-v2 --total-steps 20000 --eval-every 5000 --run-dir $OUT
-$PY o2o_sac.py --env hopper-medium-v2 --offline-algo iql --run-dir $OUT \
-    --reevaluate-steps 5000 --align-steps 5000 --online-steps 2000 --learning-starts 500 --eval-every 500
+$PY offline_pretrain.py --algo iql --env hopper-medium-v2 --total-steps 10000 --eval-every 5000 --run-dir $OUT
+$PY o2o_sac.py --env hopper-medium-v2 --offline-algo iql --run-dir $OUT --run-name quickstart \
+    --distill-steps 2000 --reevaluate-steps 2000 --align-steps 1000 --online-steps 1000 --learning-starts 200 --utd 5 \
+    --eval-every 200 --eval-episodes 5
