@@ -81,11 +81,11 @@ class Args:
     # --- re-evaluation (section 3a) ---
     no_reevaluate: bool = False
     """ablation: skip re-evaluation, start online PPO with a freshly initialised V"""
-    reeval_steps: int = 1_000_000
+    reevaluate_steps: int = 1_000_000
     """gradient steps of V on the Monte-Carlo returns of the offline episodes"""
-    reeval_batch_size: int = 512
+    reevaluate_batch_size: int = 512
     """batch size of the re-evaluation"""
-    reeval_lr: float = 1e-4
+    reevaluate_lr: float = 1e-4
     """learning rate of the re-evaluation"""
     reward_scaling: Literal["checkpoint", "none"] = "checkpoint"
     """rewards (offline Monte-Carlo returns and online) transformed by the checkpoint's reward_transform (IQL:
@@ -94,7 +94,7 @@ class Args:
     """discount"""
 
     # --- online PPO (section 3c) ---
-    total_env_steps: int = 250_000
+    online_steps: int = 250_000
     """online environment steps (rounded down to whole rollouts)"""
     num_envs: int = 1
     """parallel training environments (1 = the paper's setting); --rollout-size is split over them"""
@@ -137,7 +137,7 @@ class Args:
     """log losses every this many env steps (offline phases: every this many gradient steps)"""
     checkpoint_every: int = 20_480
     """write online.pt every this many env steps (a killed run resumes from it)"""
-    stop_after_steps: int | None = None
+    stop_after: int | None = None
     """stop (as if killed) after this many online env steps, after writing online.pt; rerun to resume"""
 
 
@@ -934,26 +934,26 @@ def distill_actor(args: Args, teacher: nn.Module, obs_all: Tensor, writer: Summa
 
 
 def reevaluate_value(args: Args, vf: Critic, obs_all: Tensor, returns_all: Tensor, writer: SummaryWriter) -> dict:
-    """Section 3a: V(s) regressed on the offline Monte-Carlo returns, `reeval_steps` steps of batch `reeval_batch_size`."""
+    """Section 3a: V(s) regressed on the offline Monte-Carlo returns, `reevaluate_steps` steps of batch `reevaluate_batch_size`."""
     device = obs_all.device
-    opt = torch.optim.Adam(vf.parameters(), lr=args.reeval_lr)
+    opt = torch.optim.Adam(vf.parameters(), lr=args.reevaluate_lr)
     loss_sum, loss = torch.zeros((), device=device), float("nan")
-    for step in tqdm(range(1, args.reeval_steps + 1), desc="re-evaluation", disable=None):
-        idx = torch.randint(len(obs_all), (args.reeval_batch_size,), device=device)
+    for step in tqdm(range(1, args.reevaluate_steps + 1), desc="re-evaluation", disable=None):
+        idx = torch.randint(len(obs_all), (args.reevaluate_batch_size,), device=device)
         loss_sum += reeval_update(vf, opt, obs_all[idx], returns_all[idx])
-        if step % args.log_every == 0 or step == args.reeval_steps:
+        if step % args.log_every == 0 or step == args.reevaluate_steps:
             n = args.log_every if step % args.log_every == 0 else step % args.log_every
             loss = float(loss_sum) / n
             if not math.isfinite(loss):
-                fail(f"non-finite value loss in re-evaluation at step {step}; try a lower --reeval-lr")
+                fail(f"non-finite value loss in re-evaluation at step {step}; try a lower --reevaluate-lr")
             writer.add_scalar("reeval/value_loss", loss, step)
             loss_sum.zero_()
     with torch.no_grad():
         probe = torch.arange(min(len(obs_all), 100_000), device=device)
         v, g = vf(obs_all[probe])[0], returns_all[probe]
         explained = float(1.0 - (g - v).var() / g.var().clamp_min(1e-8))
-    writer.add_scalar("reeval/explained_variance", explained, args.reeval_steps)
-    return {"steps": args.reeval_steps, "final_loss": loss, "explained_variance": explained}
+    writer.add_scalar("reeval/explained_variance", explained, args.reevaluate_steps)
+    return {"steps": args.reevaluate_steps, "final_loss": loss, "explained_variance": explained}
 
 
 # ---------------------------------------------------------------- main
@@ -976,24 +976,24 @@ def family_defaults(args: Args) -> dict[str, Any]:
 
 
 def validate(args: Args) -> None:
-    for flag in ("distill_steps", "distill_batch_size", "reeval_batch_size", "total_env_steps", "num_envs", "rollout_size",
+    for flag in ("distill_steps", "distill_batch_size", "reevaluate_batch_size", "online_steps", "num_envs", "rollout_size",
                  "minibatch_size", "eval_every", "eval_episodes", "log_every", "checkpoint_every"):
         if getattr(args, flag) <= 0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    for flag in ("update_epochs", "t_end", "stop_after_steps"):
+    for flag in ("update_epochs", "t_end", "stop_after"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if not args.no_reevaluate and args.reeval_steps <= 0:
-        fail(f"--reeval-steps must be positive, got {args.reeval_steps} (or pass --no-reevaluate)")
+    if not args.no_reevaluate and args.reevaluate_steps <= 0:
+        fail(f"--reevaluate-steps must be positive, got {args.reevaluate_steps} (or pass --no-reevaluate)")
     if args.rollout_size % args.num_envs:
         fail(f"--rollout-size {args.rollout_size} must be a multiple of --num-envs {args.num_envs}")
     if args.rollout_size % args.minibatch_size:
         fail(f"--rollout-size {args.rollout_size} must be a multiple of --minibatch-size {args.minibatch_size}")
-    if args.total_env_steps < args.rollout_size:
-        fail(f"--total-env-steps {args.total_env_steps} is less than one rollout (--rollout-size {args.rollout_size}); raise it")
+    if args.online_steps < args.rollout_size:
+        fail(f"--online-steps {args.online_steps} is less than one rollout (--rollout-size {args.rollout_size}); raise it")
     if not 0.0 < args.gamma <= 1.0 or not 0.0 <= args.gae_lambda <= 1.0:
         fail("--gamma must lie in (0, 1] and --gae-lambda in [0, 1]")
-    for flag in ("actor_lr", "critic_lr", "reeval_lr", "distill_lr", "clip_coef", "max_grad_norm", "adam_eps"):
+    for flag in ("actor_lr", "critic_lr", "reevaluate_lr", "distill_lr", "clip_coef", "max_grad_norm", "adam_eps"):
         if not getattr(args, flag) > 0.0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.ent_coef < 0.0:
@@ -1004,9 +1004,9 @@ def validate(args: Args) -> None:
         parse_env_name(args.env)  # unknown names exit 2 listing the known ones
 
 
-# args that do not change what a resumed online run computed up to where it stopped (a longer --total-env-steps
+# args that do not change what a resumed online run computed up to where it stopped (a longer --online-steps
 # resumes and stretches the remaining learning-rate decay over the new budget)
-BUDGET_ARGS = ("total_env_steps", "stop_after_steps", "eval_every", "log_every", "checkpoint_every", "no_resume", "run_dir", "checkpoint", "device")
+BUDGET_ARGS = ("online_steps", "stop_after", "eval_every", "log_every", "checkpoint_every", "no_resume", "run_dir", "checkpoint", "device")
 
 
 def main(args: Args) -> dict:
@@ -1112,7 +1112,7 @@ def main(args: Args) -> dict:
         vf = build_value(data["obs_dim"]).to(device)
         if not args.no_reevaluate:
             t0 = time.time()
-            key = {**base_key, **{k: args_dict[k] for k in ("reeval_steps", "reeval_batch_size", "reeval_lr", "reward_scaling", "gamma")}}
+            key = {**base_key, **{k: args_dict[k] for k in ("reevaluate_steps", "reevaluate_batch_size", "reevaluate_lr", "reward_scaling", "gamma")}}
             path = out / "reevaluated.pt"
             saved = load_own(path) if path.exists() and not args.no_resume else None
             if saved is not None and saved["phase_key"] == key:
@@ -1122,7 +1122,7 @@ def main(args: Args) -> dict:
             else:
                 returns_np = monte_carlo_returns(data["rewards"] * reward_transform["scale"] + reward_transform["shift"], data["ends"], args.gamma)
                 reeval_info = reevaluate_value(args, vf, obs_all, torch.as_tensor(returns_np, device=device), writer)
-                atomic_save(make_checkpoint(ckpt, data, args, pi0, vf, reward_transform, start_score, key, grad_steps=args.reeval_steps,
+                atomic_save(make_checkpoint(ckpt, data, args, pi0, vf, reward_transform, start_score, key, grad_steps=args.reevaluate_steps,
                                             reevaluation=reeval_info), path)
             tqdm.write(f"re-evaluation: value loss {reeval_info['final_loss']:.4g}, explained variance {reeval_info['explained_variance']:.3f}")
             wall["reevaluate"] = time.time() - t0
@@ -1151,7 +1151,7 @@ def main(args: Args) -> dict:
     for p in actor_ref.parameters():
         p.requires_grad_(False)
     steps_per_env = args.rollout_size // args.num_envs
-    num_iterations = args.total_env_steps // args.rollout_size
+    num_iterations = args.online_steps // args.rollout_size
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=args.adam_eps)
     vf_opt = torch.optim.Adam(vf.parameters(), lr=args.critic_lr, eps=args.adam_eps)
     if online is not None:
@@ -1228,7 +1228,7 @@ def main(args: Args) -> dict:
             if args.reference == "best":
                 best = update_reference(actor_ref, actor, score, best)
             next_eval = (global_step // args.eval_every + 1) * args.eval_every
-        stop = args.stop_after_steps is not None and global_step >= args.stop_after_steps and not last
+        stop = args.stop_after is not None and global_step >= args.stop_after and not last
         if global_step >= next_ckpt or last or stop:
             save_online()
             next_ckpt = (global_step // args.checkpoint_every + 1) * args.checkpoint_every
@@ -1255,7 +1255,7 @@ def main(args: Args) -> dict:
         "best_normalized_score": best, "distillation": distill_info, "reevaluation": reeval_info, "wall_clock_s": wall,
     }
     if stopped:  # as if killed: only online.pt (and what came before) is on disk
-        print(f"stopped after {global_step} env steps (--stop-after-steps); rerun the same command without it to resume")
+        print(f"stopped after {global_step} env steps (--stop-after); rerun the same command without it to resume")
         return result
     atomic_save(make_checkpoint(ckpt, data, args, actor, vf, reward_transform, curve[-1]["normalized_score"], online_key,
                                 grad_steps=iteration * update_epochs * (args.rollout_size // args.minibatch_size), env_steps=global_step,

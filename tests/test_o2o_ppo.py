@@ -19,8 +19,8 @@ from conftest import load_script
 
 ppo = load_script("o2o_ppo")
 
-TINY = ["--rollout-size", "64", "--minibatch-size", "32", "--update-epochs", "2", "--total-env-steps", "256",
-        "--reeval-steps", "50", "--distill-steps", "50", "--eval-every", "128", "--eval-episodes", "2",
+TINY = ["--rollout-size", "64", "--minibatch-size", "32", "--update-epochs", "2", "--online-steps", "256",
+        "--reevaluate-steps", "50", "--distill-steps", "50", "--eval-every", "128", "--eval-episodes", "2",
         "--log-every", "64", "--checkpoint-every", "128", "--device", "cpu"]
 
 
@@ -66,7 +66,7 @@ def test_reevaluation_fits_the_monte_carlo_returns(tiny_dataset, tmp_path):
     torch.manual_seed(0)
     vf = ppo.build_value(obs.shape[1])
     fresh_mse = ((vf(obs)[0] - g) ** 2).mean().item()
-    args = tyro.cli(ppo.Args, args=["--reeval-steps", "300", "--reeval-lr", "1e-3", "--log-every", "100"])
+    args = tyro.cli(ppo.Args, args=["--reevaluate-steps", "300", "--reevaluate-lr", "1e-3", "--log-every", "100"])
     with SummaryWriter(str(tmp_path)) as w:
         info = ppo.reevaluate_value(args, vf, obs, g, w)
     assert info["steps"] == 300 and info["final_loss"] < fresh_mse / 2 and info["explained_variance"] > 0.3
@@ -284,14 +284,14 @@ def test_ablations(offline_checkpoints, tmp_path, flags, mode):
 def test_resume_after_kill_and_longer_budget(offline_checkpoints, tmp_path, capsys):
     ck = offline_checkpoints["iql"]
     out = tmp_path / "o2o_ppo" / "hopper-medium-v2" / "o2ppo_seed0"
-    killed = run(ck, tmp_path, "--stop-after-steps", "128")
+    killed = run(ck, tmp_path, "--stop-after", "128")
     assert killed["stopped"] and killed["env_steps"] == 128
     assert (out / "online.pt").exists() and not (out / "results.json").exists() and not (out / "final.pt").exists()
     resumed = run(ck, tmp_path)
     assert "resuming" in capsys.readouterr().out
     assert resumed["resumed_from"] == 128 and resumed["env_steps"] == 256 and not resumed["stopped"]
     assert resumed["curve"][: len(killed["curve"])] == killed["curve"] and resumed["curve"][-1]["step"] == 256
-    longer = run(ck, tmp_path, "--total-env-steps", "384")
+    longer = run(ck, tmp_path, "--online-steps", "384")
     assert longer["resumed_from"] == 256 and longer["curve"][: len(resumed["curve"])] == resumed["curve"]
     assert [e["step"] for e in longer["curve"]][-1] == 384
     # other settings in the same run folder: refused, nothing overwritten
@@ -332,10 +332,10 @@ def test_missing_checkpoint_names_the_command(tiny_dataset, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra,message", [
     (["--env", "hopper-easy-v2"], "unknown env"),
-    (["--total-env-steps", "32"], "less than one rollout"),
+    (["--online-steps", "32"], "less than one rollout"),
     (["--num-envs", "3"], "multiple of --num-envs"),
     (["--minibatch-size", "48"], "multiple of --minibatch-size"),
-    (["--reeval-steps", "0"], "--no-reevaluate"),
+    (["--reevaluate-steps", "0"], "--no-reevaluate"),
     (["--gamma", "1.5"], "--gamma"),
     (["--env", "hopper-medium-replay-v2"], "was trained on hopper-medium-v2"),
     (["--checkpoint", "CORRUPT"], "corrupt"),
