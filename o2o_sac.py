@@ -97,6 +97,10 @@ class Args:
     # --- offline phases ---
     distill_steps: int = 5_000
     """gradient steps distilling a non-tanh-Gaussian offline actor into a tanh-Gaussian one (section 6)"""
+    distill_noise: float = 0.1
+    """std of the Gaussian noise added to a deterministic offline actor's action when distilling (a stochastic
+    actor is distilled from its own samples); fitting the bare mean action drives the student's std towards 0,
+    and log pi0 in the alignment targets then explodes"""
     reevaluate_steps: int = 500_000
     """re-evaluation (FQE) gradient steps"""
     align_steps: int = 500_000
@@ -721,8 +725,20 @@ def frozen(module: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------- one gradient step per phase (tensors in, metrics out)
+def distill_targets(teacher: nn.Module, obs: Tensor, noise_std: float, max_action: float = 1.0) -> Tensor:
+    """Actions whose likelihood the tanh-Gaussian student maximises (section 6): the offline actor's own samples when
+    it is stochastic, its mean action plus N(0, noise_std^2) when it is deterministic, so the student inherits a
+    spread instead of collapsing onto the mean; kept inside the open action box where atanh is finite."""
+    if hasattr(teacher, "sample"):
+        a = teacher.sample(obs)[0]
+    else:
+        a = teacher.act(obs)
+        a = a + noise_std * torch.randn_like(a)
+    return a.clamp(-0.999 * max_action, 0.999 * max_action)
+
+
 def distill_update(student: TanhGaussianActor, opt: torch.optim.Optimizer, obs: Tensor, target_actions: Tensor) -> Tensor:
-    """Maximum likelihood of the offline actor's mean action under the tanh-Gaussian student (section 6)."""
+    """Maximum likelihood of the offline actor's actions (distill_targets) under the tanh-Gaussian student (section 6)."""
     loss = -student.log_prob(obs, target_actions).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -908,6 +924,8 @@ def default_run_name(args: Args, buffer_mode: str) -> str:
 
 def validate(args: Args) -> None:
     """Bad args exit 2 before anything is read or written."""
+    if args.distill_noise < 0:
+        fail(f"--distill-noise must be >= 0, got {args.distill_noise}")
     positive = ["distill_steps", "online_steps", "utd", "batch_size", "eval_every", "eval_episodes", "log_every", "checkpoint_every",
                 "reference_interval", "part_trajectories", "kl_horizon"]
     if args.critic_init != "scratch":
@@ -1059,7 +1077,7 @@ def main(args: Args) -> dict:
                 for step in tqdm(range(args.distill_steps), desc="distill", disable=None):
                     obs = rb_off.sample(args.batch_size)["obs"]
                     with torch.no_grad():
-                        target = offline_actor.act(obs)
+                        target = distill_targets(offline_actor, obs, args.distill_noise, ckpt["max_action"])
                     met.add({"loss": distill_update(pi0, opt, obs, target)})
                     if (step + 1) % args.log_every == 0 or step + 1 == args.distill_steps:
                         met.flush(step + 1, "distill")

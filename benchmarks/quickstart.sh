@@ -15,3 +15,8 @@ $PY offline_pretrain.py --algo iql --env hopper-medium-v2 --total-steps 10000 --
 $PY o2o_sac.py --env hopper-medium-v2 --offline-algo iql --run-dir $OUT --run-name quickstart \
     --distill-steps 2000 --reevaluate-steps 2000 --align-steps 1000 --online-steps 1000 --learning-starts 200 --utd 5 \
     --eval-every 200 --eval-episodes 5
+RUN=$OUT/o2o_sac/hopper-medium-v2/quickstart
+echo
+echo "curve:       $RUN/results.json  (tensorboard --logdir $OUT)"
+echo "checkpoints: $(ls $RUN/*.pt | tr '\n' ' ')"
+echo "offline:     $OUT/offline/iql/hopper-medium-v2/seed0/checkpoint.pt"

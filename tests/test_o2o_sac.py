@@ -279,3 +279,33 @@ def test_part_buffer_keeps_top_return_trajectories():
 def test_smoke_cuda(offline_checkpoints, tmp_path):
     res = run(offline_checkpoints["iql"], tmp_path, "--device", "cuda", "--online-steps", "150")
     assert res["curve"][-1]["step"] == 150 and all(math.isfinite(p["normalized_score"]) for p in res["curve"])
+
+
+def test_distillation_keeps_the_offline_spread():
+    """Distilling from the offline actor's samples gives the student the teacher's spread; fitting only the mean
+    action (the collapse distill_targets avoids) shrinks it."""
+    torch.manual_seed(0)
+    teacher = o2o.GaussianActor(4, 2, (16,))
+    with torch.no_grad():
+        teacher.log_std.fill_(math.log(0.3))
+    obs = torch.randn(4096, 4)
+
+    def fit(targets_fn):
+        torch.manual_seed(1)
+        student = o2o.TanhGaussianActor(4, 2, (32, 32))
+        opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+        for _ in range(300):
+            o = obs[torch.randint(len(obs), (256,))]
+            with torch.no_grad():
+                t = targets_fn(o)
+            o2o.distill_update(student, opt, o, t)
+        return student(obs)[1].exp().mean().item()
+
+    std_samples = fit(lambda o: o2o.distill_targets(teacher, o, 0.1))
+    std_mean_only = fit(lambda o: teacher.act(o))
+    assert 0.15 < std_samples < 0.6
+    assert std_mean_only < 0.5 * std_samples
+    det = o2o.DeterministicActor(4, 2, (16,))
+    noisy = o2o.distill_targets(det, obs, 0.1)
+    assert (noisy - det.act(obs)).std().item() == pytest.approx(0.1, rel=0.1)
+    assert noisy.abs().max() < 1
