@@ -141,6 +141,11 @@ def state_dict_cpu(module: nn.Module) -> dict:
 
 
 # --- shared: networks ---
+def fp32(x: Tensor) -> Tensor:
+    """Network outputs leave bf16 autocast as float32, so losses and log-probs are always computed in float32."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
     layers: list[nn.Module] = []
     for h in hidden:
@@ -170,7 +175,7 @@ class TanhGaussianActor(nn.Module):
         self.max_action = max_action
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        mu, log_std = self.head(F.relu(self.net(obs))).chunk(2, dim=-1)
+        mu, log_std = fp32(self.head(F.relu(self.net(obs)))).chunk(2, dim=-1)
         return mu, log_std.clamp(-20.0, 2.0)
 
     def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
@@ -201,12 +206,12 @@ class GaussianActor(nn.Module):
         self.max_action = max_action
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        mu = self.max_action * torch.tanh(self.net(obs))
+        mu = self.max_action * torch.tanh(fp32(self.net(obs)))
         return mu, self.log_std.clamp(-20.0, 2.0).expand_as(mu)
 
     def dist(self, obs: Tensor) -> torch.distributions.Normal:
         mu, log_std = self(obs)
-        return torch.distributions.Normal(mu, log_std.exp())
+        return torch.distributions.Normal(mu, log_std.exp(), validate_args=False)  # validation would sync the host
 
     def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         d = self.dist(obs)
@@ -231,7 +236,7 @@ class DeterministicActor(nn.Module):
         self.max_action = max_action
 
     def forward(self, obs: Tensor) -> Tensor:
-        return self.max_action * torch.tanh(self.net(obs))
+        return self.max_action * torch.tanh(fp32(self.net(obs)))
 
     def act(self, obs: Tensor) -> Tensor:
         return self(obs)
@@ -292,7 +297,7 @@ class Critic(nn.Module):
         x = obs if act is None else torch.cat([obs, act], -1)
         lead = x.shape[:-1]
         x = x.reshape(1, -1, x.shape[-1]).expand(self.n, -1, -1)
-        return self.net(x).reshape(self.n, *lead)
+        return fp32(self.net(x)).reshape(self.n, *lead)
 
 
 def orthogonal_init_(critic: Critic, gain: float = 1.0) -> Critic:
@@ -306,6 +311,13 @@ def orthogonal_init_(critic: Critic, gain: float = 1.0) -> Critic:
                     w.copy_(q.T)
                 m.bias.zero_()
     return critic
+
+
+def frozen_call(module: nn.Module, *inputs: Tensor) -> Tensor:
+    """module(*inputs) with its parameters detached: gradients reach the inputs (an actor), never the module (a
+    critic). Lets an update sum its losses into ONE backward, which torch.compile needs: a compiled forward is one
+    autograd node, and a second backward through it would find its saved tensors freed."""
+    return torch.func.functional_call(module, {k: v.detach() for k, v in module.named_parameters()}, inputs)
 
 
 @torch.no_grad()

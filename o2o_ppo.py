@@ -21,6 +21,7 @@ import math
 import os
 import random
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -202,6 +203,11 @@ def state_dict_cpu(module: nn.Module) -> dict:
 
 
 # --- shared: networks ---
+def fp32(x: Tensor) -> Tensor:
+    """Network outputs leave bf16 autocast as float32, so losses and log-probs are always computed in float32."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
     layers: list[nn.Module] = []
     for h in hidden:
@@ -231,7 +237,7 @@ class TanhGaussianActor(nn.Module):
         self.max_action = max_action
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        mu, log_std = self.head(F.relu(self.net(obs))).chunk(2, dim=-1)
+        mu, log_std = fp32(self.head(F.relu(self.net(obs)))).chunk(2, dim=-1)
         return mu, log_std.clamp(-20.0, 2.0)
 
     def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
@@ -262,12 +268,12 @@ class GaussianActor(nn.Module):
         self.max_action = max_action
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        mu = self.max_action * torch.tanh(self.net(obs))
+        mu = self.max_action * torch.tanh(fp32(self.net(obs)))
         return mu, self.log_std.clamp(-20.0, 2.0).expand_as(mu)
 
     def dist(self, obs: Tensor) -> torch.distributions.Normal:
         mu, log_std = self(obs)
-        return torch.distributions.Normal(mu, log_std.exp())
+        return torch.distributions.Normal(mu, log_std.exp(), validate_args=False)  # validation would sync the host
 
     def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         d = self.dist(obs)
@@ -292,7 +298,7 @@ class DeterministicActor(nn.Module):
         self.max_action = max_action
 
     def forward(self, obs: Tensor) -> Tensor:
-        return self.max_action * torch.tanh(self.net(obs))
+        return self.max_action * torch.tanh(fp32(self.net(obs)))
 
     def act(self, obs: Tensor) -> Tensor:
         return self(obs)
@@ -353,7 +359,7 @@ class Critic(nn.Module):
         x = obs if act is None else torch.cat([obs, act], -1)
         lead = x.shape[:-1]
         x = x.reshape(1, -1, x.shape[-1]).expand(self.n, -1, -1)
-        return self.net(x).reshape(self.n, *lead)
+        return fp32(self.net(x)).reshape(self.n, *lead)
 
 
 def orthogonal_init_(critic: Critic, gain: float = 1.0) -> Critic:
@@ -369,11 +375,116 @@ def orthogonal_init_(critic: Critic, gain: float = 1.0) -> Critic:
     return critic
 
 
+def frozen_call(module: nn.Module, *inputs: Tensor) -> Tensor:
+    """module(*inputs) with its parameters detached: gradients reach the inputs (an actor), never the module (a
+    critic). Lets an update sum its losses into ONE backward, which torch.compile needs: a compiled forward is one
+    autograd node, and a second backward through it would find its saved tensors freed."""
+    return torch.func.functional_call(module, {k: v.detach() for k, v in module.named_parameters()}, inputs)
+
+
 @torch.no_grad()
 def polyak_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     """target <- (1 - tau) target + tau source, one fused lerp over all parameters."""
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 # --- end shared: networks ---
+
+
+# --- shared: accel ---
+class Accel:
+    """How the updates run. Eager PyTorch is the reference; --compile runs each phase's whole update (forward,
+    losses, backward, optimizer steps) through torch.compile, --cudagraphs replays it as a CUDA graph, --bf16 runs
+    the networks under bfloat16 autocast (their outputs, and so every loss, stay float32). All three keep the math.
+
+    Under --compile or --cudagraphs the learning rates are 0-d device tensors and, on CUDA, Adam is capturable
+    (its step count lives on the device), so a schedule or a Lagrange update changes values, never the code:
+    nothing recompiles and nothing is re-captured."""
+
+    def __init__(self, device: torch.device, compile: bool = False, cudagraphs: bool = False, bf16: bool = False):
+        if cudagraphs and device.type != "cuda":
+            fail(f"--cudagraphs captures CUDA graphs and needs a CUDA device, but this run is on {device}; drop --cudagraphs (--compile also works on CPU)")
+        if compile and device.type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+            fail("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop --compile")
+        self.device, self.compile, self.cudagraphs, self.bf16 = device, compile, cudagraphs, bf16
+        self.tensor_lr = compile or cudagraphs
+
+    def adam(self, params: Any, lr: float) -> torch.optim.Adam:
+        if not self.tensor_lr:
+            return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=torch.tensor(float(lr), device=self.device), capturable=self.device.type == "cuda")
+
+    def load_optimizer(self, opt: torch.optim.Optimizer, state: dict) -> None:
+        """load_state_dict that keeps this run's tensor learning rates and capturable flag (the saved ones may differ)."""
+        kept = [(g["lr"], g.get("capturable", False)) for g in opt.param_groups]
+        opt.load_state_dict(state)
+        for g, (lr, capturable) in zip(opt.param_groups, kept):
+            if torch.is_tensor(lr):
+                lr.fill_(float(g["lr"]))
+                g["lr"] = lr
+            g["capturable"] = capturable
+            for p in g["params"]:
+                st = opt.state.get(p, {})
+                if "step" in st:
+                    st["step"] = st["step"].to(p.device if capturable else "cpu", torch.float32)
+
+    def scalar(self, value: float) -> Tensor:
+        """A 0-d device tensor for a value that changes during a phase (a threshold, a learning rate)."""
+        return torch.tensor(float(value), device=self.device)
+
+    def update(self, fn: Callable[..., dict[str, Tensor]], warmup: int = 3) -> "Update":
+        return Update(fn, self, warmup)
+
+
+class Update:
+    """One phase's update `fn(*inputs) -> {name: 0-d tensor}`, run eagerly, compiled, and/or as a CUDA graph.
+
+    Model state (modules, optimizers, Lagrange multipliers) is bound into `fn`; the call's arguments are what
+    changes per step: tensors (a batch, a threshold) and a few flags (bools). Under CUDA graphs every distinct
+    set of flags gets its own graph, captured after `warmup` ordinary calls with those flags (on a side
+    stream, as CUDA graphs require); later calls copy the tensors into the graph's static inputs and replay.
+    The returned metrics are then the graph's static outputs: read or accumulate them before the next call."""
+
+    def __init__(self, fn: Callable[..., dict[str, Tensor]], accel: Accel, warmup: int = 3):
+        self.accel, self.warmup = accel, warmup
+        device_type, bf16 = accel.device.type, accel.bf16
+
+        def run(*args: Any, **kwargs: Any) -> dict[str, Tensor]:
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                return fn(*args, **kwargs)
+
+        self.run = torch.compile(run) if accel.compile else run
+        self.graphs: dict[tuple, tuple] = {}
+        self.calls: dict[tuple, int] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        if not self.accel.cudagraphs:
+            return self.run(*args, **kwargs)
+        leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
+        tensors = [x for x in leaves if torch.is_tensor(x)]
+        key = tuple(None if torch.is_tensor(x) else x for x in leaves)
+        if key in self.graphs:
+            graph, static_in, static_out = self.graphs[key]
+            if tensors:
+                torch._foreach_copy_(static_in, tensors)
+            graph.replay()
+            return static_out
+        n = self.calls[key] = self.calls.get(key, 0) + 1
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        if n <= self.warmup:  # ordinary updates, on a side stream so the capture that follows sees a warm allocator
+            with torch.cuda.stream(side):
+                out = self.run(*args, **kwargs)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        static_in = [t.clone() for t in tensors]
+        it = iter(static_in)
+        s_args, s_kwargs = torch.utils._pytree.tree_unflatten([next(it) if torch.is_tensor(x) else x for x in leaves], spec)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.run(*s_args, **s_kwargs)
+        self.graphs[key] = (graph, static_in, static_out)
+        graph.replay()  # capture records without running: this replay is the update of this call
+        return static_out
+# --- end shared: accel ---
 
 
 # --- shared: dataset ---

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -114,6 +115,14 @@ class Args:
     tau: float = 5e-3
     """Polyak rate of target networks (all methods with targets)"""
 
+    # --- speed (same math; eager is the reference) ---
+    compile: bool = False
+    """torch.compile the whole update (forward, losses, backward, optimizer steps)"""
+    cudagraphs: bool = False
+    """replay the update as a CUDA graph (CUDA only; add --compile for the fastest path)"""
+    bf16: bool = False
+    """bfloat16 autocast of the networks inside the update (losses, acting and evaluation stay float32)"""
+
 
 # --- shared: utils ---
 def fail(message: str) -> NoReturn:
@@ -160,6 +169,11 @@ def state_dict_cpu(module: nn.Module) -> dict:
 
 
 # --- shared: networks ---
+def fp32(x: Tensor) -> Tensor:
+    """Network outputs leave bf16 autocast as float32, so losses and log-probs are always computed in float32."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
     layers: list[nn.Module] = []
     for h in hidden:
@@ -189,7 +203,7 @@ class TanhGaussianActor(nn.Module):
         self.max_action = max_action
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        mu, log_std = self.head(F.relu(self.net(obs))).chunk(2, dim=-1)
+        mu, log_std = fp32(self.head(F.relu(self.net(obs)))).chunk(2, dim=-1)
         return mu, log_std.clamp(-20.0, 2.0)
 
     def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
@@ -220,12 +234,12 @@ class GaussianActor(nn.Module):
         self.max_action = max_action
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        mu = self.max_action * torch.tanh(self.net(obs))
+        mu = self.max_action * torch.tanh(fp32(self.net(obs)))
         return mu, self.log_std.clamp(-20.0, 2.0).expand_as(mu)
 
     def dist(self, obs: Tensor) -> torch.distributions.Normal:
         mu, log_std = self(obs)
-        return torch.distributions.Normal(mu, log_std.exp())
+        return torch.distributions.Normal(mu, log_std.exp(), validate_args=False)  # validation would sync the host
 
     def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         d = self.dist(obs)
@@ -250,7 +264,7 @@ class DeterministicActor(nn.Module):
         self.max_action = max_action
 
     def forward(self, obs: Tensor) -> Tensor:
-        return self.max_action * torch.tanh(self.net(obs))
+        return self.max_action * torch.tanh(fp32(self.net(obs)))
 
     def act(self, obs: Tensor) -> Tensor:
         return self(obs)
@@ -311,7 +325,7 @@ class Critic(nn.Module):
         x = obs if act is None else torch.cat([obs, act], -1)
         lead = x.shape[:-1]
         x = x.reshape(1, -1, x.shape[-1]).expand(self.n, -1, -1)
-        return self.net(x).reshape(self.n, *lead)
+        return fp32(self.net(x)).reshape(self.n, *lead)
 
 
 def orthogonal_init_(critic: Critic, gain: float = 1.0) -> Critic:
@@ -327,11 +341,116 @@ def orthogonal_init_(critic: Critic, gain: float = 1.0) -> Critic:
     return critic
 
 
+def frozen_call(module: nn.Module, *inputs: Tensor) -> Tensor:
+    """module(*inputs) with its parameters detached: gradients reach the inputs (an actor), never the module (a
+    critic). Lets an update sum its losses into ONE backward, which torch.compile needs: a compiled forward is one
+    autograd node, and a second backward through it would find its saved tensors freed."""
+    return torch.func.functional_call(module, {k: v.detach() for k, v in module.named_parameters()}, inputs)
+
+
 @torch.no_grad()
 def polyak_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     """target <- (1 - tau) target + tau source, one fused lerp over all parameters."""
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 # --- end shared: networks ---
+
+
+# --- shared: accel ---
+class Accel:
+    """How the updates run. Eager PyTorch is the reference; --compile runs each phase's whole update (forward,
+    losses, backward, optimizer steps) through torch.compile, --cudagraphs replays it as a CUDA graph, --bf16 runs
+    the networks under bfloat16 autocast (their outputs, and so every loss, stay float32). All three keep the math.
+
+    Under --compile or --cudagraphs the learning rates are 0-d device tensors and, on CUDA, Adam is capturable
+    (its step count lives on the device), so a schedule or a Lagrange update changes values, never the code:
+    nothing recompiles and nothing is re-captured."""
+
+    def __init__(self, device: torch.device, compile: bool = False, cudagraphs: bool = False, bf16: bool = False):
+        if cudagraphs and device.type != "cuda":
+            fail(f"--cudagraphs captures CUDA graphs and needs a CUDA device, but this run is on {device}; drop --cudagraphs (--compile also works on CPU)")
+        if compile and device.type == "cpu" and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+            fail("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop --compile")
+        self.device, self.compile, self.cudagraphs, self.bf16 = device, compile, cudagraphs, bf16
+        self.tensor_lr = compile or cudagraphs
+
+    def adam(self, params: Any, lr: float) -> torch.optim.Adam:
+        if not self.tensor_lr:
+            return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=torch.tensor(float(lr), device=self.device), capturable=self.device.type == "cuda")
+
+    def load_optimizer(self, opt: torch.optim.Optimizer, state: dict) -> None:
+        """load_state_dict that keeps this run's tensor learning rates and capturable flag (the saved ones may differ)."""
+        kept = [(g["lr"], g.get("capturable", False)) for g in opt.param_groups]
+        opt.load_state_dict(state)
+        for g, (lr, capturable) in zip(opt.param_groups, kept):
+            if torch.is_tensor(lr):
+                lr.fill_(float(g["lr"]))
+                g["lr"] = lr
+            g["capturable"] = capturable
+            for p in g["params"]:
+                st = opt.state.get(p, {})
+                if "step" in st:
+                    st["step"] = st["step"].to(p.device if capturable else "cpu", torch.float32)
+
+    def scalar(self, value: float) -> Tensor:
+        """A 0-d device tensor for a value that changes during a phase (a threshold, a learning rate)."""
+        return torch.tensor(float(value), device=self.device)
+
+    def update(self, fn: Callable[..., dict[str, Tensor]], warmup: int = 3) -> "Update":
+        return Update(fn, self, warmup)
+
+
+class Update:
+    """One phase's update `fn(*inputs) -> {name: 0-d tensor}`, run eagerly, compiled, and/or as a CUDA graph.
+
+    Model state (modules, optimizers, Lagrange multipliers) is bound into `fn`; the call's arguments are what
+    changes per step: tensors (a batch, a threshold) and a few flags (bools). Under CUDA graphs every distinct
+    set of flags gets its own graph, captured after `warmup` ordinary calls with those flags (on a side
+    stream, as CUDA graphs require); later calls copy the tensors into the graph's static inputs and replay.
+    The returned metrics are then the graph's static outputs: read or accumulate them before the next call."""
+
+    def __init__(self, fn: Callable[..., dict[str, Tensor]], accel: Accel, warmup: int = 3):
+        self.accel, self.warmup = accel, warmup
+        device_type, bf16 = accel.device.type, accel.bf16
+
+        def run(*args: Any, **kwargs: Any) -> dict[str, Tensor]:
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                return fn(*args, **kwargs)
+
+        self.run = torch.compile(run) if accel.compile else run
+        self.graphs: dict[tuple, tuple] = {}
+        self.calls: dict[tuple, int] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        if not self.accel.cudagraphs:
+            return self.run(*args, **kwargs)
+        leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
+        tensors = [x for x in leaves if torch.is_tensor(x)]
+        key = tuple(None if torch.is_tensor(x) else x for x in leaves)
+        if key in self.graphs:
+            graph, static_in, static_out = self.graphs[key]
+            if tensors:
+                torch._foreach_copy_(static_in, tensors)
+            graph.replay()
+            return static_out
+        n = self.calls[key] = self.calls.get(key, 0) + 1
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        if n <= self.warmup:  # ordinary updates, on a side stream so the capture that follows sees a warm allocator
+            with torch.cuda.stream(side):
+                out = self.run(*args, **kwargs)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        static_in = [t.clone() for t in tensors]
+        it = iter(static_in)
+        s_args, s_kwargs = torch.utils._pytree.tree_unflatten([next(it) if torch.is_tensor(x) else x for x in leaves], spec)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.run(*s_args, **s_kwargs)
+        self.graphs[key] = (graph, static_in, static_out)
+        graph.replay()  # capture records without running: this replay is the update of this call
+        return static_out
+# --- end shared: accel ---
 
 
 # --- shared: dataset ---
@@ -632,7 +751,8 @@ def td3_bc_actor_loss(q: Tensor, pi: Tensor, data_actions: Tensor, alpha: float)
 
 # ---------------------------------------------------------------- learners: one update = one gradient step
 class CQL:
-    def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
+    def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device, accel: Accel | None = None):
+        accel = accel or Accel(device)
         cfg = ALGO_TABLE["cql"]
         self.args, self.act_dim = args, act_dim
         self.actor = TanhGaussianActor(obs_dim, act_dim, cfg["actor_hidden"]).to(device)
@@ -642,24 +762,30 @@ class CQL:
         self.qf = Critic(obs_dim, act_dim, cfg["critic_hidden"], n=2).to(device)
         self.qf_target = Critic(obs_dim, act_dim, cfg["critic_hidden"], n=2).to(device)
         self.qf_target.load_state_dict(self.qf.state_dict())
-        self.log_alpha = nn.Parameter(torch.zeros((), device=device))
+        # shape (1,), not 0-d: compiled Adam skips 0-d float64 parameters (PyTorch 2.13), which the float64
+        # compile-equals-eager test would otherwise trip over
+        self.log_alpha = nn.Parameter(torch.zeros(1, device=device))
         self.target_entropy = -float(act_dim)
         self.opts = {
-            "actor": torch.optim.Adam(self.actor.parameters(), lr=args.cql_actor_lr),
-            "qf": torch.optim.Adam(self.qf.parameters(), lr=args.cql_critic_lr),
-            "alpha": torch.optim.Adam([self.log_alpha], lr=args.cql_critic_lr),
+            "actor": accel.adam(self.actor.parameters(), args.cql_actor_lr),
+            "qf": accel.adam(self.qf.parameters(), args.cql_critic_lr),
+            "alpha": accel.adam([self.log_alpha], args.cql_critic_lr),
         }
+        self.step_fn = accel.update(self.gradient_step)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"actor": self.actor, "qf": self.qf, "qf_target": self.qf_target}
 
     def update(self, b: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        return self.step_fn(b)
+
+    def gradient_step(self, b: dict[str, Tensor]) -> dict[str, Tensor]:
         a = self.args
         obs, next_obs = b["obs"], b["next_obs"]
         pi, logp = self.actor.sample(obs)
         alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
         alpha = self.log_alpha.exp().detach()
-        actor_loss = (alpha * logp - self.qf(obs, pi).min(0).values).mean()
+        actor_loss = (alpha * logp - frozen_call(self.qf, obs, pi).min(0).values).mean()
 
         with torch.no_grad():
             next_a, _ = self.actor.sample(next_obs)
@@ -679,14 +805,10 @@ class CQL:
         penalty = cql_penalty(q_data, q_rand, q_pi, q_next_pi, logp_pi.view(B, N), logp_next.view(B, N), self.act_dim, a.cql_temp)
         qf_loss = td_loss + a.cql_alpha * penalty.sum()
 
-        for name, loss in (("alpha", alpha_loss), ("actor", actor_loss), ("qf", qf_loss)):
-            self.opts[name].zero_grad(set_to_none=True)
-        # the actor loss must not push gradients into the critics it reads
-        actor_grads = torch.autograd.grad(actor_loss, list(self.actor.parameters()), retain_graph=True)
-        alpha_loss.backward()
-        qf_loss.backward()
-        for p, g in zip(self.actor.parameters(), actor_grads):
-            p.grad = g
+        for opt in self.opts.values():
+            opt.zero_grad(set_to_none=True)
+        # one backward: each loss reaches only its own parameters (the actor reads the critics frozen)
+        (alpha_loss + actor_loss + qf_loss).backward()
         for opt in self.opts.values():
             opt.step()
         polyak_update(self.qf_target, self.qf, a.tau)
@@ -695,7 +817,8 @@ class CQL:
 
 
 class IQL:
-    def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
+    def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device, accel: Accel | None = None):
+        accel = accel or Accel(device)
         cfg = ALGO_TABLE["iql"]
         self.args = args
         self.actor = GaussianActor(obs_dim, act_dim, cfg["actor_hidden"]).to(device)
@@ -704,16 +827,22 @@ class IQL:
         self.qf_target.load_state_dict(self.qf.state_dict())
         self.vf = Critic(obs_dim, 0, cfg["critic_hidden"], n=1).to(device)
         self.opts = {
-            "actor": torch.optim.Adam(self.actor.parameters(), lr=args.iql_lr),
-            "qf": torch.optim.Adam(self.qf.parameters(), lr=args.iql_lr),
-            "vf": torch.optim.Adam(self.vf.parameters(), lr=args.iql_lr),
+            "actor": accel.adam(self.actor.parameters(), args.iql_lr),
+            "qf": accel.adam(self.qf.parameters(), args.iql_lr),
+            "vf": accel.adam(self.vf.parameters(), args.iql_lr),
         }
         self.actor_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opts["actor"], args.total_steps)
+        self.step_fn = accel.update(self.gradient_step)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"actor": self.actor, "qf": self.qf, "qf_target": self.qf_target, "vf": self.vf}
 
     def update(self, b: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        m = self.step_fn(b)
+        self.actor_sched.step()  # outside the update: with a tensor learning rate this only refills it
+        return m
+
+    def gradient_step(self, b: dict[str, Tensor]) -> dict[str, Tensor]:
         a = self.args
         with torch.no_grad():
             target_q = self.qf_target(b["obs"], b["actions"]).min(0).values
@@ -726,18 +855,19 @@ class IQL:
         q_loss = ((q - y) ** 2).mean(-1).sum() / 2
         weights = iql_weights(adv.detach(), a.iql_beta)
         actor_loss = (weights * -self.actor.log_prob(b["obs"], b["actions"])).mean()
-        for name, loss in (("vf", v_loss), ("qf", q_loss), ("actor", actor_loss)):
-            self.opts[name].zero_grad(set_to_none=True)
-            loss.backward()
-            self.opts[name].step()
-        self.actor_sched.step()
+        for opt in self.opts.values():
+            opt.zero_grad(set_to_none=True)
+        (v_loss + q_loss + actor_loss).backward()  # one backward: the three losses share no parameters
+        for opt in self.opts.values():
+            opt.step()
         polyak_update(self.qf_target, self.qf, a.tau)
         return {"losses/qf_loss": q_loss.detach(), "losses/vf_loss": v_loss.detach(), "losses/actor_loss": actor_loss.detach(),
                 "losses/qf_values": q.mean().detach()}
 
 
 class TD3BC:
-    def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
+    def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device, accel: Accel | None = None):
+        accel = accel or Accel(device)
         cfg = ALGO_TABLE["td3_bc"]
         self.args = args
         self.actor = DeterministicActor(obs_dim, act_dim, cfg["actor_hidden"]).to(device)
@@ -746,13 +876,17 @@ class TD3BC:
         self.qf = Critic(obs_dim, act_dim, cfg["critic_hidden"], n=2).to(device)
         self.qf_target = Critic(obs_dim, act_dim, cfg["critic_hidden"], n=2).to(device)
         self.qf_target.load_state_dict(self.qf.state_dict())
-        self.opts = {"actor": torch.optim.Adam(self.actor.parameters(), lr=args.td3_bc_lr), "qf": torch.optim.Adam(self.qf.parameters(), lr=args.td3_bc_lr)}
-        self.last_actor_loss = torch.zeros((), device=device)
+        self.opts = {"actor": accel.adam(self.actor.parameters(), args.td3_bc_lr), "qf": accel.adam(self.qf.parameters(), args.td3_bc_lr)}
+        self.step_fn = accel.update(self.gradient_step)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"actor": self.actor, "actor_target": self.actor_target, "qf": self.qf, "qf_target": self.qf_target}
 
     def update(self, b: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        return self.step_fn(b, step % self.args.policy_freq == 0)
+
+    def gradient_step(self, b: dict[str, Tensor], actor_step: bool) -> dict[str, Tensor]:
+        """A critic step; with actor_step also the delayed actor step and the target updates."""
         a = self.args
         with torch.no_grad():
             noise = (torch.randn_like(b["actions"]) * a.policy_noise).clamp(-a.noise_clip, a.noise_clip)
@@ -763,7 +897,8 @@ class TD3BC:
         self.opts["qf"].zero_grad(set_to_none=True)
         q_loss.backward()
         self.opts["qf"].step()
-        if step % a.policy_freq == 0:  # delayed actor and target updates
+        m = {"losses/qf_loss": q_loss.detach(), "losses/qf_values": q.mean().detach()}
+        if actor_step:  # delayed actor and target updates
             pi = self.actor(b["obs"])
             actor_loss = td3_bc_actor_loss(self.qf(b["obs"], pi)[0], pi, b["actions"], a.td3_bc_alpha)
             self.opts["actor"].zero_grad(set_to_none=True)
@@ -771,20 +906,25 @@ class TD3BC:
             self.opts["actor"].step()
             polyak_update(self.actor_target, self.actor, a.tau)
             polyak_update(self.qf_target, self.qf, a.tau)
-            self.last_actor_loss = actor_loss.detach()
-        return {"losses/qf_loss": q_loss.detach(), "losses/actor_loss": self.last_actor_loss, "losses/qf_values": q.mean().detach()}
+            m["losses/actor_loss"] = actor_loss.detach()
+        return m
 
 
 class BC:
-    def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device):
+    def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device, accel: Accel | None = None):
+        accel = accel or Accel(device)
         self.args = args
         self.actor = build_actor(args.bc_family, obs_dim, act_dim, ALGO_TABLE["bc"]["actor_hidden"]).to(device)
-        self.opts = {"actor": torch.optim.Adam(self.actor.parameters(), lr=args.bc_lr)}
+        self.opts = {"actor": accel.adam(self.actor.parameters(), args.bc_lr)}
+        self.step_fn = accel.update(self.gradient_step)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"actor": self.actor}
 
     def update(self, b: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        return self.step_fn(b)
+
+    def gradient_step(self, b: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.args.bc_family == "deterministic":
             loss = F.mse_loss(self.actor(b["obs"]), b["actions"])
         else:  # maximum likelihood of the dataset action under the tanh-Gaussian
@@ -831,14 +971,14 @@ def make_checkpoint(args: Args, learner: Any, data: dict, obs_mean: np.ndarray, 
     }
 
 
-def restore(learner: Any, ckpt: dict, args: Args) -> None:
+def restore(learner: Any, ckpt: dict, args: Args, accel: Accel) -> None:
     ts = ckpt.get("train_state")
     if not isinstance(ts, dict) or ckpt["algo"] != args.algo:
         fail(f"checkpoint is from --algo {ckpt['algo']} or has no training state; cannot resume --algo {args.algo} from it")
     for k, m in learner.modules().items():
         m.load_state_dict(ts["modules"][k])
     for k, o in learner.opts.items():
-        o.load_state_dict(ts["optimizers"][k])
+        accel.load_optimizer(o, ts["optimizers"][k])
     if ts["log_alpha"] is not None:
         with torch.no_grad():
             learner.log_alpha.copy_(ts["log_alpha"])
@@ -865,6 +1005,8 @@ def validate(args: Args) -> None:
 
 def main(args: Args) -> dict:
     validate(args)
+    device = pick_device(args.device)
+    accel = Accel(device, args.compile, args.cudagraphs, args.bf16)  # bad combinations fail before any loading
     data = load_dataset(args.env, args.dataset_id, args.no_download)
     env_key = args.env if args.dataset_id is None else args.dataset_id.replace("/", "_")
     out = Path(args.run_dir) / "offline" / args.algo / env_key / f"seed{args.seed}"
@@ -880,14 +1022,13 @@ def main(args: Args) -> dict:
             fail(f"--resume: {ckpt_path} already has {ckpt['grad_steps']} steps >= --total-steps {args.total_steps}; raise --total-steps")
 
     set_seed(args.seed)
-    device = pick_device(args.device)
     obs_mean, obs_std = obs_stats(data["observations"])
     reward_transform = reward_transform_for(args.algo, data)
     rb = ReplayBuffer.from_dataset(data, obs_mean, obs_std, device, reward_transform["scale"], reward_transform["shift"])
-    learner = LEARNERS[args.algo](args, data["obs_dim"], data["act_dim"], device)
+    learner = LEARNERS[args.algo](args, data["obs_dim"], data["act_dim"], device, accel)
     start, history = 0, []
     if ckpt is not None:
-        restore(learner, ckpt, args)
+        restore(learner, ckpt, args, accel)
         start, history = ckpt["grad_steps"], list(ckpt.get("eval_history", []))
         print(f"resuming {ckpt_path} at step {start}")
     evaluator = Evaluator(data["env_spec"], args.eval_episodes, args.seed + 100, obs_mean, obs_std, device)
@@ -902,18 +1043,19 @@ def main(args: Args) -> dict:
     writer = SummaryWriter(str(out))
     writer.add_text("args", json.dumps(asdict(args)))
     writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
-    metrics: dict[str, Tensor] = {}
+    metrics: dict[str, list] = {}  # name -> [device sum, count]
     score = history[-1][2] if history else float("nan")
     t0, steps_t0 = time.time(), start
     bar = tqdm(range(start, args.total_steps), desc=f"{args.algo} {args.env}", initial=start, total=args.total_steps, disable=None)
     for step in bar:
         m = learner.update(rb.sample(args.batch_size), step)
         for k, v in m.items():  # accumulate on the device; read only at log time
-            metrics[k] = metrics.get(k, 0.0) + v
+            acc = metrics.setdefault(k, [0.0, 0])
+            acc[0], acc[1] = acc[0] + v, acc[1] + 1
         done = step + 1
         if done % args.log_every == 0:
-            for k, v in metrics.items():
-                val = float(v) / args.log_every
+            for k, (v, n) in metrics.items():
+                val = float(v) / n
                 if not math.isfinite(val):
                     fail(f"non-finite {k} at step {done} of {args.algo}; the last good checkpoint is {ckpt_path}")
                 writer.add_scalar(k, val, done)

@@ -18,9 +18,9 @@ BLOCK_RE = re.compile(r"^# --- shared: (?P<name>[\w-]+) ---\n.*?^# --- end share
 # which blocks each script must carry
 REQUIRED = {
     "make_dataset.py": {"utils", "networks", "dataset", "evaluation"},
-    "o2o_sac.py": {"utils", "networks", "dataset", "buffer", "evaluation", "checkpoint"},
-    "o2o_td3.py": {"utils", "networks", "dataset", "buffer", "evaluation", "checkpoint"},
-    "o2o_ppo.py": {"utils", "networks", "dataset", "buffer", "evaluation", "checkpoint"},
+    "o2o_sac.py": {"utils", "networks", "accel", "dataset", "buffer", "evaluation", "checkpoint"},
+    "o2o_td3.py": {"utils", "networks", "accel", "dataset", "buffer", "evaluation", "checkpoint"},
+    "o2o_ppo.py": {"utils", "networks", "accel", "dataset", "buffer", "evaluation", "checkpoint"},
 }
 
 
@@ -33,7 +33,7 @@ def blocks(path: Path) -> dict[str, str]:
 
 
 def test_canonical_has_all_blocks():
-    assert set(blocks(CANONICAL)) == {"utils", "networks", "dataset", "buffer", "evaluation", "checkpoint"}
+    assert set(blocks(CANONICAL)) == {"utils", "networks", "accel", "dataset", "buffer", "evaluation", "checkpoint"}
 
 
 @pytest.mark.parametrize("script", sorted(REQUIRED))
