@@ -15,6 +15,7 @@ Usage:
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -140,6 +141,16 @@ class Args:
     """write online.pt every this many env steps (a killed run resumes from it)"""
     stop_after: int | None = None
     """stop (as if killed) after this many online env steps, after writing online.pt; rerun to resume"""
+
+    # --- speed (same math; eager is the reference) ---
+    compile: bool = False
+    """torch.compile the whole update (forward, losses, backward, optimizer steps)"""
+    cudagraphs: bool = False
+    """replay the update as a CUDA graph (CUDA only; add --compile for the fastest path)"""
+    bf16: bool = False
+    """bfloat16 autocast of the networks inside the update (losses, acting and evaluation stay float32)"""
+    threads: int | None = None
+    """torch CPU threads (default: torch's choice; 1 is fastest on a small shared machine)"""
 
 
 # Per dataset family (the level of --env); --update-epochs and --t-end override. Rows: level -> T_end and PPO
@@ -406,20 +417,26 @@ class Accel:
             fail("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop --compile")
         self.device, self.compile, self.cudagraphs, self.bf16 = device, compile, cudagraphs, bf16
         self.tensor_lr = compile or cudagraphs
+        if compile:  # Adam.step is one code object compiled once per optimizer: allow many, and never fall back
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # to eager silently
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
 
-    def adam(self, params: Any, lr: float) -> torch.optim.Adam:
+    def adam(self, params: Any, lr: float, eps: float = 1e-8) -> torch.optim.Adam:
         if not self.tensor_lr:
-            return torch.optim.Adam(params, lr=lr)
-        return torch.optim.Adam(params, lr=torch.tensor(float(lr), device=self.device), capturable=self.device.type == "cuda")
+            return torch.optim.Adam(params, lr=lr, eps=eps)
+        return torch.optim.Adam(params, lr=torch.tensor(float(lr), device=self.device), eps=eps, capturable=self.device.type == "cuda")
 
     def load_optimizer(self, opt: torch.optim.Optimizer, state: dict) -> None:
-        """load_state_dict that keeps this run's tensor learning rates and capturable flag (the saved ones may differ)."""
+        """load_state_dict that keeps this run's kind of learning rate (tensor or float) and capturable flag: the
+        saved ones come from whatever mode wrote the checkpoint."""
         kept = [(g["lr"], g.get("capturable", False)) for g in opt.param_groups]
         opt.load_state_dict(state)
         for g, (lr, capturable) in zip(opt.param_groups, kept):
             if torch.is_tensor(lr):
                 lr.fill_(float(g["lr"]))
                 g["lr"] = lr
+            else:
+                g["lr"] = float(g["lr"])
             g["capturable"] = capturable
             for p in g["params"]:
                 st = opt.state.get(p, {})
@@ -447,8 +464,8 @@ class Update:
         self.accel, self.warmup = accel, warmup
         device_type, bf16 = accel.device.type, accel.bf16
 
-        def run(*args: Any, **kwargs: Any) -> dict[str, Tensor]:
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        def run(*args: Any, **kwargs: Any) -> dict[str, Tensor]:  # autocast's weight cache must be off inside CUDA graphs
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not accel.cudagraphs):
                 return fn(*args, **kwargs)
 
         self.run = torch.compile(run) if accel.compile else run
@@ -841,32 +858,45 @@ def ppo_clip_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_coef:
 
 def distill_loss(mean: Tensor, log_std: Tensor, target: Tensor) -> Tensor:
     """Negative log-likelihood of the offline actor's mean action under the Gaussian N(mean, exp(log_std)^2)."""
-    return -torch.distributions.Normal(mean, log_std.exp()).log_prob(target).sum(-1).mean()
+    return -torch.distributions.Normal(mean, log_std.exp(), validate_args=False).log_prob(target).sum(-1).mean()  # validation syncs
 
 
 # ---------------------------------------------------------------- updates (one gradient step each; tensors in, tensors out)
-def distill_update(student: GaussianActor, opt: torch.optim.Optimizer, obs: Tensor, target: Tensor) -> Tensor:
+# Each phase wraps its update once: accel.update(functools.partial(update, <modules, optimizers>, <constants as keywords>)),
+# then calls it with the minibatch tensors only (a weight that changes over time is a 0-d device tensor). The bodies are
+# compile- and CUDA-graph-safe: one backward per update, no host reads, no Python side effects.
+def set_lr(accel: Accel, opt: torch.optim.Optimizer, lr: float) -> None:
+    """A schedule refills a tensor learning rate in place (a compiled update or a captured graph reads that tensor);
+    an eager run keeps a plain float."""
+    for g in opt.param_groups:
+        if accel.tensor_lr:
+            g["lr"].fill_(lr)
+        else:
+            g["lr"] = float(lr)
+
+
+def distill_update(student: GaussianActor, opt: torch.optim.Optimizer, obs: Tensor, target: Tensor) -> dict[str, Tensor]:
     mean, log_std = student(obs)
     loss = distill_loss(mean, log_std.detach(), target)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return loss.detach()
+    return {"distill/loss": loss.detach()}
 
 
-def reeval_update(vf: Critic, opt: torch.optim.Optimizer, obs: Tensor, returns: Tensor) -> Tensor:
+def reeval_update(vf: Critic, opt: torch.optim.Optimizer, obs: Tensor, returns: Tensor) -> dict[str, Tensor]:
     """Regress V(s) on Monte-Carlo returns (section 3a)."""
     loss = F.mse_loss(vf(obs)[0], returns)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return loss.detach()
+    return {"reeval/value_loss": loss.detach()}
 
 
 def ppo_update(actor: GaussianActor, vf: Critic, actor_ref: GaussianActor, actor_opt: torch.optim.Optimizer, vf_opt: torch.optim.Optimizer,
                obs: Tensor, actions: Tensor, old_logp: Tensor, advantages: Tensor, returns: Tensor, weight: Tensor,
                clip_coef: float, ent_coef: float, max_grad_norm: float, constraint: bool) -> dict[str, Tensor]:
-    """One PPO minibatch step: advantages (B, 1) mixed with the reference advantage (weight w_t), normalised,
+    """One PPO minibatch step: advantages (B, 1) mixed with the reference advantage (weight w_t, a 0-d tensor), normalised,
     clipped surrogate + entropy bonus for the actor, 0.5 MSE to the GAE targets for V, gradient clipping."""
     metrics: dict[str, Tensor] = {}
     if constraint:
@@ -884,8 +914,8 @@ def ppo_update(actor: GaussianActor, vf: Critic, actor_ref: GaussianActor, actor
     v_loss = 0.5 * ((vf(obs)[0] - returns) ** 2).mean()
     actor_opt.zero_grad(set_to_none=True)
     vf_opt.zero_grad(set_to_none=True)
-    actor_loss.backward()
-    v_loss.backward()
+    # one backward: the actor and V share no parameters, so each loss reaches only its own network
+    (actor_loss + v_loss).backward()
     nn.utils.clip_grad_norm_(actor.parameters(), max_grad_norm)
     nn.utils.clip_grad_norm_(vf.parameters(), max_grad_norm)
     actor_opt.step()
@@ -1003,11 +1033,12 @@ def make_checkpoint(ckpt: dict, data: dict, args: Args, actor: nn.Module, vf: Cr
     }
 
 
-def distill_actor(args: Args, teacher: nn.Module, obs_all: Tensor, writer: SummaryWriter) -> tuple[GaussianActor, dict]:
+def distill_actor(args: Args, teacher: nn.Module, obs_all: Tensor, writer: SummaryWriter, accel: Accel | None = None) -> tuple[GaussianActor, dict]:
     """Section 6: a tanh-Gaussian or deterministic offline actor -> GaussianActor(256 x 2) by maximum likelihood of
     the offline mean action on dataset states. The state-independent log_std is held fixed during the fit (the ML
     std of a deterministic target would collapse to the fitting error and leave PPO nothing to explore with)."""
     device = obs_all.device
+    accel = accel or Accel(device)
     student = GaussianActor(obs_all.shape[1], teacher.act(obs_all[:1]).shape[1], ACTOR_HIDDEN).to(device)
     teacher.eval()
     with torch.no_grad():
@@ -1020,13 +1051,14 @@ def distill_actor(args: Args, teacher: nn.Module, obs_all: Tensor, writer: Summa
         else:
             log_std = torch.full_like(student.log_std, DETERMINISTIC_LOG_STD)
         student.log_std.copy_(log_std)
-    opt = torch.optim.Adam(student.net.parameters(), lr=args.distill_lr)
+    opt = accel.adam(student.net.parameters(), args.distill_lr)
+    step_fn = accel.update(functools.partial(distill_update, student, opt))
     loss_sum = torch.zeros((), device=device)
     for step in tqdm(range(1, args.distill_steps + 1), desc="distill", disable=None):
         obs = obs_all[torch.randint(len(obs_all), (args.distill_batch_size,), device=device)]
         with torch.no_grad():
             target = teacher.act(obs)
-        loss_sum += distill_update(student, opt, obs, target)
+        loss_sum += step_fn(obs, target)["distill/loss"]
         if step % args.log_every == 0 or step == args.distill_steps:
             n = args.log_every if step % args.log_every == 0 else step % args.log_every
             loss = float(loss_sum) / n
@@ -1044,14 +1076,16 @@ def distill_actor(args: Args, teacher: nn.Module, obs_all: Tensor, writer: Summa
     return student, info
 
 
-def reevaluate_value(args: Args, vf: Critic, obs_all: Tensor, returns_all: Tensor, writer: SummaryWriter) -> dict:
+def reevaluate_value(args: Args, vf: Critic, obs_all: Tensor, returns_all: Tensor, writer: SummaryWriter, accel: Accel | None = None) -> dict:
     """Section 3a: V(s) regressed on the offline Monte-Carlo returns, `reevaluate_steps` steps of batch `reevaluate_batch_size`."""
     device = obs_all.device
-    opt = torch.optim.Adam(vf.parameters(), lr=args.reevaluate_lr)
+    accel = accel or Accel(device)
+    opt = accel.adam(vf.parameters(), args.reevaluate_lr)
+    step_fn = accel.update(functools.partial(reeval_update, vf, opt))
     loss_sum, loss = torch.zeros((), device=device), float("nan")
     for step in tqdm(range(1, args.reevaluate_steps + 1), desc="re-evaluation", disable=None):
         idx = torch.randint(len(obs_all), (args.reevaluate_batch_size,), device=device)
-        loss_sum += reeval_update(vf, opt, obs_all[idx], returns_all[idx])
+        loss_sum += step_fn(obs_all[idx], returns_all[idx])["reeval/value_loss"]
         if step % args.log_every == 0 or step == args.reevaluate_steps:
             n = args.log_every if step % args.log_every == 0 else step % args.log_every
             loss = float(loss_sum) / n
@@ -1091,7 +1125,7 @@ def validate(args: Args) -> None:
                  "minibatch_size", "eval_every", "eval_episodes", "log_every", "checkpoint_every"):
         if getattr(args, flag) <= 0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    for flag in ("update_epochs", "t_end", "stop_after"):
+    for flag in ("update_epochs", "t_end", "stop_after", "threads"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if not args.no_reevaluate and args.reevaluate_steps <= 0:
@@ -1116,12 +1150,18 @@ def validate(args: Args) -> None:
 
 
 # args that do not change what a resumed online run computed up to where it stopped (a longer --online-steps
-# resumes and stretches the remaining learning-rate decay over the new budget)
-BUDGET_ARGS = ("online_steps", "stop_after", "eval_every", "log_every", "checkpoint_every", "no_resume", "run_dir", "checkpoint", "device")
+# resumes and stretches the remaining learning-rate decay over the new budget; --compile and --cudagraphs keep the
+# math, --bf16 does not and stays in the key)
+BUDGET_ARGS = ("online_steps", "stop_after", "eval_every", "log_every", "checkpoint_every", "no_resume", "run_dir", "checkpoint", "device",
+               "compile", "cudagraphs", "threads")
 
 
 def main(args: Args) -> dict:
     validate(args)
+    device = pick_device(args.device)
+    accel = Accel(device, args.compile, args.cudagraphs, args.bf16)  # bad combinations fail before any loading
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     data = load_dataset(args.env, args.dataset_id, args.no_download)
     env_name = args.env if args.dataset_id is None else args.dataset_id
     env_key = args.env if args.dataset_id is None else args.dataset_id.replace("/", "_")
@@ -1152,7 +1192,6 @@ def main(args: Args) -> dict:
             fail(f"{out} holds a run with other settings ({', '.join(diff)}); pass --no-resume to overwrite it or choose another --run-name")
 
     set_seed(args.seed)
-    device = pick_device(args.device)
     obs_mean_np, obs_std_np = ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy()  # the actor was trained on these
     obs_mean = torch.as_tensor(obs_mean_np, device=device)
     obs_std = torch.as_tensor(obs_std_np, device=device)
@@ -1193,7 +1232,7 @@ def main(args: Args) -> dict:
         curve = [{"step": 0, "normalized_score": score, "return": ret, "phase": "offline"}]
         log_eval(curve[-1])
         wall["offline_eval"] = time.time() - t0
-        base_key = {"offline_checkpoint": digest, "seed": args.seed, "device": str(device)}
+        base_key = {"offline_checkpoint": digest, "seed": args.seed, "device": str(device), "bf16": args.bf16}
         # every phase draws from its own seed, so a reused phase checkpoint leaves later phases unchanged
         # --- phase: any family -> Gaussian (section 6)
         if isinstance(teacher, GaussianActor):
@@ -1209,7 +1248,7 @@ def main(args: Args) -> dict:
                 print(f"reusing {path}")
             else:
                 torch.manual_seed(args.seed + 1)
-                pi0, distill_info = distill_actor(args, teacher, obs_all, writer)
+                pi0, distill_info = distill_actor(args, teacher, obs_all, writer, accel)
                 ret, score = evaluate(pi0)
                 atomic_save(make_checkpoint(ckpt, data, args, pi0, None, reward_transform, score, key, grad_steps=args.distill_steps,
                                             distillation=distill_info, eval_return=ret), path)
@@ -1232,7 +1271,7 @@ def main(args: Args) -> dict:
                 print(f"reusing {path}")
             else:
                 returns_np = monte_carlo_returns(data["rewards"] * reward_transform["scale"] + reward_transform["shift"], data["ends"], args.gamma)
-                reeval_info = reevaluate_value(args, vf, obs_all, torch.as_tensor(returns_np, device=device), writer)
+                reeval_info = reevaluate_value(args, vf, obs_all, torch.as_tensor(returns_np, device=device), writer, accel)
                 atomic_save(make_checkpoint(ckpt, data, args, pi0, vf, reward_transform, start_score, key, grad_steps=args.reevaluate_steps,
                                             reevaluation=reeval_info), path)
             tqdm.write(f"re-evaluation: value loss {reeval_info['final_loss']:.4g}, explained variance {reeval_info['explained_variance']:.3f}")
@@ -1263,14 +1302,17 @@ def main(args: Args) -> dict:
         p.requires_grad_(False)
     steps_per_env = args.rollout_size // args.num_envs
     num_iterations = args.online_steps // args.rollout_size
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr, eps=args.adam_eps)
-    vf_opt = torch.optim.Adam(vf.parameters(), lr=args.critic_lr, eps=args.adam_eps)
+    actor_opt = accel.adam(actor.parameters(), args.actor_lr, eps=args.adam_eps)
+    vf_opt = accel.adam(vf.parameters(), args.critic_lr, eps=args.adam_eps)
     if online is not None:
-        actor_opt.load_state_dict(online["optimizers"]["actor"])
-        vf_opt.load_state_dict(online["optimizers"]["vf"])
+        accel.load_optimizer(actor_opt, online["optimizers"]["actor"])
+        accel.load_optimizer(vf_opt, online["optimizers"]["vf"])
         torch.set_rng_state(online["rng"]["torch"])
         if online["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(online["rng"]["cuda"])
+    # built once: the modules and optimizers are bound, the constants are keywords; per call only the minibatch and w_t
+    ppo_step = accel.update(functools.partial(ppo_update, actor, vf, actor_ref, actor_opt, vf_opt, clip_coef=args.clip_coef,
+                                              ent_coef=args.ent_coef, max_grad_norm=args.max_grad_norm, constraint=not args.no_constraint))
     # a resumed run restarts its training episodes (simulator states are not saved); new seeds for new starts
     pool = EnvPool(data["env_spec"], args.num_envs, args.seed + 1000 + global_step)
     t_online = time.time() - wall.get("online", 0.0)
@@ -1294,8 +1336,7 @@ def main(args: Args) -> dict:
     stopped = False
     while iteration < num_iterations:
         for opt, lr0 in ((actor_opt, args.actor_lr), (vf_opt, args.critic_lr)):
-            for g in opt.param_groups:
-                g["lr"] = linear_lr(lr0, iteration, num_iterations)
+            set_lr(accel, opt, linear_lr(lr0, iteration, num_iterations))
         roll, finished = collect_rollout(pool, actor, vf, steps_per_env, obs_mean, obs_std, reward_transform["scale"], reward_transform["shift"])
         global_step += args.rollout_size
         iteration += 1
@@ -1307,14 +1348,14 @@ def main(args: Args) -> dict:
         b_obs, b_actions = roll["obs"].reshape(args.rollout_size, -1), roll["actions"].reshape(args.rollout_size, -1)
         b_logp, b_adv, b_ret = roll["logprobs"].reshape(-1), advantages.reshape(-1, 1), returns.reshape(-1)
         w = constraint_weight(global_step, t_end) if not args.no_constraint else 0.0
-        weight = torch.tensor(w, device=device)
+        weight = accel.scalar(w)  # a tensor input: a new w_t changes a value, never the compiled code or a graph
         for _ in range(update_epochs):
             perm = torch.randperm(args.rollout_size, device=device)
+            # validate() makes --rollout-size a multiple of --minibatch-size: every minibatch has one shape (one graph)
             for start in range(0, args.rollout_size, args.minibatch_size):
                 idx = perm[start : start + args.minibatch_size]
-                m = ppo_update(actor, vf, actor_ref, actor_opt, vf_opt, b_obs[idx], b_actions[idx], b_logp[idx], b_adv[idx], b_ret[idx],
-                               weight, args.clip_coef, args.ent_coef, args.max_grad_norm, not args.no_constraint)
-                for k, v in m.items():  # accumulated on the device; read only at log time
+                m = ppo_step(b_obs[idx], b_actions[idx], b_logp[idx], b_adv[idx], b_ret[idx], weight)
+                for k, v in m.items():  # accumulated on the device (a new tensor: a graph's outputs are overwritten); read at log time
                     metrics[k] = metrics.get(k, 0.0) + v
                 n_metric += 1
         bar.update(args.rollout_size)
@@ -1326,7 +1367,7 @@ def main(args: Args) -> dict:
                     fail(f"non-finite {k} in online PPO at env step {global_step}; the last good state is {out / 'online.pt'}")
                 writer.add_scalar(k, val, global_step)
             writer.add_scalar("charts/constraint_weight", w, global_step)
-            writer.add_scalar("charts/learning_rate", actor_opt.param_groups[0]["lr"], global_step)
+            writer.add_scalar("charts/learning_rate", float(actor_opt.param_groups[0]["lr"]), global_step)
             writer.add_scalar("charts/actor_std", float(actor.log_std.detach().exp().mean()), global_step)
             writer.add_scalar("charts/SPS", (global_step - sps_step0) / max(time.time() - sps_t0, 1e-9), global_step)
             metrics, n_metric = {}, 0

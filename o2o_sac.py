@@ -16,6 +16,7 @@ Usage:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -152,6 +153,14 @@ class Args:
     """auto (CUDA when present), cpu or cuda"""
     threads: int | None = None
     """torch CPU threads (default: torch's choice; 1 is fastest on a small shared machine)"""
+
+    # --- speed (same math; eager is the reference) ---
+    compile: bool = False
+    """torch.compile the whole update (forward, losses, backward, optimizer steps)"""
+    cudagraphs: bool = False
+    """replay the update as a CUDA graph (CUDA only; add --compile for the fastest path)"""
+    bf16: bool = False
+    """bfloat16 autocast of the networks inside the update (losses, acting and evaluation stay float32)"""
 
 
 # --- shared: utils ---
@@ -402,20 +411,26 @@ class Accel:
             fail("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop --compile")
         self.device, self.compile, self.cudagraphs, self.bf16 = device, compile, cudagraphs, bf16
         self.tensor_lr = compile or cudagraphs
+        if compile:  # Adam.step is one code object compiled once per optimizer: allow many, and never fall back
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # to eager silently
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
 
-    def adam(self, params: Any, lr: float) -> torch.optim.Adam:
+    def adam(self, params: Any, lr: float, eps: float = 1e-8) -> torch.optim.Adam:
         if not self.tensor_lr:
-            return torch.optim.Adam(params, lr=lr)
-        return torch.optim.Adam(params, lr=torch.tensor(float(lr), device=self.device), capturable=self.device.type == "cuda")
+            return torch.optim.Adam(params, lr=lr, eps=eps)
+        return torch.optim.Adam(params, lr=torch.tensor(float(lr), device=self.device), eps=eps, capturable=self.device.type == "cuda")
 
     def load_optimizer(self, opt: torch.optim.Optimizer, state: dict) -> None:
-        """load_state_dict that keeps this run's tensor learning rates and capturable flag (the saved ones may differ)."""
+        """load_state_dict that keeps this run's kind of learning rate (tensor or float) and capturable flag: the
+        saved ones come from whatever mode wrote the checkpoint."""
         kept = [(g["lr"], g.get("capturable", False)) for g in opt.param_groups]
         opt.load_state_dict(state)
         for g, (lr, capturable) in zip(opt.param_groups, kept):
             if torch.is_tensor(lr):
                 lr.fill_(float(g["lr"]))
                 g["lr"] = lr
+            else:
+                g["lr"] = float(g["lr"])
             g["capturable"] = capturable
             for p in g["params"]:
                 st = opt.state.get(p, {})
@@ -443,8 +458,8 @@ class Update:
         self.accel, self.warmup = accel, warmup
         device_type, bf16 = accel.device.type, accel.bf16
 
-        def run(*args: Any, **kwargs: Any) -> dict[str, Tensor]:
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        def run(*args: Any, **kwargs: Any) -> dict[str, Tensor]:  # autocast's weight cache must be off inside CUDA graphs
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not accel.cudagraphs):
                 return fn(*args, **kwargs)
 
         self.run = torch.compile(run) if accel.compile else run
@@ -750,8 +765,10 @@ FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
 ACTOR_HIDDEN = (256, 256, 256)
 CRITIC_HIDDEN = (256, 256, 256)
 DISTILL_LR = 3e-4
-# args that never change what a phase computes (excluded when deciding whether a saved phase can be reused)
-NOT_STATE = {"no_resume", "stop_after", "log_every", "online_steps", "device", "threads", "run_dir", "run_name", "checkpoint_every"}
+# args that never change what a phase computes (excluded when deciding whether a saved phase can be reused); the
+# speed flags compute the same math, so a run may be resumed with or without them
+NOT_STATE = {"no_resume", "stop_after", "log_every", "online_steps", "device", "threads", "run_dir", "run_name", "checkpoint_every",
+             "compile", "cudagraphs", "bf16"}
 ONLINE_ONLY = {"no_constraint", "reference", "reference_interval", "buffer_mode", "part_trajectories", "eps0", "eps_end", "utd",
                "learning_starts", "pre_sample_steps", "alpha_lr", "lambda_init", "lambda_lr", "kl_horizon", "kl_floor", "eval_every"}
 ALIGN_ONLY = {"no_align", "align_steps"}
@@ -848,17 +865,17 @@ def distill_targets(teacher: nn.Module, obs: Tensor, noise_std: float, max_actio
     return a.clamp(-0.999 * max_action, 0.999 * max_action)
 
 
-def distill_update(student: TanhGaussianActor, opt: torch.optim.Optimizer, obs: Tensor, target_actions: Tensor) -> Tensor:
+def distill_update(student: TanhGaussianActor, opt: torch.optim.Optimizer, obs: Tensor, target_actions: Tensor) -> dict[str, Tensor]:
     """Maximum likelihood of the offline actor's actions (distill_targets) under the tanh-Gaussian student (section 6)."""
     loss = -student.log_prob(obs, target_actions).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return loss.detach()
+    return {"loss": loss.detach()}
 
 
-def reevaluate_update(pi0: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_opt: torch.optim.Optimizer, b: dict[str, Tensor],
-                  alpha0: float, gamma: float, tau: float) -> dict[str, Tensor]:
+def reevaluate_update(pi0: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_opt: torch.optim.Optimizer, b: dict[str, Tensor], *,
+                      alpha0: float, gamma: float, tau: float) -> dict[str, Tensor]:
     """Entropy-regularised FQE of the frozen pi0 (1a); a' is a reparameterised sample, not the mean."""
     with torch.no_grad():
         next_a, next_logp = pi0.sample(b["next_obs"])
@@ -873,14 +890,13 @@ def reevaluate_update(pi0: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_
 
 
 def align_update(pi0: TanhGaussianActor, actor: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_opt: torch.optim.Optimizer,
-                 actor_opt: torch.optim.Optimizer, b: dict[str, Tensor], alpha0: float) -> dict[str, Tensor]:
-    """Value alignment (1b): targets frozen; the actor takes a plain SAC step (computed before the critic step)."""
+                 actor_opt: torch.optim.Optimizer, b: dict[str, Tensor], *, alpha0: float) -> dict[str, Tensor]:
+    """Value alignment (1b): targets frozen; the actor takes a plain SAC step against the critics as they were before
+    this step (it reads them frozen), and the critic targets use the same sample an ~ pi, detached."""
     obs = b["obs"]
+    B = obs.shape[0]
     an, logp_an = actor.sample(obs)
-    actor_loss = (alpha0 * logp_an - qf(obs, an).min(0).values).mean()
-    actor_opt.zero_grad(set_to_none=True)
-    actor_loss.backward()
-    actor_opt.step()
+    actor_loss = (alpha0 * logp_an - frozen_call(qf, obs, an).min(0).values).mean()
     with torch.no_grad():
         mu0, log_std0 = pi0(obs)
         a_star = pi0.max_action * torch.tanh(mu0)
@@ -888,50 +904,53 @@ def align_update(pi0: TanhGaussianActor, actor: TanhGaussianActor, qf: Critic, q
         an = an.detach()
         logp0_an = pi0.log_prob(obs, an)
         qbar = qf_target(torch.cat([obs, obs]), torch.cat([a_star, an]))
-        B = obs.shape[0]
         q_star, y = alignment_targets(qbar[:, :B], qbar[:, B:], logp0_star, logp0_an, alpha0)
     q = qf(torch.cat([obs, obs]), torch.cat([a_star, an]))  # both action sets in one fused call
-    B = obs.shape[0]
     qf_loss = ((q[:, :B] - q_star) ** 2).mean(-1).sum() + ((q[:, B:] - y) ** 2).mean(-1).sum()
+    actor_opt.zero_grad(set_to_none=True)
     qf_opt.zero_grad(set_to_none=True)
-    qf_loss.backward()
+    (actor_loss + qf_loss).backward()  # one backward: each loss reaches only its own parameters
+    actor_opt.step()
     qf_opt.step()
     return {"qf_loss": qf_loss.detach(), "actor_loss": actor_loss.detach(), "q_star": q_star.mean().detach(),
             "q_gap": (q[:, :B] - q[:, B:]).min(0).values.mean().detach()}
 
 
 def online_update(actor: TanhGaussianActor, pi_ref: TanhGaussianActor | None, qf: Critic, qf_target: Critic, log_alpha: Tensor,
-                  log_lam: Tensor, opts: dict[str, torch.optim.Optimizer], b: dict[str, Tensor], eps_t: float, target_entropy: float,
-                  gamma: float, tau: float, kl_floor: float, update_lam: bool, update_actor: bool) -> dict[str, Tensor]:
-    """One constrained SAC update (1d); pi_ref None = unconstrained. Order: lam, alpha, actor, critics, Polyak, all
-    from the same pre-update forward pass (lam and alpha enter the other losses detached)."""
+                  log_lam: Tensor, opts: dict[str, torch.optim.Optimizer], b: dict[str, Tensor], eps_t: Tensor, update_lam: bool,
+                  update_actor: bool, *, target_entropy: float, gamma: float, tau: float, kl_floor: float) -> dict[str, Tensor]:
+    """One constrained SAC update (1d); pi_ref None = unconstrained. eps_t is the KL threshold (a 0-d tensor, so a
+    compiled or captured update reads its current value). Every loss comes from the same pre-update forward pass and
+    all go through ONE backward, each reaching only its own parameters: lam and alpha enter the actor loss and the
+    critic target detached, the actor reads the critics frozen, the Lagrange and temperature losses read detached
+    log-probs. Then steps: lam (update_lam), alpha and actor (update_actor), critics, Polyak."""
     obs, next_obs = b["obs"], b["next_obs"]
     constrained = pi_ref is not None
-    alpha = log_alpha.exp().detach()
-    lam = log_lam.exp().detach() if constrained else torch.zeros((), device=obs.device)
+    alpha = log_alpha.detach().exp().reshape(())  # log_alpha and log_lam have shape (1,); the metrics are 0-d
+    lam = log_lam.detach().exp().reshape(()) if constrained else torch.zeros((), device=obs.device)
     pi_a, logp = actor.sample(obs)
     kl = kl_estimate(logp, pi_ref.log_prob(obs, pi_a), kl_floor) if constrained else torch.zeros_like(logp)
-    actor_loss = (alpha * logp - qf(obs, pi_a).min(0).values + lam * kl).mean()
-    alpha_loss = sac_alpha_loss(log_alpha, logp, target_entropy)
+    actor_loss = (alpha * logp - frozen_call(qf, obs, pi_a).min(0).values + lam * kl).mean()
     with torch.no_grad():
         next_a, next_logp = actor.sample(next_obs)
         next_kl = kl_estimate(next_logp, pi_ref.log_prob(next_obs, next_a), kl_floor) if constrained else torch.zeros_like(next_logp)
         y = constrained_target(b["rewards"], b["terminals"], qf_target(next_obs, next_a), next_logp, next_kl, alpha, lam, gamma)
     q = qf(obs, b["actions"])
     qf_loss = ((q - y) ** 2).mean(-1).sum()
+    loss = qf_loss
+    if constrained and update_lam:
+        loss = loss + lagrange_loss(log_lam, kl, eps_t).sum()
+    if update_actor:
+        loss = loss + sac_alpha_loss(log_alpha, logp, target_entropy) + actor_loss
 
     for opt in opts.values():
         opt.zero_grad(set_to_none=True)
+    loss.backward()
     if constrained and update_lam:
-        lagrange_loss(log_lam, kl, eps_t).backward()
         opts["lambda"].step()
     if update_actor:
-        alpha_loss.backward()
         opts["alpha"].step()
-        actor_loss.backward()  # also fills critic grads: cleared below before the critic's own backward
         opts["actor"].step()
-    opts["qf"].zero_grad(set_to_none=True)
-    qf_loss.backward()
     opts["qf"].step()
     polyak_update(qf_target, qf, tau)
     return {"losses/qf_loss": qf_loss.detach(), "losses/actor_loss": actor_loss.detach(), "losses/alpha": alpha,
@@ -1108,6 +1127,8 @@ def make_phase_checkpoint(args: Args, ckpt: dict, data: dict, actor: TanhGaussia
 # ---------------------------------------------------------------- main
 def main(args: Args) -> dict:
     validate(args)
+    device = pick_device(args.device)
+    accel = Accel(device, args.compile, args.cudagraphs, args.bf16)  # bad combinations fail before any loading
     fam = family_values(args)
     scratch = args.critic_init == "scratch"
     reevaluate, align, constrain = not (args.no_reevaluate or scratch), not (args.no_align or scratch), not (args.no_constraint or scratch)
@@ -1118,7 +1139,6 @@ def main(args: Args) -> dict:
     env_key = args.env if args.dataset_id is None else args.dataset_id.replace("/", "_")
     out = Path(args.run_dir) / "o2o_sac" / env_key / (args.run_name or default_run_name(args, buffer_mode))
 
-    device = pick_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     set_seed(args.seed)
@@ -1183,13 +1203,13 @@ def main(args: Args) -> dict:
                 pi0 = offline_actor
             else:
                 pi0 = TanhGaussianActor(obs_dim, act_dim, actor_hidden, ckpt["max_action"]).to(device)
-                opt = torch.optim.Adam(pi0.parameters(), lr=DISTILL_LR)
+                distill_step = accel.update(functools.partial(distill_update, pi0, accel.adam(pi0.parameters(), DISTILL_LR)))
                 met = Metrics(writer, "distill/")
                 for step in tqdm(range(args.distill_steps), desc="distill", disable=None):
                     obs = rb_off.sample(args.batch_size)["obs"]
                     with torch.no_grad():
                         target = distill_targets(offline_actor, obs, args.distill_noise, ckpt["max_action"])
-                    met.add({"loss": distill_update(pi0, opt, obs, target)})
+                    met.add(distill_step(obs, target))
                     if (step + 1) % args.log_every == 0 or step + 1 == args.distill_steps:
                         met.flush(step + 1, "distill")
                 with torch.no_grad():
@@ -1222,11 +1242,12 @@ def main(args: Args) -> dict:
                 set_rng_state(start["o2o"]["rng"])
             else:
                 qf_target = frozen(qf)
-                qf_opt = torch.optim.Adam(qf.parameters(), lr=args.critic_lr)
+                reevaluate_step = accel.update(functools.partial(reevaluate_update, pi0, qf, qf_target, accel.adam(qf.parameters(), args.critic_lr),
+                                                                 alpha0=alpha0, gamma=args.gamma, tau=args.tau))
                 met = Metrics(writer, "reevaluate/")
                 bar = tqdm(range(args.reevaluate_steps), desc="re-evaluation", disable=None)
                 for step in bar:
-                    met.add(reevaluate_update(pi0, qf, qf_target, qf_opt, rb_off.sample(args.batch_size), alpha0, args.gamma, args.tau))
+                    met.add(reevaluate_step(rb_off.sample(args.batch_size)))
                     if (step + 1) % args.log_every == 0 or step + 1 == args.reevaluate_steps:
                         vals = met.flush(step + 1, "re-evaluation")
                         bar.set_postfix(qf_loss=f"{vals['qf_loss']:.3g}")
@@ -1248,12 +1269,12 @@ def main(args: Args) -> dict:
                 after_ret, after_score = saved_al["o2o"]["after_align_return"], saved_al["o2o"]["after_align_score"]
             else:
                 qf_target = frozen(qf)
-                qf_opt = torch.optim.Adam(qf.parameters(), lr=args.critic_lr)
-                actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr)
+                align_step = accel.update(functools.partial(align_update, pi0, actor, qf, qf_target, accel.adam(qf.parameters(), args.critic_lr),
+                                                            accel.adam(actor.parameters(), args.actor_lr), alpha0=alpha0))
                 met = Metrics(writer, "align/")
                 bar = tqdm(range(args.align_steps), desc="alignment", disable=None)
                 for step in bar:
-                    met.add(align_update(pi0, actor, qf, qf_target, qf_opt, actor_opt, rb_off.sample(args.batch_size), alpha0))
+                    met.add(align_step(rb_off.sample(args.batch_size)))
                     if (step + 1) % args.log_every == 0 or step + 1 == args.align_steps:
                         vals = met.flush(step + 1, "alignment")
                         bar.set_postfix(qf_loss=f"{vals['qf_loss']:.3g}", q_gap=f"{vals['q_gap']:.3g}")
@@ -1305,13 +1326,21 @@ def main(args: Args) -> dict:
     if constrain:
         pi_ref = frozen(actor)
         pi_ref.load_state_dict(pi_ref_sd)
-    log_alpha = torch.tensor(log_alpha_init, device=device, requires_grad=True)
-    log_lam = torch.tensor(log_lam_init, device=device, requires_grad=True)
-    opts = {"actor": torch.optim.Adam(actor.parameters(), lr=args.actor_lr), "qf": torch.optim.Adam(qf.parameters(), lr=args.critic_lr),
-            "alpha": torch.optim.Adam([log_alpha], lr=args.alpha_lr), "lambda": torch.optim.Adam([log_lam], lr=args.lambda_lr)}
+    # shape (1,), not 0-d: compiled Adam skips 0-d float64 parameters (PyTorch 2.13)
+    log_alpha = torch.full((1,), log_alpha_init, device=device, requires_grad=True)
+    log_lam = torch.full((1,), log_lam_init, device=device, requires_grad=True)
+    opts = {"actor": accel.adam(actor.parameters(), args.actor_lr), "qf": accel.adam(qf.parameters(), args.critic_lr),
+            "alpha": accel.adam([log_alpha], args.alpha_lr), "lambda": accel.adam([log_lam], args.lambda_lr)}
     if opt_states is not None:
         for k, opt in opts.items():
-            opt.load_state_dict(opt_states[k])
+            accel.load_optimizer(opt, opt_states[k])
+        for k in ("alpha", "lambda"):  # an online.pt written while log_alpha / log_lam were 0-d holds 0-d Adam moments
+            for st in opts[k].state.values():
+                st.update({n: st[n].reshape(1) for n in ("exp_avg", "exp_avg_sq") if n in st})
+    target_entropy = -float(act_dim)
+    online_step = accel.update(functools.partial(online_update, actor, pi_ref, qf, qf_target, log_alpha, log_lam, opts,
+                                                 target_entropy=target_entropy, gamma=args.gamma, tau=args.tau, kl_floor=args.kl_floor))
+    eps_t = accel.scalar(fam["eps0"])  # the KL threshold as a device tensor: refilled each env step, never recompiled
     # replay (1f): the offline part of all/part lives at the front of the online buffer and is never overwritten
     if buffer_mode in ("all", "part"):
         pre = data if buffer_mode == "all" else subset(data, offline_trajectory_indices(data, args.part_trajectories))
@@ -1340,7 +1369,6 @@ def main(args: Args) -> dict:
     obs_mean_t = torch.as_tensor(obs_mean, device=device)
     obs_std_t = torch.as_tensor(obs_std, device=device)
     fam_eps_end = fam["eps_end"]
-    target_entropy = -float(act_dim)
     met = Metrics(writer)
     ep_ret, ep_len = 0.0, 0
     ckpt_t = run["t"]
@@ -1387,10 +1415,9 @@ def main(args: Args) -> dict:
         run["t"] += 1
         t = run["t"]
         if t > args.learning_starts:
-            eps_t = kl_threshold(t, fam["eps0"], fam_eps_end, args.kl_horizon)
-            for k in range(args.utd):
-                met.add(online_update(actor, pi_ref, qf, qf_target, log_alpha, log_lam, opts, sample(), eps_t, target_entropy, args.gamma,
-                                      args.tau, args.kl_floor, update_lam=(k == 0), update_actor=t > porl_pre))
+            eps_t.fill_(kl_threshold(t, fam["eps0"], fam_eps_end, args.kl_horizon))
+            for k in range(args.utd):  # lam steps once per env step; PORL's actor stays frozen during the pre-sample stage
+                met.add(online_step(sample(), eps_t, update_lam=constrain and k == 0, update_actor=t > porl_pre))
         if t % args.log_every == 0 and met.count:
             met.flush(t, "online")
             writer.add_scalar("charts/kl_threshold", kl_threshold(t, fam["eps0"], fam_eps_end, args.kl_horizon), t)

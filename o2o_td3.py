@@ -13,11 +13,13 @@ Usage:
     python o2o_td3.py --env hopper-medium-v2                      # O2TD3 from runs/offline/td3_bc/...
     python o2o_td3.py --env hopper-medium-v2 --opt                # OPT
     python o2o_td3.py --env hopper-medium-v2 --no-reevaluate --no-align --no-constraint   # naive fine-tuning
+    python o2o_td3.py --env hopper-medium-v2 --compile --cudagraphs   # same math, compiled updates replayed as CUDA graphs
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -190,6 +192,16 @@ class Args:
     """write losses to tensorboard every this many steps"""
     checkpoint_every: int = 10_000
     """write online.pt every this many env steps (a multiple of --eval-every)"""
+
+    # --- speed (same math; eager is the reference) ---
+    compile: bool = False
+    """torch.compile the whole update (forward, losses, backward, optimizer steps)"""
+    cudagraphs: bool = False
+    """replay the update as a CUDA graph (CUDA only; add --compile for the fastest path)"""
+    bf16: bool = False
+    """bfloat16 autocast of the networks inside the update (losses, acting and evaluation stay float32)"""
+    threads: int | None = None
+    """torch CPU threads (default: torch's choice; 1 is fastest on a small shared machine)"""
 
 
 # --- shared: utils ---
@@ -440,20 +452,26 @@ class Accel:
             fail("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop --compile")
         self.device, self.compile, self.cudagraphs, self.bf16 = device, compile, cudagraphs, bf16
         self.tensor_lr = compile or cudagraphs
+        if compile:  # Adam.step is one code object compiled once per optimizer: allow many, and never fall back
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # to eager silently
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
 
-    def adam(self, params: Any, lr: float) -> torch.optim.Adam:
+    def adam(self, params: Any, lr: float, eps: float = 1e-8) -> torch.optim.Adam:
         if not self.tensor_lr:
-            return torch.optim.Adam(params, lr=lr)
-        return torch.optim.Adam(params, lr=torch.tensor(float(lr), device=self.device), capturable=self.device.type == "cuda")
+            return torch.optim.Adam(params, lr=lr, eps=eps)
+        return torch.optim.Adam(params, lr=torch.tensor(float(lr), device=self.device), eps=eps, capturable=self.device.type == "cuda")
 
     def load_optimizer(self, opt: torch.optim.Optimizer, state: dict) -> None:
-        """load_state_dict that keeps this run's tensor learning rates and capturable flag (the saved ones may differ)."""
+        """load_state_dict that keeps this run's kind of learning rate (tensor or float) and capturable flag: the
+        saved ones come from whatever mode wrote the checkpoint."""
         kept = [(g["lr"], g.get("capturable", False)) for g in opt.param_groups]
         opt.load_state_dict(state)
         for g, (lr, capturable) in zip(opt.param_groups, kept):
             if torch.is_tensor(lr):
                 lr.fill_(float(g["lr"]))
                 g["lr"] = lr
+            else:
+                g["lr"] = float(g["lr"])
             g["capturable"] = capturable
             for p in g["params"]:
                 st = opt.state.get(p, {})
@@ -481,8 +499,8 @@ class Update:
         self.accel, self.warmup = accel, warmup
         device_type, bf16 = accel.device.type, accel.bf16
 
-        def run(*args: Any, **kwargs: Any) -> dict[str, Tensor]:
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        def run(*args: Any, **kwargs: Any) -> dict[str, Tensor]:  # autocast's weight cache must be off inside CUDA graphs
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not accel.cudagraphs):
                 return fn(*args, **kwargs)
 
         self.run = torch.compile(run) if accel.compile else run
@@ -904,13 +922,20 @@ def opt_meta_loss(qf: nn.Module, params: dict[str, Tensor], off: tuple[Tensor, T
                   inner_lr: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """OPT (section 4b): L_pre = L_off(psi) + w L_on(psi - inner_lr grad L_off(psi)), w = detached min(L_off, L_on) / L_on.
 
-    off / on = (obs, actions, TD targets) of an offline and an online batch; the inner step keeps its graph
-    (create_graph), so the gradient flows through grad L_off (second order). Returns (L_pre, L_off, L_on, w).
+    off / on = (obs, actions, TD targets) of an offline and an online batch; the inner step stays differentiable,
+    so the gradient of L_pre flows through grad L_off (second order). Returns (L_pre, L_off, L_on, w).
+
+    grad L_off comes from torch.func.grad, not autograd.grad(create_graph=True): the whole meta-loss is then one
+    forward that a single `L_pre.backward()` differentiates, which torch.compile can trace (a compiled forward is one
+    autograd node and cannot be differentiated twice).
     """
-    names = list(params)
-    l_off = td_loss(functional_call(qf, params, (off[0], off[1])), off[2])
-    grads = torch.autograd.grad(l_off, [params[k] for k in names], create_graph=True)
-    inner = {k: params[k] - inner_lr * g for k, g in zip(names, grads)}
+
+    def offline_loss(p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        loss = td_loss(functional_call(qf, p, (off[0], off[1])), off[2])
+        return loss, loss
+
+    grads, l_off = torch.func.grad(offline_loss, has_aux=True)(params)  # l_off and grads stay on the outer graph
+    inner = {k: params[k] - inner_lr * grads[k] for k in params}
     l_on = td_loss(functional_call(qf, inner, (on[0], on[1])), on[2])
     w = (torch.minimum(l_off, l_on) / l_on).detach()
     return l_off + w * l_on, l_off, l_on, w
@@ -925,7 +950,7 @@ def kappa_schedule(step: int, start: float, end: float, begin: int, finish: int)
     return start + (end - start) * (step - begin) / (finish - begin)
 
 
-def opt_actor_loss(q_off: Tensor, q_on: Tensor, kappa: float) -> Tensor:
+def opt_actor_loss(q_off: Tensor, q_on: Tensor, kappa: Tensor | float) -> Tensor:
     """OPT actor: maximise (1 - kappa) Q_off(s, pi(s)) + kappa Q_on(s, pi(s)); no BC term online."""
     return -((1.0 - kappa) * q_off + kappa * q_on).mean()
 
@@ -950,13 +975,17 @@ class Agent:
                 "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
                 "log_lam": self.log_lam.detach().cpu().clone() if hasattr(self, "log_lam") else None}
 
-    def load(self, state: dict, names: Sequence[str] | None = None) -> None:
+    def load(self, state: dict, accel: Accel, names: Sequence[str] | None = None) -> None:
         for k, m in self.modules().items():
             if k in state["modules"] and (names is None or k in names):
                 m.load_state_dict(state["modules"][k])
         for k, o in self.optimizers().items():
             if k in state["optimizers"] and (names is None or k in names):
-                o.load_state_dict(state["optimizers"][k])
+                accel.load_optimizer(o, state["optimizers"][k])
+                for p, st in o.state.items():  # older checkpoints: a 0-d log_lam and 0-d Adam moments
+                    for name, v in st.items():
+                        if name != "step" and torch.is_tensor(v) and v.shape != p.shape and v.numel() == p.numel():
+                            st[name] = v.reshape(p.shape)
         if state.get("log_lam") is not None and hasattr(self, "log_lam"):
             with torch.no_grad():
                 self.log_lam.copy_(state["log_lam"])
@@ -1089,6 +1118,16 @@ class EnvRunner:
 
 
 # ---------------------------------------------------------------- one update per phase (tensors in, detached metrics out)
+# Each update takes its bound state first (an Agent or modules and optimizers) and then the per-step inputs: tensors
+# (batches; a threshold or weight that changes over time as a 0-d device tensor) and bool flags. The phase's constants
+# are keyword-only; main binds state and constants once per phase with functools.partial into an Accel.update, so the
+# same code runs eagerly, compiled, or as a CUDA graph. Hence: every loss between two optimizer steps goes through ONE
+# backward (gradients isolated with detach / frozen_call), no host syncs, no Python side effects, metrics returned.
+def td3_constants(a: Args) -> dict[str, float]:
+    """The TD3 constants shared by the critic updates of every phase, as keywords for functools.partial."""
+    return {"gamma": a.gamma, "tau": a.tau, "policy_noise": a.policy_noise, "noise_clip": a.noise_clip}
+
+
 def distill_update(actor: nn.Module, opt: torch.optim.Optimizer, obs: Tensor, target: Tensor) -> dict[str, Tensor]:
     loss = distillation_loss(actor(obs), target)
     opt.zero_grad(set_to_none=True)
@@ -1097,124 +1136,132 @@ def distill_update(actor: nn.Module, opt: torch.optim.Optimizer, obs: Tensor, ta
     return {"losses/distill_loss": loss.detach()}
 
 
-def reevaluate_update(ag: Agent, obs: Tensor, actions: Tensor, rewards: Tensor, next_obs: Tensor, terminals: Tensor, a: Args) -> dict[str, Tensor]:
+def reevaluate_update(ag: Agent, obs: Tensor, actions: Tensor, rewards: Tensor, next_obs: Tensor, terminals: Tensor, *,
+                      gamma: float, tau: float, policy_noise: float, noise_clip: float) -> dict[str, Tensor]:
     """Section 2a: FQE of pi0 with TD3 targets and policy smoothing; Polyak every step."""
     with torch.no_grad():
         pi0_next = ag.actor0(next_obs)
-        next_a = smoothed_action(pi0_next, torch.randn_like(pi0_next) * a.policy_noise, a.noise_clip)
-        y = fqe_target(rewards, terminals, ag.qf_target(next_obs, next_a), a.gamma)
+        next_a = smoothed_action(pi0_next, torch.randn_like(pi0_next) * policy_noise, noise_clip)
+        y = fqe_target(rewards, terminals, ag.qf_target(next_obs, next_a), gamma)
     q = ag.qf(obs, actions)
     loss = td_loss(q, y)
-    ag.qf_opt.zero_grad(set_to_none=True)
-    loss.backward()
-    ag.qf_opt.step()
-    polyak_update(ag.qf_target, ag.qf, a.tau)
     # own names: the online phase's losses/qf_loss is logged against env steps on an overlapping x-axis
-    return {"losses/reeval_qf_loss": loss.detach(), "losses/reeval_qf_values": q.mean().detach()}
-
-
-def align_update(ag: Agent, obs: Tensor, a: Args) -> dict[str, Tensor]:
-    """Section 2b: distance-shrunk targets from the frozen targets; the actor steps on -mean Q1(s, pi(s)) computed
-    before the critic step."""
-    with torch.no_grad():
-        a_off = ag.actor0(obs)
-        pi = ag.actor(obs)
-        at = smoothed_action(pi, torch.randn_like(pi) * a.policy_noise, a.noise_clip)
-        q_bar_off, q_bar_at = ag.qf_target(torch.cat([obs, obs]), torch.cat([a_off, at])).split(obs.shape[0], dim=1)
-        q_star = q_bar_off.min(0).values
-        y = alignment_targets(q_star, q_bar_at, at, a_off, a.align_beta, a.align_max_distance)
-    actor_loss = -ag.qf(obs, ag.actor(obs))[0].mean()
-    actor_grads = torch.autograd.grad(actor_loss, list(ag.actor.parameters()))  # no gradient into the critic
-    q_at, q_off = ag.qf(torch.cat([obs, obs]), torch.cat([at, a_off])).split(obs.shape[0], dim=1)  # one fused call
-    loss = td_loss(q_at, y) + td_loss(q_off, q_star)
+    out = {"losses/reeval_qf_loss": loss.detach(), "losses/reeval_qf_values": q.mean().detach()}
     ag.qf_opt.zero_grad(set_to_none=True)
     loss.backward()
     ag.qf_opt.step()
-    ag.actor_opt.zero_grad(set_to_none=True)
-    for p, g in zip(ag.actor.parameters(), actor_grads):
-        p.grad = g
-    ag.actor_opt.step()
-    return {"losses/align_loss": loss.detach(), "losses/align_actor_loss": actor_loss.detach(), "losses/align_qf_values": q_off.mean().detach()}
-
-
-def o2td3_update(ag: Agent, obs: Tensor, actions: Tensor, rewards: Tensor, next_obs: Tensor, terminals: Tensor,
-                 threshold: float, update_actor: bool, constraint: bool, a: Args) -> dict[str, Tensor]:
-    """Section 2c: constrained TD3 update (critic every call; Lagrange, actor and targets when update_actor)."""
-    lam = ag.log_lam.exp().detach() if constraint else torch.zeros((), device=obs.device)
-    with torch.no_grad():
-        next_pi = ag.actor_target(next_obs)
-        next_a = smoothed_action(next_pi, torch.randn_like(next_pi) * a.policy_noise, a.noise_clip)
-        m_next = mse_to_reference(ag.actor(next_obs), ag.actor_ref(next_obs)) if constraint else torch.zeros((), device=obs.device)
-        y = constrained_td_target(rewards, terminals, ag.qf_target(next_obs, next_a), lam, m_next, a.gamma)
-    q = ag.qf(obs, actions)
-    qf_loss = td_loss(q, y)
-    ag.qf_opt.zero_grad(set_to_none=True)
-    qf_loss.backward()
-    ag.qf_opt.step()
-    out = {"losses/qf_loss": qf_loss.detach(), "losses/qf_values": q.mean().detach(), "losses/lambda": lam}
-    if update_actor:  # delayed: Lagrange multiplier, actor, targets
-        pi = ag.actor(obs)
-        with torch.no_grad():
-            pi_ref = ag.actor_ref(obs)
-        if constraint:
-            lam_loss = lagrange_loss(ag.log_lam, (pi_ref - pi.detach()) ** 2, threshold, a.lagrange_tau)
-            ag.lam_opt.zero_grad(set_to_none=True)
-            lam_loss.backward()
-            ag.lam_opt.step()
-        actor_loss = constrained_actor_loss(ag.qf(obs, pi)[0], pi, pi_ref, lam)
-        ag.actor_opt.zero_grad(set_to_none=True)
-        actor_loss.backward()  # critic grads it leaves are cleared before the next critic step
-        ag.actor_opt.step()
-        polyak_update(ag.qf_target, ag.qf, a.tau)
-        polyak_update(ag.actor_target, ag.actor, a.tau)
-        out["losses/actor_loss"] = actor_loss.detach()
-        out["losses/mse_to_reference"] = mse_to_reference(pi.detach(), pi_ref)
+    polyak_update(ag.qf_target, ag.qf, tau)
     return out
 
 
-def opt_pretrain_update(ag: Agent, off: dict[str, Tensor], on: dict[str, Tensor], a: Args) -> dict[str, Tensor]:
+def align_update(ag: Agent, obs: Tensor, *, policy_noise: float, noise_clip: float, beta: float, max_distance: float) -> dict[str, Tensor]:
+    """Section 2b: distance-shrunk targets from the frozen targets; the actor steps on -mean Q1(s, pi(s)) of the
+    critic before its step (read frozen, so the summed backward gives each loss only its own parameters)."""
+    with torch.no_grad():
+        a_off = ag.actor0(obs)
+    pi = ag.actor(obs)
+    with torch.no_grad():
+        at = smoothed_action(pi.detach(), torch.randn_like(pi) * policy_noise, noise_clip)
+        q_bar_off, q_bar_at = ag.qf_target(torch.cat([obs, obs]), torch.cat([a_off, at])).split(obs.shape[0], dim=1)
+        q_star = q_bar_off.min(0).values
+        y = alignment_targets(q_star, q_bar_at, at, a_off, beta, max_distance)
+    actor_loss = -frozen_call(ag.qf, obs, pi)[0].mean()
+    q_at, q_off = ag.qf(torch.cat([obs, obs]), torch.cat([at, a_off])).split(obs.shape[0], dim=1)  # one fused call
+    loss = td_loss(q_at, y) + td_loss(q_off, q_star)
+    out = {"losses/align_loss": loss.detach(), "losses/align_actor_loss": actor_loss.detach(), "losses/align_qf_values": q_off.mean().detach()}
+    ag.qf_opt.zero_grad(set_to_none=True)
+    ag.actor_opt.zero_grad(set_to_none=True)
+    (loss + actor_loss).backward()
+    ag.qf_opt.step()
+    ag.actor_opt.step()
+    return out
+
+
+def o2td3_update(ag: Agent, obs: Tensor, actions: Tensor, rewards: Tensor, next_obs: Tensor, terminals: Tensor,
+                 threshold: Tensor, update_actor: bool, *, constraint: bool, gamma: float, tau: float, policy_noise: float,
+                 noise_clip: float, lagrange_tau: float) -> dict[str, Tensor]:
+    """Section 2c: constrained TD3 update (critic every call; Lagrange, actor and targets when update_actor).
+    `threshold` is eps_t as a 0-d tensor; without `constraint` lambda stays 0 (plain TD3)."""
+    # lambda of this update, read before the Lagrange step (log_lam has shape (1,) for compiled Adam; lambda is 0-d)
+    lam = ag.log_lam.detach().exp().reshape(()) if constraint else torch.zeros((), device=obs.device)
+    with torch.no_grad():
+        next_pi = ag.actor_target(next_obs)
+        next_a = smoothed_action(next_pi, torch.randn_like(next_pi) * policy_noise, noise_clip)
+        m_next = mse_to_reference(ag.actor(next_obs), ag.actor_ref(next_obs)) if constraint else torch.zeros((), device=obs.device)
+        y = constrained_td_target(rewards, terminals, ag.qf_target(next_obs, next_a), lam, m_next, gamma)
+    q = ag.qf(obs, actions)
+    qf_loss = td_loss(q, y)
+    out = {"losses/qf_loss": qf_loss.detach(), "losses/qf_values": q.mean().detach(), "losses/lambda": lam}
+    ag.qf_opt.zero_grad(set_to_none=True)
+    qf_loss.backward()
+    ag.qf_opt.step()
+    if update_actor:  # delayed: Lagrange multiplier, actor (on the critic just stepped), targets
+        pi = ag.actor(obs)
+        with torch.no_grad():
+            pi_ref = ag.actor_ref(obs)
+        actor_loss = constrained_actor_loss(frozen_call(ag.qf, obs, pi)[0], pi, pi_ref, lam)
+        out["losses/actor_loss"] = actor_loss.detach()
+        out["losses/mse_to_reference"] = mse_to_reference(pi.detach(), pi_ref)
+        loss = actor_loss
+        ag.actor_opt.zero_grad(set_to_none=True)
+        if constraint:  # the Lagrange loss sees only detached deviations: its gradient reaches log_lam alone
+            loss = loss + lagrange_loss(ag.log_lam.reshape(()), (pi_ref - pi.detach()) ** 2, threshold, lagrange_tau)
+            ag.lam_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if constraint:
+            ag.lam_opt.step()
+        ag.actor_opt.step()
+        polyak_update(ag.qf_target, ag.qf, tau)
+        polyak_update(ag.actor_target, ag.actor, tau)
+    return out
+
+
+def opt_pretrain_update(ag: Agent, off: dict[str, Tensor], on: dict[str, Tensor], *, gamma: float, tau: float, policy_noise: float,
+                        noise_clip: float, inner_lr: float) -> dict[str, Tensor]:
     """Section 4b: one meta step of Q_on; both losses are TD3 losses with Q_on's own targets, pi0 acting."""
     ys = []
     with torch.no_grad():
         for b in (off, on):
             next_pi = ag.actor(b["next_obs"])  # the actor is frozen during pre-training
-            next_a = smoothed_action(next_pi, torch.randn_like(next_pi) * a.policy_noise, a.noise_clip)
-            ys.append(fqe_target(b["rewards"], b["terminals"], ag.qf_on_target(b["next_obs"], next_a), a.gamma))
+            next_a = smoothed_action(next_pi, torch.randn_like(next_pi) * policy_noise, noise_clip)
+            ys.append(fqe_target(b["rewards"], b["terminals"], ag.qf_on_target(b["next_obs"], next_a), gamma))
     params = dict(ag.qf_on.named_parameters())
-    loss, l_off, l_on, w = opt_meta_loss(ag.qf_on, params, (off["obs"], off["actions"], ys[0]), (on["obs"], on["actions"], ys[1]), a.opt_inner_lr)
+    loss, l_off, l_on, w = opt_meta_loss(ag.qf_on, params, (off["obs"], off["actions"], ys[0]), (on["obs"], on["actions"], ys[1]), inner_lr)
+    out = {"losses/opt_meta_loss": loss.detach(), "losses/opt_l_off": l_off.detach(), "losses/opt_l_on": l_on.detach(), "losses/opt_w": w}
     ag.qf_on_opt.zero_grad(set_to_none=True)
     loss.backward()
     ag.qf_on_opt.step()
-    polyak_update(ag.qf_on_target, ag.qf_on, a.tau)
-    return {"losses/opt_meta_loss": loss.detach(), "losses/opt_l_off": l_off.detach(), "losses/opt_l_on": l_on.detach(), "losses/opt_w": w}
+    polyak_update(ag.qf_on_target, ag.qf_on, tau)
+    return out
 
 
 def opt_finetune_update(ag: Agent, obs: Tensor, actions: Tensor, rewards: Tensor, next_obs: Tensor, terminals: Tensor,
-                        kappa: float, update_actor: bool, a: Args) -> dict[str, Tensor]:
-    """Section 4b: both critics fitted on the same batch (own targets); the actor maximises the kappa mixture."""
+                        kappa: Tensor, update_actor: bool, *, gamma: float, tau: float, policy_noise: float, noise_clip: float) -> dict[str, Tensor]:
+    """Section 4b: both critics fitted on the same batch (own targets); the actor maximises the kappa mixture of the
+    critics just stepped. `kappa` is a 0-d tensor."""
     with torch.no_grad():
         next_pi = ag.actor_target(next_obs)
-        next_a = smoothed_action(next_pi, torch.randn_like(next_pi) * a.policy_noise, a.noise_clip)
-        y_off = fqe_target(rewards, terminals, ag.qf_target(next_obs, next_a), a.gamma)
-        y_on = fqe_target(rewards, terminals, ag.qf_on_target(next_obs, next_a), a.gamma)
+        next_a = smoothed_action(next_pi, torch.randn_like(next_pi) * policy_noise, noise_clip)
+        y_off = fqe_target(rewards, terminals, ag.qf_target(next_obs, next_a), gamma)
+        y_on = fqe_target(rewards, terminals, ag.qf_on_target(next_obs, next_a), gamma)
     q_off, q_on = ag.qf(obs, actions), ag.qf_on(obs, actions)
     loss_off, loss_on = td_loss(q_off, y_off), td_loss(q_on, y_on)
+    out = {"losses/qf_loss": loss_off.detach(), "losses/qf_on_loss": loss_on.detach(), "losses/qf_values": q_on.mean().detach()}
     ag.qf_opt.zero_grad(set_to_none=True)
     ag.qf_on_opt.zero_grad(set_to_none=True)
     (loss_off + loss_on).backward()
     ag.qf_opt.step()
     ag.qf_on_opt.step()
-    out = {"losses/qf_loss": loss_off.detach(), "losses/qf_on_loss": loss_on.detach(), "losses/qf_values": q_on.mean().detach()}
     if update_actor:
         pi = ag.actor(obs)
-        actor_loss = opt_actor_loss(ag.qf(obs, pi)[0], ag.qf_on(obs, pi)[0], kappa)
+        actor_loss = opt_actor_loss(frozen_call(ag.qf, obs, pi)[0], frozen_call(ag.qf_on, obs, pi)[0], kappa)
+        out["losses/actor_loss"] = actor_loss.detach()
         ag.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
         ag.actor_opt.step()
-        polyak_update(ag.qf_target, ag.qf, a.tau)
-        polyak_update(ag.qf_on_target, ag.qf_on, a.tau)
-        polyak_update(ag.actor_target, ag.actor, a.tau)
-        out["losses/actor_loss"] = actor_loss.detach()
+        polyak_update(ag.qf_target, ag.qf, tau)
+        polyak_update(ag.qf_on_target, ag.qf_on, tau)
+        polyak_update(ag.actor_target, ag.actor, tau)
     return out
 
 
@@ -1226,8 +1273,9 @@ PHASE_FIELDS: dict[str, tuple[str, ...]] = {
     "opt_pretrained": ("opt", "gamma", "tau", "critic_lr", "policy_noise", "noise_clip", "opt_collect_steps", "opt_pretrain_steps",
                        "opt_inner_lr", "explore_noise", "eval_every", "buffer_mode", "part_trajectories", "opt_balanced_replay"),
 }
-# fields a resumed online phase may change: the budget, when to stop, logging and checkpoint cadence
-RESUMABLE_CHANGES = ("online_steps", "stop_after", "no_resume", "log_every", "checkpoint_every", "phase_eval_every")
+# fields a resumed online phase may change: the budget, when to stop, logging and checkpoint cadence, the speed flags
+RESUMABLE_CHANGES = ("online_steps", "stop_after", "no_resume", "log_every", "checkpoint_every", "phase_eval_every",
+                     "compile", "cudagraphs", "bf16", "threads")
 
 
 def phase_key(args: Args, phase: str, source: str) -> dict:
@@ -1260,8 +1308,8 @@ def set_rng_state(s: dict) -> None:
 class Run:
     """Outputs of one run: folder, tensorboard, curve, phase wall-clock, evaluation and checkpoints."""
 
-    def __init__(self, args: Args, out: Path, ckpt: dict, ckpt_path: Path, data: dict, device: torch.device):
-        self.args, self.out, self.ckpt, self.data, self.device = args, out, ckpt, data, device
+    def __init__(self, args: Args, out: Path, ckpt: dict, ckpt_path: Path, data: dict, device: torch.device, accel: Accel):
+        self.args, self.out, self.ckpt, self.data, self.device, self.accel = args, out, ckpt, data, device, accel
         self.source = f"{ckpt_path.resolve()}@{ckpt['grad_steps']}"
         self.writer = SummaryWriter(str(out))
         self.evaluator = Evaluator(data["env_spec"], args.eval_episodes, args.seed + 100, ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy(), device)
@@ -1285,13 +1333,14 @@ class Run:
             tqdm.write(f"[{phase}] step {step}: return {ret:.1f}, normalized score {score:.1f}")
 
     def accumulate(self, m: dict[str, Tensor]) -> None:
-        """Metrics stay on the device until log time (no host sync in the hot loop)."""
+        """Metrics stay on the device until log time (no host sync in the hot loop). Always a new tensor: a CUDA-graph
+        update returns its static outputs, which its next call overwrites."""
         for k, v in m.items():
             if k in self.metrics:
                 self.metrics[k] = self.metrics[k] + v
                 self.counts[k] += 1
             else:
-                self.metrics[k], self.counts[k] = v, 1
+                self.metrics[k], self.counts[k] = v.clone(), 1
 
     def flush(self, step: int, phase: str) -> None:
         if not self.metrics:
@@ -1362,19 +1411,20 @@ def run_distillation(run: Run, offline_actor: nn.Module, off_rb: ReplayBuffer, k
     a, t0 = run.args, time.time()
     ag = Agent()
     ag.actor = DeterministicActor(run.ckpt["obs_dim"], run.ckpt["act_dim"], ACTOR_HIDDEN, run.ckpt["max_action"]).to(run.device)
-    ag.actor_opt = torch.optim.Adam(ag.actor.parameters(), lr=a.distill_lr)
+    ag.actor_opt = run.accel.adam(ag.actor.parameters(), a.distill_lr)
     saved = run.reuse("distilled", key)
     if saved is not None:
-        ag.load(saved["train_state"])
+        ag.load(saved["train_state"], run.accel)
         set_rng_state(saved["train_state"]["rng"])
         info = saved["train_state"]["distill"]
     else:
         offline_actor.eval()
+        step_fn = run.accel.update(functools.partial(distill_update, ag.actor, ag.actor_opt))
         for step in tqdm(range(1, a.distill_steps + 1), desc="distill", disable=None):
             obs = off_rb.sample(a.batch_size)["obs"]
             with torch.no_grad():
                 target = offline_actor.act(obs)
-            run.accumulate(distill_update(ag.actor, ag.actor_opt, obs, target))
+            run.accumulate(step_fn(obs, target))
             if step % a.log_every == 0:
                 run.flush(step, "distillation")
         run.flush(a.distill_steps, "distillation")
@@ -1396,12 +1446,13 @@ def run_reevaluation(run: Run, ag: Agent, off_rb: ReplayBuffer, key: dict) -> No
     a, t0 = run.args, time.time()
     saved = run.reuse("reevaluated", key)
     if saved is not None:
-        ag.load(saved["train_state"], names=("qf", "qf_target", "qf_opt"))
+        ag.load(saved["train_state"], run.accel, names=("qf", "qf_target", "qf_opt"))
         set_rng_state(saved["train_state"]["rng"])
     else:
+        step_fn = run.accel.update(functools.partial(reevaluate_update, ag, **td3_constants(a)))
         for step in tqdm(range(1, a.reevaluate_steps + 1), desc="re-evaluation", disable=None):
             b = off_rb.sample(a.batch_size)
-            run.accumulate(reevaluate_update(ag, b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"], a))
+            run.accumulate(step_fn(b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"]))
             if step % a.log_every == 0:
                 run.flush(step, "re-evaluation")
         run.flush(a.reevaluate_steps, "re-evaluation")
@@ -1414,13 +1465,15 @@ def run_alignment(run: Run, ag: Agent, off_rb: ReplayBuffer, key: dict) -> float
     a, t0 = run.args, time.time()
     saved = run.reuse("aligned", key)
     if saved is not None:
-        ag.load(saved["train_state"], names=("actor", "actor_target", "actor_opt", "qf", "qf_target", "qf_opt"))
+        ag.load(saved["train_state"], run.accel, names=("actor", "actor_target", "actor_opt", "qf", "qf_target", "qf_opt"))
         set_rng_state(saved["train_state"]["rng"])
         ret, score = saved["train_state"]["aligned_return"], saved["train_state"]["aligned_score"]
     else:
         offset = 0 if a.no_reevaluate else a.reevaluate_steps  # tensorboard x-axis: gradient steps since the start
+        step_fn = run.accel.update(functools.partial(align_update, ag, policy_noise=a.policy_noise, noise_clip=a.noise_clip,
+                                                     beta=a.align_beta, max_distance=a.align_max_distance))
         for step in tqdm(range(1, a.align_steps + 1), desc="alignment", disable=None):
-            run.accumulate(align_update(ag, off_rb.sample(a.batch_size)["obs"], a))
+            run.accumulate(step_fn(off_rb.sample(a.batch_size)["obs"]))
             if step % a.log_every == 0:
                 run.flush(offset + step, "alignment")
             if step % a.phase_eval_every == 0 and step < a.align_steps:
@@ -1488,7 +1541,7 @@ def resume_online(run: Run, ag: Agent, replay: OnlineReplay, st: dict) -> bool:
     ts = saved["train_state"]
     if ts["loop"]["global_step"] > run.args.online_steps:
         fail(f"{run.phase_path('online')} is at env step {ts['loop']['global_step']} > --online-steps {run.args.online_steps}; raise it or pass --no-resume")
-    ag.load(ts)
+    ag.load(ts, run.accel)
     replay.load(ts["replay"])
     st.update(ts["loop"])
     run.curve[:] = ts["curve"]
@@ -1508,10 +1561,12 @@ def run_o2td3_online(run: Run, ag: Agent, off_rb: ReplayBuffer, data: dict, d: d
     runner = EnvRunner(data["env_spec"], a.seed + st["global_step"], obs_mean, obs_std, run.ckpt["reward_transform"], run.device)
     if constraint:
         run.writer.add_scalar("charts/kl_threshold", d["eps0"], 0)
+    step_fn = run.accel.update(functools.partial(o2td3_update, ag, constraint=constraint, lagrange_tau=a.lagrange_tau, **td3_constants(a)))
+    threshold = run.accel.scalar(d["eps0"])  # refilled every step: a value, never a new constant for compile or a graph
 
     def update(b: dict[str, Tensor], step: int, update_actor: bool) -> dict[str, Tensor]:
-        eps = constraint_threshold(step, d["eps0"], d["eps_end"], a.eps_steps)
-        return o2td3_update(ag, b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"], eps, update_actor, constraint, a)
+        threshold.fill_(constraint_threshold(step, d["eps0"], d["eps_end"], a.eps_steps))
+        return step_fn(b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"], threshold, update_actor)
 
     def after_step(step: int) -> None:
         if constraint and step % a.log_every == 0:
@@ -1531,12 +1586,12 @@ def run_opt(run: Run, ag: Agent, offline_qf: Critic, off_rb: ReplayBuffer, data:
     ag.qf_target = copy.deepcopy(ag.qf)
     ag.qf_on = new_critic(obs_dim, act_dim).to(dev)
     ag.qf_on_target = copy.deepcopy(ag.qf_on)
-    ag.qf_opt = torch.optim.Adam(ag.qf.parameters(), lr=a.critic_lr)
-    ag.qf_on_opt = torch.optim.Adam(ag.qf_on.parameters(), lr=a.critic_lr)
-    ag.actor_opt = torch.optim.Adam(ag.actor.parameters(), lr=a.opt_actor_lr)
+    ag.qf_opt = run.accel.adam(ag.qf.parameters(), a.critic_lr)
+    ag.qf_on_opt = run.accel.adam(ag.qf_on.parameters(), a.critic_lr)
+    ag.actor_opt = run.accel.adam(ag.actor.parameters(), a.opt_actor_lr)
     if a.opt_balanced_replay:
         ag.ratio = DensityRatio(obs_dim, act_dim).to(dev)
-        ag.ratio_opt = torch.optim.Adam(ag.ratio.parameters(), lr=3e-4)
+        ag.ratio_opt = run.accel.adam(ag.ratio.parameters(), 3e-4)
     replay = OnlineReplay(off_rb, data, a.buffer_mode, a.online_steps, a.part_trajectories, a.opt_balanced_replay, dev)
     st["key"] = online_key(a, run.source)
     resumed = resume_online(run, ag, replay, st)
@@ -1546,7 +1601,7 @@ def run_opt(run: Run, ag: Agent, offline_qf: Critic, off_rb: ReplayBuffer, data:
         saved = run.reuse("opt_pretrained", key)
         t0 = time.time()
         if saved is not None:
-            ag.load(saved["train_state"], names=("qf_on", "qf_on_target", "qf_on_opt"))
+            ag.load(saved["train_state"], run.accel, names=("qf_on", "qf_on_target", "qf_on_opt"))
             replay.load(saved["train_state"]["replay"])
             run.curve.extend(saved["train_state"]["collect_curve"])
             set_rng_state(saved["train_state"]["rng"])
@@ -1564,8 +1619,9 @@ def run_opt(run: Run, ag: Agent, offline_qf: Critic, off_rb: ReplayBuffer, data:
             run.phase_done("opt_collect", t0, False)
             t0 = time.time()
             # --- pre-training of Q_on with the one-step meta objective
+            step_fn = run.accel.update(functools.partial(opt_pretrain_update, ag, inner_lr=a.opt_inner_lr, **td3_constants(a)))
             for step in tqdm(range(1, a.opt_pretrain_steps + 1), desc="opt pre-train", disable=None):
-                run.accumulate(opt_pretrain_update(ag, off_rb.sample(a.batch_size), replay.sample_online(a.batch_size), a))
+                run.accumulate(step_fn(off_rb.sample(a.batch_size), replay.sample_online(a.batch_size)))
                 if step % a.log_every == 0:
                     run.flush(a.opt_collect_steps + step, "opt pre-training")
             run.flush(a.opt_collect_steps + a.opt_pretrain_steps, "opt pre-training")
@@ -1577,10 +1633,12 @@ def run_opt(run: Run, ag: Agent, offline_qf: Critic, off_rb: ReplayBuffer, data:
     if a.opt_balanced_replay:
         run.writer.add_scalar("losses/ratio_loss", float(replay.refit_priorities(ag.ratio, ag.ratio_opt, a.ratio_train_steps, a.batch_size)), st["global_step"])
     t0 = time.time()
+    step_fn = run.accel.update(functools.partial(opt_finetune_update, ag, **td3_constants(a)))
+    kappa = run.accel.scalar(d["kappa_start"])  # refilled every step, like the O2TD3 threshold
 
     def update(b: dict[str, Tensor], step: int, update_actor: bool) -> dict[str, Tensor]:
-        kappa = kappa_schedule(step, d["kappa_start"], a.kappa_end, a.kappa_begin, a.kappa_finish)
-        return opt_finetune_update(ag, b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"], kappa, update_actor, a)
+        kappa.fill_(kappa_schedule(step, d["kappa_start"], a.kappa_end, a.kappa_begin, a.kappa_finish))
+        return step_fn(b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"], kappa, update_actor)
 
     def after_step(step: int) -> None:
         if step % a.log_every == 0:
@@ -1626,6 +1684,8 @@ def validate(args: Args) -> None:
         fail(f"--checkpoint-every {args.checkpoint_every} must be a multiple of --eval-every {args.eval_every}")
     if args.stop_after is not None and not 0 < args.stop_after < args.online_steps:
         fail(f"--stop-after must lie in (0, --online-steps={args.online_steps}), got {args.stop_after}")
+    if args.threads is not None and args.threads <= 0:
+        fail(f"--threads must be positive, got {args.threads}")
     if args.lambda_init <= 0:
         fail(f"--lambda-init must be positive, got {args.lambda_init}")
     d = resolve_defaults(args)  # also rejects an unknown --env
@@ -1658,6 +1718,10 @@ def mode_name(args: Args) -> str:
 
 def main(args: Args) -> dict:
     validate(args)
+    device = pick_device(args.device)
+    accel = Accel(device, args.compile, args.cudagraphs, args.bf16)  # bad flag combinations fail before any loading
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     defaults = resolve_defaults(args)
     env_name = args.env if args.dataset_id is None else args.dataset_id
     env_key = env_name.replace("/", "_")
@@ -1679,7 +1743,6 @@ def main(args: Args) -> dict:
              f"python offline_pretrain.py --algo td3_bc --env {args.env} --seed {args.seed}")
 
     set_seed(args.seed)
-    device = pick_device(args.device)
     mode = mode_name(args)
     out = Path(args.run_dir) / "o2o_td3" / env_key / (args.run_name or f"{mode}__{args.offline_algo}__seed{args.seed}")
     out.mkdir(parents=True, exist_ok=True)
@@ -1687,7 +1750,7 @@ def main(args: Args) -> dict:
         for name in ("online.pt", "final.pt", "results.json"):
             (out / name).unlink(missing_ok=True)
     atomic_save({**asdict(args), "resolved_defaults": defaults, "mode": mode, "offline_checkpoint": str(ckpt_path)}, out / "args.json")
-    run = Run(args, out, ckpt, ckpt_path, data, device)
+    run = Run(args, out, ckpt, ckpt_path, data, device, accel)
     run.writer.add_text("args", json.dumps(asdict(args)))
     run.writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
     rt = ckpt["reward_transform"]  # the critics see rewards exactly as the offline method did
@@ -1727,11 +1790,12 @@ def main(args: Args) -> dict:
         else:
             ag.qf = offline_qf.to(device)
         ag.qf_target = copy.deepcopy(ag.qf)
-        ag.qf_opt = torch.optim.Adam(ag.qf.parameters(), lr=args.critic_lr)
-        ag.actor_opt = torch.optim.Adam(ag.actor.parameters(), lr=args.actor_lr)
+        ag.qf_opt = accel.adam(ag.qf.parameters(), args.critic_lr)
+        ag.actor_opt = accel.adam(ag.actor.parameters(), args.actor_lr)
         ag.actor_ref = copy.deepcopy(actor0)
-        ag.log_lam = nn.Parameter(torch.tensor(math.log(args.lambda_init), device=device))
-        ag.lam_opt = torch.optim.Adam([ag.log_lam], lr=args.lambda_lr)
+        # shape (1,), not 0-d: compiled Adam skips 0-d float64 parameters (PyTorch 2.13); older 0-d checkpoints still load
+        ag.log_lam = nn.Parameter(torch.full((1,), math.log(args.lambda_init), device=device))
+        ag.lam_opt = accel.adam([ag.log_lam], args.lambda_lr)
         if not args.no_reevaluate:
             run_reevaluation(run, ag, off_rb, phase_key(args, "reevaluated", run.source))
         if not args.no_align:

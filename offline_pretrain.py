@@ -372,20 +372,26 @@ class Accel:
             fail("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop --compile")
         self.device, self.compile, self.cudagraphs, self.bf16 = device, compile, cudagraphs, bf16
         self.tensor_lr = compile or cudagraphs
+        if compile:  # Adam.step is one code object compiled once per optimizer: allow many, and never fall back
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # to eager silently
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
 
-    def adam(self, params: Any, lr: float) -> torch.optim.Adam:
+    def adam(self, params: Any, lr: float, eps: float = 1e-8) -> torch.optim.Adam:
         if not self.tensor_lr:
-            return torch.optim.Adam(params, lr=lr)
-        return torch.optim.Adam(params, lr=torch.tensor(float(lr), device=self.device), capturable=self.device.type == "cuda")
+            return torch.optim.Adam(params, lr=lr, eps=eps)
+        return torch.optim.Adam(params, lr=torch.tensor(float(lr), device=self.device), eps=eps, capturable=self.device.type == "cuda")
 
     def load_optimizer(self, opt: torch.optim.Optimizer, state: dict) -> None:
-        """load_state_dict that keeps this run's tensor learning rates and capturable flag (the saved ones may differ)."""
+        """load_state_dict that keeps this run's kind of learning rate (tensor or float) and capturable flag: the
+        saved ones come from whatever mode wrote the checkpoint."""
         kept = [(g["lr"], g.get("capturable", False)) for g in opt.param_groups]
         opt.load_state_dict(state)
         for g, (lr, capturable) in zip(opt.param_groups, kept):
             if torch.is_tensor(lr):
                 lr.fill_(float(g["lr"]))
                 g["lr"] = lr
+            else:
+                g["lr"] = float(g["lr"])
             g["capturable"] = capturable
             for p in g["params"]:
                 st = opt.state.get(p, {})
@@ -413,8 +419,8 @@ class Update:
         self.accel, self.warmup = accel, warmup
         device_type, bf16 = accel.device.type, accel.bf16
 
-        def run(*args: Any, **kwargs: Any) -> dict[str, Tensor]:
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        def run(*args: Any, **kwargs: Any) -> dict[str, Tensor]:  # autocast's weight cache must be off inside CUDA graphs
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not accel.cudagraphs):
                 return fn(*args, **kwargs)
 
         self.run = torch.compile(run) if accel.compile else run

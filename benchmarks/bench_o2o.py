@@ -1,19 +1,23 @@
-"""Gradient steps per second of each phase of the offline-to-online scripts, timed on random tensors.
+"""Gradient steps per second of each phase of the offline-to-online scripts, per execution mode, timed on random tensors.
 
 Each script has a measuring function in MEASURES: it imports the script by file path (the scripts are standalone,
 not a package), builds the networks and optimisers the script builds, and times the script's own per-phase update
-function on random batches of the right shapes (data sampling and env steps excluded). Results go to
+function, wrapped exactly as the script wraps it (`accel.update(partial(update_fn, state..., constants...))`), on
+random batches of the right shapes (data sampling and env steps excluded). A mode is eager or a '+'-joined set of
+compile / cudagraphs / bf16 (the scripts' --compile/--cudagraphs/--bf16); CUDA-graph modes are skipped on CPU.
+Compilation and capture happen in the untimed warm-up, whose length is recorded. Results go to
 benchmarks/results/bench_o2o_<script>_<device>.json.
 
 Usage:
     python benchmarks/bench_o2o.py --script sac --seconds 30            # CPU, and CUDA too when present
-    python benchmarks/bench_o2o.py --script sac --devices cpu --threads 1
+    python benchmarks/bench_o2o.py --script sac --devices cpu --threads 1 --modes eager compile bf16
     python benchmarks/bench_o2o.py --script td3      # or ppo
-A new script gets a measure_<name>(mod, device, args, seconds) -> {phase: stats} registered in MEASURES.
+A new script gets a measure_<name>(mod, device, args, seconds, accel) -> {phase: stats} registered in MEASURES.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import platform
@@ -47,6 +51,9 @@ class Args:
     """action size of the random batches (hopper: 3)"""
     threads: int | None = None
     """torch CPU threads (default: torch's)"""
+    modes: tuple[str, ...] | None = None
+    """eager or '+'-joined compile/cudagraphs/bf16; default: eager compile bf16 compile+bf16 on CPU,
+    eager compile cudagraphs compile+cudagraphs compile+cudagraphs+bf16 on CUDA"""
     out_dir: str = str(RESULTS)
     """where the JSON files go"""
 
@@ -68,11 +75,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+MODES_CPU = ("eager", "compile", "bf16", "compile+bf16")
+MODES_CUDA = ("eager", "compile", "cudagraphs", "compile+cudagraphs", "compile+cudagraphs+bf16")
+
+
+def mode_flags(mode: str) -> dict[str, bool]:
+    parts = set() if mode == "eager" else set(mode.split("+"))
+    bad = parts - {"compile", "cudagraphs", "bf16"}
+    if bad:
+        raise SystemExit(f"error: unknown mode part(s) {sorted(bad)} in {mode!r}; use eager or compile/cudagraphs/bf16 joined by +")
+    return {k: k in parts for k in ("compile", "cudagraphs", "bf16")}
+
+
 def time_steps(step: Callable[[int], object], seconds: float, device: torch.device, warmup: int = 10) -> dict[str, float]:
-    """Run step(i) repeatedly for about `seconds` after a warm-up; steps/s counted between two device syncs."""
+    """Run step(i) repeatedly for about `seconds` after a warm-up (where compilation and graph capture happen, for
+    every flag combination the phase uses); steps/s counted between two device syncs."""
+    t_warm = time.perf_counter()
     for i in range(warmup):
         step(i)
     sync(device)
+    warm = time.perf_counter() - t_warm
     n, t0 = 0, time.perf_counter()
     while True:
         for _ in range(10):  # check the clock (and sync) only every 10 steps
@@ -82,7 +104,7 @@ def time_steps(step: Callable[[int], object], seconds: float, device: torch.devi
         elapsed = time.perf_counter() - t0
         if elapsed >= seconds:
             break
-    return {"steps": n, "seconds": elapsed, "steps_per_s": n / elapsed, "ms_per_step": 1000.0 * elapsed / n}
+    return {"steps": n, "seconds": elapsed, "steps_per_s": n / elapsed, "ms_per_step": 1000.0 * elapsed / n, "warmup_s": warm}
 
 
 def random_batches(obs_dim: int, act_dim: int, batch_size: int, device: torch.device, k: int = 8) -> list[dict[str, torch.Tensor]]:
@@ -93,7 +115,7 @@ def random_batches(obs_dim: int, act_dim: int, batch_size: int, device: torch.de
     return [one() for _ in range(k)]
 
 
-def measure_sac(mod: ModuleType, device: torch.device, a: Args, seconds: float) -> dict[str, dict[str, float]]:
+def measure_sac(mod: ModuleType, device: torch.device, a: Args, seconds: float, accel) -> dict[str, dict[str, float]]:
     """o2o_sac.py: reevaluate_update, align_update, online_update (constrained, lambda stepped on 1 update in utd=10;
     and unconstrained = naive / PORL), with the script's own networks and learning rates."""
     sa = mod.Args()
@@ -102,26 +124,30 @@ def measure_sac(mod: ModuleType, device: torch.device, a: Args, seconds: float) 
     pi0 = mod.frozen(actor)
     qf = mod.make_critic(a.obs_dim, a.act_dim).to(device)
     qf_target = mod.frozen(qf)
-    qf_opt = torch.optim.Adam(qf.parameters(), lr=sa.critic_lr)
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=sa.actor_lr)
-    log_alpha = torch.tensor(0.0, device=device, requires_grad=True)
-    log_lam = torch.tensor(0.0, device=device, requires_grad=True)
-    opts = {"actor": actor_opt, "qf": qf_opt, "alpha": torch.optim.Adam([log_alpha], lr=sa.alpha_lr),
-            "lambda": torch.optim.Adam([log_lam], lr=sa.lambda_lr)}
+    qf_opt = accel.adam(qf.parameters(), sa.critic_lr)
+    actor_opt = accel.adam(actor.parameters(), sa.actor_lr)
+    log_alpha = torch.zeros(1, device=device, requires_grad=True)
+    log_lam = torch.zeros(1, device=device, requires_grad=True)
+    opts = {"actor": actor_opt, "qf": qf_opt, "alpha": accel.adam([log_alpha], sa.alpha_lr), "lambda": accel.adam([log_lam], sa.lambda_lr)}
     pi_ref = mod.frozen(actor)
+    eps_t = accel.scalar(0.5)
+    const = dict(target_entropy=-float(a.act_dim), gamma=sa.gamma, tau=sa.tau, kl_floor=sa.kl_floor)
+    reeval = accel.update(functools.partial(mod.reevaluate_update, pi0, qf, qf_target, qf_opt, alpha0=0.2, gamma=sa.gamma, tau=sa.tau))
+    align = accel.update(functools.partial(mod.align_update, pi0, actor, qf, qf_target, qf_opt, actor_opt, alpha0=0.2))
+    constrained = accel.update(functools.partial(mod.online_update, actor, pi_ref, qf, qf_target, log_alpha, log_lam, opts, **const))
+    unconstrained = accel.update(functools.partial(mod.online_update, actor, None, qf, qf_target, log_alpha, log_lam, opts, **const))
     per = seconds / 4
     b = lambda i: batches[i % len(batches)]  # noqa: E731
+    warm = 4 * sa.utd  # every flag combination passes its warm-up calls and capture
     return {
-        "reevaluate": time_steps(lambda i: mod.reevaluate_update(pi0, qf, qf_target, qf_opt, b(i), 0.2, sa.gamma, sa.tau), per, device),
-        "align": time_steps(lambda i: mod.align_update(pi0, actor, qf, qf_target, qf_opt, actor_opt, b(i), 0.2), per, device),
-        "online_constrained": time_steps(lambda i: mod.online_update(actor, pi_ref, qf, qf_target, log_alpha, log_lam, opts, b(i), 0.5,
-                                                                     -float(a.act_dim), sa.gamma, sa.tau, sa.kl_floor, i % sa.utd == 0, True), per, device),
-        "online_unconstrained": time_steps(lambda i: mod.online_update(actor, None, qf, qf_target, log_alpha, log_lam, opts, b(i), 0.5,
-                                                                       -float(a.act_dim), sa.gamma, sa.tau, sa.kl_floor, False, True), per, device),
+        "reevaluate": time_steps(lambda i: reeval(b(i)), per, device),
+        "align": time_steps(lambda i: align(b(i)), per, device),
+        "online_constrained": time_steps(lambda i: constrained(b(i), eps_t, i % sa.utd == 0, True), per, device, warm),
+        "online_unconstrained": time_steps(lambda i: unconstrained(b(i), eps_t, False, True), per, device),
     }
 
 
-def measure_td3(mod: ModuleType, device: torch.device, a: Args, seconds: float) -> dict[str, dict[str, float]]:
+def measure_td3(mod: ModuleType, device: torch.device, a: Args, seconds: float, accel) -> dict[str, dict[str, float]]:
     """o2o_td3.py: reevaluate_update, align_update, o2td3_update (constrained / naive; actor and Lagrange step on every
     policy_freq-th update), opt_pretrain_update (one meta step), opt_finetune_update."""
     ta = mod.Args()
@@ -132,51 +158,63 @@ def measure_td3(mod: ModuleType, device: torch.device, a: Args, seconds: float) 
         setattr(ag, n, mod.DeterministicActor(a.obs_dim, a.act_dim, mod.ACTOR_HIDDEN).to(device))
     for n in ("qf", "qf_target", "qf_on", "qf_on_target"):
         setattr(ag, n, mod.new_critic(a.obs_dim, a.act_dim).to(device))
-    ag.qf_opt = torch.optim.Adam(ag.qf.parameters(), lr=ta.critic_lr)
-    ag.qf_on_opt = torch.optim.Adam(ag.qf_on.parameters(), lr=ta.critic_lr)
-    ag.actor_opt = torch.optim.Adam(ag.actor.parameters(), lr=ta.actor_lr)
-    ag.log_lam = torch.nn.Parameter(torch.zeros((), device=device))
-    ag.lam_opt = torch.optim.Adam([ag.log_lam], lr=ta.lambda_lr)
+    ag.qf_opt = accel.adam(ag.qf.parameters(), ta.critic_lr)
+    ag.qf_on_opt = accel.adam(ag.qf_on.parameters(), ta.critic_lr)
+    ag.actor_opt = accel.adam(ag.actor.parameters(), ta.actor_lr)
+    ag.log_lam = torch.nn.Parameter(torch.zeros(1, device=device))
+    ag.lam_opt = accel.adam([ag.log_lam], ta.lambda_lr)
+    const = mod.td3_constants(ta)
+    reeval = accel.update(functools.partial(mod.reevaluate_update, ag, **const))
+    align = accel.update(functools.partial(mod.align_update, ag, policy_noise=ta.policy_noise, noise_clip=ta.noise_clip,
+                                           beta=ta.align_beta, max_distance=ta.align_max_distance))
+    constrained = accel.update(functools.partial(mod.o2td3_update, ag, constraint=True, lagrange_tau=ta.lagrange_tau, **const))
+    naive = accel.update(functools.partial(mod.o2td3_update, ag, constraint=False, lagrange_tau=ta.lagrange_tau, **const))
+    pretrain = accel.update(functools.partial(mod.opt_pretrain_update, ag, inner_lr=ta.opt_inner_lr, **const))
+    finetune = accel.update(functools.partial(mod.opt_finetune_update, ag, **const))
+    threshold, kappa = accel.scalar(0.01), accel.scalar(0.5)
     b = lambda i: batches[i % len(batches)]  # noqa: E731
     x = lambda i: (b(i)["obs"], b(i)["actions"], b(i)["rewards"], b(i)["next_obs"], b(i)["terminals"])  # noqa: E731
     turn = lambda i: i % ta.policy_freq == 0  # noqa: E731
+    warm = 4 * ta.policy_freq
     per = seconds / 6
     return {
-        "reevaluate": time_steps(lambda i: mod.reevaluate_update(ag, *x(i), ta), per, device),
-        "align": time_steps(lambda i: mod.align_update(ag, b(i)["obs"], ta), per, device),
-        "online_constrained": time_steps(lambda i: mod.o2td3_update(ag, *x(i), 0.01, turn(i), True, ta), per, device),
-        "online_naive": time_steps(lambda i: mod.o2td3_update(ag, *x(i), 0.01, turn(i), False, ta), per, device),
-        "opt_pretrain": time_steps(lambda i: mod.opt_pretrain_update(ag, b(i), b(i + 1), ta), per, device),
-        "opt_finetune": time_steps(lambda i: mod.opt_finetune_update(ag, *x(i), 0.5, turn(i), ta), per, device),
+        "reevaluate": time_steps(lambda i: reeval(*x(i)), per, device),
+        "align": time_steps(lambda i: align(b(i)["obs"]), per, device),
+        "online_constrained": time_steps(lambda i: constrained(*x(i), threshold, turn(i)), per, device, warm),
+        "online_naive": time_steps(lambda i: naive(*x(i), threshold, turn(i)), per, device, warm),
+        "opt_pretrain": time_steps(lambda i: pretrain(b(i), b(i + 1)), per, device),
+        "opt_finetune": time_steps(lambda i: finetune(*x(i), kappa, turn(i)), per, device, warm),
     }
 
 
-def measure_ppo(mod: ModuleType, device: torch.device, a: Args, seconds: float) -> dict[str, dict[str, float]]:
+def measure_ppo(mod: ModuleType, device: torch.device, a: Args, seconds: float, accel) -> dict[str, dict[str, float]]:
     """o2o_ppo.py: reeval_update (V on Monte-Carlo returns, batch 512) and ppo_update (one minibatch of 128, with and
     without the reference-advantage constraint); one PPO iteration of the paper is 10 epochs x 16 minibatches."""
     pa = mod.Args()
     actor = mod.GaussianActor(a.obs_dim, a.act_dim, (256, 256)).to(device)
     ref = mod.GaussianActor(a.obs_dim, a.act_dim, (256, 256)).to(device).requires_grad_(False)
     vf = mod.build_value(a.obs_dim).to(device)
-    aopt = torch.optim.Adam(actor.parameters(), lr=3e-5, eps=1e-5)
-    vopt = torch.optim.Adam(vf.parameters(), lr=2e-4, eps=1e-5)
-    ropt = torch.optim.Adam(vf.parameters(), lr=1e-4)
+    aopt = accel.adam(actor.parameters(), 3e-5, eps=pa.adam_eps)
+    vopt = accel.adam(vf.parameters(), 2e-4, eps=pa.adam_eps)
+    ropt = accel.adam(vf.parameters(), 1e-4)
     mb = 128
     obs, act = torch.randn(8, mb, a.obs_dim, device=device), torch.rand(8, mb, a.act_dim, device=device) * 2 - 1
     logp, adv, ret = torch.randn(8, mb, device=device) - 3, torch.randn(8, mb, 1, device=device), torch.randn(8, mb, device=device)
     obs512, ret512 = torch.randn(8, 512, a.obs_dim, device=device), torch.randn(8, 512, device=device)
-    w = torch.tensor(0.9, device=device)
+    w = accel.scalar(0.9)
+    const = dict(clip_coef=pa.clip_coef, ent_coef=pa.ent_coef, max_grad_norm=pa.max_grad_norm)
+    reeval = accel.update(functools.partial(mod.reeval_update, vf, ropt))
+    constrained = accel.update(functools.partial(mod.ppo_update, actor, vf, ref, aopt, vopt, constraint=True, **const))
+    unconstrained = accel.update(functools.partial(mod.ppo_update, actor, vf, ref, aopt, vopt, constraint=False, **const))
     per = seconds / 3
     return {
-        "reevaluate": time_steps(lambda i: mod.reeval_update(vf, ropt, obs512[i % 8], ret512[i % 8]), per, device),
-        "online_constrained": time_steps(lambda i: mod.ppo_update(actor, vf, ref, aopt, vopt, obs[i % 8], act[i % 8], logp[i % 8], adv[i % 8], ret[i % 8], w,
-                                                                  0.2, 0.01, 0.5, True), per, device),
-        "online_unconstrained": time_steps(lambda i: mod.ppo_update(actor, vf, ref, aopt, vopt, obs[i % 8], act[i % 8], logp[i % 8], adv[i % 8], ret[i % 8], w,
-                                                                    0.2, 0.01, 0.5, False), per, device),
+        "reevaluate": time_steps(lambda i: reeval(obs512[i % 8], ret512[i % 8]), per, device),
+        "online_constrained": time_steps(lambda i: constrained(obs[i % 8], act[i % 8], logp[i % 8], adv[i % 8], ret[i % 8], w), per, device),
+        "online_unconstrained": time_steps(lambda i: unconstrained(obs[i % 8], act[i % 8], logp[i % 8], adv[i % 8], ret[i % 8], w), per, device),
     }
 
 
-MEASURES: dict[str, Callable[[ModuleType, torch.device, Args, float], dict[str, dict[str, float]]]] = {
+MEASURES: dict[str, Callable[..., dict[str, dict[str, float]]]] = {
     "sac": measure_sac,
     "td3": measure_td3,
     "ppo": measure_ppo,
@@ -195,16 +233,24 @@ def main(a: Args) -> list[dict]:
             print(f"skipping {name}: CUDA not available")
             continue
         device = torch.device(name)
-        torch.manual_seed(0)
-        phases = MEASURES[a.script](mod, device, a, a.seconds)
+        modes = a.modes or (MODES_CUDA if device.type == "cuda" else MODES_CPU)
+        by_mode = {}
+        for mode in modes:
+            flags = mode_flags(mode)
+            if flags["cudagraphs"] and device.type != "cuda":
+                print(f"skipping {mode} on {name}: CUDA graphs need CUDA")
+                continue
+            torch.manual_seed(0)
+            torch._dynamo.reset()
+            by_mode[mode] = MEASURES[a.script](mod, device, a, a.seconds, mod.Accel(device, **flags))
+            for ph, s in by_mode[mode].items():
+                print(f"o2o_{a.script}.py {name} {mode:24s} {ph:22s} {s['steps_per_s']:8.1f} grad steps/s ({s['ms_per_step']:.2f} ms, warm-up {s['warmup_s']:.1f} s)")
         rec = {"script": f"o2o_{a.script}.py", "device": name, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
                "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": a.batch_size, "obs_dim": a.obs_dim, "act_dim": a.act_dim,
-               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "phases": phases}
+               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv), "modes": by_mode}
         path = Path(a.out_dir) / f"bench_o2o_{a.script}_{name.split(':')[0]}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rec, indent=2))
-        for ph, s in phases.items():
-            print(f"{rec['script']} {name} {ph:22s} {s['steps_per_s']:8.1f} grad steps/s ({s['ms_per_step']:.2f} ms)")
         print(f"wrote {path}")
         out.append(rec)
     return out

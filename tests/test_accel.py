@@ -146,6 +146,14 @@ def test_load_optimizer_keeps_tensor_lr_and_flags():
     accel.load_optimizer(opt, plain.state_dict())
     assert opt.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(1e-3)
     assert opt.state[next(iter(net.parameters()))]["step"].item() == 1
+    back = op.Accel(dev).adam(net.parameters(), 3e-4)  # an eager resume of a compiled run gets a float back
+    op.Accel(dev).load_optimizer(back, opt.state_dict())
+    assert not torch.is_tensor(back.param_groups[0]["lr"]) and back.param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_compile_never_falls_back_to_eager_silently():
+    op.Accel(torch.device("cpu"), compile=True)
+    assert torch._dynamo.config.recompile_limit >= 64 and torch._dynamo.config.fail_on_recompile_limit_hit
 
 
 @cuda

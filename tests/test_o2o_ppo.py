@@ -1,9 +1,11 @@
 """o2o_ppo.py: hand-checked math (Monte-Carlo returns, GAE, reference advantage, weights), the env pool's same-step
-autoreset against plain envs, smoke runs of every mode and offline family, resume, determinism, bad inputs."""
+autoreset against plain envs, smoke runs of every mode and offline family, resume, determinism, bad inputs, and
+--compile / --cudagraphs / --bf16 computing the eager updates' math (see tests/test_accel.py for why float64)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -18,6 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import load_script
 
 ppo = load_script("o2o_ppo")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 TINY = ["--rollout-size", "64", "--minibatch-size", "32", "--update-epochs", "2", "--online-steps", "256",
         "--reevaluate-steps", "50", "--distill-steps", "50", "--eval-every", "128", "--eval-episodes", "2",
@@ -353,3 +356,173 @@ def test_bad_inputs_exit_2(offline_checkpoints, tmp_path, capsys, extra, message
     assert e.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o2o_ppo").exists()  # nothing written
+
+
+# ---------------------------------------------------------------- --compile / --cudagraphs / --bf16: same math as eager
+OBS, ACT, MB = 11, 3, 32
+PHASES = ["distill", "reeval", "ppo_constrained", "ppo_unconstrained"]
+
+
+@pytest.fixture
+def same_random():
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    with inductor_config.patch(fallback_random=True):
+        yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def phase_update(phase: str, accel, device: torch.device):
+    """(Update of `phase` with fresh weights drawn from seed 0, its modules, its optimizers), built as main() builds it."""
+    torch.manual_seed(0)
+    if phase == "distill":
+        student = ppo.GaussianActor(OBS, ACT, (64, 64)).to(device)
+        opt = accel.adam(student.net.parameters(), 1e-3)
+        return accel.update(functools.partial(ppo.distill_update, student, opt)), {"student": student}, [opt]
+    if phase == "reeval":
+        vf = ppo.build_value(OBS).to(device)
+        opt = accel.adam(vf.parameters(), 1e-3)
+        return accel.update(functools.partial(ppo.reeval_update, vf, opt)), {"vf": vf}, [opt]
+    actor, actor_ref, vf = ppo.GaussianActor(OBS, ACT, (64, 64)), ppo.GaussianActor(OBS, ACT, (64, 64)), ppo.build_value(OBS)
+    actor, actor_ref, vf = actor.to(device), actor_ref.to(device).requires_grad_(False), vf.to(device)
+    aopt, vopt = accel.adam(actor.parameters(), 1e-3, eps=1e-5), accel.adam(vf.parameters(), 1e-3, eps=1e-5)
+    update = accel.update(functools.partial(ppo.ppo_update, actor, vf, actor_ref, aopt, vopt, clip_coef=0.2, ent_coef=0.01,
+                                            max_grad_norm=0.5, constraint=phase == "ppo_constrained"))
+    return update, {"actor": actor, "vf": vf}, [aopt, vopt]
+
+
+def phase_inputs(phase: str, step: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Minibatch tensors of one call (the default dtype); the PPO weight w_t changes from call to call."""
+    g = torch.Generator().manual_seed(step)
+    obs = torch.randn(MB, OBS, generator=g)
+    if phase == "distill":
+        out = (obs, torch.tanh(torch.randn(MB, ACT, generator=g)))
+    elif phase == "reeval":
+        out = (obs, 3.0 * torch.randn(MB, generator=g))
+    else:
+        actions = 0.7 * torch.randn(MB, ACT, generator=g)
+        # near pi's log-prob at init (mean ~ 0, std 1), so ratios lie on both sides of the clip range
+        old_logp = -0.5 * (actions**2).sum(-1) - ACT * 0.5 * math.log(2 * math.pi) + 0.2 * torch.randn(MB, generator=g)
+        out = (obs, actions, old_logp, torch.randn(MB, 1, generator=g), torch.randn(MB, generator=g), torch.tensor(0.9 - 0.2 * step))
+    return tuple(x.to(device) for x in out)
+
+
+def assert_same_updates(phase: str, accel_kwargs: dict, steps: int, device: str = "cpu", atol: float = 1e-9, rtol: float = 1e-7):
+    """An eager and an accelerated update with identical initial weights, called on identical minibatches (and the
+    same learning-rate schedule, set between calls as main() does): same metrics, same parameters. -> the fast Update."""
+    dev = torch.device(device)
+    eager_accel, fast_accel = ppo.Accel(dev), ppo.Accel(dev, **accel_kwargs)
+    eager, m_eager, opts_eager = phase_update(phase, eager_accel, dev)
+    fast, m_fast, opts_fast = phase_update(phase, fast_accel, dev)
+    before = {name: [p.detach().clone() for p in m.parameters()] for name, m in m_eager.items()}
+    for step in range(steps):
+        for accel, opts in ((eager_accel, opts_eager), (fast_accel, opts_fast)):
+            for opt in opts:
+                ppo.set_lr(accel, opt, ppo.linear_lr(1e-3, step, 2 * steps))
+        x = phase_inputs(phase, step, dev)
+        torch.manual_seed(100 + step)
+        out_e = {k: v.clone() for k, v in eager(*x).items()}
+        torch.manual_seed(100 + step)
+        out_f = {k: v.clone() for k, v in fast(*x).items()}  # cloned at once: a graph's outputs are overwritten by the next call
+        assert out_e.keys() == out_f.keys()
+        for k in out_e:
+            torch.testing.assert_close(out_f[k], out_e[k], atol=atol, rtol=rtol, msg=lambda s, k=k: f"{k} at call {step}: {s}")
+    for name, m in m_eager.items():
+        for (pn, p_e), p_f in zip(m.named_parameters(), m_fast[name].parameters()):
+            torch.testing.assert_close(p_f, p_e, atol=atol, rtol=rtol, msg=lambda s, pn=pn: f"{name}.{pn}: {s}")
+        assert not all(torch.equal(p, b) for p, b in zip(m.parameters(), before[name])), f"{name} never changed: the comparison says nothing"
+    for opt in opts_fast:
+        assert torch.is_tensor(opt.param_groups[0]["lr"]) == fast_accel.tensor_lr
+        assert float(opt.param_groups[0]["lr"]) == pytest.approx(ppo.linear_lr(1e-3, steps - 1, 2 * steps))
+    return fast, opts_fast
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_compiled_update_equals_eager(phase, same_random, float64):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    fast, opts = assert_same_updates(phase, {"compile": True}, steps=3)
+    if phase.startswith("ppo"):
+        assert all(opt.param_groups[0]["eps"] == 1e-5 for opt in opts)
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled > 0
+    for step in range(3, 5):  # a new learning rate and a new w_t are new values, not new code
+        for opt in opts:
+            ppo.set_lr(fast.accel, opt, 1e-4 * step)
+        fast(*phase_inputs(phase, step, torch.device("cpu")))
+    assert counters["stats"]["unique_graphs"] == compiled, "a changing learning rate or w_t recompiled the update"
+
+
+@cuda
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("compile", [False, True])
+def test_cudagraph_update_equals_eager_gpu(phase, compile, same_random, float64):
+    """Warm-up calls, capture and replays together must reproduce the eager updates (GPU only; float64 as on CPU, so
+    Adam's sign-like first steps cannot amplify float32 rounding differences of reordered reductions)."""
+    fast, _ = assert_same_updates(phase, {"cudagraphs": True, "compile": compile}, steps=8, device="cuda", atol=1e-7, rtol=1e-6)
+    assert fast.graphs, "no CUDA graph was captured"
+
+
+def test_optimizer_state_moves_between_eager_and_compiled_runs():
+    """online.pt of an eager run resumes under --compile and back: the tensor learning rate stays the one the compiled
+    update reads, eps stays 1e-5, and the schedule writes into it (an eager run gets a plain float again)."""
+    net = torch.nn.Linear(3, 2)
+    dev = torch.device("cpu")
+    eager_accel, fast_accel = ppo.Accel(dev), ppo.Accel(dev, compile=True)
+    eager_opt = eager_accel.adam(net.parameters(), 3e-4, eps=1e-5)
+    net(torch.randn(4, 3)).sum().backward()
+    eager_opt.step()
+    fast_opt = fast_accel.adam(net.parameters(), 3e-4, eps=1e-5)
+    lr = fast_opt.param_groups[0]["lr"]
+    fast_accel.load_optimizer(fast_opt, eager_opt.state_dict())
+    ppo.set_lr(fast_accel, fast_opt, 1e-4)
+    assert fast_opt.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(1e-4) and fast_opt.param_groups[0]["eps"] == 1e-5
+    back = eager_accel.adam(net.parameters(), 3e-4, eps=1e-5)
+    eager_accel.load_optimizer(back, fast_opt.state_dict())
+    ppo.set_lr(eager_accel, back, 5e-5)
+    assert back.param_groups[0]["lr"] == 5e-5 and not torch.is_tensor(back.param_groups[0]["lr"])
+
+
+def test_cli_cudagraphs_on_cpu_fails_before_loading(monkeypatch, tmp_path, capsys):
+    def no_loading(*a, **k):
+        raise AssertionError("the dataset was touched before the flags were checked")
+
+    monkeypatch.setattr(ppo, "load_dataset", no_loading)
+    with pytest.raises(SystemExit) as e:
+        ppo.main(tyro.cli(ppo.Args, args=["--env", "hopper-medium-v2", "--device", "cpu", "--cudagraphs", "--run-dir", str(tmp_path)]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--cudagraphs" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o2o_ppo").exists()
+
+
+@pytest.mark.parametrize("flags,family", [(["--compile", "--no-reevaluate"], "iql"), (["--bf16"], "bc_det")])
+def test_speed_flags_end_to_end(offline_checkpoints, tmp_path, flags, family):
+    """Whole tiny runs through the accelerated updates: PPO compiled (re-evaluation skipped: the compile test above
+    covers it, and every compile costs seconds); distillation, re-evaluation and PPO under bf16 autocast, which runs
+    them through the same Update wrapper. Finite losses, every output written, the schedule reaches the optimizer."""
+    torch._dynamo.reset()
+    try:
+        res = run(offline_checkpoints[family], tmp_path, *flags, "--threads", "1")
+    finally:
+        torch._dynamo.reset()
+    out = tmp_path / "o2o_ppo" / "hopper-medium-v2" / f"{res['mode']}_seed0"
+    phase_files = ("distilled.pt", "reevaluated.pt") if family == "bc_det" else ()
+    for f in ("args.json", "results.json", "final.pt", "online.pt") + phase_files:
+        assert (out / f).exists(), f
+    assert res["env_steps"] == 256 and all(math.isfinite(e["normalized_score"]) for e in res["curve"])
+    s = scalars(out)
+    phase_tags = ("distill/loss", "reeval/value_loss") if family == "bc_det" else ()
+    for tag in ("losses/actor_loss", "losses/value_loss", "losses/ref_advantage", "losses/entropy") + phase_tags:
+        assert s[tag] and all(math.isfinite(x) for x in s[tag]), tag
+    assert s["charts/learning_rate"][-1] < s["charts/learning_rate"][0]

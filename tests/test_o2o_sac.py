@@ -1,7 +1,9 @@
-"""o2o_sac.py: math on hand-checked tensors, alignment behaviour, smoke runs of every mode, resume, bad inputs."""
+"""o2o_sac.py: math on hand-checked tensors, alignment behaviour, smoke runs of every mode, resume, bad inputs, and the
+--compile / --cudagraphs / --bf16 updates against the eager reference."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -78,13 +80,14 @@ def test_online_update_raises_lambda_when_constraint_violated():
     with torch.no_grad():
         ref.head.bias.fill_(-3.0)  # narrow reference far from the actor: D is large
     qf = o2o.make_critic(3, 2)
-    log_alpha, log_lam = torch.tensor(0.0, requires_grad=True), torch.tensor(0.0, requires_grad=True)
+    log_alpha, log_lam = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
     opts = {"actor": torch.optim.Adam(actor.parameters(), 1e-4), "qf": torch.optim.Adam(qf.parameters(), 1e-4),
             "alpha": torch.optim.Adam([log_alpha], 1e-4), "lambda": torch.optim.Adam([log_lam], 1e-2)}
     b = {"obs": torch.randn(32, 3), "actions": torch.rand(32, 2) * 2 - 1, "rewards": torch.randn(32), "next_obs": torch.randn(32, 3), "terminals": torch.zeros(32)}
-    m = o2o.online_update(actor, o2o.frozen(ref), qf, o2o.frozen(qf), log_alpha, log_lam, opts, b, 0.01, -2.0, 0.99, 0.005, -50.0, True, True)
+    m = o2o.online_update(actor, o2o.frozen(ref), qf, o2o.frozen(qf), log_alpha, log_lam, opts, b, torch.tensor(0.01), True, True,
+                          target_entropy=-2.0, gamma=0.99, tau=0.005, kl_floor=-50.0)
     assert m["losses/kl"].item() > 0.01 and log_lam.item() > 0
-    assert all(torch.isfinite(v) for v in m.values())
+    assert all(torch.isfinite(v) and v.dim() == 0 for v in m.values())
 
 
 def test_family_defaults_table_and_overrides():
@@ -109,7 +112,7 @@ def test_alignment_makes_offline_action_preferred(tiny_dataset, offline_checkpoi
     qf_target = o2o.frozen(qf)
     qf_opt = torch.optim.Adam(qf.parameters(), lr=3e-4)
     for _ in range(100):
-        o2o.reevaluate_update(pi0, qf, qf_target, qf_opt, rb.sample(64), 0.2, 0.99, 0.005)
+        o2o.reevaluate_update(pi0, qf, qf_target, qf_opt, rb.sample(64), alpha0=0.2, gamma=0.99, tau=0.005)
     obs = rb.data["obs"][:512]
 
     @torch.no_grad()
@@ -124,7 +127,7 @@ def test_alignment_makes_offline_action_preferred(tiny_dataset, offline_checkpoi
     qf_target = o2o.frozen(qf)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=1e-4)
     for _ in range(400):
-        m = o2o.align_update(pi0, actor, qf, qf_target, qf_opt, actor_opt, rb.sample(64), 0.2)
+        m = o2o.align_update(pi0, actor, qf, qf_target, qf_opt, actor_opt, rb.sample(64), alpha0=0.2)
     after = fraction_preferred()
     assert torch.isfinite(m["qf_loss"])
     assert after >= before + 0.2 and after > 0.8, (before, after)
@@ -309,3 +312,172 @@ def test_distillation_keeps_the_offline_spread():
     noisy = o2o.distill_targets(det, obs, 0.1)
     assert (noisy - det.act(obs)).std().item() == pytest.approx(0.1, rel=0.1)
     assert noisy.abs().max() < 1
+
+
+# ---------------------------------------------------------------- --compile / --cudagraphs / --bf16: the same math as eager
+# As in test_accel.py: the comparisons run in float64 (in float32, Adam's first steps turn last-bit differences of
+# near-zero gradients into lr-sized changes) and with inductor's fallback_random (compiled code draws from eager's
+# generator), so any difference between the twins is arithmetic.
+OBS, ACT, BATCH, HIDDEN = 5, 2, 16, (32, 32)
+# the flags the online loop passes: constrained, lam steps on the first of the utd updates of an env step;
+# unconstrained (PORL), the actor is frozen during the pre-sample stage
+ONLINE_FLAGS = {"online_constrained": [(True, True), (False, True)], "online_unconstrained": [(False, False), (False, True)]}
+PHASES = ["distill", "reevaluate", "align", *ONLINE_FLAGS]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def same_random():
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    with inductor_config.patch(fallback_random=True):
+        yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def fake_batch(seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    b = {"obs": torch.randn(BATCH, OBS, generator=g), "actions": torch.rand(BATCH, ACT, generator=g) * 1.8 - 0.9,
+         "rewards": torch.randn(BATCH, generator=g), "next_obs": torch.randn(BATCH, OBS, generator=g),
+         "terminals": (torch.rand(BATCH, generator=g) < 0.2).to(torch.get_default_dtype())}
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def phase_update(phase: str, accel) -> tuple:
+    """One phase's update built as main() builds it, from seed 0 (so twins start equal): the Update, the tensors it
+    trains (by name), and inputs(i) -> (args, kwargs) of call i, only per-step tensors and flags."""
+    dev = accel.device
+    torch.manual_seed(0)
+    actor = o2o.TanhGaussianActor(OBS, ACT, HIDDEN).to(dev)
+    pi0 = o2o.frozen(o2o.TanhGaussianActor(OBS, ACT, HIDDEN).to(dev))  # also the reference policy: the KL is not 0
+    qf = o2o.orthogonal_init_(o2o.Critic(OBS, ACT, HIDDEN, n=2, layer_norm=True)).to(dev)
+    qf_target = o2o.frozen(qf)
+    trained: dict[str, torch.Tensor] = {}
+    for name, m in (("actor", actor), ("qf", qf), ("qf_target", qf_target)):
+        trained |= {f"{name}.{k}": p for k, p in m.named_parameters()}
+
+    def batch_only(i: int) -> tuple:
+        return (fake_batch(i, dev),), {}
+
+    if phase == "distill":
+        fn = functools.partial(o2o.distill_update, actor, accel.adam(actor.parameters(), 3e-4))
+
+        def inputs(i: int) -> tuple:
+            b = fake_batch(i, dev)
+            return (b["obs"], b["actions"]), {}
+    elif phase == "reevaluate":
+        fn = functools.partial(o2o.reevaluate_update, pi0, qf, qf_target, accel.adam(qf.parameters(), 3e-4), alpha0=0.2, gamma=0.99, tau=0.005)
+        inputs = batch_only
+    elif phase == "align":
+        fn = functools.partial(o2o.align_update, pi0, actor, qf, qf_target, accel.adam(qf.parameters(), 3e-4), accel.adam(actor.parameters(), 1e-4),
+                               alpha0=0.2)
+        inputs = batch_only
+    else:
+        log_alpha = torch.full((1,), math.log(0.2), device=dev, requires_grad=True)
+        log_lam = torch.zeros(1, device=dev, requires_grad=True)
+        opts = {"actor": accel.adam(actor.parameters(), 1e-4), "qf": accel.adam(qf.parameters(), 3e-4),
+                "alpha": accel.adam([log_alpha], 3e-4), "lambda": accel.adam([log_lam], 1e-2)}
+        pi_ref = pi0 if phase == "online_constrained" else None
+        fn = functools.partial(o2o.online_update, actor, pi_ref, qf, qf_target, log_alpha, log_lam, opts,
+                               target_entropy=-float(ACT), gamma=0.99, tau=0.005, kl_floor=-50.0)
+        eps_t = accel.scalar(0.0)
+        trained |= {"log_alpha": log_alpha, "log_lam": log_lam}
+
+        def inputs(i: int) -> tuple:
+            update_lam, update_actor = ONLINE_FLAGS[phase][i % 2]
+            eps_t.fill_(0.5 + 0.25 * i)  # the threshold loosens between calls, as kl_threshold does in the loop
+            return (fake_batch(i, dev), eps_t), {"update_lam": update_lam, "update_actor": update_actor}
+    return accel.update(fn), trained, inputs
+
+
+def assert_same_updates(phase: str, accel_kwargs: dict, calls: int, device: str = "cpu", atol: float = 1e-9, rtol: float = 1e-7):
+    """The eager update and the accelerated one, from equal weights on equal batches and seeds, give equal metrics
+    at every call and equal parameters (log_alpha and log_lam included) after the last; returns the accelerated Update
+    and its inputs(i)."""
+    dev = torch.device(device)
+    eager, e_trained, e_inputs = phase_update(phase, o2o.Accel(dev))
+    fast, f_trained, f_inputs = phase_update(phase, o2o.Accel(dev, **accel_kwargs))
+    for i in range(calls):
+        args, kwargs = e_inputs(i)
+        torch.manual_seed(100 + i)
+        m_e = {k: v.clone() for k, v in eager(*args, **kwargs).items()}
+        args, kwargs = f_inputs(i)
+        torch.manual_seed(100 + i)
+        m_f = {k: v.clone() for k, v in fast(*args, **kwargs).items()}  # read at once: CUDA-graph outputs are overwritten
+        assert m_e.keys() == m_f.keys()
+        for k in m_e:
+            assert m_f[k].dim() == 0, k
+            torch.testing.assert_close(m_f[k], m_e[k], atol=atol, rtol=rtol, msg=lambda s, k=k: f"{phase} {k} at call {i}: {s}")
+    assert e_trained.keys() == f_trained.keys()
+    for k, p in e_trained.items():
+        torch.testing.assert_close(f_trained[k], p, atol=atol, rtol=rtol, msg=lambda s, k=k: f"{phase} {k} after {calls} calls: {s}")
+    return fast, f_inputs
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_compiled_update_equals_eager(phase, same_random, float64):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    fast, inputs = assert_same_updates(phase, {"compile": True}, calls=4)  # online: each flag combination twice
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0, "nothing was compiled"
+    for i in range(4, 6):  # new batches and a new KL threshold: values change, the code must not
+        args, kwargs = inputs(i)
+        fast(*args, **kwargs)
+    assert counters["stats"]["unique_graphs"] == graphs, "a new batch or threshold recompiled the update"
+
+
+@cuda
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("compile", [False, True])
+def test_cudagraph_update_equals_eager_gpu(phase, compile, same_random, float64):
+    """Warm-up calls, capture and replays together reproduce the eager updates (GPU only)."""
+    n_flags = len(ONLINE_FLAGS.get(phase, [()]))
+    fast, _ = assert_same_updates(phase, {"cudagraphs": True, "compile": compile}, calls=8 * n_flags, device="cuda", atol=1e-7, rtol=1e-6)
+    assert len(fast.graphs) == n_flags, "not every flag combination was captured as a CUDA graph"
+
+
+def test_cli_cudagraphs_on_cpu_fails_fast(tmp_path, capsys):
+    # before any dataset is looked for: this one does not exist, and would fail with another message
+    _fails(capsys, ["--run-dir", str(tmp_path), "--device", "cpu", "--cudagraphs", "--dataset-id", "nosuch/none-v0", "--no-download"],
+           "--cudagraphs", tmp_path)
+
+
+def test_compile_smoke(offline_checkpoints, tmp_path):
+    """A whole run under --compile (kept to the online phase: each phase's compiled update is checked against eager
+    above, and every compile costs seconds)."""
+    torch._dynamo.reset()
+    res = run(offline_checkpoints["cql"], tmp_path, "--compile", "--no-reevaluate", "--no-align", "--online-steps", "110",
+              "--learning-starts", "100", "--eval-every", "110", "--log-every", "5")
+    torch._dynamo.reset()
+    d = Path(res["run_dir"])
+    for f in ("results.json", "final.pt", "online.pt"):
+        assert (d / f).is_file(), f
+    assert res["finished"] and res["curve"][-1]["step"] == 110 and all(math.isfinite(p["normalized_score"]) for p in res["curve"])
+    sc = scalars(d)
+    for tag in ("losses/qf_loss", "losses/actor_loss", "losses/lambda", "losses/kl"):
+        assert sc.get(tag) and all(math.isfinite(v) for v in sc[tag]), tag
+
+
+def test_bf16_smoke(offline_checkpoints, tmp_path):
+    """Every phase (IQL's Gaussian actor is distilled) under bfloat16 autocast, lam stepped on one of 2 updates."""
+    res = run(offline_checkpoints["iql"], tmp_path, "--bf16", "--distill-steps", "4", "--reevaluate-steps", "4", "--align-steps", "4",
+              "--online-steps", "110", "--learning-starts", "100", "--utd", "2", "--eval-every", "110", "--log-every", "5")
+    d = Path(res["run_dir"])
+    for f in ("results.json", "final.pt", "online.pt", "reevaluated.pt", "aligned.pt"):
+        assert (d / f).is_file(), f
+    assert res["finished"] and res["curve"][-1]["step"] == 110 and all(math.isfinite(p["normalized_score"]) for p in res["curve"])
+    assert math.isfinite(res["distillation"]["action_mse"])
+    sc = scalars(d)
+    for tag in ("distill/loss", "reevaluate/qf_loss", "align/qf_loss", "losses/qf_loss", "losses/actor_loss", "losses/lambda", "losses/kl"):
+        assert sc.get(tag) and all(math.isfinite(v) for v in sc[tag]), tag

@@ -1,7 +1,9 @@
-"""o2o_td3.py: math unit tests on hand-checked tensors, behaviour tests, smoke runs of every mode, resume, bad inputs."""
+"""o2o_td3.py: math unit tests on hand-checked tensors, behaviour tests, smoke runs of every mode, resume, bad inputs,
+and the fast paths (--compile, --cudagraphs, --bf16) against the eager reference."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -189,8 +191,10 @@ def test_alignment_makes_critic_prefer_offline_action():
         opt.step()
     ag.qf_target.load_state_dict(ag.qf.state_dict())
     before = _prefers_offline_action(ag, obs)
+    a = td3.Args()
     for _ in range(200):
-        td3.align_update(ag, obs[torch.randint(128, (64,))], td3.Args())
+        td3.align_update(ag, obs[torch.randint(128, (64,))], policy_noise=a.policy_noise, noise_clip=a.noise_clip, beta=a.align_beta,
+                         max_distance=a.align_max_distance)
     after = _prefers_offline_action(ag, obs)
     assert before < 0.75 and after > 0.9
 
@@ -198,12 +202,13 @@ def test_alignment_makes_critic_prefer_offline_action():
 def test_lagrange_multiplier_rises_when_constraint_violated():
     ag = _synthetic_agent()
     ag.actor_ref = td3.DeterministicActor(3, 2, (16, 16)).requires_grad_(False)  # a different reference: large deviation
-    ag.log_lam = torch.nn.Parameter(torch.zeros(()))
+    ag.log_lam = torch.nn.Parameter(torch.zeros(1))
     ag.lam_opt = torch.optim.Adam([ag.log_lam], lr=1e-2)
     b = {"obs": torch.randn(32, 3), "actions": torch.rand(32, 2) * 2 - 1, "rewards": torch.randn(32), "next_obs": torch.randn(32, 3), "terminals": torch.zeros(32)}
     args = td3.Args()
     for _ in range(10):
-        m = td3.o2td3_update(ag, b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"], threshold=1e-6, update_actor=True, constraint=True, a=args)
+        m = td3.o2td3_update(ag, b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"], T(1e-6), True, constraint=True,
+                             lagrange_tau=args.lagrange_tau, **td3.td3_constants(args))
     assert ag.log_lam.item() > 0.05
     assert all(torch.isfinite(v).all() for v in m.values())
 
@@ -435,6 +440,7 @@ def test_default_checkpoint_convention(tmp_path, offline_checkpoints):
     (["--eps0", "0.5", "--eps-end", "0.1"], "must loosen"),
     (["--learning-starts", "40"], "no update would happen"),
     (["--opt", "--opt-collect-steps", "40"], "--opt-collect-steps"),
+    (["--threads", "0"], "--threads"),
 ])
 def test_bad_arguments_exit_2(tmp_path, offline_checkpoints, capsys, extra, message):
     with pytest.raises(SystemExit) as e:
@@ -501,3 +507,212 @@ def test_distillation_regresses_the_mean_action():
     for _ in range(300):
         m = td3.distill_update(student, opt, obs, target)
     assert m["losses/distill_loss"].item() < before / 10
+
+
+# ---------------------------------------------------------------- fast paths: --compile / --cudagraphs / --bf16 = eager math
+# As in test_accel.py: the comparison runs in float64 (in float32 Adam's first ~sign(g) steps would turn last-bit
+# differences of near-zero gradients into lr-sized ones), and inductor draws eager's random numbers (fallback_random).
+OBS, ACT, B = 5, 2, 16
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# phase -> whether its calls carry the delayed-actor flag (every flag value compiles / captures its own graph)
+UPDATES = {"distill": False, "reevaluate": False, "align": False, "o2td3": True, "naive": True, "opt_pretrain": False, "opt_finetune": True}
+
+
+@pytest.fixture
+def same_random():
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    with inductor_config.patch(fallback_random=True):
+        yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _batch(seed: int, device: str = "cpu") -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    b = {"obs": torch.randn(B, OBS, generator=g), "actions": torch.rand(B, ACT, generator=g) * 2 - 1, "rewards": torch.randn(B, generator=g),
+         "next_obs": torch.randn(B, OBS, generator=g), "terminals": (torch.rand(B, generator=g) < 0.2).to(torch.get_default_dtype())}
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def _full_agent(accel) -> td3.Agent:
+    """Every network and optimizer any phase uses, small; the same weights for the same seed."""
+    torch.manual_seed(0)
+    dev = accel.device
+    ag = td3.Agent()
+    ag.actor0 = td3.DeterministicActor(OBS, ACT, (16, 16)).to(dev).requires_grad_(False)
+    ag.actor = td3.DeterministicActor(OBS, ACT, (16, 16)).to(dev)
+    ag.actor_target = td3.DeterministicActor(OBS, ACT, (16, 16)).to(dev)
+    ag.actor_target.load_state_dict(ag.actor.state_dict())
+    ag.actor_ref = td3.DeterministicActor(OBS, ACT, (16, 16)).to(dev).requires_grad_(False)  # far from pi: the constraint binds
+    for name in ("qf", "qf_on"):
+        qf = td3.orthogonal_init_(td3.Critic(OBS, ACT, (32, 32), n=2, layer_norm=True)).to(dev)
+        target = td3.Critic(OBS, ACT, (32, 32), n=2, layer_norm=True).to(dev)
+        target.load_state_dict(qf.state_dict())
+        setattr(ag, name, qf)
+        setattr(ag, f"{name}_target", target)
+    ag.qf_opt = accel.adam(ag.qf.parameters(), 3e-3)
+    ag.qf_on_opt = accel.adam(ag.qf_on.parameters(), 3e-3)
+    ag.actor_opt = accel.adam(ag.actor.parameters(), 1e-3)
+    ag.log_lam = torch.nn.Parameter(torch.zeros(1, device=dev))
+    ag.lam_opt = accel.adam([ag.log_lam], 1e-2)
+    return ag
+
+
+def _phase_update(accel, ag: td3.Agent, phase: str):
+    """The phase's Update, bound exactly as main() binds it."""
+    a, c = td3.Args(), td3.td3_constants(td3.Args())
+    fn = {
+        "distill": lambda: functools.partial(td3.distill_update, ag.actor, ag.actor_opt),
+        "reevaluate": lambda: functools.partial(td3.reevaluate_update, ag, **c),
+        "align": lambda: functools.partial(td3.align_update, ag, policy_noise=a.policy_noise, noise_clip=a.noise_clip, beta=a.align_beta,
+                                           max_distance=a.align_max_distance),
+        "o2td3": lambda: functools.partial(td3.o2td3_update, ag, constraint=True, lagrange_tau=a.lagrange_tau, **c),
+        "naive": lambda: functools.partial(td3.o2td3_update, ag, constraint=False, lagrange_tau=a.lagrange_tau, **c),
+        "opt_pretrain": lambda: functools.partial(td3.opt_pretrain_update, ag, inner_lr=0.1, **c),
+        "opt_finetune": lambda: functools.partial(td3.opt_finetune_update, ag, **c),
+    }[phase]()
+    return accel.update(fn)
+
+
+def _phase_inputs(phase: str, step: int, device: str = "cpu") -> tuple:
+    """Per-step inputs as the loops pass them: tensors (a changing threshold / kappa as 0-d tensors) and the actor flag."""
+    b = _batch(step, device)
+    x = (b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"])
+    flag = step % 2 == 1
+    scalar = lambda v: torch.tensor(v, device=device)  # noqa: E731
+    return {
+        "distill": lambda: (b["obs"], b["actions"]),
+        "reevaluate": lambda: x,
+        "align": lambda: (b["obs"],),
+        "o2td3": lambda: (*x, scalar(1e-3 * (step + 1)), flag),
+        "naive": lambda: (*x, scalar(1e-3 * (step + 1)), flag),
+        "opt_pretrain": lambda: (b, _batch(1000 + step, device)),
+        "opt_finetune": lambda: (*x, scalar(0.2 + 0.1 * step), flag),
+    }[phase]()
+
+
+def _state(ag: td3.Agent) -> dict[str, torch.Tensor]:
+    out = {f"{name}.{pn}": p.detach().clone() for name, m in ag.modules().items() for pn, p in m.named_parameters()}
+    out["log_lam"] = ag.log_lam.detach().clone()
+    return out
+
+
+def _assert_same_updates(phase: str, fast_kwargs: dict, steps: int, device: str = "cpu", atol: float = 1e-9, rtol: float = 1e-7):
+    dev = torch.device(device)
+    eager_accel, fast_accel = td3.Accel(dev), td3.Accel(dev, **fast_kwargs)
+    eager, fast = _full_agent(eager_accel), _full_agent(fast_accel)
+    before = _state(eager)
+    for k, v in _state(fast).items():
+        torch.testing.assert_close(v, before[k], atol=0, rtol=0)
+    eager_step, fast_step = _phase_update(eager_accel, eager, phase), _phase_update(fast_accel, fast, phase)
+    for step in range(steps):
+        inputs = _phase_inputs(phase, step, device)
+        torch.manual_seed(100 + step)
+        m_e = {k: v.clone() for k, v in eager_step(*inputs).items()}  # cloned at once: graph outputs are overwritten
+        torch.manual_seed(100 + step)
+        m_f = {k: v.clone() for k, v in fast_step(*inputs).items()}
+        assert m_e.keys() == m_f.keys()
+        for k in m_e:
+            assert m_e[k].shape == ()  # Run.flush stacks them
+            torch.testing.assert_close(m_f[k], m_e[k], atol=atol, rtol=rtol, msg=lambda s, k=k: f"{phase}: {k} at step {step}: {s}")
+    after_e, after_f = _state(eager), _state(fast)
+    for k in after_e:
+        torch.testing.assert_close(after_f[k], after_e[k], atol=atol, rtol=rtol, msg=lambda s, k=k: f"{phase}: {k}: {s}")
+    assert any(not torch.equal(after_e[k], before[k]) for k in before), f"{phase} changed no parameter"
+    if phase == "o2td3":
+        assert not torch.equal(after_e["log_lam"], before["log_lam"])  # the Lagrange step is part of the compared update
+    return fast_step
+
+
+@pytest.mark.parametrize("phase", list(UPDATES))
+def test_compiled_update_equals_eager(phase, same_random, float64):
+    """Every phase's update, compiled, reproduces the eager reference (4 calls: both flag values twice where flagged)."""
+    fast_step = _assert_same_updates(phase, {"compile": True}, steps=4 if UPDATES[phase] else 2)
+    if phase == "o2td3":  # a threshold that changes every step is a tensor value, never a recompile
+        from torch._dynamo.utils import counters
+
+        graphs = counters["stats"]["unique_graphs"]
+        for step in range(4, 8):
+            fast_step(*_phase_inputs(phase, step))
+        assert counters["stats"]["unique_graphs"] == graphs, "a changing threshold recompiled the update"
+
+
+@cuda
+@pytest.mark.parametrize("phase", list(UPDATES))
+@pytest.mark.parametrize("compile", [False, True])
+def test_cudagraph_update_equals_eager_gpu(phase, compile, same_random, float64):
+    """Warm-up calls, capture and replays together reproduce the eager updates (GPU only)."""
+    fast_step = _assert_same_updates(phase, {"cudagraphs": True, "compile": compile}, steps=10, device="cuda", atol=1e-7, rtol=1e-6)
+    assert fast_step.graphs, "no CUDA graph was captured"
+
+
+def test_lagrange_state_of_older_checkpoints_loads():
+    """log_lam used to be 0-d (now (1,) for compiled Adam): a 0-d multiplier and its 0-d Adam moments still load."""
+    old = td3.Agent()
+    old.log_lam = torch.nn.Parameter(torch.tensor(0.5))
+    old.lam_opt = torch.optim.Adam([old.log_lam], lr=1e-2)
+    (old.log_lam * 2.0).backward()
+    old.lam_opt.step()
+    state = old.state()
+    for accel in (td3.Accel(torch.device("cpu")), td3.Accel(torch.device("cpu"), compile=True)):
+        new = td3.Agent()
+        new.log_lam = torch.nn.Parameter(torch.zeros(1))
+        new.lam_opt = accel.adam([new.log_lam], 1e-2)
+        new.load(state, accel)
+        assert new.log_lam.shape == (1,) and new.log_lam.item() == pytest.approx(old.log_lam.item())
+        new.log_lam.grad = torch.ones(1)
+        new.lam_opt.step()  # the moments were reshaped to the parameter's shape
+        assert new.lam_opt.state[new.log_lam]["exp_avg"].shape == (1,)
+
+
+def test_cli_cudagraphs_on_cpu_fails_fast(tmp_path, capsys, monkeypatch):
+    def untouchable(*args, **kwargs):
+        raise AssertionError("a dataset or checkpoint was loaded before the flags were checked")
+
+    monkeypatch.setattr(td3, "load_dataset", untouchable)
+    monkeypatch.setattr(td3, "load_checkpoint", untouchable)
+    with pytest.raises(SystemExit) as e:  # the checkpoint does not exist either: the flag check comes first
+        td3.main(tyro.cli(td3.Args, args=[*TINY, "--cudagraphs", "--checkpoint", str(tmp_path / "none.pt"), "--run-dir", str(tmp_path)]))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--cudagraphs" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o2o_td3").exists()
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compile_end_to_end(tmp_path, offline_checkpoints, fresh_dynamo):
+    """The O2TD3 path with its updates compiled: alignment and constrained online (critic-only and actor steps).
+    Re-evaluation is skipped only to save a cold compile (~20 s); its update is compared with eager above."""
+    res = run(tmp_path, offline_checkpoints["td3_bc"], "--compile", "--no-reevaluate", "--align-steps", "10")
+    check_outputs(res, ["aligned"])
+    s = scalars(res["run_dir"])
+    for k in ("losses/align_loss", "losses/qf_loss", "losses/actor_loss", "losses/lambda", "losses/mse_to_reference"):
+        assert k in s and all(math.isfinite(v) for v in s[k]), k
+    assert max(s["losses/lambda"]) != min(s["losses/lambda"])  # the Lagrange step ran inside the compiled update
+
+
+@pytest.mark.parametrize("flags", [[], ["--opt"]])
+def test_bf16_end_to_end(tmp_path, offline_checkpoints, flags):
+    """bf16 autocast through O2TD3 and OPT (the meta-gradient included): finite losses, float32 checkpoints."""
+    res = run(tmp_path, offline_checkpoints["td3_bc"], "--bf16", *flags)
+    check_outputs(res, [] if flags else ["aligned"])
+    s = scalars(res["run_dir"])
+    for k in ("losses/qf_loss", "losses/actor_loss") + (("losses/opt_meta_loss",) if flags else ("losses/align_loss",)):
+        assert k in s and all(math.isfinite(v) for v in s[k]), k
+    final = torch.load(Path(res["run_dir"]) / "final.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in final["actor"].values())
