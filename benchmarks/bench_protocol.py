@@ -2,15 +2,16 @@
 evaluations), phases broken out, and peak GPU memory, per execution mode.
 
 At --scale 1 this is the paper's protocol: 500k re-evaluation + 500k alignment gradient steps, then 100k env steps
-at 10 updates each (2M gradient steps) with an evaluation of 10 episodes every 1000 env steps. A smaller --scale
-shrinks every step count (and the evaluation interval, KL horizon, learning start and checkpoint interval with it),
-so the same number of evaluations run. Each mode runs in this process, from scratch (--no-resume), in its own run
+at 10 updates each (2M gradient steps) with an evaluation of 10 episodes every 1000 env steps (100 evaluations;
+a checkpoint whose actor is not tanh-Gaussian is first distilled for 5k steps). A smaller --scale shrinks every
+step count (and the KL horizon, learning start and checkpoint interval with it); --evals sets how many evaluations
+the online phase makes. Each mode runs in this process, from scratch (--no-resume), in its own run
 folder; compilation and CUDA-graph capture are part of the phase times they happen in.
 
     # paper scale on the GPU (offline checkpoint from offline_pretrain.py)
     python benchmarks/bench_protocol.py --checkpoint runs/offline/cql/hopper-medium-v2/seed0/checkpoint.pt
     # a CPU check of the whole pipeline at 1/500 scale
-    python benchmarks/bench_protocol.py --device cpu --scale 0.002 --modes eager compile --checkpoint <ckpt>
+    python benchmarks/bench_protocol.py --device cpu --scale 0.001 --evals 2 --modes eager compile --checkpoint <ckpt>
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPER = {"reevaluate_steps": 500_000, "align_steps": 500_000, "online_steps": 100_000, "eval_every": 1_000, "kl_horizon": 100_000,
+PAPER = {"distill_steps": 5_000, "reevaluate_steps": 500_000, "align_steps": 500_000, "online_steps": 100_000, "kl_horizon": 100_000,
          "learning_starts": 1_000, "checkpoint_every": 5_000, "log_every": 1_000}
 
 
@@ -43,6 +44,8 @@ class Args:
     """eager or '+'-joined compile/cudagraphs/bf16; default: eager and compile+cudagraphs on CUDA, eager and compile on CPU"""
     scale: float = 1.0
     """fraction of the paper's step counts (1.0 = the paper's protocol)"""
+    evals: int = 100
+    """evaluations during the online phase (the paper: 100, one every 1000 env steps)"""
     seed: int = 0
     """seed of every run"""
     run_dir: str = "runs/bench_protocol"
@@ -75,7 +78,8 @@ def main(a: Args) -> dict:
     cuda = device.startswith("cuda")
     modes = a.modes or (("eager", "compile+cudagraphs") if cuda else ("eager", "compile"))
     steps = {k: max(1, int(round(v * a.scale))) for k, v in PAPER.items()}
-    rec = {"script": "o2o_sac.py", "env": a.env, "checkpoint": a.checkpoint, "scale": a.scale, "steps": steps, "device": device,
+    steps["eval_every"] = max(1, steps["online_steps"] // a.evals)
+    rec = {"script": "o2o_sac.py", "env": a.env, "checkpoint": a.checkpoint, "scale": a.scale, "evals": a.evals, "steps": steps, "device": device,
            "device_name": torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv), "modes": {}}
     for mode in modes:
