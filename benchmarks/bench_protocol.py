@@ -19,9 +19,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import platform
+import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,8 +53,8 @@ class Args:
     """run folders go to <run_dir>/o2o_sac/<env>/<mode>_scale<scale>/"""
     out: str = str(ROOT / "benchmarks" / "results")
     """where protocol_o2o_sac_<device>.json goes"""
-    extra: list[str] = field(default_factory=list)
-    """more o2o_sac.py flags, e.g. --extra --threads 1"""
+    extra: str = ""
+    """more o2o_sac.py flags in one string, e.g. --extra='--threads 1 --no-download'"""
 
 
 def load_sac():
@@ -85,7 +86,7 @@ def main(a: Args) -> dict:
     for mode in modes:
         name = f"{mode.replace('+', '_')}_scale{a.scale:g}"
         argv = ["--env", a.env, "--checkpoint", a.checkpoint, "--device", device, "--seed", str(a.seed), "--run-dir", a.run_dir,
-                "--run-name", name, "--no-resume", *mode_flags(mode), *a.extra]
+                "--run-name", name, "--no-resume", *mode_flags(mode), *shlex.split(a.extra)]
         for k, v in steps.items():
             argv += [f"--{k.replace('_', '-')}", str(v)]
         torch._dynamo.reset()
