@@ -41,6 +41,27 @@ def tiny_dataset(minari_home, tmp_path_factory) -> dict:
     return {"home": minari_home, "snapshots": Path(result["snapshot_dir"]), "result": result}
 
 
+@pytest.fixture
+def same_random():
+    """Inductor draws random numbers with eager's generator, so a compiled update sees the same noise as the eager one."""
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    with inductor_config.patch(fallback_random=True):
+        yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def float64():
+    """Compile-equals-eager comparisons in float64: in float32, Adam's first (sign-like) steps turn last-bit differences
+    of reordered reductions into lr-sized ones, which would force a tolerance loose enough to hide real bugs."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
 TINY_OFFLINE = ["--total-steps", "60", "--eval-every", "30", "--log-every", "10", "--eval-episodes", "2", "--batch-size", "64",
                 "--cql-n-actions", "2", "--device", "cpu"]
 

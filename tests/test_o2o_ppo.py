@@ -363,24 +363,6 @@ OBS, ACT, MB = 11, 3, 32
 PHASES = ["distill", "reeval", "ppo_constrained", "ppo_unconstrained"]
 
 
-@pytest.fixture
-def same_random():
-    import torch._inductor.config as inductor_config
-
-    torch._dynamo.reset()
-    with inductor_config.patch(fallback_random=True):
-        yield
-    torch._dynamo.reset()
-
-
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def phase_update(phase: str, accel, device: torch.device):
     """(Update of `phase` with fresh weights drawn from seed 0, its modules, its optimizers), built as main() builds it."""
     torch.manual_seed(0)

@@ -326,24 +326,6 @@ PHASES = ["distill", "reevaluate", "align", *ONLINE_FLAGS]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.fixture
-def same_random():
-    import torch._inductor.config as inductor_config
-
-    torch._dynamo.reset()
-    with inductor_config.patch(fallback_random=True):
-        yield
-    torch._dynamo.reset()
-
-
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def fake_batch(seed: int, device: torch.device) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     b = {"obs": torch.randn(BATCH, OBS, generator=g), "actions": torch.rand(BATCH, ACT, generator=g) * 1.8 - 0.9,
