@@ -5,6 +5,8 @@ is distilled into the Gaussian family, section 6) -> re-evaluation: regress V on
 the offline episodes -> online PPO whose advantages are mixed with an auxiliary reference advantage that keeps
 pi near a reference policy, with a weight decaying linearly to 0 (the constraint).
 Naive PPO fine-tuning (the ablation baseline) is `--no-reevaluate --no-constraint`.
+V learns from the rewards of the family table (raw; running return-std scaling for halfcheetah, see --reward-scaling),
+and the reference advantage, its mixing and the advantage normalisation are computed once per rollout.
 
 Usage:
     python o2o_ppo.py --env hopper-medium-v2                                  # IQL checkpoint by convention
@@ -68,6 +70,9 @@ class Args:
     """ignore (and overwrite) phase checkpoints and online.pt of an earlier run with the same run name"""
     device: str = "auto"
     """auto (CUDA when present), cpu or cuda"""
+    family: str | None = None
+    """dataset family `<env>-<level>` (e.g. hopper-medium-expert) whose PPO_FAMILY_DEFAULTS row and environment entry
+    apply; default: the one of --env (a --dataset-id run: the "other" row, any environment)"""
 
     # --- any offline actor -> Gaussian actor (section 6) ---
     distill_steps: int = 5_000
@@ -89,9 +94,11 @@ class Args:
     """batch size of the re-evaluation"""
     reevaluate_lr: float = 1e-4
     """learning rate of the re-evaluation"""
-    reward_scaling: Literal["checkpoint", "none"] = "checkpoint"
-    """rewards (offline Monte-Carlo returns and online) transformed by the checkpoint's reward_transform (IQL:
-    1000 / return range; identity for CQL, TD3+BC, BC) or used raw; V, re-evaluated and online, sees one scale"""
+    reward_scaling: Literal["family", "checkpoint", "return-std", "none"] = "family"
+    """rewards V learns from (offline Monte-Carlo returns and online rewards alike, so V sees one scale): family = the
+    PPO_FAMILY_DEFAULTS entry (raw for hopper and walker2d, return-std for halfcheetah, as the official configs);
+    checkpoint = the offline checkpoint's reward_transform (IQL: 1000 / return range; identity for CQL, TD3+BC, BC);
+    return-std = divided by the running std of the discounted return, started from the offline data; none = raw"""
     gamma: float = 0.99
     """discount"""
 
@@ -129,10 +136,14 @@ class Args:
     PPO_FAMILY_DEFAULTS (250k; 500k for medium-expert/expert)"""
     reference: Literal["best", "offline"] = "best"
     """best: pi_ref <- pi whenever an evaluation beats the best score so far; offline: pi_ref = pi0 always"""
+    log_std_max: float | None = None
+    """cap on log sigma of the actor and of the reference actor (the distributions use min(log_std, cap)); default from
+    PPO_FAMILY_DEFAULTS (log 0.05 for hopper medium-expert/expert, no cap otherwise)"""
 
     # --- evaluation, logging, checkpoints ---
-    eval_every: int = 5_000
-    """evaluate every this many env steps (at the end of the rollout that crosses the mark)"""
+    eval_every: int = 2_500
+    """evaluate every this many env steps (at the end of the rollout that crosses the mark); --reference best moves
+    pi_ref only at evaluations, so this is part of the algorithm (2500 as the official code)"""
     eval_episodes: int = 10
     """evaluation episodes (deterministic actions, separate envs)"""
     log_every: int = 2_048
@@ -153,15 +164,19 @@ class Args:
     """torch CPU threads (default: torch's choice; 1 is fastest on a small shared machine)"""
 
 
-# Per dataset family (the level of --env); --update-epochs and --t-end override. Rows: level -> T_end and PPO
-# epochs per environment ("*" = any other). ALGORITHMS.md 3c. A --dataset-id run uses the "other" row.
+# Per dataset family (the level of --env, or --family), as the official O2PPO configs; --update-epochs, --t-end,
+# --log-std-max and --reward-scaling override. Rows: level -> T_end, and per environment ("*" = any other): PPO epochs,
+# the log-std cap of actor and reference (None = none) and the reward handling of V (see --reward-scaling).
+# A --dataset-id run without --family uses the "other" row.
+RAW_EXCEPT_HALFCHEETAH = {"halfcheetah": "return-std", "*": "none"}  # official: raw rewards, "dynamic" scaling for halfcheetah
+HOPPER_STD_CAP = {"hopper": math.log(0.05), "*": None}
 PPO_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "random": dict(t_end=250_000, update_epochs={"*": 10}),
-    "medium": dict(t_end=250_000, update_epochs={"*": 10}),
-    "medium-replay": dict(t_end=250_000, update_epochs={"*": 10}),
-    "medium-expert": dict(t_end=500_000, update_epochs={"hopper": 5, "*": 10}),
-    "expert": dict(t_end=500_000, update_epochs={"hopper": 5, "*": 10}),
-    "other": dict(t_end=250_000, update_epochs={"*": 10}),
+    "random": dict(t_end=250_000, update_epochs={"*": 10}, log_std_max={"*": None}, reward_scaling=RAW_EXCEPT_HALFCHEETAH),
+    "medium": dict(t_end=250_000, update_epochs={"*": 10}, log_std_max={"*": None}, reward_scaling=RAW_EXCEPT_HALFCHEETAH),
+    "medium-replay": dict(t_end=250_000, update_epochs={"*": 10}, log_std_max={"*": None}, reward_scaling=RAW_EXCEPT_HALFCHEETAH),
+    "medium-expert": dict(t_end=500_000, update_epochs={"hopper": 5, "*": 10}, log_std_max=HOPPER_STD_CAP, reward_scaling=RAW_EXCEPT_HALFCHEETAH),
+    "expert": dict(t_end=500_000, update_epochs={"hopper": 5, "*": 10}, log_std_max=HOPPER_STD_CAP, reward_scaling=RAW_EXCEPT_HALFCHEETAH),
+    "other": dict(t_end=250_000, update_epochs={"*": 10}, log_std_max={"*": None}, reward_scaling={"*": "none"}),
 }
 ACTOR_HIDDEN = (256, 256)  # the Gaussian actor a non-Gaussian offline actor is distilled into
 VALUE_HIDDEN = (256, 256, 256)  # V: 3 x [Linear 256 -> tanh], Linear -> 1
@@ -776,6 +791,75 @@ def monte_carlo_returns(rewards: np.ndarray, ends: np.ndarray, gamma: float) -> 
     return np.asarray(out, dtype=np.float32)
 
 
+def running_discounted_returns(rewards: np.ndarray, ends: np.ndarray, gamma: float) -> np.ndarray:
+    """R_t = r_t + gamma R_{t-1}, restarted after every episode end, transitions stored episode after episode: the
+    backward-looking return whose running std PPO's reward scaling divides the rewards by (not the Monte-Carlo return)."""
+    r, end = np.asarray(rewards, dtype=np.float64).tolist(), np.asarray(ends).tolist()
+    out, g = [0.0] * len(r), 0.0
+    for t in range(len(r)):
+        g = r[t] + gamma * g
+        out[t] = g
+        if end[t]:
+            g = 0.0
+    return np.asarray(out, dtype=np.float64)
+
+
+class ReturnStd:
+    """Reward scaling by the running std of the discounted return ("dynamic" in the official O2PPO configs, the usual
+    PPO reward scaling): every training env accumulates R = gamma R + r (restarted after its episode ends), the
+    population std of all R seen so far is updated with it, and the reward is divided by std + 1e-8.
+
+    Started from the offline data (`from_offline`): V is re-evaluated on Monte-Carlo returns of the offline rewards
+    divided by that offline std, one constant, so the returns keep their relative sizes; online, the same statistic
+    goes on absorbing the online returns, and V's targets stay on the scale it was re-evaluated on. (The official
+    code instead divides each offline reward by the std reached at that point of one pass over the data.)"""
+
+    EPS = 1e-8
+
+    def __init__(self, gamma: float, count: float = 0.0, mean: float = 0.0, m2: float = 0.0):
+        self.gamma, self.count, self.mean, self.m2 = gamma, float(count), float(mean), float(m2)
+        self.ret: np.ndarray | None = None  # per training env; a resumed run restarts its episodes, so R starts at 0
+
+    @classmethod
+    def from_offline(cls, rewards: np.ndarray, ends: np.ndarray, gamma: float) -> "ReturnStd":
+        g = running_discounted_returns(rewards, ends, gamma)
+        return cls(gamma, len(g), float(g.mean()), float(((g - g.mean()) ** 2).sum()))
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.count) if self.count > 0 else 1.0
+
+    @property
+    def scale(self) -> float:
+        """What a reward is multiplied by now: 1 / (std + 1e-8)."""
+        return 1.0 / (self.std + self.EPS)
+
+    def update(self, x: np.ndarray) -> None:
+        """Merge a batch of returns into (count, mean, M2) (Chan et al.'s parallel form of Welford's update)."""
+        x = np.asarray(x, dtype=np.float64)
+        n, mean = len(x), float(x.mean())
+        delta, total = mean - self.mean, self.count + n
+        self.m2 += float(((x - mean) ** 2).sum()) + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.count = total
+
+    def __call__(self, rewards: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """Scaled rewards of a rollout (T, num_envs), in time order: row t is divided by the std after R_t joined it."""
+        rewards, ends = np.asarray(rewards, dtype=np.float64), np.asarray(ends)
+        if self.ret is None or self.ret.shape != rewards.shape[1:]:
+            self.ret = np.zeros(rewards.shape[1:])
+        out = np.empty_like(rewards)
+        for t in range(len(rewards)):
+            self.ret = self.gamma * self.ret + rewards[t]
+            self.update(self.ret)
+            out[t] = rewards[t] * self.scale
+            self.ret = np.where(ends[t] > 0, 0.0, self.ret)
+        return out.astype(np.float32)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+
 def gae(rewards: Tensor, values: Tensor, next_values: Tensor, terminations: Tensor, ends: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation over a rollout; every input has shape (T, num_envs).
 
@@ -840,8 +924,33 @@ def update_reference(actor_ref: nn.Module, actor: nn.Module, score: float, best:
     return best
 
 
-def normalize_advantages(advantages: Tensor) -> Tensor:
-    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+def normalize_advantages(advantages: Tensor, eps: float = 1e-5) -> Tensor:
+    return (advantages - advantages.mean()) / (advantages.std() + eps)
+
+
+def rollout_advantages(advantages: Tensor, actions: Tensor, ref_mean: Tensor | None, ref_std: Tensor | None,
+                       weight: float) -> tuple[Tensor, Tensor | None]:
+    """The advantages PPO trains on, computed ONCE per rollout (as the official O2PPO; per minibatch, std(A_hat) and the
+    normalisation would be those of 128 samples): A_ref of the whole rollout (its |std(A_hat)| over all B samples), the
+    mixing A_hat <- (A_hat + w A_ref) / (1 + w), then normalisation with eps 1e-5. Without a reference (ref_mean None:
+    no constraint) only the normalisation. advantages (B, 1) -> (normalised (B, 1), A_ref (B, 1) or None)."""
+    a_ref = None
+    if ref_mean is not None:
+        a_ref = reference_advantage(actions, ref_mean, ref_std, advantages)
+        advantages = constrained_advantages(advantages, a_ref, weight)
+    return normalize_advantages(advantages), a_ref
+
+
+def capped_log_std(log_std: Tensor, log_std_max: float | None) -> Tensor:
+    """min(log sigma, cap): the official O2PPO caps the actor's and the reference's log-std at log 0.05 for hopper
+    medium-expert/expert (above the cap sigma stays at the cap, and log_std gets no gradient)."""
+    return log_std if log_std_max is None else log_std.clamp(max=log_std_max)
+
+
+def policy_dist(actor: GaussianActor, obs: Tensor, log_std_max: float | None) -> torch.distributions.Normal:
+    """pi(.|s) with the log-std cap (acting, PPO's ratio and entropy, and the reference all use this)."""
+    mu, log_std = actor(obs)
+    return torch.distributions.Normal(mu, capped_log_std(log_std, log_std_max).exp(), validate_args=False)  # validation syncs
 
 
 def ppo_clip_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_coef: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -893,22 +1002,14 @@ def reeval_update(vf: Critic, opt: torch.optim.Optimizer, obs: Tensor, returns: 
     return {"reeval/value_loss": loss.detach()}
 
 
-def ppo_update(actor: GaussianActor, vf: Critic, actor_ref: GaussianActor, actor_opt: torch.optim.Optimizer, vf_opt: torch.optim.Optimizer,
-               obs: Tensor, actions: Tensor, old_logp: Tensor, advantages: Tensor, returns: Tensor, weight: Tensor,
-               clip_coef: float, ent_coef: float, max_grad_norm: float, constraint: bool) -> dict[str, Tensor]:
-    """One PPO minibatch step: advantages (B, 1) mixed with the reference advantage (weight w_t, a 0-d tensor), normalised,
+def ppo_update(actor: GaussianActor, vf: Critic, actor_opt: torch.optim.Optimizer, vf_opt: torch.optim.Optimizer,
+               obs: Tensor, actions: Tensor, old_logp: Tensor, advantages: Tensor, returns: Tensor,
+               clip_coef: float, ent_coef: float, max_grad_norm: float, log_std_max: float | None) -> dict[str, Tensor]:
+    """One PPO minibatch step on advantages (B,) already mixed and normalised for the whole rollout (rollout_advantages):
     clipped surrogate + entropy bonus for the actor, 0.5 MSE to the GAE targets for V, gradient clipping."""
-    metrics: dict[str, Tensor] = {}
-    if constraint:
-        with torch.no_grad():
-            ref_mean, ref_log_std = actor_ref(obs)
-            a_ref = reference_advantage(actions, ref_mean, ref_log_std.exp(), advantages)
-        advantages = constrained_advantages(advantages, a_ref, weight)
-        metrics["losses/ref_advantage"] = a_ref.mean()
-    adv = normalize_advantages(advantages).squeeze(-1)
-    dist = actor.dist(obs)
+    dist = policy_dist(actor, obs, log_std_max)
     logp = dist.log_prob(actions).sum(-1)
-    pg_loss, approx_kl, clipfrac = ppo_clip_loss(logp, old_logp, adv, clip_coef)
+    pg_loss, approx_kl, clipfrac = ppo_clip_loss(logp, old_logp, advantages, clip_coef)
     entropy = dist.entropy().sum(-1).mean()
     actor_loss = pg_loss - ent_coef * entropy
     v_loss = 0.5 * ((vf(obs)[0] - returns) ** 2).mean()
@@ -920,9 +1021,8 @@ def ppo_update(actor: GaussianActor, vf: Critic, actor_ref: GaussianActor, actor
     nn.utils.clip_grad_norm_(vf.parameters(), max_grad_norm)
     actor_opt.step()
     vf_opt.step()
-    metrics.update({"losses/actor_loss": pg_loss.detach(), "losses/value_loss": v_loss.detach(), "losses/entropy": entropy.detach(),
-                    "losses/approx_kl": approx_kl, "losses/clipfrac": clipfrac})
-    return metrics
+    return {"losses/actor_loss": pg_loss.detach(), "losses/value_loss": v_loss.detach(), "losses/entropy": entropy.detach(),
+            "losses/approx_kl": approx_kl, "losses/clipfrac": clipfrac}
 
 
 # ---------------------------------------------------------------- online environments
@@ -966,16 +1066,18 @@ class EnvPool:
 
 @torch.no_grad()
 def collect_rollout(pool: EnvPool, actor: GaussianActor, vf: Critic, steps: int, obs_mean: Tensor, obs_std: Tensor,
-                    reward_scale: float, reward_shift: float) -> tuple[dict[str, Tensor], list[tuple[float, int]]]:
+                    reward_fn: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, log_std_max: float | None = None,
+                    ) -> tuple[dict[str, Tensor], list[tuple[float, int]]]:
     """`steps` steps of every env with a ~ pi(.|s); tensors of shape (steps, num_envs, ...) on the actor's device.
-    Actions are stored unclipped (their log-prob is the one PPO's ratio needs); the env gets them clipped."""
+    Actions are stored unclipped (their log-prob is the one PPO's ratio needs); the env gets them clipped.
+    `rewards` = reward_fn(raw rewards, ends) (the reward handling V learns from; raw when None), `raw_rewards` as given."""
     device = obs_mean.device
     keys = ("obs", "actions", "logprobs", "values", "successors")
     rows: dict[str, list[Tensor]] = {k: [] for k in keys}
     rewards, terms, truncs, finished = [], [], [], []
     for _ in range(steps):
         obs = (torch.as_tensor(pool.obs, device=device) - obs_mean) / obs_std
-        dist = actor.dist(obs)
+        dist = policy_dist(actor, obs, log_std_max)
         action = dist.sample()
         successor, r, term, trunc, fin = pool.step(action.cpu().numpy())
         rows["obs"].append(obs)
@@ -990,9 +1092,12 @@ def collect_rollout(pool: EnvPool, actor: GaussianActor, vf: Critic, steps: int,
     out = {k: torch.stack(v).to(device) for k, v in rows.items()}
     out["successors"] = (out["successors"] - obs_mean) / obs_std
     out["next_values"] = vf(out["successors"])[0]  # V of the true successor; only read where not terminated
-    out["rewards"] = torch.as_tensor(np.stack(rewards) * reward_scale + reward_shift, device=device)
+    raw, ends = np.stack(rewards), np.maximum(np.stack(terms), np.stack(truncs))
+    out["raw_rewards"] = torch.as_tensor(raw, device=device)
+    out["rewards"] = torch.as_tensor(reward_fn(raw, ends) if reward_fn is not None else raw, device=device)
+    # termination only: a time-limit end is not terminal, GAE bootstraps it from V(final obs)
     out["terminations"] = torch.as_tensor(np.stack(terms), device=device)
-    out["ends"] = torch.as_tensor(np.maximum(np.stack(terms), np.stack(truncs)), device=device)
+    out["ends"] = torch.as_tensor(ends, device=device)
     return out, finished
 
 
@@ -1108,16 +1213,30 @@ def mode_name(args: Args) -> str:
     return "no_reevaluate" if args.no_reevaluate else "no_constraint" if args.no_constraint else "o2ppo"
 
 
+def parse_family(name: str) -> tuple[str, str]:
+    """--family `hopper-medium-expert` (a version suffix such as -v2 is allowed) -> ("hopper", "medium-expert")."""
+    m = re.fullmatch(r"([a-z0-9]+)-(.+?)(?:-v\d+)?", name)
+    if m is None or m.group(1) not in D4RL_ENVS or m.group(2) not in D4RL_LEVELS:
+        fail(f"unknown --family {name!r}; use <env>-<level> with env in {', '.join(D4RL_ENVS)} and level in {', '.join(D4RL_LEVELS)}")
+    return m.group(1), m.group(2)
+
+
 def family_defaults(args: Args) -> dict[str, Any]:
-    """update_epochs and t_end: the explicit flag, else the PPO_FAMILY_DEFAULTS row of the dataset's level."""
-    if args.dataset_id is None:
+    """update_epochs, t_end, log_std_max and the reward handling: the explicit flag, else the PPO_FAMILY_DEFAULTS row of
+    the dataset's level (--family, else --env; a --dataset-id run: the "other" row), entry of its environment."""
+    if args.family is not None:
+        env, level = parse_family(args.family)
+    elif args.dataset_id is None:
         env, level = parse_env_name(args.env)
     else:
         env, level = "*", "other"
     row = PPO_FAMILY_DEFAULTS[level]
-    epochs = row["update_epochs"].get(env, row["update_epochs"]["*"])
-    return {"family_row": level, "update_epochs": args.update_epochs if args.update_epochs is not None else epochs,
-            "t_end": args.t_end if args.t_end is not None else row["t_end"]}
+    pick = lambda key: row[key].get(env, row[key]["*"])  # noqa: E731
+    return {"family_row": level, "family_env": env,
+            "update_epochs": args.update_epochs if args.update_epochs is not None else pick("update_epochs"),
+            "t_end": args.t_end if args.t_end is not None else row["t_end"],
+            "log_std_max": args.log_std_max if args.log_std_max is not None else pick("log_std_max"),
+            "reward_scaling": pick("reward_scaling") if args.reward_scaling == "family" else args.reward_scaling}
 
 
 def validate(args: Args) -> None:
@@ -1147,12 +1266,14 @@ def validate(args: Args) -> None:
         fail(f"--run-name {args.run_name!r} may hold only letters, digits, '_', '.', '-'")
     if args.dataset_id is None:
         parse_env_name(args.env)  # unknown names exit 2 listing the known ones
+    if args.family is not None:
+        parse_family(args.family)
 
 
 # args that do not change what a resumed online run computed up to where it stopped (a longer --online-steps
 # resumes and stretches the remaining learning-rate decay over the new budget; --compile and --cudagraphs keep the
-# math, --bf16 does not and stays in the key)
-BUDGET_ARGS = ("online_steps", "stop_after", "eval_every", "log_every", "checkpoint_every", "no_resume", "run_dir", "checkpoint", "device",
+# math, --bf16 does not and stays in the key; so does --eval-every: evaluations move pi_ref)
+BUDGET_ARGS = ("online_steps", "stop_after", "log_every", "checkpoint_every", "no_resume", "run_dir", "checkpoint", "device",
                "compile", "cudagraphs", "threads")
 
 
@@ -1177,7 +1298,7 @@ def main(args: Args) -> dict:
                  f"{data_flag} --seed {args.seed}" + (f" --run-dir {args.run_dir}" if args.run_dir != "runs" else "") + " (or pass --checkpoint PATH)")
     ckpt = load_checkpoint(ckpt_path, env_name=env_name, obs_dim=data["obs_dim"], act_dim=data["act_dim"])
     defaults = family_defaults(args)
-    update_epochs, t_end = defaults["update_epochs"], defaults["t_end"]
+    update_epochs, t_end, log_std_max = defaults["update_epochs"], defaults["t_end"], defaults["log_std_max"]
     mode = mode_name(args)
     run_name = args.run_name or f"{mode}_seed{args.seed}"
     out = Path(args.run_dir) / "o2o_ppo" / env_key / run_name
@@ -1195,8 +1316,22 @@ def main(args: Args) -> dict:
     obs_mean_np, obs_std_np = ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy()  # the actor was trained on these
     obs_mean = torch.as_tensor(obs_mean_np, device=device)
     obs_std = torch.as_tensor(obs_std_np, device=device)
-    rt = ckpt["reward_transform"] if args.reward_scaling == "checkpoint" else {"scale": 1.0, "shift": 0.0}
-    reward_transform = {"scale": float(rt["scale"]), "shift": float(rt["shift"])}
+    # Rewards V learns from (re-evaluation and online alike): a V learned here from scratch uses the family table's
+    # handling, not the offline method's transform, unless --reward-scaling checkpoint asks for it.
+    reward_mode = defaults["reward_scaling"]
+    rt = ckpt["reward_transform"] if reward_mode == "checkpoint" else {"scale": 1.0, "shift": 0.0}
+    affine = {"scale": float(rt["scale"]), "shift": float(rt["shift"])}
+    return_std = ReturnStd.from_offline(data["rewards"], data["ends"], args.gamma) if reward_mode == "return-std" else None
+    offline_return_std = return_std.std if return_std is not None else None
+    if return_std is not None and online is not None:  # the running statistic goes on from where the run stopped
+        return_std = ReturnStd(args.gamma, **online["return_std"])
+
+    def reward_transform() -> dict[str, float]:
+        """The transform V's targets are on now (checkpoints record it): affine, or 1 / (std + eps) of the running return-std."""
+        return {"scale": return_std.scale, "shift": 0.0} if return_std is not None else dict(affine)
+
+    def reward_fn(rewards: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        return return_std(rewards, ends) if return_std is not None else rewards * affine["scale"] + affine["shift"]
     evaluator = Evaluator(data["env_spec"], args.eval_episodes, args.seed + 100, obs_mean_np, obs_std_np, device)
 
     def evaluate(actor: nn.Module) -> tuple[float, float]:
@@ -1211,8 +1346,9 @@ def main(args: Args) -> dict:
     writer = SummaryWriter(str(out))
     writer.add_text("args", json.dumps(args_dict))
     writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
-    print(f"o2o_ppo {mode} on {env_name} from {ckpt_path} ({ckpt['actor_family']} actor); epochs {update_epochs}, T_end {t_end} "
-          f"(row {defaults['family_row']!r} of PPO_FAMILY_DEFAULTS unless set by flags)")
+    print(f"o2o_ppo {mode} on {env_name} from {ckpt_path} ({ckpt['actor_family']} actor); epochs {update_epochs}, T_end {t_end}, "
+          f"log-std cap {log_std_max}, rewards {reward_mode} (row {defaults['family_row']!r}, {defaults['family_env']!r} of "
+          f"PPO_FAMILY_DEFAULTS unless set by flags)")
     obs_all = torch.as_tensor((data["observations"] - obs_mean_np) / obs_std_np, device=device)
     wall: dict[str, float] = {}
     distill_info = reeval_info = None
@@ -1250,7 +1386,7 @@ def main(args: Args) -> dict:
                 torch.manual_seed(args.seed + 1)
                 pi0, distill_info = distill_actor(args, teacher, obs_all, writer, accel)
                 ret, score = evaluate(pi0)
-                atomic_save(make_checkpoint(ckpt, data, args, pi0, None, reward_transform, score, key, grad_steps=args.distill_steps,
+                atomic_save(make_checkpoint(ckpt, data, args, pi0, None, reward_transform(), score, key, grad_steps=args.distill_steps,
                                             distillation=distill_info, eval_return=ret), path)
             curve.append({"step": 0, "normalized_score": score, "return": ret, "phase": "distilled"})
             log_eval(curve[-1])
@@ -1262,7 +1398,8 @@ def main(args: Args) -> dict:
         vf = build_value(data["obs_dim"]).to(device)
         if not args.no_reevaluate:
             t0 = time.time()
-            key = {**base_key, **{k: args_dict[k] for k in ("reevaluate_steps", "reevaluate_batch_size", "reevaluate_lr", "reward_scaling", "gamma")}}
+            key = {**base_key, "reward_scaling": reward_mode,
+                   **{k: args_dict[k] for k in ("reevaluate_steps", "reevaluate_batch_size", "reevaluate_lr", "gamma")}}
             path = out / "reevaluated.pt"
             saved = load_own(path) if path.exists() and not args.no_resume else None
             if saved is not None and saved["phase_key"] == key:
@@ -1270,9 +1407,11 @@ def main(args: Args) -> dict:
                 reeval_info = saved["reevaluation"]
                 print(f"reusing {path}")
             else:
-                returns_np = monte_carlo_returns(data["rewards"] * reward_transform["scale"] + reward_transform["shift"], data["ends"], args.gamma)
+                # the offline rewards get the online handling (return-std: divided by the offline std, one constant)
+                offline_rewards = data["rewards"] * return_std.scale if return_std is not None else data["rewards"] * affine["scale"] + affine["shift"]
+                returns_np = monte_carlo_returns(offline_rewards, data["ends"], args.gamma)  # restarts at time limits too
                 reeval_info = reevaluate_value(args, vf, obs_all, torch.as_tensor(returns_np, device=device), writer, accel)
-                atomic_save(make_checkpoint(ckpt, data, args, pi0, vf, reward_transform, start_score, key, grad_steps=args.reevaluate_steps,
+                atomic_save(make_checkpoint(ckpt, data, args, pi0, vf, reward_transform(), start_score, key, grad_steps=args.reevaluate_steps,
                                             reevaluation=reeval_info), path)
             tqdm.write(f"re-evaluation: value loss {reeval_info['final_loss']:.4g}, explained variance {reeval_info['explained_variance']:.3f}")
             wall["reevaluate"] = time.time() - t0
@@ -1310,9 +1449,9 @@ def main(args: Args) -> dict:
         torch.set_rng_state(online["rng"]["torch"])
         if online["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(online["rng"]["cuda"])
-    # built once: the modules and optimizers are bound, the constants are keywords; per call only the minibatch and w_t
-    ppo_step = accel.update(functools.partial(ppo_update, actor, vf, actor_ref, actor_opt, vf_opt, clip_coef=args.clip_coef,
-                                              ent_coef=args.ent_coef, max_grad_norm=args.max_grad_norm, constraint=not args.no_constraint))
+    # built once: the modules and optimizers are bound, the constants are keywords; per call only the minibatch
+    ppo_step = accel.update(functools.partial(ppo_update, actor, vf, actor_opt, vf_opt, clip_coef=args.clip_coef,
+                                              ent_coef=args.ent_coef, max_grad_norm=args.max_grad_norm, log_std_max=log_std_max))
     # a resumed run restarts its training episodes (simulator states are not saved); new seeds for new starts
     pool = EnvPool(data["env_spec"], args.num_envs, args.seed + 1000 + global_step)
     t_online = time.time() - wall.get("online", 0.0)
@@ -1320,14 +1459,16 @@ def main(args: Args) -> dict:
     def save_online() -> None:
         wall["online"] = time.time() - t_online
         atomic_save(make_checkpoint(
-            ckpt, data, args, actor, vf, reward_transform, curve[-1]["normalized_score"], online_key, grad_steps=iteration * update_epochs * (args.rollout_size // args.minibatch_size),
+            ckpt, data, args, actor, vf, reward_transform(), curve[-1]["normalized_score"], online_key, grad_steps=iteration * update_epochs * (args.rollout_size // args.minibatch_size),
             env_steps=global_step, iteration=iteration, actor_ref=state_dict_cpu(actor_ref), best_score=best, start_score=start_score,
             curve=curve, wall_clock_s=wall, distillation=distill_info, reevaluation=reeval_info, episodes_seen=episodes_seen,
             optimizers={"actor": actor_opt.state_dict(), "vf": vf_opt.state_dict()},
+            return_std=return_std.state_dict() if return_std is not None else None,
             rng={"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}), out / "online.pt")
 
     metrics: dict[str, Tensor] = {}
     n_metric = 0
+    ref_adv_sum, n_ref = torch.zeros((), device=device), 0
     next_log = (global_step // args.log_every + 1) * args.log_every
     next_eval = (global_step // args.eval_every + 1) * args.eval_every
     next_ckpt = (global_step // args.checkpoint_every + 1) * args.checkpoint_every
@@ -1337,7 +1478,7 @@ def main(args: Args) -> dict:
     while iteration < num_iterations:
         for opt, lr0 in ((actor_opt, args.actor_lr), (vf_opt, args.critic_lr)):
             set_lr(accel, opt, linear_lr(lr0, iteration, num_iterations))
-        roll, finished = collect_rollout(pool, actor, vf, steps_per_env, obs_mean, obs_std, reward_transform["scale"], reward_transform["shift"])
+        roll, finished = collect_rollout(pool, actor, vf, steps_per_env, obs_mean, obs_std, reward_fn, log_std_max)
         global_step += args.rollout_size
         iteration += 1
         for ep_ret, ep_len in finished:
@@ -1346,15 +1487,25 @@ def main(args: Args) -> dict:
             writer.add_scalar("charts/episodic_length", ep_len, global_step)
         advantages, returns = gae(roll["rewards"], roll["values"], roll["next_values"], roll["terminations"], roll["ends"], args.gamma, args.gae_lambda)
         b_obs, b_actions = roll["obs"].reshape(args.rollout_size, -1), roll["actions"].reshape(args.rollout_size, -1)
-        b_logp, b_adv, b_ret = roll["logprobs"].reshape(-1), advantages.reshape(-1, 1), returns.reshape(-1)
+        b_logp, b_ret = roll["logprobs"].reshape(-1), returns.reshape(-1)
         w = constraint_weight(global_step, t_end) if not args.no_constraint else 0.0
-        weight = accel.scalar(w)  # a tensor input: a new w_t changes a value, never the compiled code or a graph
+        # once per rollout, as the official code: A_ref, mixing with w_t and normalisation over all rollout_size samples
+        with torch.no_grad():
+            ref_mean = ref_std = None
+            if not args.no_constraint:
+                ref = policy_dist(actor_ref, b_obs, log_std_max)
+                ref_mean, ref_std = ref.mean, ref.stddev
+            b_adv, a_ref = rollout_advantages(advantages.reshape(-1, 1), b_actions, ref_mean, ref_std, w)
+        b_adv = b_adv.squeeze(-1)
+        if a_ref is not None:
+            ref_adv_sum += a_ref.mean()
+            n_ref += 1
         for _ in range(update_epochs):
             perm = torch.randperm(args.rollout_size, device=device)
             # validate() makes --rollout-size a multiple of --minibatch-size: every minibatch has one shape (one graph)
             for start in range(0, args.rollout_size, args.minibatch_size):
                 idx = perm[start : start + args.minibatch_size]
-                m = ppo_step(b_obs[idx], b_actions[idx], b_logp[idx], b_adv[idx], b_ret[idx], weight)
+                m = ppo_step(b_obs[idx], b_actions[idx], b_logp[idx], b_adv[idx], b_ret[idx])
                 for k, v in m.items():  # accumulated on the device (a new tensor: a graph's outputs are overwritten); read at log time
                     metrics[k] = metrics.get(k, 0.0) + v
                 n_metric += 1
@@ -1366,9 +1517,13 @@ def main(args: Args) -> dict:
                 if not math.isfinite(val):
                     fail(f"non-finite {k} in online PPO at env step {global_step}; the last good state is {out / 'online.pt'}")
                 writer.add_scalar(k, val, global_step)
+            if n_ref:
+                writer.add_scalar("losses/ref_advantage", float(ref_adv_sum) / n_ref, global_step)
+                ref_adv_sum.zero_()
+                n_ref = 0
             writer.add_scalar("charts/constraint_weight", w, global_step)
             writer.add_scalar("charts/learning_rate", float(actor_opt.param_groups[0]["lr"]), global_step)
-            writer.add_scalar("charts/actor_std", float(actor.log_std.detach().exp().mean()), global_step)
+            writer.add_scalar("charts/actor_std", float(capped_log_std(actor.log_std.detach(), log_std_max).exp().mean()), global_step)
             writer.add_scalar("charts/SPS", (global_step - sps_step0) / max(time.time() - sps_t0, 1e-9), global_step)
             metrics, n_metric = {}, 0
             next_log = (global_step // args.log_every + 1) * args.log_every
@@ -1397,7 +1552,11 @@ def main(args: Args) -> dict:
         "offline_algo": ckpt["algo"], "offline_checkpoint": str(ckpt_path), "offline_actor_family": ckpt["actor_family"],
         "dataset_ids": data["dataset_ids"], "local_standin": data["local_standin"],
         "reevaluate": not args.no_reevaluate, "constraint": not args.no_constraint, "reference": args.reference,
-        "update_epochs": update_epochs, "t_end": t_end, "family_row": defaults["family_row"], "reward_transform": reward_transform,
+        "update_epochs": update_epochs, "t_end": t_end, "family_row": defaults["family_row"], "family_env": defaults["family_env"],
+        "log_std_max": log_std_max, "reward_transform": reward_transform(),
+        "reward_scaling": {"mode": reward_mode, "from": "family table" if args.reward_scaling == "family" else "--reward-scaling",
+                           "affine": affine if reward_mode != "return-std" else None, "offline_return_std": offline_return_std,
+                           "final_return_std": return_std.std if return_std is not None else None},
         "num_envs": args.num_envs, "env_steps": global_step, "iterations": iteration, "resumed_from": resumed_from, "stopped": stopped,
         "curve": curve,
         "phases": [{"phase": p, "start_step": 0, "wall_clock_s": s} for p, s in wall.items()],  # in the order they ran
@@ -1409,7 +1568,7 @@ def main(args: Args) -> dict:
     if stopped:  # as if killed: only online.pt (and what came before) is on disk
         print(f"stopped after {global_step} env steps (--stop-after); rerun the same command without it to resume")
         return result
-    atomic_save(make_checkpoint(ckpt, data, args, actor, vf, reward_transform, curve[-1]["normalized_score"], online_key,
+    atomic_save(make_checkpoint(ckpt, data, args, actor, vf, reward_transform(), curve[-1]["normalized_score"], online_key,
                                 grad_steps=iteration * update_epochs * (args.rollout_size // args.minibatch_size), env_steps=global_step,
                                 actor_ref=state_dict_cpu(actor_ref), best_score=best, curve=curve), out / "final.pt")
     atomic_save(result, out / "results.json")

@@ -1,5 +1,6 @@
 """o2o_ppo.py: hand-checked math (Monte-Carlo returns, GAE, reference advantage, weights), the env pool's same-step
-autoreset against plain envs, smoke runs of every mode and offline family, resume, determinism, bad inputs, and
+autoreset against plain envs, smoke runs of every mode and offline family, resume, determinism, bad inputs, wiring
+(main() run with spies: what re-evaluation, GAE and each PPO update receive, against hand computations), and
 --compile / --cudagraphs / --bf16 computing the eager updates' math (see tests/test_accel.py for why float64)."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -161,6 +163,99 @@ def test_constrained_advantages_and_weight_schedule():
     assert ppo.linear_lr(3e-5, 0, 4) == 3e-5 and ppo.linear_lr(2e-4, 3, 4) == pytest.approx(5e-5)
 
 
+def plain_return_std_scaling(offline_r, offline_ends, online_r, online_ends, gamma):
+    """PPO's reward scaling written out: R = gamma R + r per env (restarted after an end), population std of every R seen,
+    offline ones first; an online reward is divided by the std once its R joined (offline rewards: by the offline std)."""
+    seen, R = [], 0.0
+    for r, e in zip(offline_r, offline_ends):
+        R = gamma * R + float(r)
+        seen.append(R)
+        R = 0.0 if e else R
+    std0 = float(np.std(seen))
+    out, R = [], np.zeros(len(online_r[0]))
+    for r, e in zip(online_r, online_ends):
+        row = []
+        for i in range(len(r)):
+            R[i] = gamma * R[i] + float(r[i])
+            seen.append(R[i])
+        std = float(np.std(seen))
+        for i in range(len(r)):
+            row.append(float(r[i]) / (std + 1e-8))
+            R[i] = 0.0 if e[i] else R[i]
+        out.append(row)
+    return std0, np.array(out)
+
+
+def test_running_discounted_returns_and_return_std_scaling():
+    # R restarts AFTER an end: episodes [1, 2 | 3 | 4, 5], gamma 0.5
+    r, ends = np.array([1, 2, 3, 4, 5], np.float32), np.array([0, 1, 1, 0, 1], np.float32)
+    np.testing.assert_allclose(ppo.running_discounted_returns(r, ends, 0.5), [1, 2.5, 3, 4, 7])
+    rs = ppo.ReturnStd.from_offline(r, ends, 0.5)
+    assert rs.std == pytest.approx(np.std([1, 2.5, 3, 4, 7])) and rs.scale == pytest.approx(1 / (rs.std + 1e-8))
+    g = np.random.default_rng(0)
+    online_r = g.normal(1.0, 2.0, size=(30, 2)).astype(np.float32)
+    online_ends = np.zeros((30, 2), np.float32)
+    online_ends[[4, 11, 29], 0] = online_ends[[7, 20], 1] = 1.0
+    std0, expect = plain_return_std_scaling(r, ends, online_r, online_ends, 0.5)
+    assert rs.std == pytest.approx(std0)
+    got = np.concatenate([rs(online_r[:13], online_ends[:13]), rs(online_r[13:], online_ends[13:])])  # R carries over rollouts
+    np.testing.assert_allclose(got, expect, rtol=1e-5)
+    resumed = ppo.ReturnStd(0.5, **rs.state_dict())
+    assert resumed.std == rs.std and resumed.state_dict() == rs.state_dict()
+
+
+def test_rollout_advantages_mix_and_normalise_over_the_whole_rollout():
+    g = torch.Generator().manual_seed(0)
+    B, n = 64, 3
+    adv, actions = 3.0 * torch.randn(B, 1, generator=g), torch.randn(B, n, generator=g)
+    mu, std = 0.5 * torch.randn(B, n, generator=g), torch.rand(B, n, generator=g) + 0.3
+    out, a_ref = ppo.rollout_advantages(adv, actions, mu, std, 0.25)
+    assert out.shape == (B, 1) and a_ref.shape == (B, 1)
+    # by hand in float64 over ALL B samples: |std(A_hat)| of the rollout, mixing with w = 0.25, normalisation eps 1e-5
+    a, z = adv.double(), (actions.double() - mu.double()) / std.double()
+    gsum = 0.5 * (1 - z**2).sum(-1, keepdim=True)
+    ref = (2 / n) * (F.softplus(gsum + 4 * n) - 4 * n) * a.std()
+    mixed = (a + 0.25 * ref) / 1.25
+    torch.testing.assert_close(a_ref.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), (mixed - mixed.mean()) / (mixed.std() + 1e-5), rtol=1e-5, atol=1e-5)
+    # not the per-minibatch result: 128-sample statistics are not the rollout's
+    part, _ = ppo.rollout_advantages(adv[:16], actions[:16], mu[:16], std[:16], 0.25)
+    assert not torch.allclose(part, out[:16], atol=1e-3)
+    plain, none = ppo.rollout_advantages(adv, actions, None, None, 0.25)  # no constraint: normalisation only
+    assert none is None
+    torch.testing.assert_close(plain, (adv - adv.mean()) / (adv.std() + 1e-5))
+    torch.testing.assert_close(ppo.normalize_advantages(torch.full((4, 1), 2.0)), torch.zeros(4, 1))  # eps keeps it finite
+
+
+def test_log_std_cap_in_the_policy_distribution():
+    actor = ppo.GaussianActor(3, 2, (8,))
+    with torch.no_grad():
+        actor.log_std.copy_(torch.tensor([0.0, -4.0]))
+    obs = torch.randn(5, 3)
+    d = ppo.policy_dist(actor, obs, math.log(0.05))
+    torch.testing.assert_close(d.stddev, torch.tensor([0.05, math.exp(-4.0)]).expand(5, 2))
+    torch.testing.assert_close(d.mean, actor(obs)[0])
+    torch.testing.assert_close(ppo.policy_dist(actor, obs, None).stddev, actor.dist(obs).stddev)
+    d.log_prob(torch.zeros(5, 2)).sum().backward()
+    assert actor.log_std.grad[0] == 0.0 and actor.log_std.grad[1] != 0.0  # above the cap: no gradient
+
+
+def test_ppo_update_trains_on_the_advantages_as_given():
+    """The update takes the rollout's already-normalised advantages: no second (per-minibatch) normalisation. At ratio 1
+    (old_logp = the current log-prob) the clipped surrogate is -mean(A)."""
+    torch.manual_seed(0)
+    actor, vf = ppo.GaussianActor(4, 2, (8,)), ppo.build_value(4)
+    aopt, vopt = torch.optim.Adam(actor.parameters(), 1e-3), torch.optim.Adam(vf.parameters(), 1e-3)
+    obs, actions = torch.randn(8, 4), torch.randn(8, 2)
+    adv = torch.linspace(0.5, 2.0, 8)  # mean 1.25: a per-minibatch normalisation would give 0
+    with torch.no_grad():
+        old_logp = ppo.policy_dist(actor, obs, math.log(0.5)).log_prob(actions).sum(-1)
+    m = ppo.ppo_update(actor, vf, aopt, vopt, obs, actions, old_logp, adv, torch.zeros(8), clip_coef=0.2, ent_coef=0.0,
+                       max_grad_norm=0.5, log_std_max=math.log(0.5))
+    assert float(m["losses/actor_loss"]) == pytest.approx(-1.25, abs=1e-6) and float(m["losses/approx_kl"]) == pytest.approx(0.0, abs=1e-7)
+    assert float(m["losses/entropy"]) == pytest.approx(2 * 0.5 * math.log(2 * math.pi * math.e * 0.25), rel=1e-6)
+
+
 def test_ppo_clip_loss_and_distill_loss():
     logp = torch.log(torch.tensor([1.5, 0.5, 1.5]))
     adv = torch.tensor([2.0, 2.0, -2.0])
@@ -184,12 +279,24 @@ def test_update_reference_copies_only_on_a_new_best():
 
 def test_family_defaults_table_and_overrides():
     fd = lambda *a: ppo.family_defaults(tyro.cli(ppo.Args, args=list(a)))  # noqa: E731
-    assert fd("--env", "hopper-medium-v2") == {"family_row": "medium", "update_epochs": 10, "t_end": 250_000}
-    assert fd("--env", "hopper-medium-expert-v2") == {"family_row": "medium-expert", "update_epochs": 5, "t_end": 500_000}
+    assert fd("--env", "hopper-medium-v2") == {"family_row": "medium", "family_env": "hopper", "update_epochs": 10, "t_end": 250_000,
+                                               "log_std_max": None, "reward_scaling": "none"}
+    cap = math.log(0.05)
+    assert fd("--env", "hopper-medium-expert-v2") == {"family_row": "medium-expert", "family_env": "hopper", "update_epochs": 5,
+                                                      "t_end": 500_000, "log_std_max": cap, "reward_scaling": "none"}
+    assert fd("--env", "hopper-expert-v2")["log_std_max"] == cap and fd("--env", "walker2d-expert-v2")["log_std_max"] is None
     assert fd("--env", "walker2d-expert-v2")["update_epochs"] == 10
     assert fd("--env", "hopper-expert-v2", "--update-epochs", "7", "--t-end", "1000")["update_epochs"] == 7
     assert fd("--env", "hopper-expert-v2", "--t-end", "1000")["t_end"] == 1000
-    assert fd("--dataset-id", "x/y-v0")["family_row"] == "other"
+    assert fd("--env", "hopper-expert-v2", "--log-std-max", "-1")["log_std_max"] == -1.0
+    assert fd("--dataset-id", "x/y-v0")["family_row"] == "other" and fd("--dataset-id", "x/y-v0")["reward_scaling"] == "none"
+    # rewards of V: raw for hopper and walker2d, the running return-std for halfcheetah; the checkpoint's only when asked
+    assert [fd("--env", f"{e}-medium-v2")["reward_scaling"] for e in ("hopper", "walker2d", "halfcheetah")] == ["none", "none", "return-std"]
+    assert fd("--env", "halfcheetah-medium-v2", "--reward-scaling", "checkpoint")["reward_scaling"] == "checkpoint"
+    # --family picks the row (and environment entry) for another dataset, e.g. the tiny hopper-medium one
+    assert fd("--env", "hopper-medium-v2", "--family", "hopper-medium-expert") == fd("--env", "hopper-medium-expert-v2")
+    assert fd("--dataset-id", "x/y-v0", "--family", "halfcheetah-expert-v2")["reward_scaling"] == "return-std"
+    assert ppo.Args().eval_every == 2500  # the reference policy moves at evaluations: the official 2500 steps
 
 
 # ---------------------------------------------------------------- environments and rollouts
@@ -224,7 +331,7 @@ def test_collect_rollout_two_envs_successors_and_values():
     pool = ppo.EnvPool(short_spec(10), 2, seed=1)
     actor, vf = ppo.GaussianActor(11, 3, (16,)), ppo.build_value(11)
     mean, std = torch.zeros(11), torch.ones(11) * 2
-    roll, finished = ppo.collect_rollout(pool, actor, vf, 25, mean, std, 0.5, 0.0)
+    roll, finished = ppo.collect_rollout(pool, actor, vf, 25, mean, std, lambda r, e: 0.5 * r)
     assert roll["obs"].shape == (25, 2, 11) and roll["actions"].shape == (25, 2, 3) and roll["logprobs"].shape == (25, 2)
     ends = roll["ends"].bool()
     assert ends.sum() >= 4 and len(finished) == int(ends.sum())
@@ -234,6 +341,7 @@ def test_collect_rollout_two_envs_successors_and_values():
             assert same != bool(ends[t, i])  # the next row continues the episode unless it ended (then: reset obs)
     torch.testing.assert_close(roll["next_values"], vf(roll["successors"])[0])
     assert (roll["ends"] >= roll["terminations"]).all()
+    torch.testing.assert_close(roll["rewards"], 0.5 * roll["raw_rewards"])
     pool.close()
 
 
@@ -323,6 +431,184 @@ def test_same_seed_same_result_and_phase_reuse(offline_checkpoints, tmp_path, ca
     assert d["curve"] != a["curve"]  # another seed: other evaluation starts and another run
 
 
+# ---------------------------------------------------------------- wiring: what main() hands to the phases and updates
+# These tests run main() with spies on the script's functions and check what each phase received against a hand
+# computation: they fail when a piece is wired wrongly even if every pure function is right.
+FAST = ["--rollout-size", "64", "--minibatch-size", "16", "--update-epochs", "1", "--online-steps", "128", "--reevaluate-steps", "5",
+        "--eval-every", "128", "--eval-episodes", "1", "--log-every", "64", "--checkpoint-every", "128", "--device", "cpu"]
+
+
+def spied_run(monkeypatch, ckpt: Path, run_dir: Path, *extra: str, time_limit: int | None = None) -> tuple[dict, dict]:
+    """main() on the tiny hopper-medium dataset, recording what the training envs returned, every rollout, what GAE,
+    re-evaluation and each PPO update received (and returned). time_limit: training envs with that max_episode_steps."""
+    rec: dict = {"env": [], "rollouts": [], "gae": [], "updates": [], "update_out": [], "reeval_returns": None}
+    pool_cls, pool_step = ppo.EnvPool, ppo.EnvPool.step
+
+    def step(self, actions):
+        out = pool_step(self, actions)
+        rec["env"].append({"rewards": out[1].copy(), "terms": out[2].copy(), "truncs": out[3].copy()})
+        return out
+
+    monkeypatch.setattr(pool_cls, "step", step)
+    if time_limit is not None:  # only the training envs: evaluation keeps the dataset's spec
+        monkeypatch.setattr(ppo, "EnvPool", lambda spec, n, seed: pool_cls(short_spec(time_limit), n, seed))
+
+    def spy(name, record):
+        orig = getattr(ppo, name)
+
+        def wrapper(*a, **k):
+            out = orig(*a, **k)
+            record(a, out)
+            return out
+
+        monkeypatch.setattr(ppo, name, wrapper)
+
+    spy("collect_rollout", lambda a, out: rec["rollouts"].append({k: v.clone() for k, v in out[0].items()}))
+    spy("gae", lambda a, out: rec["gae"].append([x.clone() for x in a[:5]]))  # rewards, values, next_values, terminations, ends
+    spy("reevaluate_value", lambda a, out: rec.__setitem__("reeval_returns", a[3].clone()))
+    # main binds ppo_update (a partial) when the online phase starts: obs, actions, old_logp, advantages, returns
+    spy("ppo_update", lambda a, out: (rec["updates"].append([x.detach().clone() for x in a[4:9]]),
+                                      rec["update_out"].append({k: v.clone() for k, v in out.items()})))
+    res = ppo.main(tyro.cli(ppo.Args, args=["--env", "hopper-medium-v2", "--checkpoint", str(ckpt), "--run-dir", str(run_dir), *FAST, *extra]))
+    return res, rec
+
+
+def plain_mc(rewards, ends, gamma):
+    out, g = np.zeros(len(rewards)), 0.0
+    for t in reversed(range(len(rewards))):
+        g = float(rewards[t]) + (0.0 if ends[t] else gamma * g)
+        out[t] = g
+    return out
+
+
+def rollout_rows(calls: list, roll_actions: torch.Tensor) -> list[int]:
+    """Rollout index of every row the update calls received (matched by their sampled, hence unique, actions)."""
+    index = {tuple(a.tolist()): i for i, a in enumerate(roll_actions)}
+    rows = [index[tuple(a.tolist())] for call in calls for a in call[1]]
+    assert sorted(rows) == list(range(len(roll_actions))), "one epoch's minibatches must cover the rollout once"
+    return rows
+
+
+@pytest.mark.parametrize("flags,mode", [([], "none"), (["--reward-scaling", "checkpoint"], "checkpoint"),
+                                        (["--reward-scaling", "return-std"], "return-std")])
+def test_value_targets_and_online_rewards_follow_the_reward_handling(offline_checkpoints, tmp_path, monkeypatch, flags, mode):
+    """hopper's family default (raw rewards) reaches what V is re-evaluated on and the rewards GAE gets; the IQL
+    checkpoint's 1000 / return-range scale only with --reward-scaling checkpoint; return-std divides offline and online
+    rewards by one running statistic. V's Monte-Carlo targets restart at every episode end, time limits included."""
+    ck = offline_checkpoints["iql"]
+    res, rec = spied_run(monkeypatch, ck, tmp_path, *flags)
+    data = ppo.load_dataset("hopper-medium-v2", quiet=True)
+    ends, terms = data["ends"].astype(bool), data["terminals"].astype(bool)
+    assert (ends & ~terms)[:-1].any(), "the fixture dataset must hold a time-limit end before its last transition"
+    raw = np.stack([e["rewards"] for e in rec["env"]])
+    env_ends = np.stack([np.maximum(e["terms"], e["truncs"]) for e in rec["env"]])
+    rt = torch.load(ck, weights_only=True)["reward_transform"]
+    if mode == "none":
+        offline, online = data["rewards"], raw
+    elif mode == "checkpoint":
+        assert rt["scale"] != pytest.approx(1.0), "the IQL scale must differ from 1 for this test to say anything"
+        offline, online = data["rewards"] * rt["scale"] + rt["shift"], raw * rt["scale"] + rt["shift"]
+    else:
+        std0, online = plain_return_std_scaling(data["rewards"], data["ends"], raw, env_ends, 0.99)
+        offline = data["rewards"] / (std0 + 1e-8)
+        assert res["reward_scaling"]["offline_return_std"] == pytest.approx(std0)
+    np.testing.assert_allclose(rec["reeval_returns"].numpy(), plain_mc(offline, data["ends"], 0.99), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(torch.cat([g[0] for g in rec["gae"]]).numpy(), online, rtol=1e-5, atol=1e-6)
+    assert res["reward_scaling"]["mode"] == mode and res["reward_scaling"]["from"] == ("family table" if not flags else "--reward-scaling")
+    saved = json.loads((tmp_path / "o2o_ppo/hopper-medium-v2/o2ppo_seed0/results.json").read_text())
+    assert saved["reward_scaling"]["mode"] == mode
+
+
+@pytest.mark.parametrize("family", [None, "hopper-medium-expert"])
+def test_update_gets_once_per_rollout_advantages_mixed_with_w_t(offline_checkpoints, tmp_path, monkeypatch, family):
+    """What each PPO minibatch update receives, against a hand computation over the WHOLE rollout: GAE from the env's
+    flags, A_ref of the reference (pi0: --reference offline) with the rollout's std(A_hat), mixed with this rollout's
+    w_t = 1 - t / T_end (T_end 512: 0.875, then 0.75), normalised with eps 1e-5. With --family hopper-medium-expert the
+    log-std cap log 0.05 applies to acting, to the update's distribution and to the reference."""
+    ck = offline_checkpoints["iql"]
+    res, rec = spied_run(monkeypatch, ck, tmp_path, "--t-end", "512", "--reference", "offline", *(["--family", family] if family else []))
+    cap = math.log(0.05) if family else None
+    assert res["log_std_max"] == cap and res["t_end"] == 512
+    pi0 = ppo.actor_from_checkpoint(torch.load(ck, weights_only=True))
+    if cap is not None:
+        assert pi0.log_std.max() > cap, "the cap must bind for this test to say anything"
+    calls_per_rollout = 64 // 16
+    assert len(rec["rollouts"]) == 2 and len(rec["updates"]) == 2 * calls_per_rollout
+    for k, roll in enumerate(rec["rollouts"]):
+        obs, actions = roll["obs"].reshape(64, -1), roll["actions"].reshape(64, -1)
+        env = rec["env"][64 * k : 64 * (k + 1)]
+        terms, truncs = [e["terms"].tolist() for e in env], [e["truncs"].tolist() for e in env]
+        adv = np.array(plain_gae(roll["rewards"].tolist(), roll["values"].tolist(), roll["next_values"].tolist(), terms, truncs, 0.99, 0.95))
+        adv = adv.reshape(64)
+        with torch.no_grad():
+            mu, log_std = pi0(obs)
+        std = log_std.clamp(max=cap).exp() if cap is not None else log_std.exp()
+        if k == 0:  # the first rollout acted with pi0, capped
+            lp = torch.distributions.Normal(mu, std).log_prob(actions).sum(-1)
+            torch.testing.assert_close(roll["logprobs"].reshape(64), lp, rtol=1e-5, atol=1e-4)
+        z = ((actions - mu) / std).double().numpy()
+        g = 0.5 * (1 - z**2).sum(1)
+        n = z.shape[1]
+        a_ref = (2 / n) * (np.logaddexp(0.0, g + 4 * n) - 4 * n) * abs(adv.std(ddof=1))
+        w = 1 - 64 * (k + 1) / 512
+        mixed = (adv + w * a_ref) / (1 + w)
+        expect = (mixed - mixed.mean()) / (mixed.std(ddof=1) + 1e-5)
+        calls = rec["updates"][calls_per_rollout * k : calls_per_rollout * (k + 1)]
+        rows = rollout_rows(calls, actions)
+        got_adv = torch.cat([c[3] for c in calls]).double().numpy()
+        np.testing.assert_allclose(got_adv, expect[rows], atol=2e-4, err_msg=f"advantages the update got, rollout {k}")
+        got_ret = torch.cat([c[4] for c in calls]).double().numpy()  # V's targets: GAE + V, unmixed
+        np.testing.assert_allclose(got_ret, (adv + roll["values"].reshape(64).double().numpy())[rows], rtol=1e-5, atol=1e-4)
+        # and the update trains on them as given (no second, per-minibatch normalisation): the rollout's first minibatch
+        # sees the policy that collected it (ratio 1, KL 0), so its clipped surrogate is -mean(A) of that minibatch
+        out = rec["update_out"][calls_per_rollout * k]
+        assert abs(float(out["losses/approx_kl"])) < 1e-6
+        assert float(out["losses/actor_loss"]) == pytest.approx(-float(calls[0][3].mean()), abs=1e-6)
+    # the update's own distribution is capped too: KL 0 above (capped acting, capped ratio) and the entropy of
+    # sigma = min(exp(log_std), 0.05)
+    first = rec["update_out"][0]
+    ent = (0.5 * torch.log(2 * math.pi * math.e * std[0] ** 2)).sum()
+    assert float(first["losses/entropy"]) == pytest.approx(float(ent), rel=1e-5)
+
+
+def test_return_std_statistic_carries_through_a_resume(offline_checkpoints, tmp_path, monkeypatch):
+    """The running return-std is part of the online state: online.pt holds it, a resumed run goes on from it."""
+    ck = offline_checkpoints["iql"]
+    n_offline = len(ppo.load_dataset("hopper-medium-v2", quiet=True)["rewards"])
+    out = tmp_path / "o2o_ppo/hopper-medium-v2/o2ppo_seed0"
+    killed, _ = spied_run(monkeypatch, ck, tmp_path, "--reward-scaling", "return-std", "--stop-after", "64")
+    assert killed["stopped"] and torch.load(out / "online.pt", weights_only=True)["return_std"]["count"] == n_offline + 64
+    resumed, rec = spied_run(monkeypatch, ck, tmp_path, "--reward-scaling", "return-std")
+    assert resumed["resumed_from"] == 64 and torch.load(out / "online.pt", weights_only=True)["return_std"]["count"] == n_offline + 128
+    saved = torch.load(out / "online.pt", weights_only=True)["return_std"]
+    std = math.sqrt(saved["m2"] / saved["count"])
+    assert resumed["reward_scaling"]["final_return_std"] == pytest.approx(std)
+    # the resumed rollout's last reward is divided by that statistic
+    assert float(rec["gae"][-1][0][-1, 0]) == pytest.approx(float(rec["env"][-1]["rewards"][0]) / (std + 1e-8), rel=1e-5)
+
+
+def test_time_limit_ends_bootstrap_in_what_the_update_sees(offline_checkpoints, tmp_path, monkeypatch):
+    """Training envs with a 10-step time limit (two of them): GAE gets the env's terminations as terminations (a time
+    limit is not one) and every end as a chain cut, and the value targets the update receives bootstrap from V(final obs)
+    at time limits (hand GAE with explicit branches)."""
+    res, rec = spied_run(monkeypatch, offline_checkpoints["iql"], tmp_path, "--num-envs", "2", "--no-constraint", time_limit=10)
+    terms = np.stack([e["terms"] for e in rec["env"]])
+    truncs = np.stack([e["truncs"] for e in rec["env"]])
+    assert truncs.sum() >= 4 and not (terms * truncs).any(), "time limits must happen, and a step is one kind of end"
+    assert len(rec["rollouts"]) == 2
+    for k, roll in enumerate(rec["rollouts"]):
+        te, tr = terms[32 * k : 32 * (k + 1)], truncs[32 * k : 32 * (k + 1)]
+        gae_in = rec["gae"][k]
+        np.testing.assert_array_equal(gae_in[3].numpy(), te)  # terminations: the env's, time limits excluded
+        np.testing.assert_array_equal(gae_in[4].numpy(), np.maximum(te, tr))  # ends: both kinds
+        adv = np.array(plain_gae(roll["rewards"].tolist(), roll["values"].tolist(), roll["next_values"].tolist(), te.tolist(), tr.tolist(), 0.99, 0.95))
+        target = (adv + roll["values"].double().numpy()).reshape(64)  # rows (t, env) as main flattens them
+        calls = rec["updates"][4 * k : 4 * (k + 1)]
+        rows = rollout_rows(calls, roll["actions"].reshape(64, -1))
+        np.testing.assert_allclose(torch.cat([c[4] for c in calls]).double().numpy(), target[rows], rtol=1e-5, atol=1e-4)
+    assert res["env_steps"] == 128
+
+
 # ---------------------------------------------------------------- bad inputs
 def test_missing_checkpoint_names_the_command(tiny_dataset, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -340,6 +626,7 @@ def test_missing_checkpoint_names_the_command(tiny_dataset, tmp_path, capsys):
     (["--minibatch-size", "48"], "multiple of --minibatch-size"),
     (["--reevaluate-steps", "0"], "--no-reevaluate"),
     (["--gamma", "1.5"], "--gamma"),
+    (["--family", "hopper-hard"], "unknown --family"),
     (["--env", "hopper-medium-replay-v2"], "was trained on hopper-medium-v2"),
     (["--checkpoint", "CORRUPT"], "corrupt"),
     (["--checkpoint", "MISSING"], "does not exist"),
@@ -360,7 +647,7 @@ def test_bad_inputs_exit_2(offline_checkpoints, tmp_path, capsys, extra, message
 
 # ---------------------------------------------------------------- --compile / --cudagraphs / --bf16: same math as eager
 OBS, ACT, MB = 11, 3, 32
-PHASES = ["distill", "reeval", "ppo_constrained", "ppo_unconstrained"]
+PHASES = ["distill", "reeval", "ppo", "ppo_log_std_cap"]
 
 
 def phase_update(phase: str, accel, device: torch.device):
@@ -374,16 +661,17 @@ def phase_update(phase: str, accel, device: torch.device):
         vf = ppo.build_value(OBS).to(device)
         opt = accel.adam(vf.parameters(), 1e-3)
         return accel.update(functools.partial(ppo.reeval_update, vf, opt)), {"vf": vf}, [opt]
-    actor, actor_ref, vf = ppo.GaussianActor(OBS, ACT, (64, 64)), ppo.GaussianActor(OBS, ACT, (64, 64)), ppo.build_value(OBS)
-    actor, actor_ref, vf = actor.to(device), actor_ref.to(device).requires_grad_(False), vf.to(device)
+    actor, vf = ppo.GaussianActor(OBS, ACT, (64, 64)).to(device), ppo.build_value(OBS).to(device)
     aopt, vopt = accel.adam(actor.parameters(), 1e-3, eps=1e-5), accel.adam(vf.parameters(), 1e-3, eps=1e-5)
-    update = accel.update(functools.partial(ppo.ppo_update, actor, vf, actor_ref, aopt, vopt, clip_coef=0.2, ent_coef=0.01,
-                                            max_grad_norm=0.5, constraint=phase == "ppo_constrained"))
+    # the cap binds (log_std starts at 0 > log 0.5): sigma fixed at 0.5, no gradient to log_std
+    cap = math.log(0.5) if phase == "ppo_log_std_cap" else None
+    update = accel.update(functools.partial(ppo.ppo_update, actor, vf, aopt, vopt, clip_coef=0.2, ent_coef=0.01,
+                                            max_grad_norm=0.5, log_std_max=cap))
     return update, {"actor": actor, "vf": vf}, [aopt, vopt]
 
 
 def phase_inputs(phase: str, step: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Minibatch tensors of one call (the default dtype); the PPO weight w_t changes from call to call."""
+    """Minibatch tensors of one call (the default dtype); PPO's advantages are the rollout's, already normalised."""
     g = torch.Generator().manual_seed(step)
     obs = torch.randn(MB, OBS, generator=g)
     if phase == "distill":
@@ -394,7 +682,7 @@ def phase_inputs(phase: str, step: int, device: torch.device) -> tuple[torch.Ten
         actions = 0.7 * torch.randn(MB, ACT, generator=g)
         # near pi's log-prob at init (mean ~ 0, std 1), so ratios lie on both sides of the clip range
         old_logp = -0.5 * (actions**2).sum(-1) - ACT * 0.5 * math.log(2 * math.pi) + 0.2 * torch.randn(MB, generator=g)
-        out = (obs, actions, old_logp, torch.randn(MB, 1, generator=g), torch.randn(MB, generator=g), torch.tensor(0.9 - 0.2 * step))
+        out = (obs, actions, old_logp, torch.randn(MB, generator=g), torch.randn(MB, generator=g))
     return tuple(x.to(device) for x in out)
 
 
@@ -438,11 +726,11 @@ def test_compiled_update_equals_eager(phase, same_random, float64):
         assert all(opt.param_groups[0]["eps"] == 1e-5 for opt in opts)
     compiled = counters["stats"]["unique_graphs"]
     assert compiled > 0
-    for step in range(3, 5):  # a new learning rate and a new w_t are new values, not new code
+    for step in range(3, 5):  # a new learning rate is a new value, not new code
         for opt in opts:
             ppo.set_lr(fast.accel, opt, 1e-4 * step)
         fast(*phase_inputs(phase, step, torch.device("cpu")))
-    assert counters["stats"]["unique_graphs"] == compiled, "a changing learning rate or w_t recompiled the update"
+    assert counters["stats"]["unique_graphs"] == compiled, "a changing learning rate recompiled the update"
 
 
 @cuda
