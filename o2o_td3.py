@@ -19,6 +19,7 @@ Usage:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -111,7 +112,8 @@ class Args:
     reevaluate_steps: int = 500_000
     """FQE gradient steps on the offline data"""
     critic_init: Literal["offline", "scratch"] = "offline"
-    """with --no-reevaluate: start from the checkpoint's critic (when it has one) or from random init"""
+    """with --no-reevaluate: start from the checkpoint's critic (when it has one; it keeps the checkpoint's reward
+    transform) or from random init (raw rewards, like every critic learned here)"""
 
     # --- alignment (section 2b) ---
     no_align: bool = False
@@ -124,8 +126,9 @@ class Args:
     """cap of the normalised action distance delta"""
 
     # --- online fine-tuning (section 2c) ---
-    online_steps: int = 100_000
-    """environment steps of the online phase (OPT: including its collection steps)"""
+    online_steps: int | None = None
+    """environment steps of the online phase (OPT: including its collection steps); default: the mode's budget,
+    100k for O2TD3 and naive (OCR-CFT paper), 300k with --opt (OPT paper)"""
     learning_starts: int = 1_000
     """env steps before the first update (the policy acts from step 1)"""
     utd: int = 1
@@ -168,18 +171,18 @@ class Args:
     """actor learning rate during OPT fine-tuning"""
     kappa_start: float | None = None
     """weight of Q_on at --kappa-begin; default from FAMILY_DEFAULTS"""
-    kappa_end: float = 0.9
-    """weight of Q_on from --kappa-finish on"""
+    kappa_end: float | None = None
+    """weight of Q_on from --kappa-finish on; default from FAMILY_DEFAULTS"""
     kappa_begin: int = 25_000
     """env step where kappa starts to rise"""
     kappa_finish: int = 150_000
     """env step where kappa reaches --kappa-end"""
     opt_balanced_replay: bool = False
     """sample offline and online transitions by an estimated density ratio (balanced replay) instead of --buffer-mode"""
-    ratio_every: int = 1_000
-    """balanced replay: refit the density-ratio classifier and the priorities every this many env steps"""
-    ratio_train_steps: int = 200
-    """balanced replay: classifier gradient steps per refit"""
+    ratio_temperature: float = 5.0
+    """balanced replay: temperature T of the priorities w(s, a)^(1/T) / mean_offline w^(1/T)"""
+    ratio_lr: float = 3e-4
+    """balanced replay: Adam learning rate of the density-ratio network (one step per gradient update)"""
 
     # --- evaluation and logging ---
     eval_every: int = 1_000
@@ -794,16 +797,19 @@ def actor_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> nn.
 
 
 # ---------------------------------------------------------------- defaults per dataset family (one visible table)
-# Keyed by the level parsed from --env. Explicit flags override. "random" has no paper value: it takes the
-# medium-replay row (the offline critic of a low-quality dataset deserves the smaller initial OPT weight).
+# Keyed by the level parsed from --env. Explicit flags override. "random" has no OCR-CFT value: it takes the
+# medium-replay exploration and thresholds; OPT uses kappa 1.0 -> 1.0 on random data (its offline critic is not
+# worth weighting in the actor objective).
 FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
-    #                 exploration sigma    threshold eps0 -> eps_end         OPT kappa at --kappa-begin
-    "random":        dict(explore_noise=0.1, eps0=0.0025, eps_end=0.04, kappa_start=0.1),
-    "medium":        dict(explore_noise=0.1, eps0=0.0025, eps_end=0.04, kappa_start=0.3),
-    "medium-replay": dict(explore_noise=0.1, eps0=0.0025, eps_end=0.04, kappa_start=0.1),
-    "medium-expert": dict(explore_noise=0.05, eps0=2.5e-5, eps_end=6.25e-4, kappa_start=0.3),
-    "expert":        dict(explore_noise=0.05, eps0=2.5e-5, eps_end=6.25e-4, kappa_start=0.3),
+    #                 exploration sigma    threshold eps0 -> eps_end         OPT kappa --kappa-begin -> --kappa-finish
+    "random":        dict(explore_noise=0.1, eps0=0.0025, eps_end=0.04, kappa_start=1.0, kappa_end=1.0),
+    "medium":        dict(explore_noise=0.1, eps0=0.0025, eps_end=0.04, kappa_start=0.3, kappa_end=0.9),
+    "medium-replay": dict(explore_noise=0.1, eps0=0.0025, eps_end=0.04, kappa_start=0.1, kappa_end=0.9),
+    "medium-expert": dict(explore_noise=0.05, eps0=2.5e-5, eps_end=6.25e-4, kappa_start=0.3, kappa_end=0.9),
+    "expert":        dict(explore_noise=0.05, eps0=2.5e-5, eps_end=6.25e-4, kappa_start=0.3, kappa_end=0.9),
 }
+# Online budget per mode (env steps): OCR-CFT fine-tunes for 100k steps, OPT for 300k (collection included).
+ONLINE_STEPS = {"o2td3": 100_000, "opt": 300_000}
 ACTOR_HIDDEN = (256, 256)  # online deterministic actor (distillation target)
 CRITIC_HIDDEN = (256, 256)  # new online critics: 2 x [Linear 256 -> LayerNorm -> ReLU]
 
@@ -818,8 +824,16 @@ def dataset_level(env: str, dataset_id: str | None) -> str:
     return "medium"
 
 
+def with_mode_defaults(args: Args) -> Args:
+    """A copy of args with the fields whose default depends on the mode filled in (--online-steps: ONLINE_STEPS);
+    the Args given are never mutated (no __post_init__ magic): main works on the resolved copy."""
+    if args.online_steps is not None:
+        return args
+    return dataclasses.replace(args, online_steps=ONLINE_STEPS["opt" if args.opt else "o2td3"])
+
+
 def resolve_defaults(args: Args) -> dict[str, float]:
-    """Exploration sigma, thresholds and kappa start: explicit flags win, else the FAMILY_DEFAULTS row."""
+    """Exploration sigma, thresholds and kappa: explicit flags win, else the FAMILY_DEFAULTS row."""
     row = dict(FAMILY_DEFAULTS[dataset_level(args.env, args.dataset_id)])
     if args.reference == "interval":  # section 1e: a reference refreshed on a clock gets a tighter final threshold
         row["eps_end"] /= 4.0
@@ -852,14 +866,14 @@ def critic_from_checkpoint(ckpt: dict) -> Critic | None:
 
 
 class DensityRatio(nn.Module):
-    """Balanced replay: a classifier online-vs-offline on (s, a); exp(logit) estimates d_on / d_off."""
+    """Balanced replay (Lee et al. 2021, as OPT uses it): w(s, a) = relu(f(s, a)) >= 0 estimates d_on / d_off."""
 
     def __init__(self, obs_dim: int, act_dim: int):
         super().__init__()
         self.net = mlp(obs_dim + act_dim, (256, 256), 1)
 
     def forward(self, obs: Tensor, act: Tensor) -> Tensor:
-        return self.net(torch.cat([obs, act], -1)).squeeze(-1)
+        return F.relu(fp32(self.net(torch.cat([obs, act], -1)))).squeeze(-1)
 
 
 # ---------------------------------------------------------------- pure math (each has a unit test)
@@ -955,6 +969,18 @@ def opt_actor_loss(q_off: Tensor, q_on: Tensor, kappa: Tensor | float) -> Tensor
     return -((1.0 - kappa) * q_off + kappa * q_on).mean()
 
 
+def density_ratio_loss(w_off: Tensor, w_on: Tensor) -> Tensor:
+    """Balanced replay's density-ratio loss (Jensen-Shannon variational form, Lee et al. 2021), minimised at
+    w = d_on / d_off: mean_off[-log(2 / (w + 1))] - mean_on[log(2 w / (w + 1))]."""
+    return (-torch.log(2.0 / (w_off + 1.0) + 1e-10)).mean() - torch.log(2.0 * w_on / (w_on + 1.0) + 1e-10).mean()
+
+
+def balanced_priority(w: Tensor, w_off: Tensor, temperature: float, low: float = 1e-3, high: float = 1e3) -> Tensor:
+    """Balanced-replay priority w^(1/T) / mean_offline-batch(w_off^(1/T)), clipped to [low, high]: an offline-like
+    transition has priority ~1, an online-like one more; the temperature T flattens the ratio."""
+    return (w ** (1.0 / temperature) / ((w_off ** (1.0 / temperature)).mean() + 1e-10)).clamp(low, high)
+
+
 def distillation_loss(pred: Tensor, target: Tensor) -> Tensor:
     """Section 6: regress the deterministic actor on the offline actor's mean action (MSE)."""
     return F.mse_loss(pred, target)
@@ -995,7 +1021,12 @@ class OnlineReplay:
     """The online buffer plus the offline data, sampled per --buffer-mode (or by density ratio for balanced replay).
 
     Offline-prefilled modes (all, part) put the offline transitions first; only the online slice after them is
-    checkpointed, the prefix is rebuilt from the dataset on resume."""
+    checkpointed, the prefix is rebuilt from the dataset on resume.
+
+    Balanced replay keeps one priority per stored transition, offline ones first, then online ones; a batch is drawn
+    proportionally to them (an exact cumulative sum, float64 so small priorities keep their share). As in prioritised
+    replay, a new transition enters with the largest priority stored, so it can be drawn at once; the update that
+    draws it then sets its priority from the density ratio (`balanced_replay_update`)."""
 
     def __init__(self, offline: ReplayBuffer, data: dict, mode: str, capacity: int, part_trajectories: int, balanced: bool, device: torch.device):
         self.offline, self.mode, self.balanced = offline, "balanced" if balanced else mode, balanced
@@ -1011,13 +1042,17 @@ class OnlineReplay:
         self.online = ReplayBuffer(data["obs_dim"], data["act_dim"], self.prefill + capacity, device)
         if prefill:
             self.online.add(prefill["obs"], prefill["actions"], prefill["rewards"], prefill["next_obs"], prefill["terminals"])
-        self.cdf: Tensor | None = None
+        self.n_off = offline.size
+        self.priority = torch.ones(self.n_off + self.online.capacity, device=device) if balanced else None
 
     @property
     def n_online(self) -> int:
         return self.online.size - self.prefill
 
     def add(self, obs: Tensor, actions: Tensor, rewards: Tensor, next_obs: Tensor, terminals: Tensor) -> None:
+        if self.priority is not None:  # new transitions: the largest stored priority (no host sync)
+            idx = self.n_off + (torch.arange(len(rewards), device=self.priority.device) + self.online.ptr) % self.online.capacity
+            self.priority[idx] = self.priority[: self.n_off + self.online.size].max()
         self.online.add(obs, actions, rewards, next_obs, terminals)
 
     def sample_online(self, batch_size: int) -> dict[str, Tensor]:
@@ -1029,36 +1064,16 @@ class OnlineReplay:
         if self.mode == "half":  # section 1f: half online, half offline
             on, off = self.online.sample(batch_size // 2), self.offline.sample(batch_size - batch_size // 2)
             return {k: torch.cat([on[k], off[k]]) for k in on}
-        if self.mode == "balanced" and self.cdf is not None:
+        if self.mode == "balanced":
             return self._sample_balanced(batch_size)
         return self.online.sample(batch_size)
 
-    @torch.no_grad()
-    def refit_priorities(self, ratio: DensityRatio, opt: torch.optim.Optimizer, steps: int, batch_size: int) -> Tensor:
-        """Balanced replay (Lee et al. 2021, as OPT uses it): fit an online-vs-offline classifier, then sample every
-        stored transition with probability proportional to exp(logit) = estimated d_on / d_off. Returns the loss."""
-        loss = torch.zeros((), device=self.online.device)
-        for _ in range(steps):
-            on, off = self.sample_online(batch_size), self.offline.sample(batch_size)
-            with torch.enable_grad():
-                loss = F.binary_cross_entropy_with_logits(ratio(on["obs"], on["actions"]), torch.ones_like(on["rewards"])) + \
-                    F.binary_cross_entropy_with_logits(ratio(off["obs"], off["actions"]), torch.zeros_like(off["rewards"]))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-        def priorities(rb: ReplayBuffer) -> Tensor:
-            chunks = [ratio(rb.data["obs"][i:i + 65536], rb.data["actions"][i:i + 65536]) for i in range(0, rb.size, 65536)]
-            return torch.cat(chunks).clamp(-5.0, 5.0).exp()
-
-        self.n_off, self.n_on_fit = self.offline.size, self.online.size
-        self.cdf = torch.cumsum(torch.cat([priorities(self.offline), priorities(self.online)]), 0)
-        return loss.detach()
-
     def _sample_balanced(self, batch_size: int) -> dict[str, Tensor]:
-        assert self.cdf is not None
-        u = torch.rand(batch_size, device=self.cdf.device) * self.cdf[-1]
-        idx = torch.searchsorted(self.cdf, u).clamp(max=len(self.cdf) - 1)
+        """A batch drawn proportionally to the priorities; "idx" (offline first, then online) lets the update set them."""
+        assert self.priority is not None
+        cdf = torch.cumsum(self.priority[: self.n_off + self.online.size].double(), 0)
+        u = torch.rand(batch_size, device=cdf.device, dtype=torch.float64) * cdf[-1]
+        idx = torch.searchsorted(cdf, u, right=True).clamp(max=len(cdf) - 1)
         from_off = idx < self.n_off
         off_idx, on_idx = idx.clamp(max=self.n_off - 1), (idx - self.n_off).clamp(min=0)
         out = {}
@@ -1066,14 +1081,24 @@ class OnlineReplay:
             off_v, on_v = self.offline.data[k][off_idx], self.online.data[k][on_idx]
             mask = from_off.view(-1, *([1] * (off_v.dim() - 1)))
             out[k] = torch.where(mask, off_v, on_v)
+        out["idx"] = idx
         return out
 
+    def set_priorities(self, idx: Tensor, priority: Tensor) -> None:
+        assert self.priority is not None
+        self.priority[idx] = priority.detach().to(self.priority.dtype)
+
     def state(self) -> dict[str, Tensor]:
-        return {k: v[self.prefill: self.online.size].cpu().clone() for k, v in self.online.data.items()}
+        out = {k: v[self.prefill: self.online.size].cpu().clone() for k, v in self.online.data.items()}
+        if self.priority is not None:
+            out["priority"] = self.priority[: self.n_off + self.online.size].cpu().clone()
+        return out
 
     def load(self, state: dict[str, Tensor]) -> None:
         if len(state["rewards"]):
             self.add(state["obs"], state["actions"], state["rewards"], state["next_obs"], state["terminals"])
+        if self.priority is not None and "priority" in state:
+            self.priority[: len(state["priority"])] = state["priority"].to(self.priority.device)
 
 
 class EnvRunner:
@@ -1216,9 +1241,10 @@ def o2td3_update(ag: Agent, obs: Tensor, actions: Tensor, rewards: Tensor, next_
     return out
 
 
-def opt_pretrain_update(ag: Agent, off: dict[str, Tensor], on: dict[str, Tensor], *, gamma: float, tau: float, policy_noise: float,
-                        noise_clip: float, inner_lr: float) -> dict[str, Tensor]:
-    """Section 4b: one meta step of Q_on; both losses are TD3 losses with Q_on's own targets, pi0 acting."""
+def opt_pretrain_update(ag: Agent, off: dict[str, Tensor], on: dict[str, Tensor], update_targets: bool = True, *, gamma: float, tau: float,
+                        policy_noise: float, noise_clip: float, inner_lr: float) -> dict[str, Tensor]:
+    """Section 4b: one meta step of Q_on; both losses are TD3 losses with Q_on's own targets, pi0 acting. Q_on's targets
+    are Polyak-updated only when `update_targets` (every second step, the TD3 delay, as the OPT code)."""
     ys = []
     with torch.no_grad():
         for b in (off, on):
@@ -1231,18 +1257,21 @@ def opt_pretrain_update(ag: Agent, off: dict[str, Tensor], on: dict[str, Tensor]
     ag.qf_on_opt.zero_grad(set_to_none=True)
     loss.backward()
     ag.qf_on_opt.step()
-    polyak_update(ag.qf_on_target, ag.qf_on, tau)
+    if update_targets:
+        polyak_update(ag.qf_on_target, ag.qf_on, tau)
     return out
 
 
 def opt_finetune_update(ag: Agent, obs: Tensor, actions: Tensor, rewards: Tensor, next_obs: Tensor, terminals: Tensor,
-                        kappa: Tensor, update_actor: bool, *, gamma: float, tau: float, policy_noise: float, noise_clip: float) -> dict[str, Tensor]:
+                        kappa: Tensor, update_actor: bool, *, gamma: float, tau: float, policy_noise: float, noise_clip: float,
+                        off_reward_scale: float = 1.0, off_reward_shift: float = 0.0) -> dict[str, Tensor]:
     """Section 4b: both critics fitted on the same batch (own targets); the actor maximises the kappa mixture of the
-    critics just stepped. `kappa` is a 0-d tensor."""
+    critics just stepped. `kappa` is a 0-d tensor. `rewards` are raw (Q_on's scale); Q_off, the checkpoint's critic,
+    sees them through the checkpoint's transform r * off_reward_scale + off_reward_shift, the scale it was trained on."""
     with torch.no_grad():
         next_pi = ag.actor_target(next_obs)
         next_a = smoothed_action(next_pi, torch.randn_like(next_pi) * policy_noise, noise_clip)
-        y_off = fqe_target(rewards, terminals, ag.qf_target(next_obs, next_a), gamma)
+        y_off = fqe_target(rewards * off_reward_scale + off_reward_shift, terminals, ag.qf_target(next_obs, next_a), gamma)
         y_on = fqe_target(rewards, terminals, ag.qf_on_target(next_obs, next_a), gamma)
     q_off, q_on = ag.qf(obs, actions), ag.qf_on(obs, actions)
     loss_off, loss_on = td_loss(q_off, y_off), td_loss(q_on, y_on)
@@ -1265,6 +1294,23 @@ def opt_finetune_update(ag: Agent, obs: Tensor, actions: Tensor, rewards: Tensor
     return out
 
 
+def balanced_replay_update(ratio: DensityRatio, opt: torch.optim.Optimizer, replay: OnlineReplay, batch: dict[str, Tensor], *,
+                           temperature: float) -> dict[str, Tensor]:
+    """Balanced replay, once per gradient update (as Lee et al. 2021 / OPT): new priorities for the transitions of the
+    RL batch from the density-ratio network before its step, normalised by an offline batch, then one step of the
+    network on an offline and an online batch. Eager only: it writes into the replay's priorities."""
+    off, on = replay.offline.sample(batch["obs"].shape[0]), replay.sample_online(batch["obs"].shape[0])
+    w_off, w_on = ratio(off["obs"], off["actions"]), ratio(on["obs"], on["actions"])
+    with torch.no_grad():
+        priority = balanced_priority(ratio(batch["obs"], batch["actions"]), w_off, temperature)
+    replay.set_priorities(batch["idx"], priority)
+    loss = density_ratio_loss(w_off, w_on)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return {"losses/ratio_loss": loss.detach(), "charts/priority_mean": priority.mean()}
+
+
 # ---------------------------------------------------------------- run bookkeeping
 PHASE_FIELDS: dict[str, tuple[str, ...]] = {
     "distilled": ("env", "dataset_id", "seed", "offline_algo", "checkpoint", "distill_steps", "distill_lr", "batch_size", "device"),
@@ -1278,17 +1324,18 @@ RESUMABLE_CHANGES = ("online_steps", "stop_after", "no_resume", "log_every", "ch
                      "compile", "cudagraphs", "bf16", "threads")
 
 
-def phase_key(args: Args, phase: str, source: str) -> dict:
-    """What a phase result depends on: reused only when this matches (the phases before it included)."""
+def phase_key(args: Args, phase: str, source: str, rewards: dict) -> dict:
+    """What a phase result depends on: reused only when this matches (the phases before it included, and the reward
+    handling of the critics)."""
     order = ["distilled", "reevaluated", "aligned"] if phase != "opt_pretrained" else ["distilled", "opt_pretrained"]
-    key = {"source": source}
+    key = {"source": source, "rewards": rewards}
     for p in order[: order.index(phase) + 1]:
         key.update({f: getattr(args, f) for f in PHASE_FIELDS[p]})
     return key
 
 
-def online_key(args: Args, source: str) -> dict:
-    return {"source": source, **{k: v for k, v in asdict(args).items() if k not in RESUMABLE_CHANGES}}
+def online_key(args: Args, source: str, rewards: dict) -> dict:
+    return {"source": source, "rewards": rewards, **{k: v for k, v in asdict(args).items() if k not in RESUMABLE_CHANGES}}
 
 
 def rng_state() -> dict:
@@ -1308,8 +1355,9 @@ def set_rng_state(s: dict) -> None:
 class Run:
     """Outputs of one run: folder, tensorboard, curve, phase wall-clock, evaluation and checkpoints."""
 
-    def __init__(self, args: Args, out: Path, ckpt: dict, ckpt_path: Path, data: dict, device: torch.device, accel: Accel):
+    def __init__(self, args: Args, out: Path, ckpt: dict, ckpt_path: Path, data: dict, device: torch.device, accel: Accel, rewards: dict):
         self.args, self.out, self.ckpt, self.data, self.device, self.accel = args, out, ckpt, data, device, accel
+        self.rewards = rewards  # reward transform of each critic (reward_handling)
         self.source = f"{ckpt_path.resolve()}@{ckpt['grad_steps']}"
         self.writer = SummaryWriter(str(out))
         self.evaluator = Evaluator(data["env_spec"], args.eval_episodes, args.seed + 100, ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy(), device)
@@ -1383,7 +1431,9 @@ class Run:
             "actor_config": {"hidden": [m.out_features for m in actor.net if isinstance(m, nn.Linear)][:-1]},
             "actor": state_dict_cpu(actor), "critics": critics or None,
             "critic_config": critic_config_of(ag.qf) if hasattr(ag, "qf") else None,
-            "obs_mean": c["obs_mean"], "obs_std": c["obs_std"], "reward_transform": c["reward_transform"],
+            "obs_mean": c["obs_mean"], "obs_std": c["obs_std"],
+            # the scale the saved critic qf was trained on (a naive run from this checkpoint keeps it); per critic below
+            "reward_transform": {k: self.rewards["qf"][k] for k in ("scale", "shift")}, "reward_handling": self.rewards,
             "ref_min_score": c["ref_min_score"], "ref_max_score": c["ref_max_score"], "args": asdict(self.args), "grad_steps": c["grad_steps"],
             "eval_normalized_score": score, "phase": name, "phase_key": key, "source_checkpoint": self.source,
             "reference_actor": state_dict_cpu(ag.actor_ref) if hasattr(ag, "actor_ref") else None,
@@ -1556,9 +1606,9 @@ def run_o2td3_online(run: Run, ag: Agent, off_rb: ReplayBuffer, data: dict, d: d
     a, t0 = run.args, time.time()
     constraint = not a.no_constraint
     replay = OnlineReplay(off_rb, data, a.buffer_mode, a.online_steps, a.part_trajectories, False, run.device)
-    st["key"] = online_key(a, run.source)
+    st["key"] = online_key(a, run.source, run.rewards)
     resume_online(run, ag, replay, st)
-    runner = EnvRunner(data["env_spec"], a.seed + st["global_step"], obs_mean, obs_std, run.ckpt["reward_transform"], run.device)
+    runner = EnvRunner(data["env_spec"], a.seed + st["global_step"], obs_mean, obs_std, run.rewards["qf"], run.device)
     if constraint:
         run.writer.add_scalar("charts/kl_threshold", d["eps0"], 0)
     step_fn = run.accel.update(functools.partial(o2td3_update, ag, constraint=constraint, lagrange_tau=a.lagrange_tau, **td3_constants(a)))
@@ -1579,8 +1629,10 @@ def run_o2td3_online(run: Run, ag: Agent, off_rb: ReplayBuffer, data: dict, d: d
 
 
 def run_opt(run: Run, ag: Agent, offline_qf: Critic, off_rb: ReplayBuffer, data: dict, d: dict, st: dict, obs_mean: np.ndarray, obs_std: np.ndarray) -> bool:
-    """Section 4b: collect with the frozen actor, meta-pre-train Q_on, then kappa-weighted fine-tuning of both critics."""
+    """Section 4b: collect with the frozen actor, meta-pre-train Q_on, then kappa-weighted fine-tuning of both critics.
+    The buffers hold raw rewards (Q_on learns from scratch); Q_off's update applies the checkpoint's transform."""
     a, dev = run.args, run.device
+    raw, off_rt = run.rewards["qf_on"], run.rewards["qf"]
     obs_dim, act_dim = data["obs_dim"], data["act_dim"]
     ag.qf = offline_qf.to(dev)  # Q_off
     ag.qf_target = copy.deepcopy(ag.qf)
@@ -1591,13 +1643,13 @@ def run_opt(run: Run, ag: Agent, offline_qf: Critic, off_rb: ReplayBuffer, data:
     ag.actor_opt = run.accel.adam(ag.actor.parameters(), a.opt_actor_lr)
     if a.opt_balanced_replay:
         ag.ratio = DensityRatio(obs_dim, act_dim).to(dev)
-        ag.ratio_opt = run.accel.adam(ag.ratio.parameters(), 3e-4)
+        ag.ratio_opt = torch.optim.Adam(ag.ratio.parameters(), lr=a.ratio_lr)  # stepped eagerly, outside the compiled update
     replay = OnlineReplay(off_rb, data, a.buffer_mode, a.online_steps, a.part_trajectories, a.opt_balanced_replay, dev)
-    st["key"] = online_key(a, run.source)
+    st["key"] = online_key(a, run.source, run.rewards)
     resumed = resume_online(run, ag, replay, st)
     runner = None
     if not resumed:
-        key = phase_key(a, "opt_pretrained", run.source)
+        key = phase_key(a, "opt_pretrained", run.source, run.rewards)
         saved = run.reuse("opt_pretrained", key)
         t0 = time.time()
         if saved is not None:
@@ -1607,7 +1659,7 @@ def run_opt(run: Run, ag: Agent, offline_qf: Critic, off_rb: ReplayBuffer, data:
             set_rng_state(saved["train_state"]["rng"])
         else:
             # --- collection: the frozen actor (+ exploration noise), no updates; its score is the last evaluated one
-            runner = EnvRunner(data["env_spec"], a.seed, obs_mean, obs_std, run.ckpt["reward_transform"], dev)
+            runner = EnvRunner(data["env_spec"], a.seed, obs_mean, obs_std, raw, dev)
             n0 = len(run.curve)
             for step in tqdm(range(1, a.opt_collect_steps + 1), desc="opt collect", disable=None):
                 transition, ep_ret = runner.step(ag.actor, d["explore_noise"])
@@ -1620,8 +1672,8 @@ def run_opt(run: Run, ag: Agent, offline_qf: Critic, off_rb: ReplayBuffer, data:
             t0 = time.time()
             # --- pre-training of Q_on with the one-step meta objective
             step_fn = run.accel.update(functools.partial(opt_pretrain_update, ag, inner_lr=a.opt_inner_lr, **td3_constants(a)))
-            for step in tqdm(range(1, a.opt_pretrain_steps + 1), desc="opt pre-train", disable=None):
-                run.accumulate(step_fn(off_rb.sample(a.batch_size), replay.sample_online(a.batch_size)))
+            for step in tqdm(range(1, a.opt_pretrain_steps + 1), desc="opt pre-train", disable=None):  # targets: every 2nd step
+                run.accumulate(step_fn(off_rb.sample(a.batch_size), replay.sample_online(a.batch_size), step % a.policy_freq == 0))
                 if step % a.log_every == 0:
                     run.flush(a.opt_collect_steps + step, "opt pre-training")
             run.flush(a.opt_collect_steps + a.opt_pretrain_steps, "opt pre-training")
@@ -1629,23 +1681,22 @@ def run_opt(run: Run, ag: Agent, offline_qf: Critic, off_rb: ReplayBuffer, data:
         run.phase_done("opt_pretrained", t0, saved is not None)
         st["global_step"] = a.opt_collect_steps
     if runner is None:
-        runner = EnvRunner(data["env_spec"], a.seed + st["global_step"], obs_mean, obs_std, run.ckpt["reward_transform"], dev)
-    if a.opt_balanced_replay:
-        run.writer.add_scalar("losses/ratio_loss", float(replay.refit_priorities(ag.ratio, ag.ratio_opt, a.ratio_train_steps, a.batch_size)), st["global_step"])
+        runner = EnvRunner(data["env_spec"], a.seed + st["global_step"], obs_mean, obs_std, raw, dev)
     t0 = time.time()
-    step_fn = run.accel.update(functools.partial(opt_finetune_update, ag, **td3_constants(a)))
+    step_fn = run.accel.update(functools.partial(opt_finetune_update, ag, off_reward_scale=off_rt["scale"], off_reward_shift=off_rt["shift"],
+                                                 **td3_constants(a)))
     kappa = run.accel.scalar(d["kappa_start"])  # refilled every step, like the O2TD3 threshold
 
     def update(b: dict[str, Tensor], step: int, update_actor: bool) -> dict[str, Tensor]:
-        kappa.fill_(kappa_schedule(step, d["kappa_start"], a.kappa_end, a.kappa_begin, a.kappa_finish))
-        return step_fn(b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"], kappa, update_actor)
+        kappa.fill_(kappa_schedule(step, d["kappa_start"], d["kappa_end"], a.kappa_begin, a.kappa_finish))
+        out = step_fn(b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"], kappa, update_actor)
+        if a.opt_balanced_replay:  # priorities of this batch refreshed, density-ratio network trained: every update
+            run.accumulate(balanced_replay_update(ag.ratio, ag.ratio_opt, replay, b, temperature=a.ratio_temperature))
+        return out
 
     def after_step(step: int) -> None:
         if step % a.log_every == 0:
-            run.writer.add_scalar("charts/kappa", kappa_schedule(step, d["kappa_start"], a.kappa_end, a.kappa_begin, a.kappa_finish), step)
-        if a.opt_balanced_replay and (step - a.opt_collect_steps) % a.ratio_every == 0:
-            loss = replay.refit_priorities(ag.ratio, ag.ratio_opt, a.ratio_train_steps, a.batch_size)
-            run.writer.add_scalar("losses/ratio_loss", float(loss), step)
+            run.writer.add_scalar("charts/kappa", kappa_schedule(step, d["kappa_start"], d["kappa_end"], a.kappa_begin, a.kappa_finish), step)
 
     ok = online_loop(run, ag, replay, runner, st, update, "online", d["explore_noise"], a.opt_utd, 0, after_step)
     runner.close()
@@ -1666,7 +1717,7 @@ def validate(args: Args) -> None:
     if args.offline_algo not in ("td3_bc", "cql", "iql", "bc"):
         fail(f"unknown --offline-algo {args.offline_algo!r}; known: td3_bc, cql, iql, bc")
     for flag in ("batch_size", "online_steps", "utd", "policy_freq", "eval_every", "eval_episodes", "log_every", "checkpoint_every",
-                 "phase_eval_every", "eps_steps", "reference_interval", "part_trajectories", "opt_utd", "ratio_every", "ratio_train_steps"):
+                 "phase_eval_every", "eps_steps", "reference_interval", "part_trajectories", "opt_utd", "ratio_temperature", "ratio_lr"):
         if getattr(args, flag) <= 0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     for flag in ("distill_steps", "learning_starts", "opt_pretrain_steps"):
@@ -1700,12 +1751,26 @@ def validate(args: Args) -> None:
             fail(f"--opt-collect-steps ({args.opt_collect_steps}) must lie in (0, --online-steps={args.online_steps})")
         if args.stop_after is not None and args.stop_after <= args.opt_collect_steps:
             fail(f"--stop-after must exceed --opt-collect-steps ({args.opt_collect_steps}) with --opt")
-        if not (0.0 <= d["kappa_start"] <= 1.0 and 0.0 <= args.kappa_end <= 1.0) or args.kappa_finish < args.kappa_begin:
+        if not (0.0 <= d["kappa_start"] <= 1.0 and 0.0 <= d["kappa_end"] <= 1.0) or args.kappa_finish < args.kappa_begin:
             fail("kappa must lie in [0, 1] and --kappa-finish >= --kappa-begin")
     elif args.opt_balanced_replay:
         fail("--opt-balanced-replay belongs to --opt; add --opt or drop it")
     elif args.learning_starts >= args.online_steps:
         fail(f"--learning-starts {args.learning_starts} >= --online-steps {args.online_steps}: no update would happen")
+
+
+def reward_handling(args: Args, ckpt: dict, has_offline_critic: bool) -> dict[str, dict]:
+    """The reward transform each critic learns with. A critic learned from scratch (re-evaluation, alignment and
+    fine-tuning of a new critic, OPT's Q_on) sees raw MuJoCo rewards, the scale OCR-CFT's thresholds and OPT were
+    tuned for; only a critic kept from the checkpoint (naive / --critic-init offline, OPT's Q_off) keeps the offline
+    method's transform, since its values are on that scale."""
+    raw = {"scale": 1.0, "shift": 0.0, "source": "raw"}
+    kept = {"scale": float(ckpt["reward_transform"]["scale"]), "shift": float(ckpt["reward_transform"]["shift"]),
+            "source": f"checkpoint ({ckpt['algo']})"}
+    if args.opt:
+        return {"qf": kept, "qf_on": raw}
+    keeps_offline_critic = args.no_reevaluate and args.critic_init == "offline" and has_offline_critic
+    return {"qf": kept if keeps_offline_critic else raw}
 
 
 def mode_name(args: Args) -> str:
@@ -1717,6 +1782,7 @@ def mode_name(args: Args) -> str:
 
 
 def main(args: Args) -> dict:
+    args = with_mode_defaults(args)  # --online-steps: the mode's budget unless given
     validate(args)
     device = pick_device(args.device)
     accel = Accel(device, args.compile, args.cudagraphs, args.bf16)  # bad flag combinations fail before any loading
@@ -1749,11 +1815,13 @@ def main(args: Args) -> dict:
     if args.no_resume:  # a stale online state must not be resumed by a later run either
         for name in ("online.pt", "final.pt", "results.json"):
             (out / name).unlink(missing_ok=True)
-    atomic_save({**asdict(args), "resolved_defaults": defaults, "mode": mode, "offline_checkpoint": str(ckpt_path)}, out / "args.json")
-    run = Run(args, out, ckpt, ckpt_path, data, device, accel)
+    rewards = reward_handling(args, ckpt, offline_qf is not None)
+    atomic_save({**asdict(args), "resolved_defaults": defaults, "mode": mode, "offline_checkpoint": str(ckpt_path), "reward_handling": rewards},
+                out / "args.json")
+    run = Run(args, out, ckpt, ckpt_path, data, device, accel, rewards)
     run.writer.add_text("args", json.dumps(asdict(args)))
     run.writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
-    rt = ckpt["reward_transform"]  # the critics see rewards exactly as the offline method did
+    rt = rewards["qf_on" if args.opt else "qf"]  # what the buffers store (OPT: raw; Q_off's transform is applied in its update)
     obs_mean, obs_std = ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy()
     off_rb = ReplayBuffer.from_dataset(data, obs_mean, obs_std, device, rt["scale"], rt["shift"])
     obs_dim, act_dim = data["obs_dim"], data["act_dim"]
@@ -1769,7 +1837,7 @@ def main(args: Args) -> dict:
         actor0 = offline_actor
         pi0_score = offline_score
     else:
-        actor0, distill = run_distillation(run, offline_actor, off_rb, phase_key(args, "distilled", run.source))
+        actor0, distill = run_distillation(run, offline_actor, off_rb, phase_key(args, "distilled", run.source, run.rewards))
         pi0_score = distill["distilled_score"]
     actor0.requires_grad_(False)
 
@@ -1797,9 +1865,9 @@ def main(args: Args) -> dict:
         ag.log_lam = nn.Parameter(torch.full((1,), math.log(args.lambda_init), device=device))
         ag.lam_opt = accel.adam([ag.log_lam], args.lambda_lr)
         if not args.no_reevaluate:
-            run_reevaluation(run, ag, off_rb, phase_key(args, "reevaluated", run.source))
+            run_reevaluation(run, ag, off_rb, phase_key(args, "reevaluated", run.source, run.rewards))
         if not args.no_align:
-            aligned_score = run_alignment(run, ag, off_rb, phase_key(args, "aligned", run.source))
+            aligned_score = run_alignment(run, ag, off_rb, phase_key(args, "aligned", run.source, run.rewards))
             # section 1c: start from the aligned actor as reference only if it beats pi0
             if aligned_score is not None and aligned_score > pi0_score and args.reference != "offline":
                 ag.actor_ref.load_state_dict(ag.actor.state_dict())
@@ -1809,9 +1877,10 @@ def main(args: Args) -> dict:
     result = {"mode": mode, "run_dir": str(out), "offline_checkpoint": str(ckpt_path), "offline_algo": ckpt["algo"],
               "actor_family": ckpt["actor_family"], "distillation": distill, "curve": run.curve, "phases": run.phases,
               "dataset_ids": data["dataset_ids"], "local_standin": data["local_standin"], "resolved_defaults": defaults,
+              "online_steps": args.online_steps, "reward_handling": rewards,
               **summarize(run, args), "stopped": not ok, "complete": ok}
     if ok:
-        run.checkpoint("final", ag, online_key(args, run.source), {}, run.curve[-1]["normalized_score"])
+        run.checkpoint("final", ag, online_key(args, run.source, run.rewards), {}, run.curve[-1]["normalized_score"])
         atomic_save(result, out / "results.json")
         print(f"{mode} on {args.env}: offline {result['offline_score']:.1f} -> final {result['final_score']:.1f}; outputs in {out}")
     run.close()

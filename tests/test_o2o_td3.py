@@ -151,6 +151,33 @@ def test_family_defaults_table_and_overrides():
     assert td3.resolve_defaults(A(env="hopper-medium-v2", reference="interval"))["eps_end"] == pytest.approx(0.01)
     d = td3.resolve_defaults(A(env="hopper-medium-v2", explore_noise=0.3, kappa_start=0.5, eps_end=0.1, reference="interval"))
     assert (d["explore_noise"], d["kappa_start"], d["eps_end"]) == (0.3, 0.5, 0.1)  # explicit flags win
+    # OPT: kappa 0.3 -> 0.9 (medium), 1.0 -> 1.0 on random data; the end value is reached at 150k and then stays
+    assert td3.resolve_defaults(A(env="hopper-medium-v2"))["kappa_end"] == 0.9
+    d = td3.resolve_defaults(A(env="hopper-random-v2", opt=True))
+    assert (d["kappa_start"], d["kappa_end"]) == (1.0, 1.0)
+    a = A(env="hopper-medium-v2", opt=True)
+    d = td3.resolve_defaults(a)
+    k = lambda t: td3.kappa_schedule(t, d["kappa_start"], d["kappa_end"], a.kappa_begin, a.kappa_finish)  # noqa: E731
+    assert k(149_999) < 0.9 and k(150_000) == pytest.approx(0.9) and k(300_000) == pytest.approx(0.9)
+
+
+def test_online_budget_is_the_modes_default():
+    A = td3.Args
+    assert A().online_steps is None and A(opt=True).online_steps is None  # Args is never mutated
+    assert td3.with_mode_defaults(A()).online_steps == 100_000
+    assert td3.with_mode_defaults(A(opt=True)).online_steps == 300_000  # OPT paper: 300k online env steps
+    assert td3.with_mode_defaults(A(opt=True, online_steps=1234)).online_steps == 1234  # an explicit flag wins
+
+
+def test_density_ratio_loss_and_balanced_priority():
+    # w = 1 everywhere (no shift between the datasets): -log(2/2) - log(2/2) = 0; larger online w lowers the loss
+    assert td3.density_ratio_loss(torch.ones(3), torch.ones(3)).item() == pytest.approx(0.0, abs=1e-6)
+    assert td3.density_ratio_loss(torch.ones(3), 3 * torch.ones(3)).item() == pytest.approx(-math.log(1.5))
+    # T = 5: (w / 2)^(1/5) with the offline batch at w = 2; clipped to [1e-3, 1e3]
+    p = td3.balanced_priority(T([0.0, 64.0, 2e20, 2.0]), T([2.0, 2.0]), temperature=5.0)
+    assert torch.allclose(p, T([1e-3, 2.0, 1e3, 1.0]), rtol=1e-5)
+    # normalised by the MEAN of w_off^(1/T), not by (mean w_off)^(1/T): 0.5 (1 + 32^(1/5)) = 1.5
+    assert td3.balanced_priority(T([243.0]), T([1.0, 32.0]), temperature=5.0).item() == pytest.approx(3.0 / 1.5, rel=1e-5)
 
 
 # ---------------------------------------------------------------- behaviour on synthetic data (no env)
@@ -213,6 +240,171 @@ def test_lagrange_multiplier_rises_when_constraint_violated():
     assert all(torch.isfinite(v).all() for v in m.values())
 
 
+def _distinct_actors(ag):
+    """pi, its target, pi0 and pi_ref all different, so a test sees which one an update reads."""
+    for i, name in enumerate(("actor", "actor_target", "actor_ref")):
+        torch.manual_seed(10 + i)
+        setattr(ag, name, td3.DeterministicActor(3, 2, (16, 16)))
+    ag.actor_ref.requires_grad_(False)
+    ag.actor_opt = torch.optim.Adam(ag.actor.parameters(), lr=1e-4)
+    ag.log_lam = torch.nn.Parameter(torch.full((1,), math.log(50.0)))  # a large lambda: M' weighs in the target
+    ag.lam_opt = torch.optim.Adam([ag.log_lam], lr=1e-2)
+    return ag
+
+
+def _batch3(n: int = 32, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"obs": torch.randn(n, 3, generator=g), "actions": torch.rand(n, 2, generator=g) * 2 - 1, "rewards": torch.randn(n, generator=g),
+            "next_obs": 3 * torch.randn(n, 3, generator=g), "terminals": (torch.rand(n, generator=g) < 0.2).float()}
+
+
+def test_o2td3_critic_target_penalises_current_vs_reference_actor():
+    """One critic update against a hand-computed one: y = r + g (1-d) [min Qbar(s', a') - lam M'], a' from the TARGET
+    actor (smoothed), M' = mean (pi(s') - pi_ref(s'))^2 from the CURRENT and REFERENCE actors."""
+    ag = _distinct_actors(_synthetic_agent())
+    b, args = _batch3(), td3.Args()
+    with torch.no_grad():
+        lam = ag.log_lam.exp().item()
+        torch.manual_seed(7)
+        next_a = td3.smoothed_action(ag.actor_target(b["next_obs"]), torch.randn(32, 2) * args.policy_noise, args.noise_clip)
+        m_next = ((ag.actor(b["next_obs"]) - ag.actor_ref(b["next_obs"])) ** 2).mean()
+        y = b["rewards"] + args.gamma * (1 - b["terminals"]) * (ag.qf_target(b["next_obs"], next_a).min(0).values - lam * m_next)
+        expected = ((ag.qf(b["obs"], b["actions"]) - y) ** 2).mean(-1).sum().item()
+        for other in (ag.actor_target, ag.actor0):  # the penalty must tell these apart from pi
+            assert abs(((other(b["next_obs"]) - ag.actor_ref(b["next_obs"])) ** 2).mean() - m_next) > 1e-3
+    torch.manual_seed(7)
+    m = td3.o2td3_update(ag, b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"], T(0.01), False, constraint=True,
+                         lagrange_tau=args.lagrange_tau, **td3.td3_constants(args))
+    assert m["losses/qf_loss"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_o2td3_lambda_and_actor_step_only_with_the_delayed_update():
+    ag = _distinct_actors(_synthetic_agent())
+    b, args = _batch3(), td3.Args()
+    lam0, actor0 = ag.log_lam.detach().clone(), [p.detach().clone() for p in ag.actor.parameters()]
+    td3.o2td3_update(ag, *b.values(), T(1e-6), False, constraint=True, lagrange_tau=args.lagrange_tau, **td3.td3_constants(args))
+    assert torch.equal(ag.log_lam, lam0) and all(torch.equal(p, q) for p, q in zip(ag.actor.parameters(), actor0))
+    td3.o2td3_update(ag, *b.values(), T(1e-6), True, constraint=True, lagrange_tau=args.lagrange_tau, **td3.td3_constants(args))
+    assert ag.log_lam.item() > lam0.item()  # violated: lambda rises, on the delayed step only
+
+
+def test_align_update_matches_hand_computed_loss_and_keeps_targets():
+    """Both terms of the alignment loss (distance-shrunk targets at the perturbed action AND the anchor at a_off) against a
+    hand computation; the target critics are not touched by the update."""
+    ag = _distinct_actors(_synthetic_agent())
+    obs, args = torch.randn(32, 3), td3.Args()
+    target_before = [p.detach().clone() for p in ag.qf_target.parameters()]
+    with torch.no_grad():
+        a_off, pi = ag.actor0(obs), ag.actor(obs)
+        torch.manual_seed(3)
+        at = td3.smoothed_action(pi, torch.randn(32, 2) * args.policy_noise, args.noise_clip)
+        q_star = ag.qf_target(obs, a_off).min(0).values
+        delta = ((at - a_off).norm(dim=-1) / math.sqrt(2)).clamp(max=args.align_max_distance)
+        y_star = torch.where(q_star < 0, q_star * (1 + delta**2), q_star / (1 + delta**2))
+        y = torch.minimum(y_star, ag.qf_target(obs, at))
+        shrunk = ((ag.qf(obs, at) - y) ** 2).mean(-1).sum()
+        anchor = ((ag.qf(obs, a_off) - q_star) ** 2).mean(-1).sum()
+        assert anchor.item() > 1e-3 * shrunk.item()  # the anchor term is not negligible here
+    torch.manual_seed(3)
+    m = td3.align_update(ag, obs, policy_noise=args.policy_noise, noise_clip=args.noise_clip, beta=args.align_beta,
+                         max_distance=args.align_max_distance)
+    assert m["losses/align_loss"].item() == pytest.approx((shrunk + anchor).item(), rel=1e-5)
+    assert all(torch.equal(p, q) for p, q in zip(ag.qf_target.parameters(), target_before))
+
+
+def test_opt_finetune_q_off_sees_the_checkpoint_transform_q_on_raw():
+    ag = _distinct_actors(_synthetic_agent())
+    ag.qf_on = td3.orthogonal_init_(td3.Critic(3, 2, (32, 32), n=2, layer_norm=True))
+    ag.qf_on_target = td3.Critic(3, 2, (32, 32), n=2, layer_norm=True)
+    ag.qf_on_target.load_state_dict(ag.qf_on.state_dict())
+    ag.qf_on_opt = torch.optim.Adam(ag.qf_on.parameters(), lr=1e-3)
+    b, args = _batch3(), td3.Args()
+    with torch.no_grad():
+        torch.manual_seed(4)
+        next_a = td3.smoothed_action(ag.actor_target(b["next_obs"]), torch.randn(32, 2) * args.policy_noise, args.noise_clip)
+        boot = args.gamma * (1 - b["terminals"])
+        y_off = 7.0 * b["rewards"] - 3.0 + boot * ag.qf_target(b["next_obs"], next_a).min(0).values
+        y_on = b["rewards"] + boot * ag.qf_on_target(b["next_obs"], next_a).min(0).values
+        l_off = ((ag.qf(b["obs"], b["actions"]) - y_off) ** 2).mean(-1).sum().item()
+        l_on = ((ag.qf_on(b["obs"], b["actions"]) - y_on) ** 2).mean(-1).sum().item()
+    torch.manual_seed(4)
+    m = td3.opt_finetune_update(ag, *b.values(), T(0.5), False, off_reward_scale=7.0, off_reward_shift=-3.0, **td3.td3_constants(args))
+    assert m["losses/qf_loss"].item() == pytest.approx(l_off, rel=1e-5)
+    assert m["losses/qf_on_loss"].item() == pytest.approx(l_on, rel=1e-5)
+
+
+def test_opt_pretrain_targets_move_only_when_asked():
+    ag = _distinct_actors(_synthetic_agent())
+    ag.qf_on = td3.orthogonal_init_(td3.Critic(3, 2, (32, 32), n=2, layer_norm=True))
+    ag.qf_on_target = td3.Critic(3, 2, (32, 32), n=2, layer_norm=True)
+    ag.qf_on_target.load_state_dict(ag.qf_on.state_dict())
+    ag.qf_on_opt = torch.optim.Adam(ag.qf_on.parameters(), lr=1e-3)
+    const = dict(inner_lr=3e-4, **td3.td3_constants(td3.Args()))
+    flat = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])  # noqa: E731
+    before = flat(ag.qf_on_target)
+    td3.opt_pretrain_update(ag, _batch3(seed=1), _batch3(seed=2), False, **const)
+    assert torch.equal(flat(ag.qf_on_target), before) and not torch.equal(flat(ag.qf_on), before)
+    td3.opt_pretrain_update(ag, _batch3(seed=1), _batch3(seed=2), True, **const)
+    assert not torch.equal(flat(ag.qf_on_target), before)
+
+
+def _offline_buffer(obs: torch.Tensor) -> "td3.ReplayBuffer":
+    n, obs_dim = obs.shape
+    rb = td3.ReplayBuffer(obs_dim, 2, n, torch.device("cpu"))
+    rb.add(obs, torch.zeros(n, 2), torch.zeros(n), obs, torch.zeros(n))
+    return rb
+
+
+def _balanced_replay(n_off: int, capacity: int, obs_dim: int = 3):
+    off = _offline_buffer(torch.randn(n_off, obs_dim))
+    data = {"obs_dim": obs_dim, "act_dim": 2}
+    return td3.OnlineReplay(off, data, "half", capacity, 5, True, torch.device("cpu"))
+
+
+def test_balanced_replay_samples_new_transitions_at_once():
+    """After priorities were set by earlier updates, 500 new transitions arrive: they must be drawn right away (they
+    enter with the largest stored priority), in about their share of the total priority mass."""
+    torch.manual_seed(0)
+    replay = _balanced_replay(3000, 1500)
+    add = lambda n, v: replay.add(torch.full((n, 3), v), torch.zeros(n, 2), torch.zeros(n), torch.full((n, 3), v), torch.zeros(n))  # noqa: E731
+    add(1000, 0.5)
+    replay.set_priorities(torch.arange(4000), torch.rand(4000) * 3 + 0.01)  # refreshed by density-ratio updates
+    pmax = replay.priority[:4000].max().item()
+    add(500, 1e6)
+    assert replay.priority[4000:4500].eq(pmax).all()
+    b = replay.sample(20_000)
+    newest = (b["obs"][:, 0] == 1e6).float().mean().item()
+    share = 500 * pmax / replay.priority[:4500].sum().item()
+    assert newest > 0.8 * share and (b["idx"][b["obs"][:, 0] == 1e6] >= 4000).all()
+
+
+def test_balanced_replay_update_sets_priorities_and_trains_the_ratio():
+    """Through the update: the RL batch's priorities become clip(w^(1/5) / mean_offline(w^(1/5)), 1e-3, 1e3), computed
+    with the ratio network before its step; the network takes one step per update."""
+
+    class Ratio(torch.nn.Module):  # w(s, a) = relu(k s_0): known values
+        def __init__(self):
+            super().__init__()
+            self.k = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, obs, act):
+            return torch.relu(self.k * obs[:, 0])
+
+    replay = _balanced_replay(64, 16)
+    replay.offline.data["obs"][:, 0] = 2.0  # every offline transition has w = 2
+    online_s0 = T([-1.0, 64.0, 2e20, 2.0])
+    obs = torch.zeros(4, 3)
+    obs[:, 0] = online_s0
+    replay.add(obs, torch.zeros(4, 2), torch.zeros(4), obs, torch.zeros(4))
+    ratio = Ratio()
+    opt = torch.optim.SGD(ratio.parameters(), lr=1e-3)
+    batch = {"obs": obs, "actions": torch.zeros(4, 2), "idx": 64 + torch.arange(4)}
+    m = td3.balanced_replay_update(ratio, opt, replay, batch, temperature=5.0)
+    assert torch.allclose(replay.priority[64:68], T([1e-3, 2.0, 1e3, 1.0]), rtol=1e-5)
+    assert torch.equal(replay.priority[:64], torch.ones(64))  # offline priorities untouched: not in the batch
+    assert ratio.k.item() != 1.0 and math.isfinite(m["losses/ratio_loss"].item())
+
+
 def test_replay_modes(tiny_dataset):
     data = td3.load_dataset("hopper-medium-v2", quiet=True)
     off = td3.ReplayBuffer.from_dataset(data, *td3.obs_stats(data["observations"]), torch.device("cpu"))
@@ -231,8 +423,9 @@ def test_replay_modes(tiny_dataset):
     assert half.state()["obs"].shape == (1, data["obs_dim"])
     bal = td3.OnlineReplay(off, data, "half", 10, 5, True, torch.device("cpu"))
     bal.add(marker, torch.zeros(1, data["act_dim"]), T([0.0]), marker, T([0.0]))
-    bal.n_off, bal.cdf = off.size, torch.cat([torch.zeros(off.size), T([1.0])])  # all mass on the online transition
-    assert (bal.sample(16)["obs"] == 1e6).all()
+    bal.priority[: off.size] = 0.0  # all mass on the online transition
+    b = bal.sample(16)
+    assert (b["obs"] == 1e6).all() and (b["idx"] == off.size).all()  # idx: offline first, then online
 
 
 def test_env_runner_stores_executed_noisy_action(tiny_dataset):
@@ -254,8 +447,7 @@ def test_env_runner_stores_executed_noisy_action(tiny_dataset):
 TINY = ["--env", "hopper-medium-v2", "--device", "cpu", "--batch-size", "32", "--distill-steps", "20", "--reevaluate-steps", "20",
         "--align-steps", "20", "--online-steps", "40", "--learning-starts", "10", "--eval-every", "20", "--eval-episodes", "1",
         "--log-every", "10", "--checkpoint-every", "20", "--phase-eval-every", "10", "--opt-collect-steps", "20",
-        "--opt-pretrain-steps", "10", "--opt-utd", "2", "--kappa-begin", "20", "--kappa-finish", "40", "--ratio-every", "10",
-        "--ratio-train-steps", "5"]
+        "--opt-pretrain-steps", "10", "--opt-utd", "2", "--kappa-begin", "20", "--kappa-finish", "40"]
 
 
 def run(tmp_path: Path, ckpt: Path, *extra: str) -> dict:
@@ -429,6 +621,248 @@ def test_default_checkpoint_convention(tmp_path, offline_checkpoints):
     assert res["offline_checkpoint"] == str(dest)
 
 
+# ---------------------------------------------------------------- wiring through main: spies on what the phases hand over
+SCALE, SHIFT = 7.0, -3.0  # a reward transform no critic learned from scratch may see
+
+
+@pytest.fixture(scope="module")
+def scaled_checkpoint(offline_checkpoints, tmp_path_factory) -> Path:
+    """The TD3+BC checkpoint with a non-identity reward transform (TD3+BC's own is the identity)."""
+    ck = torch.load(offline_checkpoints["td3_bc"], weights_only=True)
+    ck["reward_transform"] = {"scale": SCALE, "shift": SHIFT}
+    path = tmp_path_factory.mktemp("scaled") / "checkpoint.pt"
+    torch.save(ck, path)
+    return path
+
+
+class _Recorded(__import__("gymnasium").Wrapper):
+    """Records (reward, terminated, truncated) of every step."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.log: list[tuple[float, bool, bool]] = []
+
+    def step(self, action):
+        obs, r, term, trunc, info = self.env.step(action)
+        self.log.append((float(r), bool(term), bool(trunc)))
+        return obs, r, term, trunc, info
+
+
+def _flat(module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in module.parameters()]).clone()
+
+
+def _trace(tmp_path: Path, ckpt: Path, *flags: str) -> dict:
+    """Run main with spies on every update function, on what the online buffer receives, and with environments whose
+    time limit is 10 steps (so online episodes end by truncation); returns what they saw and the run's outputs."""
+    import gymnasium as gym
+
+    rec: dict = {"envs": [], "stored": [], "reeval": [], "align_targets": [], "o2td3": [], "pretrain": [], "finetune": [], "balanced": 0}
+    with pytest.MonkeyPatch.context() as mp:
+        make_env = td3.make_env
+
+        def short_env(spec):
+            env = _Recorded(gym.wrappers.TimeLimit(make_env(spec), max_episode_steps=10))
+            rec["envs"].append(env)
+            return env
+
+        mp.setattr(td3, "make_env", short_env)
+        add = td3.OnlineReplay.add
+
+        def spy_add(self, obs, actions, rewards, next_obs, terminals):
+            rec["stored"].append((rewards.clone(), terminals.clone()))
+            return add(self, obs, actions, rewards, next_obs, terminals)
+
+        mp.setattr(td3.OnlineReplay, "add", spy_add)
+        reeval, align, o2td3 = td3.reevaluate_update, td3.align_update, td3.o2td3_update
+        pretrain, finetune, balanced = td3.opt_pretrain_update, td3.opt_finetune_update, td3.balanced_replay_update
+
+        def spy_reeval(ag, obs, actions, rewards, *rest, **kw):
+            rec["reeval"].append(rewards.clone())
+            return reeval(ag, obs, actions, rewards, *rest, **kw)
+
+        def spy_align(ag, obs, **kw):
+            rec["align_targets"].append(_flat(ag.qf_target))
+            return align(ag, obs, **kw)
+
+        def spy_o2td3(ag, obs, actions, rewards, next_obs, terminals, threshold, update_actor, **kw):
+            lam = ag.log_lam.item()
+            out = o2td3(ag, obs, actions, rewards, next_obs, terminals, threshold, update_actor, **kw)
+            rec["o2td3"].append({"flag": update_actor, "threshold": threshold.item(), "lam_before": lam, "lam_after": ag.log_lam.item(),
+                                 "rewards": rewards.clone()})
+            return out
+
+        def spy_pretrain(ag, off, on, update_targets=True, **kw):
+            before = _flat(ag.qf_on_target)
+            out = pretrain(ag, off, on, update_targets, **kw)
+            rec["pretrain"].append({"flag": update_targets, "moved": not torch.equal(before, _flat(ag.qf_on_target)),
+                                    "off_rewards": off["rewards"].clone(), "on_rewards": on["rewards"].clone()})
+            return out
+
+        def spy_finetune(ag, obs, actions, rewards, *rest, **kw):
+            rec["finetune"].append({"rewards": rewards.clone(), "kw": kw})
+            return finetune(ag, obs, actions, rewards, *rest, **kw)
+
+        def spy_balanced(*a, **kw):
+            rec["balanced"] += 1
+            rec["temperature"] = kw["temperature"]
+            return balanced(*a, **kw)
+
+        for name, fn in (("reevaluate_update", spy_reeval), ("align_update", spy_align), ("o2td3_update", spy_o2td3),
+                         ("opt_pretrain_update", spy_pretrain), ("opt_finetune_update", spy_finetune), ("balanced_replay_update", spy_balanced)):
+            mp.setattr(td3, name, fn)
+        rec["res"] = run(tmp_path, ckpt, *flags)
+    out = Path(rec["res"]["run_dir"])
+    for name in ("final", "online", "reevaluated", "aligned", "opt_pretrained"):
+        if (out / f"{name}.pt").exists():
+            rec[name] = torch.load(out / f"{name}.pt", weights_only=True)
+    rec["results"] = json.loads((out / "results.json").read_text())
+    rec["train_env"] = rec["envs"][-1]  # created after the evaluation envs
+    return rec
+
+
+O2TD3_TRACE = ["--utd", "2", "--eps-steps", "30", "--run-name", "trace"]  # 31 env steps with updates, 2 each
+
+
+@pytest.fixture(scope="module")
+def o2td3_trace(scaled_checkpoint, tmp_path_factory) -> dict:
+    return _trace(tmp_path_factory.mktemp("o2td3_trace"), scaled_checkpoint, *O2TD3_TRACE)
+
+
+@pytest.fixture(scope="module")
+def naive_trace(scaled_checkpoint, tmp_path_factory) -> dict:
+    return _trace(tmp_path_factory.mktemp("naive_trace"), scaled_checkpoint, "--no-reevaluate", "--no-align", "--no-constraint")
+
+
+@pytest.fixture(scope="module")
+def opt_trace(scaled_checkpoint, tmp_path_factory) -> dict:
+    return _trace(tmp_path_factory.mktemp("opt_trace"), scaled_checkpoint, "--opt", "--opt-balanced-replay")
+
+
+def _raw_rewards() -> torch.Tensor:
+    return torch.as_tensor(td3.load_dataset("hopper-medium-v2", quiet=True)["rewards"])
+
+
+def _assert_online_storage(rec: dict, scale: float, shift: float) -> None:
+    """Every env step of the training env was stored once: its reward through (scale, shift), terminal = termination
+    only; the 10-step time limit was reached, and those ends are stored with terminal 0."""
+    log = rec["train_env"].log
+    rewards = torch.cat([r.float().flatten() for r, _ in rec["stored"]])
+    terminals = torch.cat([d.float().flatten() for _, d in rec["stored"]])
+    assert len(log) == len(rewards)
+    torch.testing.assert_close(rewards, torch.tensor([r * scale + shift for r, _, _ in log], dtype=torch.float32))
+    assert terminals.tolist() == [float(term) for _, term, _ in log]
+    truncated = [i for i, (_, term, trunc) in enumerate(log) if trunc and not term]
+    assert truncated and all(terminals[i] == 0.0 for i in truncated)
+
+
+def test_o2td3_critics_learn_from_raw_rewards(o2td3_trace):
+    """Re-evaluation, alignment and fine-tuning learn a NEW critic: raw rewards everywhere, never the checkpoint's."""
+    raw = _raw_rewards()
+    assert rec_all_in(o2td3_trace["reeval"], raw)
+    _assert_online_storage(o2td3_trace, 1.0, 0.0)
+    online = torch.tensor([r for r, _, _ in o2td3_trace["train_env"].log], dtype=torch.float32)
+    assert rec_all_in([c["rewards"] for c in o2td3_trace["o2td3"]], torch.cat([raw, online]))
+    h = o2td3_trace["results"]["reward_handling"]
+    assert h == {"qf": {"scale": 1.0, "shift": 0.0, "source": "raw"}}
+    assert o2td3_trace["final"]["reward_transform"] == {"scale": 1.0, "shift": 0.0}
+
+
+def rec_all_in(batches: list, values: torch.Tensor) -> bool:
+    return bool(batches) and all(torch.isin(b, values).all() for b in batches)
+
+
+def test_naive_keeps_the_checkpoints_reward_transform(naive_trace):
+    _assert_online_storage(naive_trace, SCALE, SHIFT)
+    raw = _raw_rewards()
+    offline_half = [c["rewards"][16:] for c in naive_trace["o2td3"]]  # --buffer-mode half: the second half is offline
+    assert rec_all_in(offline_half, raw * SCALE + SHIFT) and not any(torch.isin(b, raw).all() for b in offline_half)
+    assert naive_trace["results"]["reward_handling"]["qf"]["source"].startswith("checkpoint")
+    assert naive_trace["final"]["reward_transform"] == {"scale": SCALE, "shift": SHIFT}
+
+
+def test_alignment_targets_frozen_for_the_whole_phase(o2td3_trace):
+    targets = o2td3_trace["align_targets"]
+    assert len(targets) == 20 and all(torch.equal(t, targets[0]) for t in targets)
+    # the targets the alignment reads are the re-evaluation's Polyak targets
+    assert torch.equal(targets[0], torch.cat([v.flatten() for v in o2td3_trace["reevaluated"]["train_state"]["modules"]["qf_target"].values()]))
+
+
+def test_o2td3_lambda_cadence_and_loosening_threshold(o2td3_trace):
+    calls, a = o2td3_trace["o2td3"], td3.Args()
+    d = td3.resolve_defaults(a)
+    steps = [t for t in range(10, 41) for _ in range(2)]  # --learning-starts 10, --online-steps 40, --utd 2
+    assert len(calls) == len(steps)
+    assert [c["flag"] for c in calls] == [n % a.policy_freq == 0 for n in range(1, len(calls) + 1)]
+    assert all((c["lam_after"] != c["lam_before"]) == c["flag"] for c in calls)  # lambda moves with the delayed step only
+    expected = [td3.constraint_threshold(t, d["eps0"], d["eps_end"], 30) for t in steps]
+    assert [c["threshold"] for c in calls] == pytest.approx(expected, rel=1e-6)
+    assert expected[-1] == d["eps_end"] > expected[0] > d["eps0"]
+
+
+def _adam_steps(ckpt: dict) -> dict[str, int]:
+    return {k: int(float(o["state"][0]["step"])) for k, o in ckpt["train_state"]["optimizers"].items() if o["state"]}
+
+
+def test_optimisers_carry_over_phases_and_phase_reuse(o2td3_trace, scaled_checkpoint):
+    """One critic Adam from re-evaluation through alignment into fine-tuning, one actor Adam from alignment on; a rerun
+    that reuses the phase checkpoints continues with their optimiser state."""
+    n_updates, n_actor = 62, 31
+    assert _adam_steps(o2td3_trace["reevaluated"])["qf_opt"] == 20
+    assert _adam_steps(o2td3_trace["aligned"])["qf_opt"] == 40 and _adam_steps(o2td3_trace["aligned"])["actor_opt"] == 20
+    final = _adam_steps(o2td3_trace["final"])
+    assert (final["qf_opt"], final["actor_opt"], final["lam_opt"]) == (40 + n_updates, 20 + n_actor, n_actor)
+    out = Path(o2td3_trace["res"]["run_dir"])
+    (out / "online.pt").unlink()
+    again = run(out.parents[2], scaled_checkpoint, *O2TD3_TRACE)
+    assert again["phases"]["reevaluated"]["reused"] and again["phases"]["aligned"]["reused"]
+    assert _adam_steps(torch.load(out / "final.pt", weights_only=True)) == final
+    # re-evaluation reused, alignment recomputed (other --align-steps): the critic Adam continues from reevaluated.pt
+    again = run(out.parents[2], scaled_checkpoint, *O2TD3_TRACE, "--align-steps", "10")
+    assert again["phases"]["reevaluated"]["reused"] and not again["phases"]["aligned"]["reused"]
+    steps = _adam_steps(torch.load(out / "final.pt", weights_only=True))
+    assert (steps["qf_opt"], steps["actor_opt"]) == (30 + n_updates, 10 + n_actor)
+
+
+def test_opt_rewards_per_critic_and_pretrain_target_cadence(opt_trace):
+    raw = _raw_rewards()
+    pre = opt_trace["pretrain"]
+    assert [c["flag"] for c in pre] == [n % 2 == 0 for n in range(1, 11)]  # targets every second step
+    assert [c["moved"] for c in pre] == [c["flag"] for c in pre]
+    assert rec_all_in([c["off_rewards"] for c in pre], raw)  # Q_on: raw rewards
+    _assert_online_storage(opt_trace, 1.0, 0.0)
+    ft = opt_trace["finetune"]
+    assert len(ft) == 40 and all(c["kw"]["off_reward_scale"] == SCALE and c["kw"]["off_reward_shift"] == SHIFT for c in ft)
+    assert opt_trace["results"]["reward_handling"]["qf_on"]["source"] == "raw"
+    assert opt_trace["results"]["reward_handling"]["qf"]["scale"] == SCALE
+
+
+def test_opt_balanced_replay_every_update(opt_trace):
+    assert opt_trace["balanced"] == 40 and opt_trace["temperature"] == 5.0  # one density-ratio step per gradient update (20 env steps, UTD 2)
+    assert _adam_steps(opt_trace["final"])["ratio_opt"] == 40
+    prio = opt_trace["online"]["train_state"]["replay"]["priority"]
+    assert len(prio) == 3000 + 40 and not torch.equal(prio, torch.ones_like(prio))  # refreshed, checkpointed for a resume
+
+
+def test_opt_default_budget_through_main(tmp_path, offline_checkpoints, monkeypatch):
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def stop(run_, *rest):
+        seen["online_steps"] = run_.args.online_steps
+        raise Stop
+
+    monkeypatch.setattr(td3, "run_opt", stop)
+    monkeypatch.setattr(td3, "run_o2td3_online", stop)
+    tiny = [x for i, x in enumerate(TINY) if "--online-steps" not in TINY[max(i - 1, 0): i + 1]]
+    for flags, budget in ((["--opt"], 300_000), (["--no-reevaluate", "--no-align"], 100_000)):
+        with pytest.raises(Stop):
+            td3.main(tyro.cli(td3.Args, args=[*tiny, "--checkpoint", str(offline_checkpoints["td3_bc"]), "--run-dir", str(tmp_path), *flags]))
+        assert seen["online_steps"] == budget
+
+
 # ---------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize("extra, message", [
     (["--env", "hopper-mediocre-v2"], "unknown env"),
@@ -515,7 +949,7 @@ def test_distillation_regresses_the_mean_action():
 OBS, ACT, B = 5, 2, 16
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # phase -> whether its calls carry the delayed-actor flag (every flag value compiles / captures its own graph)
-UPDATES = {"distill": False, "reevaluate": False, "align": False, "o2td3": True, "naive": True, "opt_pretrain": False, "opt_finetune": True}
+UPDATES = {"distill": False, "reevaluate": False, "align": False, "o2td3": True, "naive": True, "opt_pretrain": True, "opt_finetune": True}
 
 
 def _batch(seed: int, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -560,7 +994,7 @@ def _phase_update(accel, ag: td3.Agent, phase: str):
         "o2td3": lambda: functools.partial(td3.o2td3_update, ag, constraint=True, lagrange_tau=a.lagrange_tau, **c),
         "naive": lambda: functools.partial(td3.o2td3_update, ag, constraint=False, lagrange_tau=a.lagrange_tau, **c),
         "opt_pretrain": lambda: functools.partial(td3.opt_pretrain_update, ag, inner_lr=0.1, **c),
-        "opt_finetune": lambda: functools.partial(td3.opt_finetune_update, ag, **c),
+        "opt_finetune": lambda: functools.partial(td3.opt_finetune_update, ag, off_reward_scale=2.0, off_reward_shift=-1.0, **c),
     }[phase]()
     return accel.update(fn)
 
@@ -577,7 +1011,7 @@ def _phase_inputs(phase: str, step: int, device: str = "cpu") -> tuple:
         "align": lambda: (b["obs"],),
         "o2td3": lambda: (*x, scalar(1e-3 * (step + 1)), flag),
         "naive": lambda: (*x, scalar(1e-3 * (step + 1)), flag),
-        "opt_pretrain": lambda: (b, _batch(1000 + step, device)),
+        "opt_pretrain": lambda: (b, _batch(1000 + step, device), flag),  # flag: Polyak targets this step
         "opt_finetune": lambda: (*x, scalar(0.2 + 0.1 * step), flag),
     }[phase]()
 
