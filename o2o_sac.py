@@ -71,11 +71,15 @@ class Args:
 
     # --- modes (ALGORITHMS.md 1, 4a, 4c) ---
     no_reevaluate: bool = False
-    """skip re-evaluation: keep the checkpoint's critic if it has one, else fresh critics"""
+    """skip re-evaluation: keep the checkpoint's critic, its target critics and its reward transform if it has them
+    (CQL, IQL, TD3+BC), else fresh critics on raw rewards"""
     no_align: bool = False
-    """skip value alignment"""
+    """skip value alignment (the target critics then carry on from the phase before instead of being reset to the
+    critics)"""
     no_constraint: bool = False
-    """online SAC without the KL constraint (all three = naive fine-tuning)"""
+    """online SAC without the KL constraint. All three flags = naive fine-tuning, which keeps training what the
+    checkpoint holds: its critics, its target critics and its learned alpha when it has them (CQL), otherwise a copy
+    of the critics as targets and alpha0; rewards get the checkpoint's transform whenever its critic is kept"""
     critic_init: Literal["ocr", "scratch"] = "ocr"
     """ocr: the OCR-CFT pipeline above; scratch: PORL (random critics, pre-sample stage, plain SAC)"""
     reference: Literal["best", "interval", "offline"] = "best"
@@ -90,11 +94,15 @@ class Args:
 
     # --- per-dataset-family values (None = from FAMILY_DEFAULTS by the level of --env) ---
     alpha0: float | None = None
-    """entropy weight of re-evaluation and alignment, initial online alpha"""
+    """entropy weight of re-evaluation and alignment, initial online alpha (naive fine-tuning starts from the
+    checkpoint's learned alpha when it has one)"""
     eps0: float | None = None
     """initial KL threshold"""
     eps_end: float | None = None
     """final KL threshold (the threshold loosens from eps0 to eps_end)"""
+    actor_grad_clip: float | None = None
+    """max gradient norm of the online actor updates; 0 never clips. Default: from FAMILY_DEFAULTS (0.25 for hopper
+    medium-expert / expert with --reference interval, as the official configs; no clipping otherwise)"""
 
     # --- offline phases ---
     distill_steps: int = 5_000
@@ -753,14 +761,18 @@ def actor_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> nn.
 
 
 # ---------------------------------------------------------------- per-dataset-family defaults (ALGORITHMS.md 1a, 1d)
-# Keyed by the level parsed from --env; explicit --alpha0 / --eps0 / --eps-end override. "random" is not in the
-# paper: it gets the medium values.
+# Keyed by the level parsed from --env; explicit --alpha0 / --eps0 / --eps-end / --actor-grad-clip override. "random" is
+# not in the paper: it gets the medium values. interval_grad_clip: the actor's gradient-norm clip with --reference
+# interval (0 = none); a "<env>-<level>" row overrides its level's row for that environment only.
 FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
-    "medium": dict(alpha0=0.2, eps0=0.125, eps_end=2.0),
-    "medium-replay": dict(alpha0=0.2, eps0=0.125, eps_end=2.0),
-    "random": dict(alpha0=0.2, eps0=0.125, eps_end=2.0),
-    "medium-expert": dict(alpha0=0.5, eps0=0.005, eps_end=0.125),
-    "expert": dict(alpha0=0.5, eps0=0.005, eps_end=0.125),
+    "medium": dict(alpha0=0.2, eps0=0.125, eps_end=2.0, interval_grad_clip=0.0),
+    "medium-replay": dict(alpha0=0.2, eps0=0.125, eps_end=2.0, interval_grad_clip=0.0),
+    "random": dict(alpha0=0.2, eps0=0.125, eps_end=2.0, interval_grad_clip=0.0),
+    "medium-expert": dict(alpha0=0.5, eps0=0.005, eps_end=0.125, interval_grad_clip=0.0),
+    "expert": dict(alpha0=0.5, eps0=0.005, eps_end=0.125, interval_grad_clip=0.0),
+    # the official configs clip hopper's expert-data actor at 0.25 when the reference is copied every 10 evaluations
+    "hopper-medium-expert": dict(interval_grad_clip=0.25),
+    "hopper-expert": dict(interval_grad_clip=0.25),
 }
 ACTOR_HIDDEN = (256, 256, 256)
 CRITIC_HIDDEN = (256, 256, 256)
@@ -770,26 +782,35 @@ DISTILL_LR = 3e-4
 NOT_STATE = {"no_resume", "stop_after", "log_every", "online_steps", "device", "threads", "run_dir", "run_name", "checkpoint_every",
              "compile", "cudagraphs", "bf16"}
 ONLINE_ONLY = {"no_constraint", "reference", "reference_interval", "buffer_mode", "part_trajectories", "eps0", "eps_end", "utd",
-               "learning_starts", "pre_sample_steps", "alpha_lr", "lambda_init", "lambda_lr", "kl_horizon", "kl_floor", "eval_every"}
+               "learning_starts", "pre_sample_steps", "alpha_lr", "lambda_init", "lambda_lr", "kl_horizon", "kl_floor", "eval_every",
+               "actor_grad_clip"}
 ALIGN_ONLY = {"no_align", "align_steps"}
+# bumped whenever what a saved phase holds or means changes, so older phase checkpoints are recomputed, never misread
+# (2: target critics and optimiser states carried across the phases)
+PHASE_FORMAT = 2
 
 
 def family_values(args: Args) -> dict[str, Any]:
-    """alpha0, eps0, eps_end: explicit flags first, else the FAMILY_DEFAULTS row of --env's level."""
+    """alpha0, eps0, eps_end, actor_grad_clip: explicit flags first, else the FAMILY_DEFAULTS row of --env's level
+    (and of its environment, where the table has one)."""
+    m = re.fullmatch(r"([a-z0-9]+)-(.+)-v\d+", args.env)
     if args.dataset_id is None:
-        level: str | None = parse_env_name(args.env)[1]  # unknown names exit 2 listing the known ones
+        name, level = parse_env_name(args.env)  # unknown names exit 2 listing the known ones
     else:  # any Minari id: the level of --env if it names one, else the values must be given
-        m = re.fullmatch(r"[a-z0-9]+-(.+)-v\d+", args.env)
-        level = m.group(1) if m and m.group(1) in FAMILY_DEFAULTS else None
-    row = FAMILY_DEFAULTS.get(level or "", {})
+        name, level = (m.group(1), m.group(2)) if m and m.group(2) in D4RL_LEVELS else ("", None)
+    row = {**FAMILY_DEFAULTS.get(level or "", {}), **FAMILY_DEFAULTS.get(f"{name}-{level}", {})}
     vals: dict[str, Any] = {"level": level}
     for k in ("alpha0", "eps0", "eps_end"):
         v = getattr(args, k)
         if v is None:
             if level is None:
-                fail(f"--env {args.env} names no dataset level ({', '.join(FAMILY_DEFAULTS)}); pass --alpha0, --eps0 and --eps-end")
+                fail(f"--env {args.env} names no dataset level ({', '.join(D4RL_LEVELS)}); pass --alpha0, --eps0 and --eps-end")
             v = row[k] / 4.0 if (k == "eps_end" and args.reference == "interval") else row[k]
         vals[k] = float(v)
+    clip = args.actor_grad_clip
+    if clip is None:
+        clip = row.get("interval_grad_clip", 0.0) if args.reference == "interval" else 0.0
+    vals["actor_grad_clip"] = float(clip) if clip > 0 else None
     return vals
 
 
@@ -918,12 +939,14 @@ def align_update(pi0: TanhGaussianActor, actor: TanhGaussianActor, qf: Critic, q
 
 def online_update(actor: TanhGaussianActor, pi_ref: TanhGaussianActor | None, qf: Critic, qf_target: Critic, log_alpha: Tensor,
                   log_lam: Tensor, opts: dict[str, torch.optim.Optimizer], b: dict[str, Tensor], eps_t: Tensor, update_lam: bool,
-                  update_actor: bool, *, target_entropy: float, gamma: float, tau: float, kl_floor: float) -> dict[str, Tensor]:
+                  update_actor: bool, *, target_entropy: float, gamma: float, tau: float, kl_floor: float,
+                  actor_grad_clip: float | None = None) -> dict[str, Tensor]:
     """One constrained SAC update (1d); pi_ref None = unconstrained. eps_t is the KL threshold (a 0-d tensor, so a
     compiled or captured update reads its current value). Every loss comes from the same pre-update forward pass and
     all go through ONE backward, each reaching only its own parameters: lam and alpha enter the actor loss and the
     critic target detached, the actor reads the critics frozen, the Lagrange and temperature losses read detached
-    log-probs. Then steps: lam (update_lam), alpha and actor (update_actor), critics, Polyak."""
+    log-probs. Then steps: lam (update_lam), alpha and actor (update_actor; its gradient norm clipped at
+    actor_grad_clip when given), critics, Polyak."""
     obs, next_obs = b["obs"], b["next_obs"]
     constrained = pi_ref is not None
     alpha = log_alpha.detach().exp().reshape(())  # log_alpha and log_lam have shape (1,); the metrics are 0-d
@@ -950,6 +973,8 @@ def online_update(actor: TanhGaussianActor, pi_ref: TanhGaussianActor | None, qf
         opts["lambda"].step()
     if update_actor:
         opts["alpha"].step()
+        if actor_grad_clip is not None:  # only the actor loss reaches the actor's parameters, so this is its own norm
+            torch.nn.utils.clip_grad_norm_(actor.parameters(), actor_grad_clip)
         opts["actor"].step()
     opts["qf"].step()
     polyak_update(qf_target, qf, tau)
@@ -990,6 +1015,7 @@ def phase_key(args: Args, phase: str, ckpt_path: Path, ckpt: dict) -> dict:
         drop |= ALIGN_ONLY
     key = {k: v for k, v in asdict(args).items() if k not in drop}
     key["offline_checkpoint"] = [str(ckpt_path.resolve()), ckpt["grad_steps"], ckpt["algo"]]
+    key["phase_format"] = PHASE_FORMAT
     return key
 
 
@@ -1087,6 +1113,8 @@ def validate(args: Args) -> None:
         v = getattr(args, flag)
         if v is not None and not v > 0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {v}")
+    if args.actor_grad_clip is not None and not args.actor_grad_clip >= 0:
+        fail(f"--actor-grad-clip must be >= 0 (0 never clips), got {args.actor_grad_clip}")
     if args.eps0 is not None and args.eps_end is not None and args.eps_end < args.eps0:
         fail(f"--eps-end {args.eps_end} < --eps0 {args.eps0}: the KL threshold must loosen; swap them")
 
@@ -1147,6 +1175,11 @@ def main(args: Args) -> dict:
     # Keeping the checkpoint's critic means keeping its reward scale; new critics learn on raw rewards.
     keep_critic = args.no_reevaluate and not scratch and bool(ckpt.get("critics")) and "qf" in ckpt["critics"]
     reward_transform = dict(ckpt["reward_transform"]) if keep_critic else {"scale": 1.0, "shift": 0.0}
+    reward_handling = "checkpoint" if keep_critic else "raw"
+    naive = not (reevaluate or align or constrain or scratch)
+    ckpt_qf_target = ((ckpt.get("train_state") or {}).get("modules") or {}).get("qf_target") if keep_critic else None
+    # where the online phase's target critics come from (the official code copies Q -> Qbar only after alignment)
+    targets_from = "aligned_critics" if align else "reevaluation" if reevaluate else "checkpoint" if ckpt_qf_target is not None else "critics_copy"
     rb_off = ReplayBuffer.from_dataset(data, obs_mean, obs_std, device, reward_transform["scale"], reward_transform["shift"])
     evaluator = Evaluator(data["env_spec"], args.eval_episodes, args.seed + 100, obs_mean, obs_std, device)
     ref_min, ref_max = data["ref_min_score"], data["ref_max_score"]
@@ -1235,15 +1268,30 @@ def main(args: Args) -> dict:
         qf = build_qf()  # built after distillation, so pi0 is the same whichever critic a mode uses
         if keep_critic:
             qf.load_state_dict(ckpt["critics"]["qf"])
+        # As the official code, the target critics and the critic Adam travel from re-evaluation through alignment into
+        # online fine-tuning, the actor Adam from alignment into online; a kept checkpoint critic brings its targets.
+        qf_target = frozen(qf)
+        if ckpt_qf_target is not None:
+            qf_target.load_state_dict(ckpt_qf_target)
+        qf_opt, actor_opt = accel.adam(qf.parameters(), args.critic_lr), accel.adam(actor.parameters(), args.actor_lr)
+
+        def restore(saved: dict) -> None:
+            """Critics, target critics and optimisers as a phase checkpoint left them."""
+            qf.load_state_dict(saved["critics"]["qf"])
+            qf_target.load_state_dict(saved["critics"]["qf_target"])
+            for k, opt in (("qf", qf_opt), ("actor", actor_opt)):
+                if k in saved["o2o"]["optimizers"]:
+                    accel.load_optimizer(opt, saved["o2o"]["optimizers"][k])
+
         if reevaluate:
             t0 = time.time()
             if start is not None:
                 reused.append("reevaluated")
                 set_rng_state(start["o2o"]["rng"])
+                if saved_al is None:  # alignment is recomputed from the re-evaluation's end state
+                    restore(saved_re)
             else:
-                qf_target = frozen(qf)
-                reevaluate_step = accel.update(functools.partial(reevaluate_update, pi0, qf, qf_target, accel.adam(qf.parameters(), args.critic_lr),
-                                                                 alpha0=alpha0, gamma=args.gamma, tau=args.tau))
+                reevaluate_step = accel.update(functools.partial(reevaluate_update, pi0, qf, qf_target, qf_opt, alpha0=alpha0, gamma=args.gamma, tau=args.tau))
                 met = Metrics(writer, "reevaluate/")
                 bar = tqdm(range(args.reevaluate_steps), desc="re-evaluation", disable=None)
                 for step in bar:
@@ -1252,25 +1300,22 @@ def main(args: Args) -> dict:
                         vals = met.flush(step + 1, "re-evaluation")
                         bar.set_postfix(qf_loss=f"{vals['qf_loss']:.3g}")
                 atomic_save(make_phase_checkpoint(args, ckpt, data, actor, qf, qf_target, args.reevaluate_steps, offline_score,
-                                                  {**base_o2o, "key": reeval_key, "rng": rng_state(), "curve": curve}), out / "reevaluated.pt")
+                                                  {**base_o2o, "key": reeval_key, "rng": rng_state(), "curve": curve,
+                                                   "optimizers": {"qf": qf_opt.state_dict()}}), out / "reevaluated.pt")
             wall["reevaluate"] = time.time() - t0
             writer.add_scalar("charts/phase", 1, 0)
-            if start is not None and saved_al is None:  # reuse reevaluated.pt, recompute the alignment
-                qf.load_state_dict(saved_re["critics"]["qf"])
 
-        # ---- phase 2: value alignment (1b): targets frozen at the re-evaluation result; the actor keeps training
+        # ---- phase 2: value alignment (1b): targets frozen at the re-evaluation's target critics; the actor keeps training
         if align:
             t0 = time.time()
             if saved_al is not None:
                 reused.append("aligned")
-                qf.load_state_dict(saved_al["critics"]["qf"])
+                restore(saved_al)
                 actor.load_state_dict(saved_al["actor"])
                 set_rng_state(saved_al["o2o"]["rng"])
                 after_ret, after_score = saved_al["o2o"]["after_align_return"], saved_al["o2o"]["after_align_score"]
             else:
-                qf_target = frozen(qf)
-                align_step = accel.update(functools.partial(align_update, pi0, actor, qf, qf_target, accel.adam(qf.parameters(), args.critic_lr),
-                                                            accel.adam(actor.parameters(), args.actor_lr), alpha0=alpha0))
+                align_step = accel.update(functools.partial(align_update, pi0, actor, qf, qf_target, qf_opt, actor_opt, alpha0=alpha0))
                 met = Metrics(writer, "align/")
                 bar = tqdm(range(args.align_steps), desc="alignment", disable=None)
                 for step in bar:
@@ -1281,24 +1326,30 @@ def main(args: Args) -> dict:
                 after_ret, after_score = evaluate(actor)
                 atomic_save(make_phase_checkpoint(args, ckpt, data, actor, qf, qf, args.align_steps, after_score,
                                                   {**base_o2o, "key": aligned_key, "rng": rng_state(), "curve": curve,
-                                                   "after_align_return": after_ret, "after_align_score": after_score}), out / "aligned.pt")
+                                                   "after_align_return": after_ret, "after_align_score": after_score,
+                                                   "optimizers": {"qf": qf_opt.state_dict(), "actor": actor_opt.state_dict()}}), out / "aligned.pt")
+            qf_target.load_state_dict(qf.state_dict())  # the official code copies Q -> Qbar after alignment
             wall["align"] = time.time() - t0
             writer.add_scalar("charts/phase", 2, 0)
         else:
             after_ret, after_score = (offline_ret, offline_score) if distill is None else (distill["return"], distill["normalized_score"])
-        # ---- start of online (1c): targets <- critics; pi_ref <- pi if alignment improved on the offline score
+        # ---- start of online (1c): pi_ref <- pi if alignment improved on the offline score
         tqdm.write(f"start of online: return {after_ret:.1f}, normalized score {after_score:.1f}")
         curve.append({"step": 0, "normalized_score": after_score, "return": after_ret, "phase": "aligned" if align else "start_online"})
-        qf_target = frozen(qf)
         start_score = offline_score if distill is None else distill["normalized_score"]
         if args.reference != "offline" and after_score > start_score:
             pi_ref_sd, best = state_dict_cpu(actor), after_score
         else:
             pi_ref_sd, best = state_dict_cpu(pi0), start_score
+        # naive fine-tuning continues the checkpoint's learned temperature (CQL's); every other mode starts at alpha0
+        ckpt_log_alpha = (ckpt.get("train_state") or {}).get("log_alpha")
+        alpha_from = "checkpoint" if naive and ckpt_log_alpha is not None else "alpha0"
+        log_alpha_init = float(ckpt_log_alpha.reshape(-1)[0]) if alpha_from == "checkpoint" else math.log(alpha0)
+        start_state = {"alpha_from": alpha_from, "alpha": math.exp(log_alpha_init), "qf_target_from": targets_from}
         run = {"t": 0, "best": best, "n_evals": 0, "episode": 0, "env_rng": None, "curve": curve, "wall": wall, "reused": reused,
-               "offline_score": offline_score, "after_align_score": after_score, "distill": distill}
+               "offline_score": offline_score, "after_align_score": after_score, "distill": distill, "start": start_state}
         opt_states = None
-        log_alpha_init, log_lam_init = math.log(alpha0), math.log(args.lambda_init)
+        log_lam_init = math.log(args.lambda_init)
         online_rb = None
     else:
         o = online_state["o2o"]
@@ -1311,6 +1362,7 @@ def main(args: Args) -> dict:
         qf.load_state_dict(online_state["critics"]["qf"])
         qf_target = frozen(qf)
         qf_target.load_state_dict(online_state["critics"]["qf_target"])
+        qf_opt, actor_opt = accel.adam(qf.parameters(), args.critic_lr), accel.adam(actor.parameters(), args.actor_lr)
         pi_ref_sd = o["pi_ref"]
         run = o["run"]
         run["reused"] = sorted(set(run["reused"]) | {"online"})
@@ -1329,8 +1381,7 @@ def main(args: Args) -> dict:
     # shape (1,), not 0-d: compiled Adam skips 0-d float64 parameters (PyTorch 2.13)
     log_alpha = torch.full((1,), log_alpha_init, device=device, requires_grad=True)
     log_lam = torch.full((1,), log_lam_init, device=device, requires_grad=True)
-    opts = {"actor": accel.adam(actor.parameters(), args.actor_lr), "qf": accel.adam(qf.parameters(), args.critic_lr),
-            "alpha": accel.adam([log_alpha], args.alpha_lr), "lambda": accel.adam([log_lam], args.lambda_lr)}
+    opts = {"actor": actor_opt, "qf": qf_opt, "alpha": accel.adam([log_alpha], args.alpha_lr), "lambda": accel.adam([log_lam], args.lambda_lr)}
     if opt_states is not None:
         for k, opt in opts.items():
             accel.load_optimizer(opt, opt_states[k])
@@ -1339,7 +1390,8 @@ def main(args: Args) -> dict:
                 st.update({n: st[n].reshape(1) for n in ("exp_avg", "exp_avg_sq") if n in st})
     target_entropy = -float(act_dim)
     online_step = accel.update(functools.partial(online_update, actor, pi_ref, qf, qf_target, log_alpha, log_lam, opts,
-                                                 target_entropy=target_entropy, gamma=args.gamma, tau=args.tau, kl_floor=args.kl_floor))
+                                                 target_entropy=target_entropy, gamma=args.gamma, tau=args.tau, kl_floor=args.kl_floor,
+                                                 actor_grad_clip=fam["actor_grad_clip"]))
     eps_t = accel.scalar(fam["eps0"])  # the KL threshold as a device tensor: refilled each env step, never recompiled
     # replay (1f): the offline part of all/part lives at the front of the online buffer and is never overwritten
     if buffer_mode in ("all", "part"):
@@ -1393,7 +1445,8 @@ def main(args: Args) -> dict:
             "offline_checkpoint": str(ckpt_path), "offline_algo": ckpt["algo"], "offline_actor_family": ckpt["actor_family"],
             "mode": {"reevaluate": reevaluate, "align": align, "constraint": constrain, "critic_init": args.critic_init,
                      "reference": args.reference, "buffer_mode": buffer_mode, "critic": critic_config},
-            "family_defaults": fam, "reward_transform": reward_transform, "distillation": run["distill"],
+            "family_defaults": fam, "reward_handling": reward_handling, "reward_transform": reward_transform, "online_start": run.get("start"),
+            "distillation": run["distill"],
             "offline_score": run["offline_score"], "after_align_score": run["after_align_score"],
             "min_first_tenth_online": min(first_tenth), "final_score": c[-1]["normalized_score"], "best_score": run["best"],
             "online_steps_done": run["t"], "curve": c, "wall_clock_s": run["wall"], "reused_phases": run["reused"],

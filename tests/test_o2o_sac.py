@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
 import shutil
 from pathlib import Path
+from typing import Callable, Sequence
+
+import gymnasium as gym
 
 import pytest
 import torch
@@ -96,6 +100,13 @@ def test_family_defaults_table_and_overrides():
     a = o2o.family_values(o2o.Args(env="walker2d-medium-replay-v2", alpha0=0.3))
     assert (a["alpha0"], a["eps0"], a["eps_end"]) == (0.3, 0.125, 2.0)
     assert o2o.family_values(o2o.Args(env="hopper-medium-v2", reference="interval"))["eps_end"] == 0.5
+    # the official actor gradient clip: hopper medium-expert / expert with --reference interval only
+    clip = lambda **kw: o2o.family_values(o2o.Args(**kw))["actor_grad_clip"]  # noqa: E731
+    assert clip(env="hopper-medium-expert-v2", reference="interval") == clip(env="hopper-expert-v2", reference="interval") == 0.25
+    assert clip(env="hopper-expert-v2", reference="interval", dataset_id="local/hopper/expert-v0") == 0.25
+    assert clip(env="hopper-expert-v2") is None and clip(env="hopper-medium-v2", reference="interval") is None
+    assert clip(env="walker2d-expert-v2", reference="interval") is None
+    assert clip(env="hopper-expert-v2", reference="interval", actor_grad_clip=0.0) is None and clip(env="hopper-medium-v2", actor_grad_clip=1.0) == 1.0
 
 
 # ---------------------------------------------------------------- behaviour: alignment makes pi0 (soft-)greedy
@@ -189,6 +200,8 @@ def test_smoke_mode(name, smoke_runs):
     o2o.actor_from_checkpoint(ck)
     # --no-reevaluate keeps a checkpoint critic when there is one (IQL), else new LayerNorm critics
     assert mode["critic"]["from"] == ("checkpoint" if algo in ("iql", "cql") and "--no-reevaluate" in extra else "new")
+    # only a kept checkpoint critic keeps the checkpoint's reward transform; new critics learn on raw rewards
+    assert res["reward_handling"] == ("checkpoint" if mode["critic"]["from"] == "checkpoint" else "raw")
     sc = scalars(d)
     for tag in ("losses/qf_loss", "losses/actor_loss", "losses/alpha", "eval/normalized_score", "charts/kl_threshold"):
         assert tag in sc and sc[tag] and all(math.isfinite(v) for v in sc[tag]), tag
@@ -230,6 +243,263 @@ def test_phase_checkpoints_reused_with_same_args(smoke_runs, offline_checkpoints
     (copy / "online.pt").unlink()
     res = run(offline_checkpoints["cql"], tmp_path, "--run-name", "o2sac_cql", "--online-steps", "150", "--align-steps", "20")
     assert res["reused_phases"] == ["reevaluated"]
+
+
+# ---------------------------------------------------------------- wiring: what each phase's update receives
+# The math above can be right and the phases still wired wrong (the wrong alpha, critic, optimiser, flag or threshold
+# reaching an update). These tests run main() and spy on the update functions it calls: they record what an update
+# receives before it runs, then compare the update with one computed by hand, or check the state handed between phases.
+ALPHA0, EPS0, EPS_END = 0.2, 0.125, 2.0  # FAMILY_DEFAULTS["medium"]
+R_STEPS, A_STEPS, ONLINE, STARTS, UTD, CLIP, TIME_LIMIT = 20, 20, 60, 30, 3, 0.25, 12
+WIRING = ["--reevaluate-steps", str(R_STEPS), "--align-steps", str(A_STEPS), "--online-steps", str(ONLINE), "--learning-starts", str(STARTS),
+          "--utd", str(UTD), "--kl-horizon", str(ONLINE), "--eval-every", str(ONLINE), "--eval-episodes", "1", "--batch-size", "32",
+          "--log-every", "10", "--checkpoint-every", "1000", "--distill-steps", "10", "--device", "cpu"]
+
+
+def wiring_run(ckpt: Path, run_dir: Path, *extra: str) -> dict:
+    return o2o.main(tyro.cli(o2o.Args, args=["--env", "hopper-medium-v2", "--checkpoint", str(ckpt), "--run-dir", str(run_dir), *WIRING, *extra]))
+
+
+def spy(monkeypatch, name: str, before: Callable[[int, tuple, dict], dict], after: Callable[[int, tuple, dict], dict] | None = None) -> list[dict]:
+    """Wrap the script's update `name` (main binds it at call time): each call appends before(i, args, kwargs), taken
+    before the update changes anything, plus its metrics and after(i, args, kwargs)."""
+    orig, calls = getattr(o2o, name), []
+
+    def wrapper(*args, **kwargs):
+        rec = before(len(calls), args, kwargs)
+        out = orig(*args, **kwargs)
+        rec["out"] = {k: v.detach().clone() for k, v in out.items()}
+        if after is not None:
+            rec.update(after(len(calls), args, kwargs))
+        calls.append(rec)
+        return out
+
+    monkeypatch.setattr(o2o, name, wrapper)
+    return calls
+
+
+def flat(module_or_sd) -> torch.Tensor:
+    sd = module_or_sd.state_dict() if isinstance(module_or_sd, torch.nn.Module) else module_or_sd
+    return torch.cat([v.detach().reshape(-1).float() for v in sd.values()]).clone()
+
+
+def adam_steps(opt: torch.optim.Optimizer) -> set[int]:
+    """The step counts of an Adam's parameters (empty for a fresh one)."""
+    return {int(st["step"]) for st in opt.state.values()}
+
+
+def snapshot(args: tuple, kwargs: dict, names: Sequence[str]) -> dict:
+    """Deep copies of the positional args named (modules, the batch) and the RNG state, so the update can be redone."""
+    out = {n: copy.deepcopy(a) for n, a in zip(names, args) if n}
+    return out | {"rng": torch.get_rng_state(), "kwargs": dict(kwargs)}
+
+
+@pytest.fixture
+def short_episodes(monkeypatch) -> list:
+    """The script's make_env with a TIME_LIMIT-step time limit, so the tiny runs reach truncations; records the
+    (terminated, truncated) and reward of every step of every env it makes (the training env is made last)."""
+    orig, envs = o2o.make_env, []
+
+    class Recorder(gym.Wrapper):
+        def __init__(self, env):
+            super().__init__(env)
+            self.ends: list[tuple[bool, bool]] = []
+            self.rewards: list[float] = []
+
+        def step(self, action):
+            out = super().step(action)
+            self.ends.append((bool(out[2]), bool(out[3])))
+            self.rewards.append(float(out[1]))
+            return out
+
+    def make_env(spec: str):
+        envs.append(Recorder(gym.wrappers.TimeLimit(orig(spec), TIME_LIMIT)))
+        return envs[-1]
+
+    monkeypatch.setattr(o2o, "make_env", make_env)
+    return envs
+
+
+@pytest.fixture
+def online_adds(monkeypatch) -> list[tuple[float, float]]:
+    """(reward, terminal) of every single transition added to a replay buffer (the online env steps)."""
+    orig, adds = o2o.ReplayBuffer.add, []
+
+    def add(self, obs, actions, rewards, next_obs, terminals):
+        if len(rewards) == 1:
+            adds.append((float(torch.as_tensor(rewards).reshape(-1)[0]), float(torch.as_tensor(terminals).reshape(-1)[0])))
+        return orig(self, obs, actions, rewards, next_obs, terminals)
+
+    monkeypatch.setattr(o2o.ReplayBuffer, "add", add)
+    return adds
+
+
+def spy_online(monkeypatch) -> tuple[list[dict], list[float]]:
+    """Per online update: its flags, the KL threshold it reads, log lam before and after; at the first call also the
+    starting state (alpha, critics, target critics, optimiser step counts); the actor's gradient norm at each step."""
+    norms: list[float] = []
+
+    def before(i, args, kwargs):
+        actor, _, qf, qf_target, log_alpha, log_lam, opts, _, eps_t = args
+        rec = {"update_lam": kwargs["update_lam"], "update_actor": kwargs["update_actor"], "eps": eps_t.item(), "log_lam": log_lam.item(),
+               "clip": kwargs.get("actor_grad_clip")}
+        if i == 0:
+            rec |= {"log_alpha": log_alpha.item(), "qf": flat(qf), "qf_target": flat(qf_target),
+                    "steps": {k: adam_steps(o) for k, o in opts.items()}}
+            step = opts["actor"].step
+
+            def recording_step(*a, **k):  # the actor's gradient as Adam sees it, after any clipping
+                norms.append(torch.cat([p.grad.reshape(-1) for p in actor.parameters() if p.grad is not None]).norm().item())
+                return step(*a, **k)
+
+            opts["actor"].step = recording_step
+        return rec
+
+    return spy(monkeypatch, "online_update", before, lambda i, args, kwargs: {"log_lam_after": args[5].item()}), norms
+
+
+def test_wiring_of_every_phase(offline_checkpoints, short_episodes, online_adds, monkeypatch, tmp_path):
+    """O2SAC end to end: each phase's update checked against the paper's objectives (re-evaluation, value alignment,
+    constrained fine-tuning), and the state handed between phases against the official code."""
+    re_calls = spy(monkeypatch, "reevaluate_update", lambda i, args, kw: snapshot(args, kw, ["pi0", "qf", "qf_target", "", "b"]) if i == 0 else {})
+    al_calls = spy(monkeypatch, "align_update", lambda i, args, kw: {"target": flat(args[3]), "qf_steps": adam_steps(args[4]),
+                   "actor_steps": adam_steps(args[5])} | (snapshot(args, kw, ["pi0", "actor", "qf", "qf_target", "", "", "b"]) if i == 0 else {}))
+    on_calls, norms = spy_online(monkeypatch)
+    res = wiring_run(offline_checkpoints["cql"], tmp_path, "--actor-grad-clip", str(CLIP))
+    d = Path(res["run_dir"])
+    assert len(re_calls) == R_STEPS and len(al_calls) == A_STEPS and len(on_calls) == (ONLINE - STARTS) * UTD
+
+    # re-evaluation: y = r + gamma (1 - d) [min_i Qbar_i(s', a') - alpha0 log pi0(a'|s')] with a' SAMPLED from pi0
+    s = re_calls[0]
+    assert s["kwargs"]["alpha0"] == ALPHA0
+    b = s["b"]
+    torch.set_rng_state(s["rng"])
+    with torch.no_grad():
+        next_a, next_logp = s["pi0"].sample(b["next_obs"])
+        y = b["rewards"] + 0.99 * (1 - b["terminals"]) * (s["qf_target"](b["next_obs"], next_a).min(0).values - ALPHA0 * next_logp)
+        expected = ((s["qf"](b["obs"], b["actions"]) - y) ** 2).mean(-1).sum()
+    torch.testing.assert_close(s["out"]["qf_loss"], expected)
+
+    # alignment: targets from re-evaluation's Polyak target critics, frozen for the whole phase; anchor term kept
+    re_ck = torch.load(d / "reevaluated.pt", weights_only=True)
+    ev_target, ev_qf = flat(re_ck["critics"]["qf_target"]), flat(re_ck["critics"]["qf"])
+    assert not torch.equal(ev_target, ev_qf), "the re-evaluation's target critics must be its Polyak averages"
+    for c in al_calls:
+        torch.testing.assert_close(c["target"], ev_target, rtol=0, atol=0)
+    s = al_calls[0]
+    obs = s["b"]["obs"]
+    torch.set_rng_state(s["rng"])
+    with torch.no_grad():
+        an, logp_an = s["actor"].sample(obs)
+        mu0, log_std0 = s["pi0"](obs)
+        a_star = torch.tanh(mu0)
+        q_star = s["qf_target"](obs, a_star).min(0).values
+        y = torch.minimum(q_star - ALPHA0 * (o2o.tanh_gaussian_log_prob(mu0, log_std0, mu0) - s["pi0"].log_prob(obs, an)),
+                          s["qf_target"](obs, an).min(0).values)
+        expected = ((s["qf"](obs, a_star) - q_star) ** 2).mean(-1).sum() + ((s["qf"](obs, an) - y) ** 2).mean(-1).sum()
+        actor_loss = (ALPHA0 * logp_an - s["qf"](obs, an).min(0).values).mean()
+    torch.testing.assert_close(s["out"]["qf_loss"], expected)
+    torch.testing.assert_close(s["out"]["actor_loss"], actor_loss)
+    assert s["kwargs"]["alpha0"] == ALPHA0
+
+    # optimisers carried as the official code: one critic Adam re-evaluation -> alignment -> online, one actor Adam
+    # alignment -> online; the phase checkpoints hold them
+    assert (al_calls[0]["qf_steps"], al_calls[0]["actor_steps"]) == ({R_STEPS}, set())
+    assert on_calls[0]["steps"]["qf"] == {R_STEPS + A_STEPS} and on_calls[0]["steps"]["actor"] == {A_STEPS}
+    assert {int(st["step"]) for st in re_ck["o2o"]["optimizers"]["qf"]["state"].values()} == {R_STEPS}
+    al_ck = torch.load(d / "aligned.pt", weights_only=True)
+    assert {int(st["step"]) for st in al_ck["o2o"]["optimizers"]["qf"]["state"].values()} == {R_STEPS + A_STEPS}
+    assert {int(st["step"]) for st in al_ck["o2o"]["optimizers"]["actor"]["state"].values()} == {A_STEPS}
+
+    # start of online: Qbar <- Q after alignment, alpha starts at alpha0
+    torch.testing.assert_close(on_calls[0]["qf_target"], on_calls[0]["qf"], rtol=0, atol=0)
+    assert on_calls[0]["log_alpha"] == pytest.approx(math.log(ALPHA0))
+    assert res["online_start"] == {"alpha_from": "alpha0", "alpha": pytest.approx(ALPHA0), "qf_target_from": "aligned_critics"}
+    assert res["reward_handling"] == "raw" and res["reward_transform"] == {"scale": 1.0, "shift": 0.0}
+
+    # constrained fine-tuning: lam steps once per env step (the first of the utd updates) and only then; every
+    # update reads the loosening threshold eps_t of its env step t
+    for j, c in enumerate(on_calls):
+        t = STARTS + 1 + j // UTD
+        assert c["update_lam"] == (j % UTD == 0), j
+        assert (c["log_lam_after"] != c["log_lam"]) == c["update_lam"], j
+        assert c["eps"] == pytest.approx(o2o.kl_threshold(t, EPS0, EPS_END, ONLINE), rel=1e-6), j
+    assert on_calls[-1]["eps"] > on_calls[0]["eps"] + 0.5
+    # --actor-grad-clip reaches the update: the actor's gradient norm never exceeds it, and it did bind
+    assert {c["clip"] for c in on_calls} == {CLIP} and len(norms) == len(on_calls)
+    assert max(norms) == pytest.approx(CLIP, rel=1e-4) and all(n <= CLIP * (1 + 1e-5) for n in norms)
+
+    # online transitions: one per env step, terminal only at a true termination, never at a time-limit end (the
+    # training env is the last one made; the tiny time limit makes truncations happen)
+    ends = short_episodes[-1].ends
+    assert len(online_adds) == len(ends) == ONLINE
+    assert sum(trunc and not term for term, trunc in ends) >= 2, ends
+    assert [d for _, d in online_adds] == [float(term) for term, _ in ends]
+    assert [r for r, _ in online_adds] == pytest.approx(short_episodes[-1].rewards, rel=1e-6)  # raw rewards for new critics
+
+
+def test_wiring_of_reused_phases(offline_checkpoints, monkeypatch, tmp_path):
+    """A reused reevaluated.pt / aligned.pt continues with its critics, target critics and optimiser states."""
+    wiring_run(offline_checkpoints["cql"], tmp_path, "--run-name", "r")
+    d = tmp_path / "o2o_sac" / "hopper-medium-v2" / "r"
+    re_target = flat(torch.load(d / "reevaluated.pt", weights_only=True)["critics"]["qf_target"])
+    # aligned.pt reused: online starts with both optimisers as alignment left them
+    (d / "online.pt").unlink()
+    on_calls, _ = spy_online(monkeypatch)
+    res = wiring_run(offline_checkpoints["cql"], tmp_path, "--run-name", "r", "--online-steps", str(STARTS + 1))
+    assert set(res["reused_phases"]) == {"reevaluated", "aligned"}
+    assert on_calls[0]["steps"]["qf"] == {R_STEPS + A_STEPS} and on_calls[0]["steps"]["actor"] == {A_STEPS}
+    torch.testing.assert_close(on_calls[0]["qf_target"], on_calls[0]["qf"], rtol=0, atol=0)
+    # reevaluated.pt reused, alignment recomputed: from the re-evaluation's target critics and critic Adam
+    (d / "online.pt").unlink()
+    al_calls = spy(monkeypatch, "align_update", lambda i, args, kw: {"qf_target": flat(args[3]), "qf_steps": adam_steps(args[4])})
+    on_calls, _ = spy_online(monkeypatch)
+    res = wiring_run(offline_checkpoints["cql"], tmp_path, "--run-name", "r", "--online-steps", str(STARTS + 1), "--align-steps", "5")
+    assert res["reused_phases"] == ["reevaluated"] and len(al_calls) == 5
+    assert al_calls[0]["qf_steps"] == {R_STEPS}
+    for c in al_calls:
+        torch.testing.assert_close(c["qf_target"], re_target, rtol=0, atol=0)
+    assert on_calls[0]["steps"]["qf"] == {R_STEPS + 5} and on_calls[0]["steps"]["actor"] == {5}
+
+
+@pytest.mark.parametrize("algo", ["cql", "bc"])
+def test_naive_continues_what_the_checkpoint_holds(algo, offline_checkpoints, monkeypatch, tmp_path):
+    """--no-reevaluate --no-align --no-constraint: the checkpoint's critics, target critics and learned alpha (CQL);
+    a checkpoint without them (BC) gets new critics, a copy as targets and alpha0."""
+    ck = torch.load(offline_checkpoints[algo], weights_only=True)
+    on_calls, _ = spy_online(monkeypatch)
+    res = wiring_run(offline_checkpoints[algo], tmp_path, "--no-reevaluate", "--no-align", "--no-constraint", "--online-steps", str(STARTS + 1))
+    first = on_calls[0]
+    assert not first["update_lam"]
+    if algo == "cql":
+        ts = ck["train_state"]
+        assert not torch.equal(flat(ts["modules"]["qf_target"]), flat(ck["critics"]["qf"])), "the test needs targets that differ from the critics"
+        torch.testing.assert_close(first["qf"], flat(ck["critics"]["qf"]), rtol=0, atol=0)
+        torch.testing.assert_close(first["qf_target"], flat(ts["modules"]["qf_target"]), rtol=0, atol=0)
+        assert first["log_alpha"] == pytest.approx(float(ts["log_alpha"].reshape(-1)[0]))
+        assert abs(first["log_alpha"] - math.log(ALPHA0)) > 1e-3, "the test needs a learned alpha that differs from alpha0"
+        assert res["online_start"]["alpha_from"] == "checkpoint" and res["online_start"]["qf_target_from"] == "checkpoint"
+        assert res["reward_handling"] == "checkpoint" and res["reward_transform"] == ck["reward_transform"]
+    else:
+        assert ck["critics"] is None
+        torch.testing.assert_close(first["qf_target"], first["qf"], rtol=0, atol=0)
+        assert first["log_alpha"] == pytest.approx(math.log(ALPHA0))
+        assert res["online_start"]["alpha_from"] == "alpha0" and res["online_start"]["qf_target_from"] == "critics_copy"
+        assert res["reward_handling"] == "raw"
+
+
+@pytest.mark.parametrize("extra,handling", [(["--no-reevaluate", "--no-align", "--no-constraint"], "checkpoint"),
+                                            (["--reevaluate-steps", "5", "--no-align"], "raw")])
+def test_rewards_follow_the_critic(extra, handling, offline_checkpoints, short_episodes, online_adds, tmp_path):
+    """IQL's checkpoint scales rewards by 1000 / return range: a run that keeps its critic (naive) keeps that scale,
+    a run that learns new critics (re-evaluation) sees raw rewards; results.json says which."""
+    ck = torch.load(offline_checkpoints["iql"], weights_only=True)
+    scale, shift = (ck["reward_transform"]["scale"], ck["reward_transform"]["shift"]) if handling == "checkpoint" else (1.0, 0.0)
+    assert ck["reward_transform"]["scale"] != 1.0
+    res = wiring_run(offline_checkpoints["iql"], tmp_path, *extra, "--online-steps", str(STARTS + 1))
+    assert res["reward_handling"] == handling and res["reward_transform"] == {"scale": scale, "shift": shift}
+    env_rewards = short_episodes[-1].rewards
+    assert [r for r, _ in online_adds] == pytest.approx([r * scale + shift for r in env_rewards], rel=1e-5)
 
 
 # ---------------------------------------------------------------- bad inputs: exit 2, one line, nothing written
@@ -369,8 +639,10 @@ def phase_update(phase: str, accel) -> tuple:
         opts = {"actor": accel.adam(actor.parameters(), 1e-4), "qf": accel.adam(qf.parameters(), 3e-4),
                 "alpha": accel.adam([log_alpha], 3e-4), "lambda": accel.adam([log_lam], 1e-2)}
         pi_ref = pi0 if phase == "online_constrained" else None
+        # the constrained twin also clips the actor's gradient norm (--reference interval on hopper's expert data)
         fn = functools.partial(o2o.online_update, actor, pi_ref, qf, qf_target, log_alpha, log_lam, opts,
-                               target_entropy=-float(ACT), gamma=0.99, tau=0.005, kl_floor=-50.0)
+                               target_entropy=-float(ACT), gamma=0.99, tau=0.005, kl_floor=-50.0,
+                               actor_grad_clip=0.05 if phase == "online_constrained" else None)
         eps_t = accel.scalar(0.0)
         trained |= {"log_alpha": log_alpha, "log_lam": log_lam}
 
