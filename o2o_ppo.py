@@ -1,9 +1,11 @@
 """O2PPO: offline-to-online fine-tuning with PPO (OCR-CFT, Luo et al., NeurIPS 2024, arXiv 2412.18855).
 
-Phases (ALGORITHMS.md section 3): load the offline actor (a Gaussian actor is copied exactly, any other family
-is distilled into the Gaussian family, section 6) -> re-evaluation: regress V on discounted Monte-Carlo returns of
-the offline episodes -> online PPO whose advantages are mixed with an auxiliary reference advantage that keeps
-pi near a reference policy, with a weight decaying linearly to 0 (the constraint).
+Phases (the paper's O2PPO: policy re-evaluation, then constrained fine-tuning; PPO has no value alignment): load the
+offline actor (a Gaussian actor is copied exactly, any other family is distilled into the Gaussian family, section 6)
+-> re-evaluation: regress V on discounted Monte-Carlo returns of the offline episodes -> online PPO whose advantages
+are mixed with an auxiliary reference advantage that keeps pi near a reference policy, with a weight decaying
+linearly to 0 (the constraint). results.json "diagnostics" holds V and actor statistics at the phase boundaries and
+at every online evaluation (--early-evals adds some inside the first tenth); --budget-scale shrinks the whole protocol.
 Naive PPO fine-tuning (the ablation baseline) is `--no-reevaluate --no-constraint`.
 V learns from the rewards of the family table (raw; running return-std scaling for halfcheetah, see --reward-scaling),
 and the reference advantage, its mixing and the advantage normalisation are computed once per rollout.
@@ -12,11 +14,13 @@ Usage:
     python o2o_ppo.py --env hopper-medium-v2                                  # IQL checkpoint by convention
     python o2o_ppo.py --env hopper-medium-v2 --offline-algo cql               # any offline method (distilled)
     python o2o_ppo.py --env hopper-medium-v2 --no-reevaluate --no-constraint  # naive PPO fine-tuning
+    python o2o_ppo.py --env hopper-medium-v2 --budget-scale 0.1               # the paper's protocol at a tenth of its steps
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -73,6 +77,11 @@ class Args:
     family: str | None = None
     """dataset family `<env>-<level>` (e.g. hopper-medium-expert) whose PPO_FAMILY_DEFAULTS row and environment entry
     apply; default: the one of --env (a --dataset-id run: the "other" row, any environment)"""
+    budget_scale: float = 1.0
+    """multiplies every step count given or defaulted: --distill-steps, --reevaluate-steps, --online-steps, --t-end (the
+    family table's too), --eval-every, --log-every, --checkpoint-every, each rounded to an integer >= 1 (not --rollout-size,
+    kept at 2048, nor --stop-after, an absolute step). 1 = the paper's protocol; F = 0.03 compresses it (T_end, the
+    learning-rate decay and the evaluation clock shrink with the budget) instead of truncating it"""
 
     # --- any offline actor -> Gaussian actor (section 6) ---
     distill_steps: int = 5_000
@@ -146,6 +155,11 @@ class Args:
     pi_ref only at evaluations, so this is part of the algorithm (2500 as the official code)"""
     eval_episodes: int = 10
     """evaluation episodes (deterministic actions, separate envs)"""
+    early_evals: int = 5
+    """extra evaluations inside the first tenth of the online steps (0 = none): one at the last rollout end at or before
+    each mark total/10 * k/K, k = 1..K. Marks before the first rollout's end get none and marks inside one rollout share
+    one evaluation, so a rollout longer than total/10/K gives fewer (none when one rollout is longer than the tenth).
+    Like every evaluation they move pi_ref under --reference best"""
     log_every: int = 2_048
     """log losses every this many env steps (offline phases: every this many gradient steps)"""
     checkpoint_every: int = 20_480
@@ -182,6 +196,7 @@ ACTOR_HIDDEN = (256, 256)  # the Gaussian actor a non-Gaussian offline actor is 
 VALUE_HIDDEN = (256, 256, 256)  # V: 3 x [Linear 256 -> tanh], Linear -> 1
 DETERMINISTIC_LOG_STD = math.log(0.2)  # distilled std of a deterministic actor: TD3's smoothing-noise scale
 CKPT_NAME = "o2o_ppo"
+DIAG_STATES = 2048  # dataset states the phase-boundary diagnostics are computed on
 
 
 # --- shared: utils ---
@@ -775,11 +790,11 @@ def actor_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> nn.
 
 # ---------------------------------------------------------------- networks
 def build_value(obs_dim: int) -> Critic:
-    """V(s): 3 x [Linear 256 -> tanh], Linear -> 1 (ALGORITHMS.md 3), orthogonal init; returns shape (1, B)."""
+    """V(s): 3 x [Linear 256 -> tanh], Linear -> 1 (the official O2PPO value network), orthogonal init; returns shape (1, B)."""
     return orthogonal_init_(Critic(obs_dim, 0, VALUE_HIDDEN, n=1, activation="tanh"))
 
 
-# ---------------------------------------------------------------- pure math (ALGORITHMS.md sections 3 and 6)
+# ---------------------------------------------------------------- pure math (the paper: re-evaluation and constrained fine-tuning of O2PPO)
 def monte_carlo_returns(rewards: np.ndarray, ends: np.ndarray, gamma: float) -> np.ndarray:
     """Discounted return G_t = r_t + gamma G_{t+1} of every transition, transitions stored episode after episode.
     DECISION 3a: the return restarts at EVERY episode end (`ends`), a termination or a time limit alike."""
@@ -913,6 +928,34 @@ def min_first_tenth(curve: list[dict], total_steps: int) -> float:
     if not online:
         online = [e["normalized_score"] for e in curve if e["phase"] == "online"][:1]
     return min(online) if online else float("nan")
+
+
+def early_eval_steps(total_steps: int, rollout_size: int, k: int) -> list[int]:
+    """Env steps (rollout ends) of the --early-evals extra evaluations: for each mark total/10 * j/k, j = 1..k, the last
+    rollout end at or before it; marks before the first rollout's end are dropped, marks inside one rollout share one
+    evaluation. All of them lie inside the first tenth, so a rollout no longer than total/10/k gives k of them."""
+    ends = {(total_steps * j) // (10 * k) // rollout_size * rollout_size for j in range(1, k + 1)} if k > 0 else set()
+    return sorted(e for e in ends if e > 0)
+
+
+SATURATION = 0.99  # a mean-action component beyond this fraction of the action bound counts as saturated
+
+
+def value_stats(values: Tensor, returns: Tensor) -> dict[str, float]:
+    """V on a fixed set of dataset states against the offline Monte-Carlo returns of those states, both (B,):
+    mean and population std of V, mean error mean(V - G), mean absolute error, and mean(G)."""
+    err = values - returns
+    return {"v_mean": float(values.mean()), "v_std": float(values.std(correction=0)), "v_mean_error": float(err.mean()),
+            "v_mean_abs_error": float(err.abs().mean()), "mc_return_mean": float(returns.mean())}
+
+
+def actor_stats(mean: Tensor, log_std: Tensor, max_action: float) -> dict[str, float]:
+    """The Gaussian policy on a fixed set of states, mean and (capped) log_std (B, |A|): entropy sum_j [0.5 log(2 pi e)
+    + log sigma_j] averaged over states; after clipping the mean action to the box [-max_action, max_action], the mean
+    of |a| / max_action and the saturation, the fraction of components with |a| / max_action > 0.99."""
+    entropy = (0.5 * math.log(2.0 * math.pi * math.e) + log_std).sum(-1).mean()
+    a = mean.clamp(-max_action, max_action).abs() / max_action
+    return {"entropy": float(entropy), "mean_abs_action": float(a.mean()), "saturation": float((a > SATURATION).float().mean())}
 
 
 @torch.no_grad()
@@ -1239,6 +1282,30 @@ def family_defaults(args: Args) -> dict[str, Any]:
             "reward_scaling": pick("reward_scaling") if args.reward_scaling == "family" else args.reward_scaling}
 
 
+BUDGET_STEPS = ("distill_steps", "reevaluate_steps", "online_steps", "t_end", "eval_every", "log_every", "checkpoint_every")
+
+
+def scaled_steps(n: int, scale: float) -> int:
+    """round(n * scale) (halves up), at least 1; a count of 0 (--reevaluate-steps 0 with --no-reevaluate) stays 0."""
+    return max(1, int(math.floor(n * scale + 0.5))) if n > 0 else n
+
+
+def scale_budgets(args: Args) -> Args:
+    """--budget-scale: a copy of args whose BUDGET_STEPS are the effective ones, given or defaulted (T_end: the family
+    table's when --t-end is not given) times the scale. Exits 2 when the online budget is less than one rollout."""
+    t_end = args.t_end if args.t_end is not None else family_defaults(args)["t_end"]
+    given = {**{k: getattr(args, k) for k in BUDGET_STEPS}, "t_end": t_end}
+    scaled = {k: scaled_steps(v, args.budget_scale) for k, v in given.items()}
+    if scaled["online_steps"] < args.rollout_size:
+        how = f" x --budget-scale {args.budget_scale} = {scaled['online_steps']}" if args.budget_scale != 1.0 else ""
+        least = args.rollout_size / args.online_steps
+        digits = 2 - math.floor(math.log10(least))  # rounded up to 3 significant digits: that scale fits
+        fix = "raise it" if args.budget_scale == 1.0 else \
+            f"raise --online-steps or --budget-scale (to at least {math.ceil(least * 10**digits) / 10**digits:g})"
+        fail(f"--online-steps {args.online_steps}{how} is less than one rollout (--rollout-size {args.rollout_size}); {fix}")
+    return dataclasses.replace(args, **scaled)
+
+
 def validate(args: Args) -> None:
     for flag in ("distill_steps", "distill_batch_size", "reevaluate_batch_size", "online_steps", "num_envs", "rollout_size",
                  "minibatch_size", "eval_every", "eval_episodes", "log_every", "checkpoint_every"):
@@ -1247,14 +1314,16 @@ def validate(args: Args) -> None:
     for flag in ("update_epochs", "t_end", "stop_after", "threads"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if not (args.budget_scale > 0.0 and math.isfinite(args.budget_scale)):
+        fail(f"--budget-scale must be a positive number, got {args.budget_scale}")
+    if args.early_evals < 0:
+        fail(f"--early-evals must be >= 0 (0 = none), got {args.early_evals}")
     if not args.no_reevaluate and args.reevaluate_steps <= 0:
         fail(f"--reevaluate-steps must be positive, got {args.reevaluate_steps} (or pass --no-reevaluate)")
     if args.rollout_size % args.num_envs:
         fail(f"--rollout-size {args.rollout_size} must be a multiple of --num-envs {args.num_envs}")
     if args.rollout_size % args.minibatch_size:
         fail(f"--rollout-size {args.rollout_size} must be a multiple of --minibatch-size {args.minibatch_size}")
-    if args.online_steps < args.rollout_size:
-        fail(f"--online-steps {args.online_steps} is less than one rollout (--rollout-size {args.rollout_size}); raise it")
     if not 0.0 < args.gamma <= 1.0 or not 0.0 <= args.gae_lambda <= 1.0:
         fail("--gamma must lie in (0, 1] and --gae-lambda in [0, 1]")
     for flag in ("actor_lr", "critic_lr", "reevaluate_lr", "distill_lr", "clip_coef", "max_grad_norm", "adam_eps"):
@@ -1279,6 +1348,8 @@ BUDGET_ARGS = ("online_steps", "stop_after", "log_every", "checkpoint_every", "n
 
 def main(args: Args) -> dict:
     validate(args)
+    given = args
+    args = scale_budgets(args)  # from here on every step budget is the effective one (times --budget-scale)
     device = pick_device(args.device)
     accel = Accel(device, args.compile, args.cudagraphs, args.bf16)  # bad combinations fail before any loading
     if args.threads is not None:
@@ -1349,7 +1420,27 @@ def main(args: Args) -> dict:
     print(f"o2o_ppo {mode} on {env_name} from {ckpt_path} ({ckpt['actor_family']} actor); epochs {update_epochs}, T_end {t_end}, "
           f"log-std cap {log_std_max}, rewards {reward_mode} (row {defaults['family_row']!r}, {defaults['family_env']!r} of "
           f"PPO_FAMILY_DEFAULTS unless set by flags)")
+    if args.budget_scale != 1.0:
+        print(f"--budget-scale {args.budget_scale}: " + ", ".join(f"{k} {getattr(args, k)}" for k in BUDGET_STEPS))
     obs_all = torch.as_tensor((data["observations"] - obs_mean_np) / obs_std_np, device=device)
+    # diagnostics: V and the actor on DIAG_STATES dataset states drawn once from the run's seed (numpy's own generator:
+    # the runs' random streams are untouched), V against the offline Monte-Carlo returns of those states
+    probe_np = np.sort(np.random.default_rng(args.seed).choice(len(obs_all), min(DIAG_STATES, len(obs_all)), replace=False))
+    probe_obs = obs_all[torch.as_tensor(probe_np, device=device)]
+    mc_raw, mc_ones = (torch.as_tensor(monte_carlo_returns(r, data["ends"], args.gamma)[probe_np], device=device)
+                       for r in (data["rewards"], np.ones_like(data["rewards"])))
+
+    @torch.no_grad()
+    def diagnose(tag: str, step: int, pi: GaussianActor, v: Critic) -> dict[str, float]:
+        """value_stats and actor_stats now; tensorboard diagnostics/<stat>/<tag> (an evaluation: diagnostics/<stat>)."""
+        rt = reward_transform()  # the Monte-Carlo returns on the scale V learns now (affine in the rewards)
+        mu, log_std = pi(probe_obs)
+        stats = {**value_stats(v(probe_obs)[0], rt["scale"] * mc_raw + rt["shift"] * mc_ones),
+                 **actor_stats(mu, capped_log_std(log_std, log_std_max), pi.max_action)}
+        for k, val in stats.items():
+            writer.add_scalar(f"diagnostics/{k}" + (f"/{tag}" if tag != "eval" else ""), val, step)
+        return {"step": step, **stats}
+
     wall: dict[str, float] = {}
     distill_info = reeval_info = None
     phase_ids = {"offline": 0, "distilled": 1, "reevaluated": 2, "online": 3}
@@ -1396,6 +1487,7 @@ def main(args: Args) -> dict:
         # --- phase: re-evaluation (section 3a) or a fresh V (ablation)
         torch.manual_seed(args.seed + 2)
         vf = build_value(data["obs_dim"]).to(device)
+        diagnostics: dict[str, Any] = {"states": len(probe_np), "start": diagnose("start", 0, pi0, vf), "evaluations": []}
         if not args.no_reevaluate:
             t0 = time.time()
             key = {**base_key, "reward_scaling": reward_mode,
@@ -1415,6 +1507,8 @@ def main(args: Args) -> dict:
                                             reevaluation=reeval_info), path)
             tqdm.write(f"re-evaluation: value loss {reeval_info['final_loss']:.4g}, explained variance {reeval_info['explained_variance']:.3f}")
             wall["reevaluate"] = time.time() - t0
+        # the switch to online learning (with --no-reevaluate: the fresh V again)
+        diagnostics["reevaluated"] = diagnose("reevaluated", 0, pi0, vf)
         torch.manual_seed(args.seed + 3)
         actor = copy.deepcopy(pi0).train()
         actor.log_std.requires_grad_(True)
@@ -1426,6 +1520,7 @@ def main(args: Args) -> dict:
         curve = online["curve"]
         wall = dict(online["wall_clock_s"])
         distill_info, reeval_info = online["distillation"], online["reevaluation"]
+        diagnostics = online["diagnostics"]
         actor = actor_from_checkpoint(online, device).train()
         actor_ref = build_actor("gaussian", data["obs_dim"], data["act_dim"], online["actor_config"]["hidden"], online["max_action"]).to(device).eval()
         actor_ref.load_state_dict(online["actor_ref"])
@@ -1463,7 +1558,7 @@ def main(args: Args) -> dict:
             env_steps=global_step, iteration=iteration, actor_ref=state_dict_cpu(actor_ref), best_score=best, start_score=start_score,
             curve=curve, wall_clock_s=wall, distillation=distill_info, reevaluation=reeval_info, episodes_seen=episodes_seen,
             optimizers={"actor": actor_opt.state_dict(), "vf": vf_opt.state_dict()},
-            return_std=return_std.state_dict() if return_std is not None else None,
+            return_std=return_std.state_dict() if return_std is not None else None, diagnostics=diagnostics,
             rng={"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}), out / "online.pt")
 
     metrics: dict[str, Tensor] = {}
@@ -1471,6 +1566,8 @@ def main(args: Args) -> dict:
     ref_adv_sum, n_ref = torch.zeros((), device=device), 0
     next_log = (global_step // args.log_every + 1) * args.log_every
     next_eval = (global_step // args.eval_every + 1) * args.eval_every
+    total_steps = num_iterations * args.rollout_size
+    early = early_eval_steps(total_steps, args.rollout_size, args.early_evals)  # extra evaluations in the first tenth
     next_ckpt = (global_step // args.checkpoint_every + 1) * args.checkpoint_every
     bar = tqdm(total=num_iterations * args.rollout_size, initial=global_step, desc=f"o2o_ppo {mode}", disable=None)
     sps_t0, sps_step0 = time.time(), global_step
@@ -1527,12 +1624,13 @@ def main(args: Args) -> dict:
             writer.add_scalar("charts/SPS", (global_step - sps_step0) / max(time.time() - sps_t0, 1e-9), global_step)
             metrics, n_metric = {}, 0
             next_log = (global_step // args.log_every + 1) * args.log_every
-        if global_step >= next_eval or last:
+        if global_step >= next_eval or global_step in early or last:
             ret, score = evaluate(actor)
             curve.append({"step": global_step, "normalized_score": score, "return": ret, "phase": "online"})
             log_eval(curve[-1])
+            diagnostics["evaluations"].append(diagnose("eval", global_step, actor, vf))
             bar.set_postfix(score=f"{score:.1f}")
-            if args.reference == "best":
+            if args.reference == "best":  # an early evaluation too: every evaluation may move pi_ref
                 best = update_reference(actor_ref, actor, score, best)
             next_eval = (global_step // args.eval_every + 1) * args.eval_every
         stop = args.stop_after is not None and global_step >= args.stop_after and not last
@@ -1546,7 +1644,10 @@ def main(args: Args) -> dict:
     pool.close()
     evaluator.close()
     wall["online"] = time.time() - t_online
+    if not stopped:
+        diagnostics["end"] = diagnose("end", global_step, actor, vf)
     writer.close()
+    in_tenth = sum(1 for e in curve if e["phase"] == "online" and e["step"] <= total_steps / 10)
     result = {
         "script": CKPT_NAME, "mode": mode, "env": env_name, "run_name": run_name, "seed": args.seed,
         "offline_algo": ckpt["algo"], "offline_checkpoint": str(ckpt_path), "offline_actor_family": ckpt["actor_family"],
@@ -1564,6 +1665,11 @@ def main(args: Args) -> dict:
         "final_normalized_score": curve[-1]["normalized_score"],
         "min_normalized_score_first_tenth": min_first_tenth(curve, num_iterations * args.rollout_size),
         "best_normalized_score": best, "distillation": distill_info, "reevaluation": reeval_info, "wall_clock_s": wall,
+        "budget": {"scale": args.budget_scale, "given": {k: getattr(given, k) for k in BUDGET_STEPS},  # t_end None: the family table's
+                   "effective": {k: getattr(args, k) for k in BUDGET_STEPS}},
+        "diagnostics": {**{k: diagnostics.get(k) for k in ("states", "start", "reevaluated", "end")},
+                        "early_evals": {"requested": args.early_evals, "steps": early, "online_evaluations_in_first_tenth": in_tenth},
+                        "evaluations": diagnostics["evaluations"]},
     }
     if stopped:  # as if killed: only online.pt (and what came before) is on disk
         print(f"stopped after {global_step} env steps (--stop-after); rerun the same command without it to resume")

@@ -1,6 +1,7 @@
 """o2o_ppo.py: hand-checked math (Monte-Carlo returns, GAE, reference advantage, weights), the env pool's same-step
 autoreset against plain envs, smoke runs of every mode and offline family, resume, determinism, bad inputs, wiring
-(main() run with spies: what re-evaluation, GAE and each PPO update receive, against hand computations), and
+(main() run with spies: what re-evaluation, GAE and each PPO update receive, against hand computations), the
+phase-boundary diagnostics, --early-evals and --budget-scale (hand-checked statistics, spied update counts), and
 --compile / --cudagraphs / --bf16 computing the eager updates' math (see tests/test_accel.py for why float64)."""
 
 from __future__ import annotations
@@ -297,6 +298,49 @@ def test_family_defaults_table_and_overrides():
     assert fd("--env", "hopper-medium-v2", "--family", "hopper-medium-expert") == fd("--env", "hopper-medium-expert-v2")
     assert fd("--dataset-id", "x/y-v0", "--family", "halfcheetah-expert-v2")["reward_scaling"] == "return-std"
     assert ppo.Args().eval_every == 2500  # the reference policy moves at evaluations: the official 2500 steps
+
+
+def test_early_eval_steps_hand_checked():
+    # the paper's budget: 122 rollouts of 2048; marks 249856 * j / 50 = 4997.12, 9994.24, ... fall back to rollout ends
+    assert ppo.early_eval_steps(249_856, 2048, 5) == [4096, 8192, 14336, 18432, 24576]  # all <= 24985.6: inside the tenth
+    assert ppo.early_eval_steps(1280, 64, 2) == [64, 128]  # marks 64 and 128 are rollout ends
+    assert ppo.early_eval_steps(1280, 64, 4) == [64, 128]  # marks 32 (before the first end), 64, 96 (shares 64's), 128
+    assert ppo.early_eval_steps(256, 64, 5) == []  # one rollout is longer than the first tenth (25.6 steps)
+    assert ppo.early_eval_steps(1280, 64, 0) == []  # --early-evals 0
+
+
+def test_value_stats_and_actor_stats_hand_checked():
+    v = ppo.value_stats(torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.tensor([2.0, 2.0, 2.0, 2.0]))
+    # mean 3; population std sqrt((4 + 1 + 0 + 9) / 4); errors -1, 0, 1, 4
+    assert v == pytest.approx({"v_mean": 3.0, "v_std": math.sqrt(3.5), "v_mean_error": 1.0, "v_mean_abs_error": 1.5, "mc_return_mean": 2.0})
+    mean = torch.tensor([[0.5, -2.0], [0.995, 0.0]])  # -2 clips to the box edge -1
+    log_std = torch.tensor([[math.log(0.5), 0.0], [math.log(0.5), 0.0]])
+    a = ppo.actor_stats(mean, log_std, 1.0)
+    ent = float(torch.distributions.Normal(torch.zeros(2), torch.tensor([0.5, 1.0])).entropy().sum())
+    assert a == pytest.approx({"entropy": ent, "mean_abs_action": (0.5 + 1.0 + 0.995 + 0.0) / 4, "saturation": 2 / 4})
+    # the threshold is relative to the action bound: with max_action 2, |a| = 1.99 saturates and 1.0 does not
+    b = ppo.actor_stats(torch.tensor([[1.99, -1.0]]), torch.zeros(1, 2), 2.0)
+    assert b["saturation"] == 0.5 and b["mean_abs_action"] == pytest.approx((0.995 + 0.5) / 2)
+
+
+def test_scale_budgets_scales_given_and_defaulted_steps(capsys):
+    args = tyro.cli(ppo.Args, args=["--budget-scale", "0.5"])
+    s = ppo.scale_budgets(args)
+    assert {k: getattr(s, k) for k in ppo.BUDGET_STEPS} == {
+        "distill_steps": 2500, "reevaluate_steps": 500_000, "online_steps": 125_000, "t_end": 125_000,  # t_end: the table's 250k
+        "eval_every": 1250, "log_every": 1024, "checkpoint_every": 10_240}
+    assert s.rollout_size == 2048 and s.stop_after is None and args.t_end is None and args.online_steps == 250_000  # args untouched
+    assert ppo.scale_budgets(tyro.cli(ppo.Args, args=["--budget-scale", "0.5", "--env", "hopper-expert-v2"])).t_end == 250_000
+    assert ppo.scale_budgets(tyro.cli(ppo.Args, args=["--budget-scale", "0.5", "--t-end", "1001", "--eval-every", "3"])).t_end == 501
+    tiny = ppo.scale_budgets(tyro.cli(ppo.Args, args=["--budget-scale", "0.001", "--online-steps", "4_096_000"]))
+    assert (tiny.distill_steps, tiny.eval_every, tiny.log_every, tiny.online_steps) == (5, 3, 2, 4096)  # 2.5 rounds up; >= 1
+    one = tyro.cli(ppo.Args, args=[])
+    assert {k: getattr(ppo.scale_budgets(one), k) for k in ppo.BUDGET_STEPS} == {**{k: getattr(one, k) for k in ppo.BUDGET_STEPS}, "t_end": 250_000}
+    with pytest.raises(SystemExit) as e:
+        ppo.scale_budgets(tyro.cli(ppo.Args, args=["--budget-scale", "0.005"]))  # 1250 online steps < one rollout of 2048
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "less than one rollout" in err and "--budget-scale" in err and "at least 0.0082)" in err  # 2048 / 250000, rounded up
 
 
 # ---------------------------------------------------------------- environments and rollouts
@@ -608,6 +652,104 @@ def test_time_limit_ends_bootstrap_in_what_the_update_sees(offline_checkpoints, 
         np.testing.assert_allclose(torch.cat([c[4] for c in calls]).double().numpy(), target[rows], rtol=1e-5, atol=1e-4)
     assert res["env_steps"] == 128
 
+
+# ---------------------------------------------------------------- diagnostics, early evaluations, --budget-scale
+BOUNDARY_KEYS = {"step", "v_mean", "v_std", "v_mean_error", "v_mean_abs_error", "mc_return_mean", "entropy", "mean_abs_action", "saturation"}
+
+
+def test_diagnostics_and_early_evaluations_in_results(offline_checkpoints, tmp_path, monkeypatch):
+    """V and actor statistics at start, after re-evaluation and at the end reach results.json (finite, on the 2048 states of
+    the run's seed, against a hand computation at the switch); --early-evals 2 over 640 steps (first tenth: 64) adds
+    evaluations at the rollout ends 32 and 64, and every evaluation, the early ones too, may move pi_ref."""
+    refs = []
+    orig = ppo.update_reference
+    monkeypatch.setattr(ppo, "update_reference", lambda ref, actor, score, best: (refs.append(score), orig(ref, actor, score, best))[1])
+    ck = offline_checkpoints["iql"]
+    res = ppo.main(tyro.cli(ppo.Args, args=["--env", "hopper-medium-v2", "--checkpoint", str(ck), "--run-dir", str(tmp_path),
+                                            "--rollout-size", "32", "--minibatch-size", "16", "--update-epochs", "1", "--online-steps", "640",
+                                            "--reevaluate-steps", "20", "--eval-every", "640", "--eval-episodes", "1", "--log-every", "320",
+                                            "--checkpoint-every", "640", "--early-evals", "2", "--device", "cpu"]))
+    out = tmp_path / "o2o_ppo/hopper-medium-v2/o2ppo_seed0"
+    diag = json.loads((out / "results.json").read_text())["diagnostics"]
+    assert diag == json.loads(json.dumps(res["diagnostics"]))
+    assert [e["step"] for e in res["curve"] if e["phase"] == "online"] == [32, 64, 640]  # 2 early + the last
+    assert diag["early_evals"] == {"requested": 2, "steps": [32, 64], "online_evaluations_in_first_tenth": 2}
+    assert len(refs) == 3  # every evaluation is offered to update_reference
+    for b, step in (("start", 0), ("reevaluated", 0), ("end", 640)):
+        assert set(diag[b]) == BOUNDARY_KEYS and diag[b]["step"] == step, b
+        assert all(math.isfinite(v) for v in diag[b].values()), b
+    assert [e["step"] for e in diag["evaluations"]] == [32, 64, 640] and all(set(e) == BOUNDARY_KEYS for e in diag["evaluations"])
+    # by hand at the switch: the re-evaluated V and pi0 on the seed's states, against raw-reward Monte-Carlo returns
+    data = ppo.load_dataset("hopper-medium-v2", quiet=True)
+    assert diag["states"] == min(2048, len(data["rewards"])) < len(data["rewards"]), "the probe must be a sample for this test"
+    idx = np.sort(np.random.default_rng(0).choice(len(data["rewards"]), diag["states"], replace=False))
+    saved = torch.load(out / "reevaluated.pt", weights_only=True)
+    obs = torch.as_tensor((data["observations"][idx] - saved["obs_mean"].numpy()) / saved["obs_std"].numpy())
+    vf = ppo.build_value(obs.shape[1])
+    vf.load_state_dict(saved["critics"]["vf"])
+    pi0 = ppo.actor_from_checkpoint(torch.load(ck, weights_only=True))
+    with torch.no_grad():
+        v, mu = vf(obs)[0].double().numpy(), pi0(obs)[0].numpy()
+    g = plain_mc(data["rewards"], data["ends"], 0.99)[idx]
+    rv = diag["reevaluated"]
+    assert rv["v_mean"] == pytest.approx(v.mean(), rel=1e-4) and rv["v_std"] == pytest.approx(v.std(), rel=1e-4)
+    assert rv["mc_return_mean"] == pytest.approx(g.mean(), rel=1e-4) and rv["v_mean_error"] == pytest.approx((v - g).mean(), rel=1e-3, abs=1e-3)
+    assert rv["mean_abs_action"] == pytest.approx(np.abs(mu).mean(), rel=1e-5)
+    assert rv["entropy"] == pytest.approx(float((0.5 * math.log(2 * math.pi * math.e) + pi0.log_std.detach()).sum()), rel=1e-5)
+    assert diag["start"]["entropy"] == rv["entropy"] and diag["start"]["v_mean"] != rv["v_mean"]  # same pi0, V re-evaluated
+    s = scalars(out)
+    for tag in ("diagnostics/v_mean/start", "diagnostics/v_mean/reevaluated", "diagnostics/saturation/end", "diagnostics/entropy"):
+        assert s[tag] and all(math.isfinite(x) for x in s[tag]), tag
+
+
+def test_budget_scale_halves_every_budget(offline_checkpoints, tmp_path, monkeypatch):
+    """--budget-scale 0.5 on explicit budgets: 20 distillation and 10 re-evaluation updates, 128 env steps in two rollouts,
+    T_end 256 (w_t 0.75 then 0.5), evaluations, logs and online.pt every 64 / 16 / 64 steps; results.json records them."""
+    calls = {"distill": 0, "reeval": 0, "ppo": 0, "env_steps": 0, "online_pt": 0}
+
+    def count(name, key):
+        orig = getattr(ppo, name)
+
+        def wrapper(*a, **k):
+            calls[key] += 1
+            return orig(*a, **k)
+
+        monkeypatch.setattr(ppo, name, wrapper)
+
+    for name, key in (("distill_update", "distill"), ("reeval_update", "reeval"), ("ppo_update", "ppo")):
+        count(name, key)
+    pool_step, save = ppo.EnvPool.step, ppo.atomic_save
+
+    def step(self, actions):
+        calls["env_steps"] += len(actions)
+        return pool_step(self, actions)
+
+    def atomic_save(obj, path):
+        calls["online_pt"] += Path(path).name == "online.pt"
+        return save(obj, path)
+
+    monkeypatch.setattr(ppo.EnvPool, "step", step)
+    monkeypatch.setattr(ppo, "atomic_save", atomic_save)
+    given = {"distill_steps": 40, "reevaluate_steps": 20, "online_steps": 256, "t_end": 512, "eval_every": 128, "log_every": 32,
+             "checkpoint_every": 128}
+    flags = [x for k, v in given.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    res = ppo.main(tyro.cli(ppo.Args, args=["--env", "hopper-medium-v2", "--checkpoint", str(offline_checkpoints["cql"]), "--run-dir",
+                                            str(tmp_path), "--rollout-size", "64", "--minibatch-size", "32", "--update-epochs", "1",
+                                            "--eval-episodes", "1", "--device", "cpu", *flags, "--budget-scale", "0.5"]))
+    half = {k: v // 2 for k, v in given.items()}
+    assert calls == {"distill": 20, "reeval": 10, "ppo": 2 * 2, "env_steps": 128, "online_pt": 2}
+    assert res["env_steps"] == 128 and res["t_end"] == 256 and res["distillation"]["steps"] == 20 and res["reevaluation"]["steps"] == 10
+    assert [e["step"] for e in res["curve"] if e["phase"] == "online"] == [64, 128]
+    out = tmp_path / "o2o_ppo/hopper-medium-v2/o2ppo_seed0"
+    s = scalars(out)
+    assert s["charts/constraint_weight"] == pytest.approx([1 - 64 / 256, 1 - 128 / 256])
+    acc = EventAccumulator(str(out))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("distill/loss")] == [16, 20]  # logged every 16 steps and at the end
+    budget = {"scale": 0.5, "given": given, "effective": half}
+    assert res["budget"] == budget and json.loads((out / "results.json").read_text())["budget"] == budget
+    args_json = json.loads((out / "args.json").read_text())
+    assert args_json["budget_scale"] == 0.5 and {k: args_json[k] for k in half} == half
 
 # ---------------------------------------------------------------- bad inputs
 def test_missing_checkpoint_names_the_command(tiny_dataset, tmp_path, capsys):
