@@ -11,11 +11,13 @@ Usage:
     python o2o_sac.py --env hopper-medium-v2 --offline-algo iql --reference offline --buffer-mode all
     python o2o_sac.py --env hopper-medium-v2 --no-reevaluate --no-align --no-constraint   # naive fine-tuning
     python o2o_sac.py --env hopper-medium-v2 --offline-algo bc --critic-init scratch       # PORL
+    python o2o_sac.py --env hopper-medium-v2 --budget-scale 0.03 --align-actor frozen      # the paper's protocol, compressed
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -68,6 +70,13 @@ class Args:
     """recompute every phase even when the run folder holds phase checkpoints of the same args"""
     stop_after: int | None = None
     """stop (as if killed, without final outputs) after this many online env steps; for resume tests"""
+    budget_scale: float = 1.0
+    """multiplies every step count given or defaulted (distill, re-evaluation, alignment and online steps, PORL's
+    pre-sample steps, learning starts, the KL-threshold horizon, the eval / align-eval / checkpoint / log intervals,
+    --stop-after), rounded to an integer >= 1 (0 stays 0), and divides the Lagrange multiplier's learning rate by it,
+    so that log lambda can move as far over a compressed online phase as over the paper's: F < 1 gives a miniature of
+    the paper's protocol rather than a truncation of it. 1 = the paper's protocol; the effective values go to
+    results.json"""
 
     # --- modes (ALGORITHMS.md 1, 4a, 4c) ---
     no_reevaluate: bool = False
@@ -115,6 +124,10 @@ class Args:
     """re-evaluation (FQE) gradient steps"""
     align_steps: int = 500_000
     """value-alignment gradient steps"""
+    align_actor: Literal["train", "frozen"] = "train"
+    """train: the actor keeps training during alignment with the SAC loss (the paper); frozen: the actor stays pi0
+    during alignment, only the critics align, and online fine-tuning starts from pi0 with the aligned critics (its
+    Adam then has no state yet when carried into online)"""
     batch_size: int = 256
     """batch size of every phase"""
     gamma: float = 0.99
@@ -151,6 +164,14 @@ class Args:
     """evaluate every this many online env steps"""
     eval_episodes: int = 10
     """evaluation episodes (deterministic actions, separate env)"""
+    early_evals: int = 5
+    """extra online evaluations inside the first tenth of the online phase, at env steps
+    floor(online_steps / 10 * k / early_evals), k = 1..early_evals, on top of the --eval-every schedule (0 = none).
+    With --reference best they are reference-update points like any evaluation; --reference interval counts only the
+    --eval-every evaluations"""
+    align_eval_every: int | None = None
+    """evaluate the actor's deterministic score every this many alignment steps (curve phase "align",
+    align/normalized_score). Default: align_steps // 10 (at least 1); 0 = never"""
     log_every: int = 1_000
     """log losses every this many steps (gradient steps offline, env steps online)"""
     checkpoint_every: int = 5_000
@@ -780,11 +801,11 @@ DISTILL_LR = 3e-4
 # args that never change what a phase computes (excluded when deciding whether a saved phase can be reused); the
 # speed flags compute the same math, so a run may be resumed with or without them
 NOT_STATE = {"no_resume", "stop_after", "log_every", "online_steps", "device", "threads", "run_dir", "run_name", "checkpoint_every",
-             "compile", "cudagraphs", "bf16"}
+             "compile", "cudagraphs", "bf16", "budget_scale"}  # the phase keys hold the scaled values themselves
 ONLINE_ONLY = {"no_constraint", "reference", "reference_interval", "buffer_mode", "part_trajectories", "eps0", "eps_end", "utd",
                "learning_starts", "pre_sample_steps", "alpha_lr", "lambda_init", "lambda_lr", "kl_horizon", "kl_floor", "eval_every",
-               "actor_grad_clip"}
-ALIGN_ONLY = {"no_align", "align_steps"}
+               "actor_grad_clip", "early_evals"}
+ALIGN_ONLY = {"no_align", "align_steps", "align_actor", "align_eval_every"}
 # bumped whenever what a saved phase holds or means changes, so older phase checkpoints are recomputed, never misread
 # (2: target critics and optimiser states carried across the phases)
 PHASE_FORMAT = 2
@@ -911,9 +932,10 @@ def reevaluate_update(pi0: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_
 
 
 def align_update(pi0: TanhGaussianActor, actor: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_opt: torch.optim.Optimizer,
-                 actor_opt: torch.optim.Optimizer, b: dict[str, Tensor], *, alpha0: float) -> dict[str, Tensor]:
+                 actor_opt: torch.optim.Optimizer, b: dict[str, Tensor], *, alpha0: float, train_actor: bool = True) -> dict[str, Tensor]:
     """Value alignment (1b): targets frozen; the actor takes a plain SAC step against the critics as they were before
-    this step (it reads them frozen), and the critic targets use the same sample an ~ pi, detached."""
+    this step (it reads them frozen), and the critic targets use the same sample an ~ pi, detached. train_actor=False
+    (--align-actor frozen): the actor loss is only reported, the actor is never stepped, so pi stays pi0."""
     obs = b["obs"]
     B = obs.shape[0]
     an, logp_an = actor.sample(obs)
@@ -930,8 +952,9 @@ def align_update(pi0: TanhGaussianActor, actor: TanhGaussianActor, qf: Critic, q
     qf_loss = ((q[:, :B] - q_star) ** 2).mean(-1).sum() + ((q[:, B:] - y) ** 2).mean(-1).sum()
     actor_opt.zero_grad(set_to_none=True)
     qf_opt.zero_grad(set_to_none=True)
-    (actor_loss + qf_loss).backward()  # one backward: each loss reaches only its own parameters
-    actor_opt.step()
+    (actor_loss + qf_loss if train_actor else qf_loss).backward()  # one backward: each loss reaches only its own parameters
+    if train_actor:
+        actor_opt.step()
     qf_opt.step()
     return {"qf_loss": qf_loss.detach(), "actor_loss": actor_loss.detach(), "q_star": q_star.mean().detach(),
             "q_gap": (q[:, :B] - q[:, B:]).min(0).values.mean().detach()}
@@ -980,6 +1003,75 @@ def online_update(actor: TanhGaussianActor, pi_ref: TanhGaussianActor | None, qf
     polyak_update(qf_target, qf, tau)
     return {"losses/qf_loss": qf_loss.detach(), "losses/actor_loss": actor_loss.detach(), "losses/alpha": alpha,
             "losses/lambda": lam, "losses/kl": kl.mean().detach(), "losses/qf_values": q.mean().detach(), "losses/entropy": -logp.mean().detach()}
+
+
+# ---------------------------------------------------------------- diagnostics at the phase boundaries
+# Whether the hand-over between phases keeps the offline policy's behaviour (the paper's claim of no drop at the switch):
+# the critics' values, how they rank the actor's actions, and the actor itself, on a fixed set of dataset states.
+DIAG_STATES, DIAG_SAMPLES = 2048, 8
+BOUNDARIES = ("start", "reevaluated", "aligned", "end")  # tensorboard step of diagnostics/* = the index here
+
+
+def q_stats(q_data: Tensor, q_pi: Tensor) -> dict[str, float]:
+    """Mean and (population) std over states of min_i Q_i(s, a) at the dataset actions (q_data) and at the actor's
+    mode (q_pi), both of shape (n critics, B)."""
+    qd, qp = q_data.min(0).values, q_pi.min(0).values
+    return {"q_data_mean": float(qd.mean()), "q_data_std": float(qd.std(correction=0)),
+            "q_pi_mean": float(qp.mean()), "q_pi_std": float(qp.std(correction=0))}
+
+
+def policy_critic_agreement(q_mode: Tensor, q_samples: Tensor, logp0_samples: Tensor) -> dict[str, float]:
+    """q_mode (B,): min_i Q_i(s, mode of pi); q_samples and logp0_samples (K, B): min_i Q_i(s, a_k) and log pi0(a_k|s)
+    at K actions a_k ~ pi(.|s). mode_preferred: the fraction of (state, sample) pairs where Q(s, mode) >= Q(s, a_k)
+    (after alignment the actor's mode should rank first); logp0_q_corr: the Pearson correlation of log pi0(a_k|s)
+    and Q(s, a_k) over the K samples of each state, averaged over states (alignment aims at Q - alpha0 log pi0 flat in
+    a, i.e. a correlation near 1); a state where either is constant counts 0."""
+    x = logp0_samples - logp0_samples.mean(0)
+    y = q_samples - q_samples.mean(0)
+    denom = ((x * x).sum(0) * (y * y).sum(0)).sqrt()
+    corr = torch.where(denom > 0, (x * y).sum(0) / denom.clamp(min=1e-30), torch.zeros_like(denom))
+    return {"mode_preferred": float((q_mode.unsqueeze(0) >= q_samples).float().mean()), "logp0_q_corr": float(corr.mean())}
+
+
+def actor_stats(mode: Tensor, logp_samples: Tensor, max_action: float = 1.0) -> dict[str, float]:
+    """mode (B, |A|): the actor's deterministic actions; logp_samples (K, B): log pi(a_k|s) at a_k ~ pi. entropy: the
+    Monte-Carlo estimate -E[log pi(a|s)]; mean_abs_action: mean |mode| / max_action; saturation: the fraction of mode
+    components with |a| > 0.99 max_action (where tanh's Jacobian vanishes and the gradient dies)."""
+    m = mode.abs() / max_action
+    return {"entropy": float(-logp_samples.mean()), "mean_abs_action": float(m.mean()), "saturation": float((m > 0.99).float().mean())}
+
+
+@torch.no_grad()
+def boundary_diagnostics(actor: TanhGaussianActor, pi0: TanhGaussianActor, qf: Critic, obs: Tensor, actions: Tensor,
+                         n_samples: int = DIAG_SAMPLES, seed: int = 0) -> dict[str, float]:
+    """q_stats, policy_critic_agreement and actor_stats on the states `obs` with their dataset `actions`. The action
+    samples come from a generator of their own, so a diagnostic never moves the run's random streams."""
+    g = torch.Generator(device=obs.device).manual_seed(seed)
+    mu, log_std = actor(obs)
+    u = mu.unsqueeze(0) + log_std.exp().unsqueeze(0) * torch.randn((n_samples, *mu.shape), generator=g, device=obs.device, dtype=mu.dtype)
+    a, logp = actor.max_action * torch.tanh(u), tanh_gaussian_log_prob(mu.unsqueeze(0), log_std.unsqueeze(0), u)
+    mode = actor.max_action * torch.tanh(mu)
+    obs_k = obs.unsqueeze(0).expand(n_samples, *obs.shape)
+    q_samples = qf(obs_k, a).min(0).values
+    q_mode = qf(obs, mode)
+    return {**q_stats(qf(obs, actions), q_mode), **policy_critic_agreement(q_mode.min(0).values, q_samples, pi0.log_prob(obs_k, a)),
+            **actor_stats(mode, logp, actor.max_action)}
+
+
+def early_eval_steps(online_steps: int, n: int) -> list[int]:
+    """The extra evaluations inside the first tenth of the online phase: floor(online_steps / 10 * k / n), k = 1..n,
+    at least step 1, without repeats (fewer than n when the first tenth has fewer than n env steps)."""
+    return sorted({max(1, online_steps * k // (10 * n)) for k in range(1, n + 1)})
+
+
+def reference_update_due(reference: str, score: float, best: float, scheduled: bool, n_scheduled: int, interval: int) -> bool:
+    """Whether an online evaluation copies pi into pi_ref (1e). best: the score beats the best so far, at any
+    evaluation (the extra early ones are candidates too); interval: every `interval`-th evaluation of the --eval-every
+    schedule (n_scheduled counts those, this one included), so extra evaluations never shift the cadence; offline:
+    never."""
+    if reference == "best":
+        return score > best
+    return reference == "interval" and scheduled and n_scheduled % interval == 0
 
 
 # ---------------------------------------------------------------- helpers of main
@@ -1082,6 +1174,10 @@ def validate(args: Args) -> None:
     """Bad args exit 2 before anything is read or written."""
     if args.distill_noise < 0:
         fail(f"--distill-noise must be >= 0, got {args.distill_noise}")
+    if not (math.isfinite(args.budget_scale) and args.budget_scale > 0):
+        fail(f"--budget-scale must be a positive number, got {args.budget_scale}")
+    if args.early_evals < 0 or (args.align_eval_every is not None and args.align_eval_every < 0):
+        fail("--early-evals and --align-eval-every must be >= 0 (0 = none)")
     positive = ["distill_steps", "online_steps", "utd", "batch_size", "eval_every", "eval_episodes", "log_every", "checkpoint_every",
                 "reference_interval", "part_trajectories", "kl_horizon"]
     if args.critic_init != "scratch":
@@ -1117,6 +1213,32 @@ def validate(args: Args) -> None:
         fail(f"--actor-grad-clip must be >= 0 (0 never clips), got {args.actor_grad_clip}")
     if args.eps0 is not None and args.eps_end is not None and args.eps_end < args.eps0:
         fail(f"--eps-end {args.eps_end} < --eps0 {args.eps0}: the KL threshold must loosen; swap them")
+
+
+# the step counts --budget-scale multiplies (every budget and every schedule tied to one)
+BUDGET_FIELDS = ("distill_steps", "reevaluate_steps", "align_steps", "online_steps", "pre_sample_steps", "learning_starts", "kl_horizon",
+                 "eval_every", "align_eval_every", "checkpoint_every", "log_every", "stop_after")
+
+
+def resolve_budgets(args: Args) -> Args:
+    """The effective args of a run (Args itself is never mutated): every step count in BUDGET_FIELDS given or defaulted
+    times --budget-scale F, rounded to an integer >= 1 (0 and None stay as they are), the Lagrange multiplier's learning
+    rate divided by F (Adam moves log lambda by about lr per step, so lr / F over F times the steps reaches as far as
+    the paper's protocol), and the default --align-eval-every (align_steps // 10, at least 1) of the scaled budget."""
+    f = args.budget_scale
+
+    def scaled(v: int | None) -> int | None:
+        return v if not v else max(1, math.floor(v * f + 0.5))
+
+    eff = dataclasses.replace(args, **{k: scaled(getattr(args, k)) for k in BUDGET_FIELDS}, lambda_lr=args.lambda_lr / f)
+    if eff.align_eval_every is None:
+        eff = dataclasses.replace(eff, align_eval_every=max(1, eff.align_steps // 10))
+    note = f" after --budget-scale {f:g}" if f != 1.0 else ""
+    if eff.learning_starts >= eff.online_steps:
+        fail(f"--learning-starts {eff.learning_starts} >= --online-steps {eff.online_steps}{note}: no update would ever run; lower it")
+    if eff.critic_init == "scratch" and eff.pre_sample_steps >= eff.online_steps:
+        fail(f"--pre-sample-steps {eff.pre_sample_steps} >= --online-steps {eff.online_steps}{note}: PORL would never fine-tune; lower it")
+    return eff
 
 
 def resolve_checkpoint(args: Args) -> Path:
@@ -1155,6 +1277,7 @@ def make_phase_checkpoint(args: Args, ckpt: dict, data: dict, actor: TanhGaussia
 # ---------------------------------------------------------------- main
 def main(args: Args) -> dict:
     validate(args)
+    given, args = args, resolve_budgets(args)  # from here on, the step counts and the lambda lr of --budget-scale
     device = pick_device(args.device)
     accel = Accel(device, args.compile, args.cudagraphs, args.bf16)  # bad combinations fail before any loading
     fam = family_values(args)
@@ -1188,10 +1311,20 @@ def main(args: Args) -> dict:
         returns = evaluator(actor.act)
         return float(returns.mean()), float(normalized_score(returns.mean(), ref_min, ref_max))
 
+    # diagnostics: the same dataset states (and actions) at every phase boundary, drawn once from the run's seed with a
+    # generator of their own, so the training's random streams are the same with or without them
+    diag_idx = torch.randperm(rb_off.size, generator=torch.Generator().manual_seed(args.seed))[:DIAG_STATES].to(device)
+    diag_obs, diag_actions = rb_off.data["obs"][diag_idx], rb_off.data["actions"][diag_idx]
+
+    def diagnose(diag: dict, boundary: str, actor: TanhGaussianActor, pi0: TanhGaussianActor, qf: Critic) -> None:
+        diag[boundary] = boundary_diagnostics(actor, pi0, qf, diag_obs, diag_actions, seed=args.seed)
+        for k, v in diag[boundary].items():
+            writer.add_scalar(f"diagnostics/{k}", v, BOUNDARIES.index(boundary))
+
     out.mkdir(parents=True, exist_ok=True)
-    atomic_save(asdict(args), out / "args.json")
+    atomic_save(asdict(given), out / "args.json")
     writer = SummaryWriter(str(out))
-    writer.add_text("args", json.dumps(asdict(args)))
+    writer.add_text("args", json.dumps(asdict(given)))
     writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
     alpha0 = fam["alpha0"]
     wall: dict[str, float] = {}
@@ -1274,6 +1407,9 @@ def main(args: Args) -> dict:
         if ckpt_qf_target is not None:
             qf_target.load_state_dict(ckpt_qf_target)
         qf_opt, actor_opt = accel.adam(qf.parameters(), args.critic_lr), accel.adam(actor.parameters(), args.actor_lr)
+        diag = dict(start["o2o"]["diagnostics"]) if start is not None else {}  # per phase boundary, kept in the phase checkpoints
+        if "start" not in diag:
+            diagnose(diag, "start", actor, pi0, qf)
 
         def restore(saved: dict) -> None:
             """Critics, target critics and optimisers as a phase checkpoint left them."""
@@ -1299,13 +1435,15 @@ def main(args: Args) -> dict:
                     if (step + 1) % args.log_every == 0 or step + 1 == args.reevaluate_steps:
                         vals = met.flush(step + 1, "re-evaluation")
                         bar.set_postfix(qf_loss=f"{vals['qf_loss']:.3g}")
+                diagnose(diag, "reevaluated", actor, pi0, qf)
                 atomic_save(make_phase_checkpoint(args, ckpt, data, actor, qf, qf_target, args.reevaluate_steps, offline_score,
-                                                  {**base_o2o, "key": reeval_key, "rng": rng_state(), "curve": curve,
+                                                  {**base_o2o, "key": reeval_key, "rng": rng_state(), "curve": curve, "diagnostics": diag,
                                                    "optimizers": {"qf": qf_opt.state_dict()}}), out / "reevaluated.pt")
             wall["reevaluate"] = time.time() - t0
             writer.add_scalar("charts/phase", 1, 0)
 
         # ---- phase 2: value alignment (1b): targets frozen at the re-evaluation's target critics; the actor keeps training
+        # (--align-actor train, the paper) or stays pi0 (frozen)
         if align:
             t0 = time.time()
             if saved_al is not None:
@@ -1314,8 +1452,10 @@ def main(args: Args) -> dict:
                 actor.load_state_dict(saved_al["actor"])
                 set_rng_state(saved_al["o2o"]["rng"])
                 after_ret, after_score = saved_al["o2o"]["after_align_return"], saved_al["o2o"]["after_align_score"]
+                curve.extend(p for p in saved_al["o2o"]["curve"] if p["phase"] == "align")
             else:
-                align_step = accel.update(functools.partial(align_update, pi0, actor, qf, qf_target, qf_opt, actor_opt, alpha0=alpha0))
+                align_step = accel.update(functools.partial(align_update, pi0, actor, qf, qf_target, qf_opt, actor_opt, alpha0=alpha0,
+                                                            train_actor=args.align_actor == "train"))
                 met = Metrics(writer, "align/")
                 bar = tqdm(range(args.align_steps), desc="alignment", disable=None)
                 for step in bar:
@@ -1323,9 +1463,18 @@ def main(args: Args) -> dict:
                     if (step + 1) % args.log_every == 0 or step + 1 == args.align_steps:
                         vals = met.flush(step + 1, "alignment")
                         bar.set_postfix(qf_loss=f"{vals['qf_loss']:.3g}", q_gap=f"{vals['q_gap']:.3g}")
-                after_ret, after_score = evaluate(actor)
+                    if args.align_eval_every and (step + 1) % args.align_eval_every == 0:  # evaluation draws no training randomness
+                        ret, score = evaluate(actor)
+                        curve.append({"step": step + 1, "normalized_score": score, "return": ret, "phase": "align"})
+                        writer.add_scalar("align/normalized_score", score, step + 1)
+                        bar.set_postfix(score=f"{score:.1f}")
+                if args.align_eval_every and args.align_steps % args.align_eval_every == 0:  # the last one was of this actor
+                    after_ret, after_score = curve[-1]["return"], curve[-1]["normalized_score"]
+                else:
+                    after_ret, after_score = evaluate(actor)
+                diagnose(diag, "aligned", actor, pi0, qf)
                 atomic_save(make_phase_checkpoint(args, ckpt, data, actor, qf, qf, args.align_steps, after_score,
-                                                  {**base_o2o, "key": aligned_key, "rng": rng_state(), "curve": curve,
+                                                  {**base_o2o, "key": aligned_key, "rng": rng_state(), "curve": curve, "diagnostics": diag,
                                                    "after_align_return": after_ret, "after_align_score": after_score,
                                                    "optimizers": {"qf": qf_opt.state_dict(), "actor": actor_opt.state_dict()}}), out / "aligned.pt")
             qf_target.load_state_dict(qf.state_dict())  # the official code copies Q -> Qbar after alignment
@@ -1346,8 +1495,9 @@ def main(args: Args) -> dict:
         alpha_from = "checkpoint" if naive and ckpt_log_alpha is not None else "alpha0"
         log_alpha_init = float(ckpt_log_alpha.reshape(-1)[0]) if alpha_from == "checkpoint" else math.log(alpha0)
         start_state = {"alpha_from": alpha_from, "alpha": math.exp(log_alpha_init), "qf_target_from": targets_from}
+        # n_evals counts the evaluations of the --eval-every schedule only (the cadence of --reference interval)
         run = {"t": 0, "best": best, "n_evals": 0, "episode": 0, "env_rng": None, "curve": curve, "wall": wall, "reused": reused,
-               "offline_score": offline_score, "after_align_score": after_score, "distill": distill, "start": start_state}
+               "offline_score": offline_score, "after_align_score": after_score, "distill": distill, "start": start_state, "diagnostics": diag}
         opt_states = None
         log_lam_init = math.log(args.lambda_init)
         online_rb = None
@@ -1443,16 +1593,23 @@ def main(args: Args) -> dict:
         return {
             "finished": finished, "env": args.env, "dataset_ids": data["dataset_ids"], "local_standin": data["local_standin"],
             "offline_checkpoint": str(ckpt_path), "offline_algo": ckpt["algo"], "offline_actor_family": ckpt["actor_family"],
-            "mode": {"reevaluate": reevaluate, "align": align, "constraint": constrain, "critic_init": args.critic_init,
-                     "reference": args.reference, "buffer_mode": buffer_mode, "critic": critic_config},
+            "mode": {"reevaluate": reevaluate, "align": align, "align_actor": args.align_actor if align else None, "constraint": constrain,
+                     "critic_init": args.critic_init, "reference": args.reference, "buffer_mode": buffer_mode, "critic": critic_config},
+            "budget": {"scale": args.budget_scale, **{k: getattr(args, k) for k in BUDGET_FIELDS}, "lambda_lr": args.lambda_lr},
             "family_defaults": fam, "reward_handling": reward_handling, "reward_transform": reward_transform, "online_start": run.get("start"),
             "distillation": run["distill"],
             "offline_score": run["offline_score"], "after_align_score": run["after_align_score"],
             "min_first_tenth_online": min(first_tenth), "final_score": c[-1]["normalized_score"], "best_score": run["best"],
             "online_steps_done": run["t"], "curve": c, "wall_clock_s": run["wall"], "reused_phases": run["reused"],
+            "diagnostics": {"states": int(diag_obs.shape[0]), "samples_per_state": DIAG_SAMPLES, "boundaries": run["diagnostics"],
+                            "align_eval_every": args.align_eval_every if align else None,
+                            "align_scores": [[p["step"], p["normalized_score"]] for p in c if p["phase"] == "align"],
+                            "early_eval_steps": sorted(early), "evals_in_first_tenth": sum(0 < p["step"] <= args.online_steps / 10 for p in c
+                                                                                          if p["phase"] in ("online", "pre_sample"))},
         }
 
     porl_pre = args.pre_sample_steps if scratch else 0
+    early = set(early_eval_steps(args.online_steps, args.early_evals))
     bar = tqdm(range(run["t"], args.online_steps), desc="online", initial=run["t"], total=args.online_steps, disable=None)
     writer.add_scalar("charts/phase", 3, run["t"])
     for _ in bar:
@@ -1475,15 +1632,16 @@ def main(args: Args) -> dict:
             met.flush(t, "online")
             writer.add_scalar("charts/kl_threshold", kl_threshold(t, fam["eps0"], fam_eps_end, args.kl_horizon), t)
             writer.add_scalar("charts/SPS", (t - sps_step0) / max(time.time() - sps_t0, 1e-9), t)
-        if t % args.eval_every == 0 or t == args.online_steps:
+        scheduled = t % args.eval_every == 0 or t == args.online_steps
+        if scheduled or t in early:
             ret, score = evaluate(actor)
-            run["n_evals"] += 1
+            run["n_evals"] += scheduled
             phase = "pre_sample" if t <= porl_pre else "online"
             run["curve"].append({"step": t, "normalized_score": score, "return": ret, "phase": phase})
             writer.add_scalar("eval/episodic_return", ret, t)
             writer.add_scalar("eval/normalized_score", score, t)
             # reference update (1e)
-            if constrain and ((args.reference == "best" and score > run["best"]) or (args.reference == "interval" and run["n_evals"] % args.reference_interval == 0)):
+            if constrain and reference_update_due(args.reference, score, run["best"], scheduled, run["n_evals"], args.reference_interval):
                 pi_ref.load_state_dict(actor.state_dict())
                 pi_ref_sd = state_dict_cpu(actor)
             run["best"] = max(run["best"], score)
@@ -1508,6 +1666,7 @@ def main(args: Args) -> dict:
             return {"stopped_at": t, "run_dir": str(out)}
     bar.close()
     run["wall"]["online"] = run["wall"].get("online", 0.0) + time.time() - t_phase
+    diagnose(run["diagnostics"], "end", actor, pi0, qf)
     if ckpt_t != run["t"] or not (out / "online.pt").exists():
         save_online(None)  # mid-episode end: a longer rerun continues from here with a fresh episode
     atomic_save(make_phase_checkpoint(args, ckpt, data, actor, qf, qf_target, run["t"], score,

@@ -109,6 +109,59 @@ def test_family_defaults_table_and_overrides():
     assert clip(env="hopper-expert-v2", reference="interval", actor_grad_clip=0.0) is None and clip(env="hopper-medium-v2", actor_grad_clip=1.0) == 1.0
 
 
+# ---------------------------------------------------------------- diagnostics, hand-checked
+def test_q_stats():
+    # min over the 2 critics: dataset actions [1, 1] (mean 1, std 0), policy modes [2, 0] (mean 1, population std 1)
+    st = o2o.q_stats(torch.tensor([[1.0, 3.0], [2.0, 1.0]]), torch.tensor([[4.0, 0.0], [2.0, 2.0]]))
+    assert st == {"q_data_mean": 1.0, "q_data_std": 0.0, "q_pi_mean": 1.0, "q_pi_std": 1.0}
+
+
+def test_policy_critic_agreement():
+    q_mode = torch.tensor([1.0, 0.0, 5.0])
+    q_samples = torch.tensor([[0.0, 1.0, 2.0], [1.0, -1.0, 4.0], [2.0, -2.0, 6.0]])  # rows = samples k, columns = states
+    logp0 = torch.tensor([[0.0, 5.0, 0.0], [1.0, 5.0, 1.0], [3.0, 5.0, 2.0]])
+    st = o2o.policy_critic_agreement(q_mode, q_samples, logp0)
+    # Q(s, mode) >= Q(s, a_k): state 0: 1>=0, 1>=1, not 1>=2; state 1: not 0>=1, 0>=-1, 0>=-2; state 2: 5>=2, 5>=4, not 5>=6
+    assert st["mode_preferred"] == pytest.approx(6 / 9)
+    # Pearson per state: (0,1,3) vs (0,1,2) = 9 / sqrt(84); a constant log pi0 counts 0; (0,1,2) vs (2,4,6) = 1
+    assert st["logp0_q_corr"] == pytest.approx((9 / math.sqrt(84) + 0.0 + 1.0) / 3)
+    assert st["logp0_q_corr"] == pytest.approx((float(torch.corrcoef(torch.stack([logp0[:, 0], q_samples[:, 0]]))[0, 1]) + 1.0) / 3)
+
+
+def test_actor_stats():
+    st = o2o.actor_stats(torch.tensor([[0.5, -1.0], [0.995, 0.0]]), torch.tensor([[-1.0, -2.0], [-3.0, -4.0]]))
+    assert st == pytest.approx({"entropy": 2.5, "mean_abs_action": 2.495 / 4, "saturation": 0.5})
+    assert o2o.actor_stats(torch.tensor([[1.0, -2.0], [1.99, 0.0]]), torch.zeros(1, 2), max_action=2.0)["saturation"] == 0.5
+
+
+def test_boundary_diagnostics_draw_no_training_randomness():
+    torch.manual_seed(0)
+    actor, qf = o2o.TanhGaussianActor(3, 2, (16, 16)), o2o.make_critic(3, 2)
+    obs, actions = torch.randn(64, 3), torch.rand(64, 2) * 2 - 1
+    state = torch.get_rng_state()
+    d1 = o2o.boundary_diagnostics(actor, o2o.frozen(actor), qf, obs, actions, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert d1 == o2o.boundary_diagnostics(actor, o2o.frozen(actor), qf, obs, actions, seed=3)  # its own seeded generator
+    assert set(d1) == DIAG_KEYS and all(math.isfinite(v) for v in d1.values())
+    assert 0.0 <= d1["mode_preferred"] <= 1.0 and -1.0 <= d1["logp0_q_corr"] <= 1.0
+
+
+def test_early_eval_steps_and_reference_cadence():
+    assert o2o.early_eval_steps(100_000, 5) == [2000, 4000, 6000, 8000, 10000]
+    assert o2o.early_eval_steps(300, 5) == [6, 12, 18, 24, 30]
+    assert o2o.early_eval_steps(30, 5) == [1, 2, 3]  # the first tenth holds only 3 env steps
+    assert o2o.early_eval_steps(300, 0) == []
+    due = o2o.reference_update_due
+    # best: any evaluation that beats the best so far, an extra early one included
+    assert due("best", 5.0, 4.0, False, 0, 10) and not due("best", 4.0, 4.0, True, 10, 10)
+    # interval: only the scheduled evaluations count, so an early one never copies, whatever the count
+    assert due("interval", 0.0, 9.0, True, 20, 10) and not due("interval", 0.0, 9.0, False, 20, 10)
+    assert not due("interval", 9.0, 0.0, True, 21, 10) and not due("offline", 9.0, 0.0, True, 10, 10)
+
+
+DIAG_KEYS = {"q_data_mean", "q_data_std", "q_pi_mean", "q_pi_std", "mode_preferred", "logp0_q_corr", "entropy", "mean_abs_action", "saturation"}
+
+
 # ---------------------------------------------------------------- behaviour: alignment makes pi0 (soft-)greedy
 def test_alignment_makes_offline_action_preferred(tiny_dataset, offline_checkpoints):
     torch.manual_seed(0)
@@ -182,9 +235,11 @@ def test_smoke_mode(name, smoke_runs):
     curve = res["curve"]
     assert curve[0]["step"] == 0 and curve[0]["phase"] == "offline"
     assert [p["phase"] for p in curve if p["step"] == 0][-1] == ("aligned" if mode["align"] else "start_online")
-    online = [p for p in curve if p["step"] > 0]
-    assert [p["step"] for p in online] == [100, 200, 300]
-    assert [p["phase"] for p in online] == (["pre_sample", "online", "online"] if porl else ["online"] * 3)
+    # alignment evaluated every align_steps // 10 steps by default; 5 extra evaluations inside the first tenth online
+    assert [p["step"] for p in curve if p["phase"] == "align"] == (list(range(5, 51, 5)) if mode["align"] else [])
+    online = [p for p in curve if p["step"] > 0 and p["phase"] != "align"]
+    assert [p["step"] for p in online] == [6, 12, 18, 24, 30, 100, 200, 300]
+    assert [p["phase"] for p in online] == (["pre_sample"] * 6 + ["online"] * 2 if porl else ["online"] * 8)
     assert all(math.isfinite(p["normalized_score"]) for p in curve)
     assert json.loads((d / "results.json").read_text())["finished"] is True
     # distillation for every non-tanh-Gaussian family, logged with its error and score
@@ -236,9 +291,9 @@ def test_phase_checkpoints_reused_with_same_args(smoke_runs, offline_checkpoints
     copy.parent.mkdir(parents=True)
     shutil.copytree(d, copy)
     (copy / "online.pt").unlink()
-    res = run(offline_checkpoints["cql"], tmp_path, "--run-name", "o2sac_cql", "--online-steps", "150")
+    res = run(offline_checkpoints["cql"], tmp_path, "--run-name", "o2sac_cql")
     assert set(res["reused_phases"]) == {"reevaluated", "aligned"}
-    assert res["curve"][:3] == full["curve"][:3]  # offline, aligned, step 100
+    assert res["curve"] == full["curve"]  # the alignment's evaluations come back from aligned.pt, online is redone the same
     # other alignment args: the aligned phase is recomputed, the re-evaluation still reused
     (copy / "online.pt").unlink()
     res = run(offline_checkpoints["cql"], tmp_path, "--run-name", "o2sac_cql", "--online-steps", "150", "--align-steps", "20")
@@ -344,8 +399,9 @@ def spy_online(monkeypatch) -> tuple[list[dict], list[float]]:
         rec = {"update_lam": kwargs["update_lam"], "update_actor": kwargs["update_actor"], "eps": eps_t.item(), "log_lam": log_lam.item(),
                "clip": kwargs.get("actor_grad_clip")}
         if i == 0:
-            rec |= {"log_alpha": log_alpha.item(), "qf": flat(qf), "qf_target": flat(qf_target),
-                    "steps": {k: adam_steps(o) for k, o in opts.items()}}
+            rec |= {"log_alpha": log_alpha.item(), "qf": flat(qf), "qf_target": flat(qf_target), "actor": flat(actor),
+                    "steps": {k: adam_steps(o) for k, o in opts.items()}, "actor_opt": id(opts["actor"]),
+                    "lambda_lr": float(opts["lambda"].param_groups[0]["lr"])}
             step = opts["actor"].step
 
             def recording_step(*a, **k):  # the actor's gradient as Adam sees it, after any clipping
@@ -502,6 +558,90 @@ def test_rewards_follow_the_critic(extra, handling, offline_checkpoints, short_e
     assert [r for r, _ in online_adds] == pytest.approx([r * scale + shift for r in env_rewards], rel=1e-5)
 
 
+# ---------------------------------------------------------------- diagnostics, --align-actor, --budget-scale through main
+def test_diagnostics_in_results_and_tensorboard(offline_checkpoints, tmp_path):
+    """Default schedules: the actor evaluated every align_steps // 10 alignment steps, 5 extra online evaluations
+    inside the first tenth (which --reference interval does not count), the boundary diagnostics finite everywhere."""
+    res = wiring_run(offline_checkpoints["cql"], tmp_path)
+    d = Path(res["run_dir"])
+    saved = json.loads((d / "results.json").read_text())
+    diag = saved["diagnostics"]
+    align_steps = list(range(A_STEPS // 10, A_STEPS + 1, A_STEPS // 10))
+    assert [p["step"] for p in saved["curve"] if p["phase"] == "align"] == align_steps
+    assert [s for s, _ in diag["align_scores"]] == align_steps and diag["align_eval_every"] == A_STEPS // 10
+    early = [ONLINE * k // 50 for k in range(1, 6)]  # floor(60 / 10 * k / 5) = 1, 2, 3, 4, 6
+    assert diag["early_eval_steps"] == early and diag["evals_in_first_tenth"] == 5
+    assert [p["step"] for p in saved["curve"] if p["phase"] == "online"] == [*early, ONLINE]
+    assert diag["states"] == 2048 and diag["samples_per_state"] == o2o.DIAG_SAMPLES
+    assert list(diag["boundaries"]) == list(o2o.BOUNDARIES)
+    for name, st in diag["boundaries"].items():
+        assert set(st) == DIAG_KEYS and all(math.isfinite(v) for v in st.values()), name
+    sc = scalars(d)
+    assert len(sc["align/normalized_score"]) == len(align_steps)
+    for k in DIAG_KEYS:
+        assert len(sc[f"diagnostics/{k}"]) == len(o2o.BOUNDARIES), k
+    # only the --eval-every evaluation (the last one, at step 60) counts towards --reference interval's cadence
+    assert torch.load(d / "online.pt", weights_only=True)["o2o"]["run"]["n_evals"] == 1
+
+
+@pytest.mark.parametrize("align_actor", ["train", "frozen"])
+def test_align_actor(align_actor, offline_checkpoints, monkeypatch, tmp_path):
+    """--align-actor frozen: the actor leaves alignment bit-identical to pi0 (train: it moved) and online starts from
+    it with the aligned critics; either way the one actor Adam goes on into online (frozen: with no state yet)."""
+    al_calls = spy(monkeypatch, "align_update", lambda i, args, kw: {"actor_opt": id(args[5]), "train_actor": kw["train_actor"],
+                                                                        "qf_steps": adam_steps(args[4])})
+    on_calls, _ = spy_online(monkeypatch)
+    res = wiring_run(offline_checkpoints["cql"], tmp_path, "--align-actor", align_actor, "--online-steps", str(STARTS + 1),
+                     "--align-eval-every", "0", "--early-evals", "0")
+    frozen = align_actor == "frozen"
+    assert res["mode"]["align_actor"] == align_actor and len(al_calls) == A_STEPS
+    assert {c["train_actor"] for c in al_calls} == {not frozen}
+    al_ck = torch.load(Path(res["run_dir"]) / "aligned.pt", weights_only=True)
+    pi0, aligned = flat(al_ck["o2o"]["pi0"]), flat(al_ck["actor"])
+    assert torch.equal(aligned, pi0) == frozen
+    torch.testing.assert_close(on_calls[0]["actor"], aligned, rtol=0, atol=0)
+    assert on_calls[0]["actor_opt"] == al_calls[0]["actor_opt"]
+    assert on_calls[0]["steps"]["actor"] == (set() if frozen else {A_STEPS})
+    # the critics align in both modes; the frozen actor keeps the offline score at the start of online
+    assert on_calls[0]["steps"]["qf"] == {R_STEPS + A_STEPS}
+    if frozen:
+        assert res["after_align_score"] == res["offline_score"]
+
+
+def test_budget_scale_halves_every_budget(offline_checkpoints, monkeypatch, tmp_path):
+    """--budget-scale 0.5: every step budget and schedule given or defaulted is halved, the lambda lr doubled."""
+    counts = {n: spy(monkeypatch, n, lambda i, args, kw: {}) for n in ("distill_update", "reevaluate_update", "align_update")}
+    on_calls, _ = spy_online(monkeypatch)
+    res = wiring_run(offline_checkpoints["iql"], tmp_path, "--budget-scale", "0.5", "--align-eval-every", "4", "--early-evals", "0")
+    on, starts, horizon = ONLINE // 2, STARTS // 2, ONLINE // 2
+    assert [len(counts[n]) for n in counts] == [5, R_STEPS // 2, A_STEPS // 2]
+    assert len(on_calls) == (on - starts) * UTD
+    for j, c in enumerate(on_calls):  # the KL threshold loosens over the halved horizon
+        assert c["eps"] == pytest.approx(o2o.kl_threshold(starts + 1 + j // UTD, EPS0, EPS_END, horizon), rel=1e-6), j
+    assert on_calls[0]["lambda_lr"] == pytest.approx(5e-5 / 0.5)
+    assert [p["step"] for p in res["curve"] if p["phase"] == "align"] == [2, 4, 6, 8, 10]
+    assert [p["step"] for p in res["curve"] if p["phase"] == "online"] == [on] and res["online_steps_done"] == on
+    sc = scalars(Path(res["run_dir"]))
+    assert len(sc["reevaluate/qf_loss"]) == 2 and len(sc["losses/qf_loss"]) == 3  # log every 5: steps 5, 10; env steps 20, 25, 30
+    assert res["budget"] == {"scale": 0.5, "distill_steps": 5, "reevaluate_steps": R_STEPS // 2, "align_steps": A_STEPS // 2, "online_steps": on,
+                             "pre_sample_steps": 2500, "learning_starts": starts, "kl_horizon": horizon, "eval_every": on,
+                             "align_eval_every": 2, "checkpoint_every": 500, "log_every": 5, "stop_after": None,
+                             "lambda_lr": pytest.approx(1e-4)}
+    # args.json keeps the flags as given
+    given = json.loads((Path(res["run_dir"]) / "args.json").read_text())
+    assert (given["budget_scale"], given["online_steps"], given["lambda_lr"]) == (0.5, ONLINE, 5e-5)
+
+
+def test_budget_scale_rounds_and_keeps_zero():
+    eff = o2o.resolve_budgets(o2o.Args(budget_scale=0.03, learning_starts=0, align_eval_every=0))
+    assert (eff.reevaluate_steps, eff.online_steps, eff.kl_horizon, eff.eval_every, eff.pre_sample_steps) == (15_000, 3_000, 3_000, 30, 150)
+    assert (eff.learning_starts, eff.align_eval_every, eff.stop_after) == (0, 0, None)  # 0 and None are not step counts
+    assert eff.lambda_lr == pytest.approx(5e-5 / 0.03)
+    assert o2o.resolve_budgets(o2o.Args(budget_scale=1e-6, learning_starts=0)).eval_every == 1  # at least 1
+    assert o2o.resolve_budgets(o2o.Args()).align_eval_every == 50_000  # default align_steps // 10
+    assert o2o.resolve_budgets(o2o.Args(budget_scale=0.1)).align_eval_every == 5_000  # of the scaled budget
+
+
 # ---------------------------------------------------------------- bad inputs: exit 2, one line, nothing written
 def _fails(capsys, argv: list[str], expect: str, run_dir: Path) -> None:
     with pytest.raises(SystemExit) as e:
@@ -535,6 +675,9 @@ def test_checkpoint_of_other_env_or_dims(offline_checkpoints, tmp_path, capsys):
     (["--critic-init", "scratch", "--online-steps", "100", "--pre-sample-steps", "100", "--learning-starts", "10"], "PORL would never fine-tune"),
     (["--eps0", "2", "--eps-end", "1"], "must loosen"),
     (["--utd", "-1"], "--utd must be positive"),
+    (["--budget-scale", "0"], "--budget-scale must be a positive number"),
+    (["--early-evals", "-1"], "must be >= 0"),
+    (["--online-steps", "1001", "--learning-starts", "1000", "--budget-scale", "0.0001"], "after --budget-scale 0.0001"),
     (["--env", "hopper-nonsense-v2"], "unknown env"),
 ])
 def test_bad_args_exit_2(tmp_path, capsys, argv, expect):
