@@ -14,6 +14,7 @@ Usage:
     python o2o_td3.py --env hopper-medium-v2 --opt                # OPT
     python o2o_td3.py --env hopper-medium-v2 --no-reevaluate --no-align --no-constraint   # naive fine-tuning
     python o2o_td3.py --env hopper-medium-v2 --compile --cudagraphs   # same math, compiled updates replayed as CUDA graphs
+    python o2o_td3.py --env hopper-medium-v2 --budget-scale 0.05  # the paper's protocol compressed 20x, every schedule with it
 """
 
 from __future__ import annotations
@@ -75,6 +76,14 @@ class Args:
     """stop the online phase after this many env steps, as if killed (the last online.pt stays for a resume)"""
     device: str = "auto"
     """auto (CUDA when present), cpu or cuda"""
+    budget_scale: float = 1.0
+    """multiplies every step count given or defaulted (distill, re-evaluation, alignment and online steps, learning
+    starts, the threshold horizon --eps-steps, the eval / align-eval / checkpoint / log intervals, --stop-after, OPT's
+    collect and pre-train steps and its kappa schedule --kappa-begin / --kappa-finish), rounded to an integer >= 1
+    (0 stays 0; --checkpoint-every keeps its ratio to --eval-every), and divides the Lagrange multiplier's learning
+    rate by it, so that log lambda can move as far over a compressed online phase as over the paper's: F < 1 gives a
+    miniature of the paper's protocol rather than a truncation of it. 1 = the paper's protocol; the effective values
+    go to results.json"""
 
     # --- data ---
     buffer_mode: Literal["half", "all", "part", "none"] = "half"
@@ -124,6 +133,10 @@ class Args:
     """beta of the distance-shrunk targets"""
     align_max_distance: float = 0.2
     """cap of the normalised action distance delta"""
+    align_actor: Literal["train", "frozen"] = "train"
+    """train: the actor takes its DPG step -mean Q1(s, pi(s)) every alignment iteration (the paper); frozen: the actor
+    stays pi0 during alignment, only the critic aligns, and fine-tuning starts from pi0 with the aligned critic (the
+    actor's Adam then has no state yet when carried into the online phase)"""
 
     # --- online fine-tuning (section 2c) ---
     online_steps: int | None = None
@@ -189,8 +202,14 @@ class Args:
     """evaluate every this many env steps"""
     eval_episodes: int = 10
     """evaluation episodes (deterministic actions, separate env)"""
-    phase_eval_every: int = 50_000
-    """evaluate during re-evaluation/alignment every this many gradient steps (tensorboard only)"""
+    early_evals: int = 5
+    """extra online evaluations inside the first tenth of the online phase, at env steps
+    max(1, floor(online_steps / 10 * k / early_evals)), k = 1..early_evals (OPT: counted from the end of its
+    collection, over the remaining steps), on top of the --eval-every schedule (0 = none). With --reference best they
+    are reference-update points like any evaluation; --reference interval counts only the --eval-every evaluations"""
+    align_eval_every: int | None = None
+    """evaluate the actor's deterministic score every this many alignment steps (curve phase "align" with the alignment
+    step, align/normalized_score). Default: align_steps // 10 (at least 1); 0 = never"""
     log_every: int = 1_000
     """write losses to tensorboard every this many steps"""
     checkpoint_every: int = 10_000
@@ -832,6 +851,43 @@ def with_mode_defaults(args: Args) -> Args:
     return dataclasses.replace(args, online_steps=ONLINE_STEPS["opt" if args.opt else "o2td3"])
 
 
+# Every step count --budget-scale multiplies (--checkpoint-every is scaled with --eval-every, see with_budget_scale).
+BUDGET_FIELDS = ("distill_steps", "reevaluate_steps", "align_steps", "online_steps", "learning_starts", "eps_steps", "eval_every",
+                 "log_every", "align_eval_every", "stop_after", "opt_collect_steps", "opt_pretrain_steps", "kappa_begin", "kappa_finish")
+
+
+def scale_steps(n: int, factor: float) -> int:
+    """A step count times --budget-scale, rounded to an integer >= 1; 0 stays 0."""
+    return 0 if n == 0 else max(1, round(n * factor))
+
+
+def with_budget_scale(args: Args) -> Args:
+    """A copy of args (after with_mode_defaults) with every step count of BUDGET_FIELDS multiplied by --budget-scale F,
+    the Lagrange learning rate divided by F, and --align-eval-every resolved (default align_steps // 10, at least 1).
+    Adam moves log lambda by about lr per step: lr / F over F times the steps keeps the multiplier's reach."""
+    f = args.budget_scale
+    if not (math.isfinite(f) and f > 0):
+        fail(f"--budget-scale must be a positive number, got {f}")
+    changes: dict[str, Any] = {}
+    if f != 1.0:
+        changes = {k: scale_steps(getattr(args, k), f) for k in BUDGET_FIELDS
+                   if getattr(args, k) is not None and getattr(args, k) >= 0}  # negatives are left for validate to reject
+        if args.eval_every > 0 and args.checkpoint_every % args.eval_every == 0:  # stays a multiple of --eval-every
+            changes["checkpoint_every"] = changes["eval_every"] * (args.checkpoint_every // args.eval_every)
+        else:
+            changes["checkpoint_every"] = scale_steps(args.checkpoint_every, f) if args.checkpoint_every >= 0 else args.checkpoint_every
+        changes["lambda_lr"] = args.lambda_lr / f
+    scaled = dataclasses.replace(args, **changes)
+    if scaled.align_eval_every is None:
+        scaled = dataclasses.replace(scaled, align_eval_every=max(1, scaled.align_steps // 10))
+    return scaled
+
+
+def effective_budgets(args: Args) -> dict[str, Any]:
+    """What results.json records of --budget-scale: the step counts and the Lagrange learning rate this run used."""
+    return {k: getattr(args, k) for k in (*BUDGET_FIELDS, "checkpoint_every", "lambda_lr")}
+
+
 def resolve_defaults(args: Args) -> dict[str, float]:
     """Exploration sigma, thresholds and kappa: explicit flags win, else the FAMILY_DEFAULTS row."""
     row = dict(FAMILY_DEFAULTS[dataset_level(args.env, args.dataset_id)])
@@ -984,6 +1040,39 @@ def balanced_priority(w: Tensor, w_off: Tensor, temperature: float, low: float =
 def distillation_loss(pred: Tensor, target: Tensor) -> Tensor:
     """Section 6: regress the deterministic actor on the offline actor's mean action (MSE)."""
     return F.mse_loss(pred, target)
+
+
+def early_eval_steps(start: int, span: int, k: int) -> list[int]:
+    """--early-evals: start + max(1, floor(span / 10 * j / k)) for j = 1..k, without duplicates (an empty list for k = 0)."""
+    return sorted({start + max(1, math.floor(span / 10 * j / k)) for j in range(1, k + 1)})
+
+
+# ---------------------------------------------------------------- diagnostics at the phase boundaries (each has a unit test)
+def q_stats(q: Tensor) -> dict[str, float]:
+    """Mean and (population) std over the states of the min-over-critics Q; q is (n, B)."""
+    m = q.min(0).values
+    return {"mean": float(m.mean()), "std": float(m.std(correction=0))}
+
+
+def policy_critic_agreement(q_mode: Tensor, q_samples: Tensor, sq_dist: Tensor) -> dict[str, float]:
+    """Does the critic rank pi0's action above its perturbations? q_mode (B,) = Q(s, pi0(s)); q_samples (S, B) =
+    Q(s, a_j) for S perturbed actions a_j per state; sq_dist (S, B) = ||a_j - pi0(s)||^2.
+
+    agreement: fraction of pairs (s, a_j) with Q(s, pi0(s)) >= Q(s, a_j); agreement_all: fraction of states where
+    Q(s, pi0(s)) >= Q(s, a_j) for every j; dist_q_corr: the Pearson correlation of -||a_j - pi0(s)||^2 and Q(s, a_j)
+    over the samples of a state, averaged over the states where it is defined (1: Q falls with the distance to pi0)."""
+    wins = q_mode.unsqueeze(0) >= q_samples
+    x = -sq_dist - (-sq_dist).mean(0)
+    y = q_samples - q_samples.mean(0)
+    den = (x.pow(2).sum(0) * y.pow(2).sum(0)).sqrt()
+    r = ((x * y).sum(0) / den)[den > 0]
+    return {"agreement": float(wins.float().mean()), "agreement_all": float(wins.all(0).float().mean()),
+            "dist_q_corr": float(r.mean()) if r.numel() else float("nan")}
+
+
+def actor_stats(actions: Tensor, max_action: float = 1.0) -> dict[str, float]:
+    """Mean |a| over states and action components, and the saturation: the fraction of components with |a| > 0.99 max_action."""
+    return {"mean_abs_action": float(actions.abs().mean()), "saturation": float((actions.abs() > 0.99 * max_action).float().mean())}
 
 
 # ---------------------------------------------------------------- agent state and replay
@@ -1179,12 +1268,15 @@ def reevaluate_update(ag: Agent, obs: Tensor, actions: Tensor, rewards: Tensor, 
     return out
 
 
-def align_update(ag: Agent, obs: Tensor, *, policy_noise: float, noise_clip: float, beta: float, max_distance: float) -> dict[str, Tensor]:
+def align_update(ag: Agent, obs: Tensor, *, policy_noise: float, noise_clip: float, beta: float, max_distance: float,
+                 train_actor: bool = True) -> dict[str, Tensor]:
     """Section 2b: distance-shrunk targets from the frozen targets; the actor steps on -mean Q1(s, pi(s)) of the
-    critic before its step (read frozen, so the summed backward gives each loss only its own parameters)."""
+    critic before its step (read frozen, so the summed backward gives each loss only its own parameters).
+    With train_actor False (--align-actor frozen) the actor loss is only logged: pi stays pi0, only the critic aligns."""
     with torch.no_grad():
         a_off = ag.actor0(obs)
-    pi = ag.actor(obs)
+    with torch.set_grad_enabled(train_actor):
+        pi = ag.actor(obs)
     with torch.no_grad():
         at = smoothed_action(pi.detach(), torch.randn_like(pi) * policy_noise, noise_clip)
         q_bar_off, q_bar_at = ag.qf_target(torch.cat([obs, obs]), torch.cat([a_off, at])).split(obs.shape[0], dim=1)
@@ -1195,10 +1287,13 @@ def align_update(ag: Agent, obs: Tensor, *, policy_noise: float, noise_clip: flo
     loss = td_loss(q_at, y) + td_loss(q_off, q_star)
     out = {"losses/align_loss": loss.detach(), "losses/align_actor_loss": actor_loss.detach(), "losses/align_qf_values": q_off.mean().detach()}
     ag.qf_opt.zero_grad(set_to_none=True)
-    ag.actor_opt.zero_grad(set_to_none=True)
-    (loss + actor_loss).backward()
+    if train_actor:
+        ag.actor_opt.zero_grad(set_to_none=True)
+        loss = loss + actor_loss
+    loss.backward()
     ag.qf_opt.step()
-    ag.actor_opt.step()
+    if train_actor:
+        ag.actor_opt.step()
     return out
 
 
@@ -1315,12 +1410,12 @@ def balanced_replay_update(ratio: DensityRatio, opt: torch.optim.Optimizer, repl
 PHASE_FIELDS: dict[str, tuple[str, ...]] = {
     "distilled": ("env", "dataset_id", "seed", "offline_algo", "checkpoint", "distill_steps", "distill_lr", "batch_size", "device"),
     "reevaluated": ("no_reevaluate", "reevaluate_steps", "critic_init", "gamma", "tau", "critic_lr", "policy_noise", "noise_clip"),
-    "aligned": ("no_align", "align_steps", "align_beta", "align_max_distance", "actor_lr"),
+    "aligned": ("no_align", "align_steps", "align_beta", "align_max_distance", "actor_lr", "align_actor"),
     "opt_pretrained": ("opt", "gamma", "tau", "critic_lr", "policy_noise", "noise_clip", "opt_collect_steps", "opt_pretrain_steps",
                        "opt_inner_lr", "explore_noise", "eval_every", "buffer_mode", "part_trajectories", "opt_balanced_replay"),
 }
 # fields a resumed online phase may change: the budget, when to stop, logging and checkpoint cadence, the speed flags
-RESUMABLE_CHANGES = ("online_steps", "stop_after", "no_resume", "log_every", "checkpoint_every", "phase_eval_every",
+RESUMABLE_CHANGES = ("online_steps", "stop_after", "no_resume", "log_every", "checkpoint_every", "align_eval_every",
                      "compile", "cudagraphs", "bf16", "threads")
 
 
@@ -1365,6 +1460,9 @@ class Run:
         self.phases: dict[str, dict] = {}
         self.metrics: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {}
+        self.diagnostics: dict[str, dict[str, float]] = {}  # boundary -> statistics (diagnose)
+        self.diag_obs: Tensor | None = None  # the fixed dataset states (and their actions) every diagnostic reads
+        self.diag_actions: Tensor | None = None
 
     def evaluate(self, actor: nn.Module) -> tuple[float, float]:
         was_training = actor.training
@@ -1373,10 +1471,11 @@ class Run:
         actor.train(was_training)
         return ret, float(normalized_score(ret, self.ckpt["ref_min_score"], self.ckpt["ref_max_score"]))
 
-    def record(self, step: int, ret: float, score: float, phase: str, quiet: bool = False) -> None:
+    def record(self, step: int, ret: float, score: float, phase: str, quiet: bool = False, tag: str = "eval") -> None:
+        """One point of the curve; `tag` names its tensorboard scalars (align/...: on the alignment-step axis)."""
         self.curve.append({"step": step, "normalized_score": score, "return": ret, "phase": phase})
-        self.writer.add_scalar("eval/normalized_score", score, step)
-        self.writer.add_scalar("eval/episodic_return", ret, step)
+        self.writer.add_scalar(f"{tag}/normalized_score", score, step)
+        self.writer.add_scalar(f"{tag}/episodic_return", ret, step)
         if not quiet:
             tqdm.write(f"[{phase}] step {step}: return {ret:.1f}, normalized score {score:.1f}")
 
@@ -1453,6 +1552,45 @@ class Run:
 
 
 PHASES = ("offline", "distilled", "reevaluated", "aligned", "opt_collect", "opt_pretrained", "online")
+# where diagnose() runs; tensorboard's diagnostics/* scalars use the index here as their step
+BOUNDARIES = ("start", "reevaluated", "aligned", "opt_pretrained", "end")
+DIAG_STATES, DIAG_SAMPLES = 2048, 16  # dataset states the diagnostics read; perturbed actions per state for the agreement
+
+
+def diagnostic_batch(off_rb: ReplayBuffer, seed: int, n: int = DIAG_STATES) -> tuple[Tensor, Tensor]:
+    """A fixed set of dataset (s, a), drawn once with the run's seed from its own generator (the run's RNG stream,
+    and so its training, is untouched)."""
+    idx = torch.randperm(off_rb.size, generator=torch.Generator().manual_seed(seed))[:n].to(off_rb.device)
+    return off_rb.data["obs"][idx], off_rb.data["actions"][idx]
+
+
+@torch.no_grad()
+def diagnose(run: Run, ag: Agent, boundary: str, agreement: bool = False) -> dict[str, float]:
+    """Statistics at a phase boundary on the fixed dataset states: q_{data,pi}_{mean,std} (min-over-critics Q on the
+    dataset action and on pi(s); q_on_... for OPT's Q_on), the actor's mean |action| and saturation, and with
+    `agreement` policy_critic_agreement of the critic with pi0 (perturbations N(0, policy_noise^2), clipped, drawn from
+    a generator seeded with the run's seed: the same at every boundary). To results.json and diagnostics/*."""
+    obs, actions, max_action = run.diag_obs, run.diag_actions, float(run.ckpt["max_action"])
+    assert obs is not None and actions is not None
+    pi = ag.actor(obs)
+    out = actor_stats(pi, max_action)
+    for name in ("qf", "qf_on"):
+        if hasattr(ag, name):
+            qf, prefix = getattr(ag, name), "q" if name == "qf" else "q_on"
+            for where, a in (("data", actions), ("pi", pi)):
+                out.update({f"{prefix}_{where}_{k}": v for k, v in q_stats(qf(obs, a)).items()})
+    if agreement:
+        a0 = ag.actor0(obs)
+        gen = torch.Generator(device=obs.device).manual_seed(run.args.seed)
+        noise = torch.randn((DIAG_SAMPLES, *a0.shape), generator=gen, device=obs.device) * run.args.policy_noise
+        samples = (a0 + noise).clamp(-max_action, max_action)
+        q_samples = ag.qf(obs.expand(DIAG_SAMPLES, *obs.shape).reshape(-1, obs.shape[-1]), samples.reshape(-1, a0.shape[-1]))
+        out.update(policy_critic_agreement(ag.qf(obs, a0).min(0).values, q_samples.min(0).values.reshape(DIAG_SAMPLES, -1),
+                                           ((samples - a0) ** 2).sum(-1)))
+    run.diagnostics[boundary] = out
+    for k, v in out.items():
+        run.writer.add_scalar(f"diagnostics/{k}", v, BOUNDARIES.index(boundary))
+    return out
 
 
 # ---------------------------------------------------------------- phases
@@ -1511,38 +1649,49 @@ def run_reevaluation(run: Run, ag: Agent, off_rb: ReplayBuffer, key: dict) -> No
 
 
 def run_alignment(run: Run, ag: Agent, off_rb: ReplayBuffer, key: dict) -> float | None:
-    """Section 2b; targets frozen for the whole phase, then critics and actor copied to the targets."""
+    """Section 2b; targets frozen for the whole phase, then critics and actor copied to the targets. With
+    --align-eval-every N the actor is evaluated every N alignment steps: curve points of phase "align" (step = the
+    alignment step; the last one is the aligned actor's evaluation)."""
     a, t0 = run.args, time.time()
     saved = run.reuse("aligned", key)
     if saved is not None:
         ag.load(saved["train_state"], run.accel, names=("actor", "actor_target", "actor_opt", "qf", "qf_target", "qf_opt"))
         set_rng_state(saved["train_state"]["rng"])
         ret, score = saved["train_state"]["aligned_return"], saved["train_state"]["aligned_score"]
+        run.curve.extend(saved["train_state"].get("align_curve", []))
     else:
         offset = 0 if a.no_reevaluate else a.reevaluate_steps  # tensorboard x-axis: gradient steps since the start
         step_fn = run.accel.update(functools.partial(align_update, ag, policy_noise=a.policy_noise, noise_clip=a.noise_clip,
-                                                     beta=a.align_beta, max_distance=a.align_max_distance))
+                                                     beta=a.align_beta, max_distance=a.align_max_distance,
+                                                     train_actor=a.align_actor == "train"))
+        n0 = len(run.curve)
         for step in tqdm(range(1, a.align_steps + 1), desc="alignment", disable=None):
             run.accumulate(step_fn(off_rb.sample(a.batch_size)["obs"]))
             if step % a.log_every == 0:
                 run.flush(offset + step, "alignment")
-            if step % a.phase_eval_every == 0 and step < a.align_steps:
-                run.writer.add_scalar("eval/align_normalized_score", run.evaluate(ag.actor)[1], offset + step)
+            if a.align_eval_every and step % a.align_eval_every == 0 and step < a.align_steps:  # evaluation draws no random numbers
+                run.record(step, *run.evaluate(ag.actor), "align", quiet=True, tag="align")
         run.flush(offset + a.align_steps, "alignment")
         ag.qf_target.load_state_dict(ag.qf.state_dict())
         ag.actor_target.load_state_dict(ag.actor.state_dict())
         ret, score = run.evaluate(ag.actor)
-        run.checkpoint("aligned", ag, key, {"aligned_return": ret, "aligned_score": score}, score)
+        if a.align_eval_every and a.align_steps % a.align_eval_every == 0:
+            run.record(a.align_steps, ret, score, "align", quiet=True, tag="align")
+        run.checkpoint("aligned", ag, key, {"aligned_return": ret, "aligned_score": score, "align_curve": run.curve[n0:]}, score)
     run.record(0, ret, score, "aligned")
     run.phase_done("aligned", t0, saved is not None)
     return score
 
 
 def online_loop(run: Run, ag: Agent, replay: OnlineReplay, runner: EnvRunner, st: dict, update: Callable[[dict, int, bool], dict],
-                phase: str, sigma: float, utd: int, learning_starts: int, after_step: Callable[[int], None] | None = None) -> bool:
+                phase: str, sigma: float, utd: int, learning_starts: int, after_step: Callable[[int], None] | None = None,
+                early: Sequence[int] = ()) -> bool:
     """The env loop shared by O2TD3, naive and OPT fine-tuning: act, store, `utd` updates, log, evaluate, checkpoint.
-    `st` is the resumable loop state (global_step, n_updates, best, n_evals). Returns False when --stop-after hit."""
+    `st` is the resumable loop state (global_step, n_updates, best, n_evals). Evaluations come every --eval-every env
+    steps and at the `early` steps (--early-evals); both are reference-update points of --reference best, only the
+    former count for --reference interval. Returns False when --stop-after hit."""
     a = run.args
+    early = set(early)
     t0, s0 = time.time(), st["global_step"]
     bar = tqdm(range(st["global_step"] + 1, a.online_steps + 1), desc=phase, initial=st["global_step"], total=a.online_steps, disable=None)
     for global_step in bar:
@@ -1560,21 +1709,23 @@ def online_loop(run: Run, ag: Agent, replay: OnlineReplay, runner: EnvRunner, st
         if global_step % a.log_every == 0:
             run.flush(global_step, phase)
             run.writer.add_scalar("charts/SPS", (global_step - s0) / max(time.time() - t0, 1e-9), global_step)
-        if global_step % a.eval_every == 0:
+        regular = global_step % a.eval_every == 0
+        if regular or global_step in early:
             ret, score = run.evaluate(ag.actor)
-            st["n_evals"] += 1
+            st["n_evals"] += int(regular)
             run.record(global_step, ret, score, phase)
             atomic_save({"complete": False, "curve": run.curve, "phases": run.phases}, run.out / "results.json")  # progress so far
             bar.set_postfix(score=f"{score:.1f}")
             if hasattr(ag, "actor_ref"):  # section 1e: reference update
                 if a.reference == "best" and score > st["best"]:
                     ag.actor_ref.load_state_dict(ag.actor.state_dict())
-                elif a.reference == "interval" and st["n_evals"] % a.reference_interval == 0:
+                elif a.reference == "interval" and regular and st["n_evals"] % a.reference_interval == 0:
                     ag.actor_ref.load_state_dict(ag.actor.state_dict())
             st["best"] = max(st["best"], score)
         if global_step % a.checkpoint_every == 0 or global_step == a.online_steps:
             run.checkpoint("online", ag, st["key"], {"loop": {k: v for k, v in st.items() if k != "key"}, "curve": run.curve,
-                                                    "phases": run.phases, "replay": replay.state()}, run.curve[-1]["normalized_score"])
+                                                    "phases": run.phases, "diagnostics": run.diagnostics, "replay": replay.state()},
+                           run.curve[-1]["normalized_score"])
         if a.stop_after is not None and global_step >= a.stop_after:
             bar.close()
             return False
@@ -1596,6 +1747,7 @@ def resume_online(run: Run, ag: Agent, replay: OnlineReplay, st: dict) -> bool:
     st.update(ts["loop"])
     run.curve[:] = ts["curve"]
     run.phases.update({k: {**v, "reused": True} for k, v in ts["phases"].items() if k not in run.phases})
+    run.diagnostics.update({k: v for k, v in ts.get("diagnostics", {}).items() if k not in run.diagnostics})  # OPT: after pre-training
     set_rng_state(ts["rng"])
     print(f"resuming the online phase at env step {st['global_step']}")
     return True
@@ -1622,7 +1774,8 @@ def run_o2td3_online(run: Run, ag: Agent, off_rb: ReplayBuffer, data: dict, d: d
         if constraint and step % a.log_every == 0:
             run.writer.add_scalar("charts/kl_threshold", constraint_threshold(step, d["eps0"], d["eps_end"], a.eps_steps), step)
 
-    ok = online_loop(run, ag, replay, runner, st, update, "online", d["explore_noise"], a.utd, a.learning_starts, after_step)
+    ok = online_loop(run, ag, replay, runner, st, update, "online", d["explore_noise"], a.utd, a.learning_starts, after_step,
+                     early_eval_steps(0, a.online_steps, a.early_evals))
     runner.close()
     run.phase_done("online", t0, False)
     return ok
@@ -1644,6 +1797,7 @@ def run_opt(run: Run, ag: Agent, offline_qf: Critic, off_rb: ReplayBuffer, data:
     if a.opt_balanced_replay:
         ag.ratio = DensityRatio(obs_dim, act_dim).to(dev)
         ag.ratio_opt = torch.optim.Adam(ag.ratio.parameters(), lr=a.ratio_lr)  # stepped eagerly, outside the compiled update
+    diagnose(run, ag, "start")
     replay = OnlineReplay(off_rb, data, a.buffer_mode, a.online_steps, a.part_trajectories, a.opt_balanced_replay, dev)
     st["key"] = online_key(a, run.source, run.rewards)
     resumed = resume_online(run, ag, replay, st)
@@ -1679,6 +1833,7 @@ def run_opt(run: Run, ag: Agent, offline_qf: Critic, off_rb: ReplayBuffer, data:
             run.flush(a.opt_collect_steps + a.opt_pretrain_steps, "opt pre-training")
             run.checkpoint("opt_pretrained", ag, key, {"replay": replay.state(), "collect_curve": run.curve[n0:]}, None)
         run.phase_done("opt_pretrained", t0, saved is not None)
+        diagnose(run, ag, "opt_pretrained")
         st["global_step"] = a.opt_collect_steps
     if runner is None:
         runner = EnvRunner(data["env_spec"], a.seed + st["global_step"], obs_mean, obs_std, raw, dev)
@@ -1698,7 +1853,8 @@ def run_opt(run: Run, ag: Agent, offline_qf: Critic, off_rb: ReplayBuffer, data:
         if step % a.log_every == 0:
             run.writer.add_scalar("charts/kappa", kappa_schedule(step, d["kappa_start"], d["kappa_end"], a.kappa_begin, a.kappa_finish), step)
 
-    ok = online_loop(run, ag, replay, runner, st, update, "online", d["explore_noise"], a.opt_utd, 0, after_step)
+    early = early_eval_steps(a.opt_collect_steps, a.online_steps - a.opt_collect_steps, a.early_evals)  # from the first update on
+    ok = online_loop(run, ag, replay, runner, st, update, "online", d["explore_noise"], a.opt_utd, 0, after_step, early)
     runner.close()
     run.phase_done("online", t0, False)
     return ok
@@ -1706,7 +1862,7 @@ def run_opt(run: Run, ag: Agent, offline_qf: Critic, off_rb: ReplayBuffer, data:
 
 def summarize(run: Run, args: Args) -> dict:
     curve = run.curve
-    online = [c for c in curve if c["step"] > 0]
+    online = [c for c in curve if c["step"] > 0 and c["phase"] != "align"]
     first_tenth = [c["normalized_score"] for c in online if c["step"] <= args.online_steps / 10]
     by_phase = {c["phase"]: c["normalized_score"] for c in curve if c["step"] == 0}
     return {"offline_score": by_phase.get("offline"), "distilled_score": by_phase.get("distilled"), "aligned_score": by_phase.get("aligned"),
@@ -1717,10 +1873,10 @@ def validate(args: Args) -> None:
     if args.offline_algo not in ("td3_bc", "cql", "iql", "bc"):
         fail(f"unknown --offline-algo {args.offline_algo!r}; known: td3_bc, cql, iql, bc")
     for flag in ("batch_size", "online_steps", "utd", "policy_freq", "eval_every", "eval_episodes", "log_every", "checkpoint_every",
-                 "phase_eval_every", "eps_steps", "reference_interval", "part_trajectories", "opt_utd", "ratio_temperature", "ratio_lr"):
+                 "eps_steps", "reference_interval", "part_trajectories", "opt_utd", "ratio_temperature", "ratio_lr"):
         if getattr(args, flag) <= 0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    for flag in ("distill_steps", "learning_starts", "opt_pretrain_steps"):
+    for flag in ("distill_steps", "learning_starts", "opt_pretrain_steps", "align_eval_every", "early_evals"):
         if getattr(args, flag) < 0:
             fail(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if not args.no_reevaluate and args.reevaluate_steps <= 0:
@@ -1782,7 +1938,8 @@ def mode_name(args: Args) -> str:
 
 
 def main(args: Args) -> dict:
-    args = with_mode_defaults(args)  # --online-steps: the mode's budget unless given
+    given = args
+    args = with_budget_scale(with_mode_defaults(args))  # --online-steps: the mode's budget unless given; then --budget-scale
     validate(args)
     device = pick_device(args.device)
     accel = Accel(device, args.compile, args.cudagraphs, args.bf16)  # bad flag combinations fail before any loading
@@ -1816,8 +1973,8 @@ def main(args: Args) -> dict:
         for name in ("online.pt", "final.pt", "results.json"):
             (out / name).unlink(missing_ok=True)
     rewards = reward_handling(args, ckpt, offline_qf is not None)
-    atomic_save({**asdict(args), "resolved_defaults": defaults, "mode": mode, "offline_checkpoint": str(ckpt_path), "reward_handling": rewards},
-                out / "args.json")
+    atomic_save({**asdict(args), "resolved_defaults": defaults, "mode": mode, "offline_checkpoint": str(ckpt_path), "reward_handling": rewards,
+                 "args_given": asdict(given)}, out / "args.json")  # the top level holds the effective (scaled) values
     run = Run(args, out, ckpt, ckpt_path, data, device, accel, rewards)
     run.writer.add_text("args", json.dumps(asdict(args)))
     run.writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
@@ -1825,6 +1982,7 @@ def main(args: Args) -> dict:
     obs_mean, obs_std = ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy()
     off_rb = ReplayBuffer.from_dataset(data, obs_mean, obs_std, device, rt["scale"], rt["shift"])
     obs_dim, act_dim = data["obs_dim"], data["act_dim"]
+    run.diag_obs, run.diag_actions = diagnostic_batch(off_rb, args.seed)
 
     # --- phase 0: the offline actor, and pi0 (copied exactly when deterministic, distilled otherwise)
     t0 = time.time()
@@ -1863,21 +2021,27 @@ def main(args: Args) -> dict:
         ag.actor_ref = copy.deepcopy(actor0)
         # shape (1,), not 0-d: compiled Adam skips 0-d float64 parameters (PyTorch 2.13); older 0-d checkpoints still load
         ag.log_lam = nn.Parameter(torch.full((1,), math.log(args.lambda_init), device=device))
-        ag.lam_opt = accel.adam([ag.log_lam], args.lambda_lr)
+        ag.lam_opt = accel.adam([ag.log_lam], args.lambda_lr)  # lr / --budget-scale (with_budget_scale)
+        diagnose(run, ag, "start")
         if not args.no_reevaluate:
             run_reevaluation(run, ag, off_rb, phase_key(args, "reevaluated", run.source, run.rewards))
+            diagnose(run, ag, "reevaluated", agreement=True)
         if not args.no_align:
             aligned_score = run_alignment(run, ag, off_rb, phase_key(args, "aligned", run.source, run.rewards))
+            diagnose(run, ag, "aligned", agreement=True)
             # section 1c: start from the aligned actor as reference only if it beats pi0
             if aligned_score is not None and aligned_score > pi0_score and args.reference != "offline":
                 ag.actor_ref.load_state_dict(ag.actor.state_dict())
                 st["best"] = aligned_score
         ok = run_o2td3_online(run, ag, off_rb, data, defaults, st, obs_mean, obs_std)
 
+    if ok:
+        diagnose(run, ag, "end")
     result = {"mode": mode, "run_dir": str(out), "offline_checkpoint": str(ckpt_path), "offline_algo": ckpt["algo"],
               "actor_family": ckpt["actor_family"], "distillation": distill, "curve": run.curve, "phases": run.phases,
               "dataset_ids": data["dataset_ids"], "local_standin": data["local_standin"], "resolved_defaults": defaults,
-              "online_steps": args.online_steps, "reward_handling": rewards,
+              "online_steps": args.online_steps, "reward_handling": rewards, "align_actor": args.align_actor,
+              "budget_scale": args.budget_scale, "effective_budgets": effective_budgets(args), "diagnostics": run.diagnostics,
               **summarize(run, args), "stopped": not ok, "complete": ok}
     if ok:
         run.checkpoint("final", ag, online_key(args, run.source, run.rewards), {}, run.curve[-1]["normalized_score"])

@@ -180,6 +180,61 @@ def test_density_ratio_loss_and_balanced_priority():
     assert td3.balanced_priority(T([243.0]), T([1.0, 32.0]), temperature=5.0).item() == pytest.approx(3.0 / 1.5, rel=1e-5)
 
 
+def test_early_eval_steps():
+    assert td3.early_eval_steps(0, 100, 5) == [2, 4, 6, 8, 10]  # floor(100 / 10 * k / 5)
+    assert td3.early_eval_steps(0, 40, 5) == [1, 2, 3, 4]  # floor(0.8) -> at least 1; floor(1.6) = 1 counted once
+    assert td3.early_eval_steps(25, 100, 2) == [30, 35]  # OPT: counted from the end of the collection
+    assert td3.early_eval_steps(0, 100_000, 0) == []
+
+
+def test_q_stats_min_over_critics():
+    s = td3.q_stats(T([[1.0, 5.0, 3.0], [2.0, 4.0, 0.0]]))  # min over critics: [1, 4, 0]
+    assert s["mean"] == pytest.approx(5.0 / 3.0)
+    assert s["std"] == pytest.approx(math.sqrt(((1 - 5 / 3) ** 2 + (4 - 5 / 3) ** 2 + (0 - 5 / 3) ** 2) / 3))  # population std
+
+
+def test_policy_critic_agreement():
+    # 3 samples (rows) of 3 states (columns); squared distances to pi0 grow down the rows
+    q_mode = T([5.0, 10.0, 1.0])
+    q_samples = T([[4.0, 9.0, 1.0], [5.0, 8.0, 1.0], [6.0, 7.0, 1.0]])
+    sq_dist = T([[0.1, 0.1, 0.1], [0.2, 0.2, 0.2], [0.3, 0.4, 0.3]])
+    r = td3.policy_critic_agreement(q_mode, q_samples, sq_dist)
+    # state 0: 5 >= 4, 5 >= 5, 5 < 6 -> 2/3; states 1 and 2 (ties count as agreement): 3/3
+    assert r["agreement"] == pytest.approx(8 / 9) and r["agreement_all"] == pytest.approx(2 / 3)
+    # state 0: Q rises with the distance -> corr(-d, Q) = -1; state 1: Q falls with it; state 2 (Q constant) has none
+    r1 = np.corrcoef([-0.1, -0.2, -0.4], [9.0, 8.0, 7.0])[0, 1]
+    assert r1 > 0.9
+    assert r["dist_q_corr"] == pytest.approx((-1.0 + r1) / 2, rel=1e-5)
+    assert math.isnan(td3.policy_critic_agreement(T([0.0]), T([[1.0], [1.0]]), T([[0.1], [0.2]]))["dist_q_corr"])
+
+
+def test_actor_stats():
+    a = T([[0.5, -1.0], [0.995, 0.0]])
+    assert td3.actor_stats(a) == pytest.approx({"mean_abs_action": (0.5 + 1.0 + 0.995) / 4, "saturation": 0.5})
+    assert td3.actor_stats(2 * a, max_action=2.0) == pytest.approx({"mean_abs_action": (0.5 + 1.0 + 0.995) / 2, "saturation": 0.5})
+
+
+def test_budget_scale_resolution():
+    A = td3.Args
+    given = A(budget_scale=0.03)
+    a = td3.with_budget_scale(td3.with_mode_defaults(given))
+    assert given.online_steps is None and given.align_eval_every is None and given.reevaluate_steps == 500_000  # never mutated
+    assert (a.distill_steps, a.reevaluate_steps, a.align_steps, a.online_steps, a.learning_starts) == (150, 15_000, 15_000, 3_000, 30)
+    assert (a.eps_steps, a.eval_every, a.checkpoint_every, a.log_every, a.align_eval_every) == (3_000, 30, 300, 30, 1_500)
+    assert a.lambda_lr == pytest.approx(5e-5 / 0.03) and a.stop_after is None
+    o = td3.with_budget_scale(td3.with_mode_defaults(A(opt=True, budget_scale=0.03)))
+    assert (o.online_steps, o.opt_collect_steps, o.opt_pretrain_steps, o.kappa_begin, o.kappa_finish) == (9_000, 750, 1_500, 750, 4_500)
+    # F = 1: the paper's protocol, only --align-eval-every resolved (align_steps // 10)
+    one = td3.with_budget_scale(td3.with_mode_defaults(A()))
+    assert one == td3.dataclasses.replace(td3.with_mode_defaults(A()), align_eval_every=50_000)
+    # explicit flags are scaled too; rounding keeps counts >= 1, 0 stays 0; the checkpoint interval keeps its ratio
+    e = td3.with_budget_scale(A(online_steps=1000, align_eval_every=7, learning_starts=0, eval_every=3, checkpoint_every=9,
+                                 stop_after=500, align_steps=100, budget_scale=0.1))
+    assert (e.online_steps, e.align_eval_every, e.learning_starts, e.eval_every, e.checkpoint_every, e.stop_after) == (100, 1, 0, 1, 3, 50)
+    assert td3.with_budget_scale(A(align_steps=5, align_eval_every=None)).align_eval_every == 1
+    assert td3.with_budget_scale(A(align_eval_every=0, budget_scale=0.5)).align_eval_every == 0
+
+
 # ---------------------------------------------------------------- behaviour on synthetic data (no env)
 def _synthetic_agent(seed: int = 0):
     torch.manual_seed(seed)
@@ -446,8 +501,9 @@ def test_env_runner_stores_executed_noisy_action(tiny_dataset):
 # ---------------------------------------------------------------- smoke runs
 TINY = ["--env", "hopper-medium-v2", "--device", "cpu", "--batch-size", "32", "--distill-steps", "20", "--reevaluate-steps", "20",
         "--align-steps", "20", "--online-steps", "40", "--learning-starts", "10", "--eval-every", "20", "--eval-episodes", "1",
-        "--log-every", "10", "--checkpoint-every", "20", "--phase-eval-every", "10", "--opt-collect-steps", "20",
-        "--opt-pretrain-steps", "10", "--opt-utd", "2", "--kappa-begin", "20", "--kappa-finish", "40"]
+        "--log-every", "10", "--checkpoint-every", "20", "--opt-collect-steps", "20",
+        "--opt-pretrain-steps", "10", "--opt-utd", "2", "--kappa-begin", "20", "--kappa-finish", "40",
+        "--align-eval-every", "0", "--early-evals", "0"]  # evaluations inside alignment and early online: tested on their own
 
 
 def run(tmp_path: Path, ckpt: Path, *extra: str) -> dict:
@@ -863,6 +919,138 @@ def test_opt_default_budget_through_main(tmp_path, offline_checkpoints, monkeypa
         assert seen["online_steps"] == budget
 
 
+# ---------------------------------------------------------------- diagnostics, --align-actor, --budget-scale through main
+def scalar_steps(run_dir: str) -> dict[str, list[int]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(run_dir)
+    ea.Reload()
+    return {k: [e.step for e in ea.Scalars(k)] for k in ea.Tags()["scalars"]}
+
+
+Q_KEYS = ("q_data_mean", "q_data_std", "q_pi_mean", "q_pi_std", "mean_abs_action", "saturation")
+AGREEMENT_KEYS = ("agreement", "agreement_all", "dist_q_corr")
+
+
+def _assert_diagnostics(diag: dict, boundaries: dict[str, tuple[str, ...]]) -> None:
+    assert set(diag) == set(boundaries)
+    for b, keys in boundaries.items():
+        assert set(diag[b]) == set(keys), b
+        assert all(math.isfinite(v) for v in diag[b].values()), (b, diag[b])
+        assert 0.0 <= diag[b]["saturation"] <= 1.0 and diag[b]["mean_abs_action"] <= 1.0
+        if "agreement" in keys:
+            assert 0.0 <= diag[b]["agreement_all"] <= diag[b]["agreement"] <= 1.0 and -1.0 <= diag[b]["dist_q_corr"] <= 1.0
+
+
+def test_diagnostics_align_and_early_evaluations_through_main(tmp_path, offline_checkpoints):
+    res = run(tmp_path, offline_checkpoints["td3_bc"], "--align-eval-every", "5", "--early-evals", "5", "--online-steps", "100")
+    saved = json.loads((Path(res["run_dir"]) / "results.json").read_text())
+    _assert_diagnostics(saved["diagnostics"], {"start": Q_KEYS, "reevaluated": Q_KEYS + AGREEMENT_KEYS,
+                                               "aligned": Q_KEYS + AGREEMENT_KEYS, "end": Q_KEYS})
+    assert saved["diagnostics"]["start"]["mean_abs_action"] == saved["diagnostics"]["reevaluated"]["mean_abs_action"]  # pi0 both times
+    curve = saved["curve"]
+    align = [c for c in curve if c["phase"] == "align"]
+    assert [c["step"] for c in align] == [5, 10, 15, 20]  # every 5 of 20 alignment steps; the last is the aligned actor
+    assert align[-1]["normalized_score"] == saved["aligned_score"]
+    online = [c["step"] for c in curve if c["phase"] == "online"]
+    assert online == [2, 4, 6, 8, 10, 20, 40, 60, 80, 100]  # 5 early evaluations in the first tenth, then --eval-every 20
+    assert saved["min_first_tenth"] == min(c["normalized_score"] for c in curve if c["phase"] == "online" and c["step"] <= 10)
+    steps = scalar_steps(res["run_dir"])
+    assert steps["align/normalized_score"] == [5, 10, 15, 20]
+    assert steps["diagnostics/q_data_mean"] == [0, 1, 2, 4] and steps["diagnostics/agreement"] == [1, 2]  # BOUNDARIES index
+    # OPT: Q_off and Q_on at its boundaries; early evaluations counted from the end of the collection (20 of 40 steps)
+    res = run(tmp_path, offline_checkpoints["td3_bc"], "--opt", "--early-evals", "2")
+    q_on = tuple(k.replace("q_", "q_on_") for k in Q_KEYS[:4])
+    _assert_diagnostics(res["diagnostics"], {b: Q_KEYS + q_on for b in ("start", "opt_pretrained", "end")})
+    assert [c["step"] for c in res["curve"] if c["phase"] == "online"] == [21, 22, 40]
+
+
+def test_align_actor_frozen_keeps_pi0(tmp_path, offline_checkpoints):
+    states = {}
+    for mode in ("frozen", "train"):
+        res = run(tmp_path, offline_checkpoints["td3_bc"], "--align-actor", mode, "--online-steps", "20", "--run-name", mode)
+        assert res["align_actor"] == mode
+        out = Path(res["run_dir"])
+        aligned = torch.load(out / "aligned.pt", weights_only=True)["train_state"]
+        reevaluated = torch.load(out / "reevaluated.pt", weights_only=True)["train_state"]
+        m = aligned["modules"]
+        states[mode] = {
+            "actor_is_pi0": all(torch.equal(m["actor"][k], v) for k, v in m["actor0"].items()),
+            "target_is_pi0": all(torch.equal(m["actor_target"][k], v) for k, v in m["actor0"].items()),
+            "critic_moved": any(not torch.equal(m["qf"][k], v) for k, v in reevaluated["modules"]["qf"].items()),
+            "actor_adam": bool(aligned["optimizers"]["actor_opt"]["state"]),
+        }
+        diag = res["diagnostics"]
+        assert (diag["aligned"]["mean_abs_action"] == diag["reevaluated"]["mean_abs_action"]) == (mode == "frozen")
+    assert states["frozen"] == {"actor_is_pi0": True, "target_is_pi0": True, "critic_moved": True, "actor_adam": False}
+    assert states["train"] == {"actor_is_pi0": False, "target_is_pi0": False, "critic_moved": True, "actor_adam": True}
+    # an aligned.pt of one mode is never reused by the other
+    a = td3.with_budget_scale(td3.with_mode_defaults(td3.Args()))
+    assert td3.phase_key(a, "aligned", "s", {}) != td3.phase_key(td3.dataclasses.replace(a, align_actor="frozen"), "aligned", "s", {})
+
+
+def _count_calls(mp, names: tuple[str, ...]) -> dict[str, list]:
+    calls: dict[str, list] = {n: [] for n in names}
+    for n in names:
+        fn = getattr(td3, n)
+
+        def spy(*args, _fn=fn, _n=n, **kw):
+            tensors = [x.item() for x in args[1:] if torch.is_tensor(x) and x.dim() == 0]  # a threshold or kappa
+            calls[_n].append(tensors)
+            return _fn(*args, **kw)
+
+        mp.setattr(td3, n, spy)
+    return calls
+
+
+BUDGETS_X2 = ["--distill-steps", "40", "--reevaluate-steps", "40", "--align-steps", "40", "--online-steps", "80", "--learning-starts", "20",
+              "--eval-every", "40", "--checkpoint-every", "40", "--log-every", "20", "--align-eval-every", "20", "--eps-steps", "60",
+              "--opt-collect-steps", "40", "--opt-pretrain-steps", "20", "--kappa-begin", "40", "--kappa-finish", "80"]
+
+
+def test_budget_scale_halves_every_budget_through_main(tmp_path, offline_checkpoints, monkeypatch):
+    """TINY's budgets doubled, run at --budget-scale 0.5: the TINY run's update counts, schedules and intervals."""
+    calls = _count_calls(monkeypatch, ("distill_update", "reevaluate_update", "align_update", "o2td3_update"))
+    res = run(tmp_path, offline_checkpoints["iql"], *BUDGETS_X2, "--budget-scale", "0.5")  # iql: its actor is distilled
+    assert [len(calls[n]) for n in ("distill_update", "reevaluate_update", "align_update")] == [20, 20, 20]
+    d = td3.resolve_defaults(td3.Args())
+    online_steps = range(10, 41)  # --learning-starts 10 of --online-steps 40, UTD 1
+    assert [c[0] for c in calls["o2td3_update"]] == pytest.approx([td3.constraint_threshold(t, d["eps0"], d["eps_end"], 30) for t in online_steps],
+                                                                  rel=1e-6)  # the threshold horizon is 30 env steps
+    assert [c["step"] for c in res["curve"] if c["phase"] == "online"] == [20, 40]
+    assert [c["step"] for c in res["curve"] if c["phase"] == "align"] == [10, 20]
+    steps = scalar_steps(res["run_dir"])
+    assert steps["charts/kl_threshold"] == [0, 10, 20, 30, 40] and steps["losses/reeval_qf_loss"] == [10, 20]  # --log-every 10
+    out = Path(res["run_dir"])
+    assert torch.load(out / "online.pt", weights_only=True)["train_state"]["loop"]["global_step"] == 40
+    final = torch.load(out / "final.pt", weights_only=True)
+    assert final["train_state"]["optimizers"]["lam_opt"]["param_groups"][0]["lr"] == pytest.approx(5e-5 / 0.5)  # reach of log lambda kept
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["budget_scale"] == 0.5
+    eff = saved["effective_budgets"]
+    assert {k: eff[k] for k in ("distill_steps", "reevaluate_steps", "align_steps", "online_steps", "learning_starts", "eps_steps",
+                                "eval_every", "checkpoint_every", "log_every", "align_eval_every")} == {
+        "distill_steps": 20, "reevaluate_steps": 20, "align_steps": 20, "online_steps": 40, "learning_starts": 10, "eps_steps": 30,
+        "eval_every": 20, "checkpoint_every": 20, "log_every": 10, "align_eval_every": 10}
+    assert eff["lambda_lr"] == pytest.approx(1e-4) and eff["stop_after"] is None
+    given = json.loads((out / "args.json").read_text())["args_given"]
+    assert given["online_steps"] == 80 and given["budget_scale"] == 0.5
+
+
+def test_budget_scale_scales_opt_and_its_kappa_schedule(tmp_path, offline_checkpoints, monkeypatch):
+    calls = _count_calls(monkeypatch, ("opt_pretrain_update", "opt_finetune_update"))
+    res = run(tmp_path, offline_checkpoints["td3_bc"], *BUDGETS_X2, "--opt", "--budget-scale", "0.5")
+    assert len(calls["opt_pretrain_update"]) == 10
+    d = td3.resolve_defaults(td3.Args(opt=True))
+    expected = [td3.kappa_schedule(t, d["kappa_start"], d["kappa_end"], 20, 40) for t in range(21, 41) for _ in range(2)]  # --opt-utd 2
+    assert [c[0] for c in calls["opt_finetune_update"]] == pytest.approx(expected, rel=1e-6)
+    assert expected[0] > d["kappa_start"] and expected[-1] == pytest.approx(d["kappa_end"])
+    online = torch.load(Path(res["run_dir"]) / "online.pt", weights_only=True)
+    assert len(online["train_state"]["replay"]["rewards"]) == 40  # 20 collected + 20 fine-tuning env steps
+    eff = res["effective_budgets"]
+    assert (eff["opt_collect_steps"], eff["opt_pretrain_steps"], eff["kappa_begin"], eff["kappa_finish"]) == (20, 10, 20, 40)
+
+
 # ---------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize("extra, message", [
     (["--env", "hopper-mediocre-v2"], "unknown env"),
@@ -875,6 +1063,9 @@ def test_opt_default_budget_through_main(tmp_path, offline_checkpoints, monkeypa
     (["--learning-starts", "40"], "no update would happen"),
     (["--opt", "--opt-collect-steps", "40"], "--opt-collect-steps"),
     (["--threads", "0"], "--threads"),
+    (["--budget-scale", "0"], "--budget-scale"),
+    (["--align-eval-every", "-1"], "--align-eval-every"),
+    (["--early-evals", "-1"], "--early-evals"),
 ])
 def test_bad_arguments_exit_2(tmp_path, offline_checkpoints, capsys, extra, message):
     with pytest.raises(SystemExit) as e:
@@ -949,7 +1140,7 @@ def test_distillation_regresses_the_mean_action():
 OBS, ACT, B = 5, 2, 16
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # phase -> whether its calls carry the delayed-actor flag (every flag value compiles / captures its own graph)
-UPDATES = {"distill": False, "reevaluate": False, "align": False, "o2td3": True, "naive": True, "opt_pretrain": True, "opt_finetune": True}
+UPDATES = {"distill": False, "reevaluate": False, "align": False, "align_frozen": False, "o2td3": True, "naive": True, "opt_pretrain": True, "opt_finetune": True}
 
 
 def _batch(seed: int, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -991,6 +1182,8 @@ def _phase_update(accel, ag: td3.Agent, phase: str):
         "reevaluate": lambda: functools.partial(td3.reevaluate_update, ag, **c),
         "align": lambda: functools.partial(td3.align_update, ag, policy_noise=a.policy_noise, noise_clip=a.noise_clip, beta=a.align_beta,
                                            max_distance=a.align_max_distance),
+        "align_frozen": lambda: functools.partial(td3.align_update, ag, policy_noise=a.policy_noise, noise_clip=a.noise_clip,
+                                                  beta=a.align_beta, max_distance=a.align_max_distance, train_actor=False),
         "o2td3": lambda: functools.partial(td3.o2td3_update, ag, constraint=True, lagrange_tau=a.lagrange_tau, **c),
         "naive": lambda: functools.partial(td3.o2td3_update, ag, constraint=False, lagrange_tau=a.lagrange_tau, **c),
         "opt_pretrain": lambda: functools.partial(td3.opt_pretrain_update, ag, inner_lr=0.1, **c),
@@ -1009,6 +1202,7 @@ def _phase_inputs(phase: str, step: int, device: str = "cpu") -> tuple:
         "distill": lambda: (b["obs"], b["actions"]),
         "reevaluate": lambda: x,
         "align": lambda: (b["obs"],),
+        "align_frozen": lambda: (b["obs"],),
         "o2td3": lambda: (*x, scalar(1e-3 * (step + 1)), flag),
         "naive": lambda: (*x, scalar(1e-3 * (step + 1)), flag),
         "opt_pretrain": lambda: (b, _batch(1000 + step, device), flag),  # flag: Polyak targets this step
