@@ -3,8 +3,8 @@
 Takes the actor of any offline_pretrain.py checkpoint (a tanh-Gaussian actor is copied, other families are
 distilled into one), re-evaluates it with entropy-regularised FQE into new LayerNorm critics, aligns the critics
 with the actor, then fine-tunes online with a Lagrangian KL constraint to a reference policy whose threshold
-loosens over time. Paper: Luo et al., NeurIPS 2024, https://arxiv.org/abs/2412.18855 (ALGORITHMS.md sections 1, 4a,
-4c, 6, 7). Also PORL (policy-only fine-tuning, https://arxiv.org/abs/2505.16856) with `--critic-init scratch`.
+loosens over time. Paper: Luo et al., NeurIPS 2024, https://arxiv.org/abs/2412.18855 (O2SAC: the
+paper's re-evaluation, value alignment and constrained fine-tuning for SAC). Also PORL (policy-only fine-tuning, https://arxiv.org/abs/2505.16856) with `--critic-init scratch`.
 
 Usage:
     python o2o_sac.py --env hopper-medium-v2                                   # O2SAC from the CQL checkpoint
@@ -78,7 +78,7 @@ class Args:
     the paper's protocol rather than a truncation of it. 1 = the paper's protocol; the effective values go to
     results.json"""
 
-    # --- modes (ALGORITHMS.md 1, 4a, 4c) ---
+    # --- modes: OCR-CFT's ablations, PORL, naive fine-tuning ---
     no_reevaluate: bool = False
     """skip re-evaluation: keep the checkpoint's critic, its target critics and its reward transform if it has them
     (CQL, IQL, TD3+BC), else fresh critics on raw rewards"""
@@ -781,7 +781,7 @@ def actor_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> nn.
 # --- end shared: checkpoint ---
 
 
-# ---------------------------------------------------------------- per-dataset-family defaults (ALGORITHMS.md 1a, 1d)
+# ---------------------------------------------------------------- per-dataset-family defaults (the official O2SAC configs)
 # Keyed by the level parsed from --env; explicit --alpha0 / --eps0 / --eps-end / --actor-grad-clip override. "random" is
 # not in the paper: it gets the medium values. interval_grad_clip: the actor's gradient-norm clip with --reference
 # interval (0 = none); a "<env>-<level>" row overrides its level's row for that environment only.
@@ -835,7 +835,7 @@ def family_values(args: Args) -> dict[str, Any]:
     return vals
 
 
-# ---------------------------------------------------------------- pure math (ALGORITHMS.md section 1)
+# ---------------------------------------------------------------- pure math (the paper's O2SAC)
 def fqe_target(rewards: Tensor, terminals: Tensor, next_q: Tensor, next_logp: Tensor, alpha: float | Tensor, gamma: float) -> Tensor:
     """Soft TD target y = r + gamma (1 - d) [min_i Qbar_i(s', a') - alpha log pi(a'|s')] (1a); next_q is (n, B).
     d = 1 only for a true termination: a time-limit end is bootstrapped."""

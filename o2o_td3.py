@@ -2,7 +2,7 @@
 
 Paper: "Optimistic Critic Reconstruction and Constrained Fine-Tuning for General Offline-to-Online RL"
 (Luo et al., NeurIPS 2024, arXiv 2412.18855); OPT mode: "Online Pre-Training for Offline-to-Online RL"
-(arXiv 2507.08387). Math in ALGORITHMS.md sections 2 (O2TD3), 4b (OPT), 4c (naive), 6 (any actor in), 7.
+(arXiv 2507.08387). The README lists where this differs from the official code.
 
 Phases (O2TD3): load the offline actor (deterministic actors are copied, stochastic ones distilled) ->
 evaluate -> re-evaluation (FQE with TD3 targets) -> alignment -> constrained online fine-tuning.

@@ -2,7 +2,7 @@
 
 The checkpoint (actor, its family, critics where the method has them, state normalisation, reward transform)
 is what the offline-to-online scripts o2o_sac.py / o2o_td3.py / o2o_ppo.py start from.
-Defaults follow CORL's 1M-step MuJoCo settings (ALGORITHMS.md section 5).
+Defaults follow CORL's 1M-step MuJoCo settings.
 
 Usage:
     python offline_pretrain.py --algo iql --env hopper-medium-v2
@@ -713,7 +713,7 @@ def actor_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> nn.
 # --- end shared: checkpoint ---
 
 
-# ---------------------------------------------------------------- networks per method (ALGORITHMS.md section 5)
+# ---------------------------------------------------------------- networks per method (CORL's MuJoCo architectures)
 ALGO_TABLE: dict[str, dict[str, Any]] = {
     "cql": dict(actor_family="tanh_gaussian", actor_hidden=(256, 256, 256), critic_hidden=(256, 256, 256)),
     "iql": dict(actor_family="gaussian", actor_hidden=(256, 256), critic_hidden=(256, 256)),
