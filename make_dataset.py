@@ -23,6 +23,7 @@ import math
 import os
 import random
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from typing import Any, Callable, NoReturn, Sequence
 
 import gymnasium as gym
 import minari
+import minari.namespace as minari_namespace
 import numpy as np
 import torch
 import torch.nn as nn
@@ -621,23 +623,123 @@ def random_fn(env_spec: str, seed: int) -> Callable[[np.ndarray], np.ndarray]:
     return lambda obs: rng.uniform(space.low, space.high, size=(len(obs), space.shape[0])).astype(np.float32)
 
 
+# ---------------------------------------------------------------- crash-safe dataset replacement
+# A dataset is built in full under a hidden run folder at the top of the Minari store, `.make_dataset-<host>-<pid>/new/`
+# (same filesystem, so the swap is a rename; minari's listings skip hidden folders), then swapped in: the old dataset is
+# renamed into `.make_dataset-<host>-<pid>/backup/<id>` and the new one into its place. A kill before the swap leaves
+# the old dataset in place and a stale run folder, removed by the next run. Two renames cannot be one atomic step: a
+# kill in the microseconds between them leaves the id missing with a complete backup, which the next make_dataset.py
+# run restores (_recover_store) before anything else, so the store never loses both the old and the new dataset.
+RUN_PREFIX = ".make_dataset-"
+HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+FOREIGN_STALE_S = 3600.0  # a run folder of another host (e.g. a shared store) is taken as dead after an hour untouched
+
+
+def _run_dir() -> Path:
+    return minari.storage.get_dataset_path() / f"{RUN_PREFIX}{HOST}-{os.getpid()}"
+
+
+def _run_alive(run_dir: Path) -> bool:
+    host, _, pid = run_dir.name[len(RUN_PREFIX):].rpartition("-")
+    if host != HOST:
+        try:
+            return time.time() - run_dir.stat().st_mtime < FOREIGN_STALE_S
+        except OSError:  # removed meanwhile
+            return True
+    if not pid.isdigit() or int(pid) == os.getpid():  # our own pid: a dead run's folder (we clean ours up before returning)
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _finish_run(run_dir: Path) -> None:
+    """Put back every backed-up dataset whose id is missing (a run killed between the two renames), then drop the folder."""
+    backup = run_dir / "backup"
+    for meta in sorted(backup.glob("**/data/metadata.json")) if backup.is_dir() else []:
+        old = meta.parent.parent
+        dataset_id = old.relative_to(backup).as_posix()
+        final = minari.storage.get_dataset_path(dataset_id)
+        if (final / "data").exists():
+            continue  # the id holds a dataset (the new one): the backup is the replaced old one
+        try:
+            if final.exists():
+                final.rmdir()  # an empty leftover folder; a non-empty one raises and is left alone
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(old, final)
+            print(f"restored {dataset_id} from the backup of an interrupted make_dataset.py run ({run_dir.name})")
+        except OSError as e:
+            fail(f"could not restore {dataset_id} from {old} ({e}); move that folder to {final} by hand")
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _recover_store() -> None:
+    """Clean up after make_dataset.py runs killed while writing a dataset: restore lost ids, remove their run folders."""
+    root = minari.storage.get_dataset_path()
+    for run_dir in sorted(root.glob(RUN_PREFIX + "*")):
+        if run_dir.is_dir() and not _run_alive(run_dir):
+            _finish_run(run_dir)
+
+
+def _pause_hook(var: str) -> None:
+    """Test hook: with <var>=<file> in the environment, create that file and wait until it is removed (at most 60 s),
+    so a test can kill the run at this exact point."""
+    marker = os.environ.get(var)
+    if not marker:
+        return
+    Path(marker).write_text(str(os.getpid()))
+    deadline = time.time() + 60.0
+    while Path(marker).exists() and time.time() < deadline:
+        time.sleep(0.02)
+
+
 def write_dataset(dataset_id: str, episodes: list[dict], env_spec: str, ref: tuple[float, float], description: str, overwrite: bool) -> None:
-    if _dataset_exists(dataset_id):
-        if not overwrite:
-            fail(f"dataset {dataset_id} already exists; pass --overwrite to replace it")
-        minari.delete_dataset(dataset_id)
+    """Write `dataset_id` to the local Minari store; with overwrite, the store holds the old or the new dataset at every
+    instant (see the comment above RUN_PREFIX), never neither and never a partial one."""
+    _recover_store()
+    if _dataset_exists(dataset_id) and not overwrite:
+        fail(f"dataset {dataset_id} already exists; pass --overwrite to replace it")
     buffers = [
         EpisodeBuffer(id=i, observations=ep["observations"], actions=ep["actions"], rewards=list(ep["rewards"]),
                       terminations=list(ep["terminations"]), truncations=list(ep["truncations"]))
         for i, ep in enumerate(episodes)
     ]
     spec = EnvSpec.from_json(env_spec)
-    with warnings.catch_warnings():  # minari nags about a missing code link and author e-mail
-        warnings.simplefilter("ignore", UserWarning)
-        minari.create_dataset_from_buffers(
-            dataset_id=dataset_id, buffer=buffers, env=spec, eval_env=spec, algorithm_name="SAC (make_dataset.py)",
-            author="make_dataset.py", ref_min_score=ref[0], ref_max_score=ref[1], description=description, data_format="hdf5",
-        )
+    namespace = dataset_id.rpartition("/")[0]
+    if namespace and namespace not in minari_namespace.list_local_namespaces():
+        minari_namespace.create_namespace(namespace)  # in the real store: the build below happens in a staging store
+    final = minari.storage.get_dataset_path(dataset_id)
+    run_dir = _run_dir()
+    staging = run_dir / "new"
+    new, backup = staging / dataset_id, run_dir / "backup" / dataset_id
+    store_env = os.environ.get("MINARI_DATASETS_PATH")
+    try:
+        # built with its final id (metadata.json names it; nothing else does) in a store of its own inside the real one
+        os.environ["MINARI_DATASETS_PATH"] = str(staging)
+        with warnings.catch_warnings():  # minari nags about a missing code link and author e-mail
+            warnings.simplefilter("ignore", UserWarning)
+            minari.create_dataset_from_buffers(
+                dataset_id=dataset_id, buffer=buffers, env=spec, eval_env=spec, algorithm_name="SAC (make_dataset.py)",
+                author="make_dataset.py", ref_min_score=ref[0], ref_max_score=ref[1], description=description, data_format="hdf5",
+            )
+        _pause_hook("MAKE_DATASET_PAUSE_BEFORE_SWAP")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            backup.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(final, backup)
+            # killed here: the id is missing for an instant, and the next run restores it from `backup` (_finish_run)
+            _pause_hook("MAKE_DATASET_PAUSE_IN_SWAP")
+        os.rename(new, final)
+    finally:
+        if store_env is None:
+            os.environ.pop("MINARI_DATASETS_PATH", None)
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = store_env
+        _finish_run(run_dir)  # after success: drops the old dataset; after an error: puts it back if the swap was cut
     n = sum(len(ep["rewards"]) for ep in episodes)
     rets = [float(ep["rewards"].sum()) for ep in episodes]
     print(f"wrote {dataset_id}: {len(episodes)} episodes, {n} transitions, return mean {np.mean(rets):.1f} (min {np.min(rets):.1f}, max {np.max(rets):.1f})")
@@ -765,6 +867,7 @@ def main(args: Args) -> dict:
     if "medium-expert" in levels and args.policy and args.expert_policy is None:
         fail("medium-expert from stored policies needs --policy <medium snapshot> --expert-policy <expert snapshot>")
     ids = {lvl: f"local/{name}/{lvl}-v0" for lvl in levels}
+    _recover_store()  # a dataset lost to a run killed mid-swap is back before we judge what exists
     for dataset_id in ids.values():
         if _dataset_exists(dataset_id) and not args.overwrite:
             fail(f"dataset {dataset_id} already exists; pass --overwrite to replace it")

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
 import minari
 import numpy as np
 import pytest
@@ -87,3 +96,56 @@ def test_bad_input(tiny_dataset, tmp_path, capsys):
     bad.write_bytes(b"junk")
     expect_exit2(capsys, lambda: md.main(md.Args(env="hopper-expert-v2", policy=(str(bad),))), "corrupt")
     expect_exit2(capsys, lambda: md.main(md.Args(env="hopper-medium-replay-v2", policy=(str(bad),), overwrite=True)), "snapshot chain")
+
+
+def _run_until(marker, env, cmd, timeout=90.0):
+    """Start make_dataset.py, wait until it reaches the pause hook that creates `marker`, and SIGKILL it there."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while not marker.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"make_dataset.py never reached {marker.name} (rc {proc.poll()}):\n{proc.communicate()[0][-3000:]}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_overwrite_killed_keeps_old_dataset(tiny_dataset, tmp_path, monkeypatch):
+    """A kill of `make_dataset.py --overwrite` before or inside the swap never loses the old dataset."""
+    store = tmp_path / "store"
+    shutil.copytree(tiny_dataset["home"] / "local", store / "local")  # a store of its own: the session store stays intact
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(store))
+    old = minari.load_dataset("local/hopper/medium-v0")
+    old_episodes, old_steps = old.total_episodes, old.total_steps
+    assert old_steps == 3000
+
+    def check_old():
+        ds = minari.load_dataset("local/hopper/medium-v0")
+        assert (ds.total_episodes, ds.total_steps) == (old_episodes, old_steps)
+
+    cmd = [sys.executable, str(Path(md.__file__)), "--env", "hopper-medium-v2", "--policy", str(tiny_dataset["snapshots"] / "medium_policy.pt"),
+           "--size", "200", "--num-envs", "2", "--device", "cpu", "--out-dir", str(tmp_path / "runs"), "--overwrite"]
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(store), "OMP_NUM_THREADS": "1"}
+    # killed with the new dataset complete, just before the swap
+    marker = tmp_path / "before_swap"
+    _run_until(marker, {**env, "MAKE_DATASET_PAUSE_BEFORE_SWAP": str(marker)}, cmd)
+    check_old()
+    assert any(p.name.startswith(".make_dataset-") for p in store.iterdir())  # the killed run's staging folder
+    # killed between the two renames: the id is missing for that instant; the next run restores it before judging
+    marker = tmp_path / "in_swap"
+    _run_until(marker, {**env, "MAKE_DATASET_PAUSE_IN_SWAP": str(marker)}, cmd)
+    with pytest.raises(SystemExit) as e:  # no --overwrite: restores the old dataset, then refuses to replace it
+        md.main(md.Args(env="hopper-medium-v2", policy=(str(tiny_dataset["snapshots"] / "medium_policy.pt"),), size=200, num_envs=2, device="cpu", out_dir=str(tmp_path / "runs")))
+    assert e.value.code == 2
+    check_old()
+    assert not [p for p in store.iterdir() if p.name.startswith(".")]  # stale staging and backup folders gone
+    # a normal overwrite then replaces it and leaves nothing behind
+    res = md.main(md.Args(env="hopper-medium-v2", policy=(str(tiny_dataset["snapshots"] / "medium_policy.pt"),), size=200, num_envs=2, device="cpu", out_dir=str(tmp_path / "runs"), overwrite=True))
+    assert res["datasets"]["medium"]["transitions"] == 200
+    assert minari.load_dataset("local/hopper/medium-v0").total_steps == 200
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a misconfigured folder in the store is a warning of list_local_datasets
+        assert sorted(minari.list_local_datasets()) == ["local/hopper/medium-replay-v0", "local/hopper/medium-v0"]
+    assert not [p for p in store.rglob(".*")]
+    assert "local/hopper" in md.minari_namespace.list_local_namespaces()
