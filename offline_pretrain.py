@@ -59,6 +59,8 @@ class Args:
     """continue from the checkpoint in the output folder"""
     device: str = "auto"
     """auto (CUDA when present), cpu or cuda"""
+    threads: int | None = None
+    """torch CPU threads (default: torch's choice; 1 is fastest when two jobs share a small machine)"""
 
     # --- training ---
     total_steps: int = 1_000_000
@@ -1002,7 +1004,7 @@ def validate(args: Args) -> None:
         fail(f"unknown --algo {args.algo!r}; known: {', '.join(LEARNERS)}")
     if args.bc_family not in ("tanh_gaussian", "deterministic"):
         fail(f"unknown --bc-family {args.bc_family!r}; known: tanh_gaussian, deterministic")
-    for flag in ("total_steps", "batch_size", "eval_every", "eval_episodes", "log_every", "cql_n_actions", "policy_freq"):
+    for flag in ("total_steps", "batch_size", "eval_every", "eval_episodes", "log_every", "cql_n_actions", "policy_freq") + (("threads",) if args.threads is not None else ()):
         if getattr(args, flag) <= 0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if not 0.0 < args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0:
@@ -1011,6 +1013,8 @@ def validate(args: Args) -> None:
 
 def main(args: Args) -> dict:
     validate(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     accel = Accel(device, args.compile, args.cudagraphs, args.bf16)  # bad combinations fail before any loading
     data = load_dataset(args.env, args.dataset_id, args.no_download)

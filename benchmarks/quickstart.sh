@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -r requirements.txt
 export MINARI_DATASETS_PATH="${MINARI_DATASETS_PATH:-$PWD/runs/quickstart/minari}"
-export OMP_NUM_THREADS=1  # one torch thread per job: on a small machine more threads slow each other down
+export OMP_NUM_THREADS=1  # one torch thread per job (the scripts also take --threads): on a small machine more threads slow each other down
 PY=.venv/bin/python
 OUT=runs/quickstart
 $PY make_dataset.py --env hopper-medium-v2 --policy benchmarks/behavior_policies/hopper/medium_policy.pt \

@@ -186,7 +186,18 @@ def test_unknown_env_and_algo(tiny_dataset, tmp_path, capsys):
 def test_nonsensical_step_counts(tiny_dataset, tmp_path, capsys):
     expect_exit2(capsys, lambda: run(tmp_path, "--total-steps", "0"), "--total-steps")
     expect_exit2(capsys, lambda: run(tmp_path, "--eval-every", "-5"), "--eval-every")
+    expect_exit2(capsys, lambda: run(tmp_path, "--threads", "0"), "--threads")
     assert not list(tmp_path.iterdir())
+
+
+def test_threads_flag_sets_torch_threads(tiny_dataset, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        run(tmp_path, "--threads", "2", "--total-steps", "2", "--eval-every", "2", "--eval-episodes", "1")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_missing_dataset_fails_fast_without_network(tiny_dataset, tmp_path, capsys):
