@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -1106,9 +1107,19 @@ def phase_key(args: Args, phase: str, ckpt_path: Path, ckpt: dict) -> dict:
     if phase == "reevaluated":
         drop |= ALIGN_ONLY
     key = {k: v for k, v in asdict(args).items() if k not in drop}
-    key["offline_checkpoint"] = [str(ckpt_path.resolve()), ckpt["grad_steps"], ckpt["algo"]]
+    # the checkpoint's content, not its path: a checkpoint retrained at the same path invalidates every saved phase
+    key["offline_checkpoint"] = [file_digest(ckpt_path), ckpt["algo"]]
     key["phase_format"] = PHASE_FORMAT
     return key
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (16 hex digits): what identifies an offline checkpoint in the phase keys."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def rng_state() -> dict:

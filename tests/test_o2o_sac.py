@@ -300,6 +300,22 @@ def test_phase_checkpoints_reused_with_same_args(smoke_runs, offline_checkpoints
     assert res["reused_phases"] == ["reevaluated"]
 
 
+def test_retrained_checkpoint_at_the_same_path_invalidates_saved_phases(smoke_runs, offline_checkpoints, tmp_path):
+    """Phases are keyed on the checkpoint's content: the same path and step count with other weights reuses nothing."""
+    _, d = smoke_runs["o2sac_cql"]
+    ckpt_path = tmp_path / "cql_checkpoint.pt"
+    shutil.copy(offline_checkpoints["cql"], ckpt_path)
+    first = run(ckpt_path, tmp_path, "--run-name", "retrained")
+    assert first["reused_phases"] == []
+    (tmp_path / "o2o_sac" / "hopper-medium-v2" / "retrained" / "online.pt").unlink()
+    assert set(run(ckpt_path, tmp_path, "--run-name", "retrained")["reused_phases"]) == {"reevaluated", "aligned"}
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # "retrain": other weights, same grad_steps
+    ck["actor"] = {k: v + 0.01 for k, v in ck["actor"].items()}
+    torch.save(ck, ckpt_path)
+    (tmp_path / "o2o_sac" / "hopper-medium-v2" / "retrained" / "online.pt").unlink()
+    assert run(ckpt_path, tmp_path, "--run-name", "retrained")["reused_phases"] == []
+
+
 # ---------------------------------------------------------------- wiring: what each phase's update receives
 # The math above can be right and the phases still wired wrong (the wrong alpha, critic, optimiser, flag or threshold
 # reaching an update). These tests run main() and spy on the update functions it calls: they record what an update
