@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -1447,13 +1448,23 @@ def set_rng_state(s: dict) -> None:
     random.setstate((3, tuple(json.loads(s["python"])), None))
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (16 hex digits): what identifies an offline checkpoint in the phase keys."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 class Run:
     """Outputs of one run: folder, tensorboard, curve, phase wall-clock, evaluation and checkpoints."""
 
     def __init__(self, args: Args, out: Path, ckpt: dict, ckpt_path: Path, data: dict, device: torch.device, accel: Accel, rewards: dict):
         self.args, self.out, self.ckpt, self.data, self.device, self.accel = args, out, ckpt, data, device, accel
         self.rewards = rewards  # reward transform of each critic (reward_handling)
-        self.source = f"{ckpt_path.resolve()}@{ckpt['grad_steps']}"
+        # phases are keyed on the checkpoint's content, not its path: retraining at the same path invalidates them
+        self.source = f"sha256:{file_digest(ckpt_path)}"
         self.writer = SummaryWriter(str(out))
         self.evaluator = Evaluator(data["env_spec"], args.eval_episodes, args.seed + 100, ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy(), device)
         self.curve: list[dict] = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -651,6 +652,23 @@ def test_resume_after_kill_and_phase_reuse(tmp_path, offline_checkpoints):
     assert again["curve"] == full["curve"]
     fresh = run(tmp_path, ck, *extra, "--run-name", "full", "--no-resume", "--online-steps", "20")
     assert not any(p["reused"] for p in fresh["phases"].values())
+
+
+def test_retrained_checkpoint_at_the_same_path_invalidates_saved_phases(tmp_path, offline_checkpoints):
+    """Phases are keyed on the checkpoint's content: the same path and step count with other weights reuses nothing."""
+    ck = tmp_path / "td3_bc_checkpoint.pt"
+    shutil.copy(offline_checkpoints["td3_bc"], ck)
+    extra = ["--online-steps", "20", "--run-name", "retrained"]
+    first = run(tmp_path, ck, *extra)
+    (Path(first["run_dir"]) / "online.pt").unlink()
+    again = run(tmp_path, ck, *extra)
+    assert again["phases"]["reevaluated"]["reused"] and again["phases"]["aligned"]["reused"]
+    c = torch.load(ck, map_location="cpu", weights_only=True)  # "retrain": other weights, same grad_steps
+    c["actor"] = {k: v + 0.01 for k, v in c["actor"].items()}
+    torch.save(c, ck)
+    (Path(first["run_dir"]) / "online.pt").unlink()
+    retrained = run(tmp_path, ck, *extra)
+    assert not any(p["reused"] for p in retrained["phases"].values())
 
 
 def test_non_finite_loss_stops_with_phase_and_step(tmp_path, offline_checkpoints, capsys):
