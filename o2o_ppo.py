@@ -785,6 +785,13 @@ def actor_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> nn.
     actor = build_actor(ckpt["actor_family"], ckpt["obs_dim"], ckpt["act_dim"], ckpt["actor_config"]["hidden"], ckpt["max_action"])
     actor.load_state_dict(ckpt["actor"])
     return actor.to(device)
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (16 hex digits): what identifies an offline checkpoint in the phase keys."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 # --- end shared: checkpoint ---
 
 
@@ -1145,14 +1152,6 @@ def collect_rollout(pool: EnvPool, actor: GaussianActor, vf: Critic, steps: int,
 
 
 # ---------------------------------------------------------------- phases
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def load_own(path: Path) -> dict:
     """A phase/online checkpoint this script wrote; corrupt -> exit 2 naming the fix."""
     try:

@@ -779,6 +779,13 @@ def actor_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> nn.
     actor = build_actor(ckpt["actor_family"], ckpt["obs_dim"], ckpt["act_dim"], ckpt["actor_config"]["hidden"], ckpt["max_action"])
     actor.load_state_dict(ckpt["actor"])
     return actor.to(device)
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (16 hex digits): what identifies an offline checkpoint in the phase keys."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 # --- end shared: checkpoint ---
 
 
@@ -1111,15 +1118,6 @@ def phase_key(args: Args, phase: str, ckpt_path: Path, ckpt: dict) -> dict:
     key["offline_checkpoint"] = [file_digest(ckpt_path), ckpt["algo"]]
     key["phase_format"] = PHASE_FORMAT
     return key
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes (16 hex digits): what identifies an offline checkpoint in the phase keys."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def rng_state() -> dict:

@@ -813,6 +813,13 @@ def actor_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> nn.
     actor = build_actor(ckpt["actor_family"], ckpt["obs_dim"], ckpt["act_dim"], ckpt["actor_config"]["hidden"], ckpt["max_action"])
     actor.load_state_dict(ckpt["actor"])
     return actor.to(device)
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (16 hex digits): what identifies an offline checkpoint in the phase keys."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 # --- end shared: checkpoint ---
 
 
@@ -1446,15 +1453,6 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
     np.random.set_state(("MT19937", np.array(json.loads(s["numpy"]), dtype=np.uint32), s["numpy_pos"], 0, 0.0))
     random.setstate((3, tuple(json.loads(s["python"])), None))
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes (16 hex digits): what identifies an offline checkpoint in the phase keys."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 class Run:

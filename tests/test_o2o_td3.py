@@ -368,12 +368,18 @@ def test_align_update_matches_hand_computed_loss_and_keeps_targets():
     assert all(torch.equal(p, q) for p, q in zip(ag.qf_target.parameters(), target_before))
 
 
-def test_opt_finetune_q_off_sees_the_checkpoint_transform_q_on_raw():
+def _agent_with_qf_on():
+    """The synthetic agent plus OPT's new critic Q_on (its target a copy) and its Adam."""
     ag = _distinct_actors(_synthetic_agent())
     ag.qf_on = td3.orthogonal_init_(td3.Critic(3, 2, (32, 32), n=2, layer_norm=True))
     ag.qf_on_target = td3.Critic(3, 2, (32, 32), n=2, layer_norm=True)
     ag.qf_on_target.load_state_dict(ag.qf_on.state_dict())
     ag.qf_on_opt = torch.optim.Adam(ag.qf_on.parameters(), lr=1e-3)
+    return ag
+
+
+def test_opt_finetune_q_off_sees_the_checkpoint_transform_q_on_raw():
+    ag = _agent_with_qf_on()
     b, args = _batch3(), td3.Args()
     with torch.no_grad():
         torch.manual_seed(4)
@@ -390,11 +396,7 @@ def test_opt_finetune_q_off_sees_the_checkpoint_transform_q_on_raw():
 
 
 def test_opt_pretrain_targets_move_only_when_asked():
-    ag = _distinct_actors(_synthetic_agent())
-    ag.qf_on = td3.orthogonal_init_(td3.Critic(3, 2, (32, 32), n=2, layer_norm=True))
-    ag.qf_on_target = td3.Critic(3, 2, (32, 32), n=2, layer_norm=True)
-    ag.qf_on_target.load_state_dict(ag.qf_on.state_dict())
-    ag.qf_on_opt = torch.optim.Adam(ag.qf_on.parameters(), lr=1e-3)
+    ag = _agent_with_qf_on()
     const = dict(inner_lr=3e-4, **td3.td3_constants(td3.Args()))
     flat = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])  # noqa: E731
     before = flat(ag.qf_on_target)
