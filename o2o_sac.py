@@ -122,7 +122,15 @@ class Args:
     actor is distilled from its own samples); fitting the bare mean action drives the student's std towards 0,
     and log pi0 in the alignment targets then explodes"""
     reevaluate_steps: int = 500_000
-    """re-evaluation (FQE) gradient steps"""
+    """re-evaluation (FQE) gradient steps; with --reevaluate-tol > 0 the cap of a run that stops once Q has converged"""
+    reevaluate_tau: float = 0.05
+    """Polyak rate of the target critics during re-evaluation only (later phases use --tau). FQE's values approach
+    their limit at a pace set by tau: on hopper-medium 0.05 converges in ~8k steps, the paper's 0.005 is still 19%
+    short after 23k (it has 500k steps); --reevaluate-tau 0.005 --reevaluate-tol 0 is the paper's re-evaluation"""
+    reevaluate_tol: float = 0.01
+    """stop re-evaluation once the gap to Q's limit, extrapolated from the mean target-critic value on fixed dataset
+    (s, a) pairs read every 1000 steps, is below this fraction of that value; --reevaluate-steps is the cap (0 = always
+    run --reevaluate-steps, the paper)"""
     align_steps: int = 500_000
     """value-alignment gradient steps"""
     align_actor: Literal["train", "frozen"] = "train"
@@ -939,6 +947,32 @@ def reevaluate_update(pi0: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_
     return {"qf_loss": qf_loss.detach(), "qf_values": q.mean().detach()}
 
 
+REEVAL_CHECK_EVERY = 1000  # re-evaluation steps between two readings of Q on the fixed probe (the stopping rule's clock)
+
+
+def fqe_gap(history: Sequence[float]) -> float:
+    """Distance from the last probe value to the limit the values are heading for, by Aitken's extrapolation of the
+    last three readings: with changes d1 then d2 and ratio r = d2 / d1, a geometric approach has |d2| r / (1 - r) left.
+    inf while fewer than three readings exist or the changes are not shrinking (r >= 1); |d2| once they alternate in
+    sign (r <= 0: the values wander around their limit)."""
+    if len(history) < 3:
+        return math.inf
+    d1, d2 = history[-2] - history[-3], history[-1] - history[-2]
+    if d1 == 0.0:
+        return abs(d2) if d2 != 0.0 else 0.0
+    r = d2 / d1
+    if r >= 1.0:
+        return math.inf
+    if r <= 0.0:
+        return abs(d2)
+    return abs(d2) * r / (1.0 - r)
+
+
+def fqe_converged(history: Sequence[float], tol: float) -> bool:
+    """The re-evaluation stopping rule: the extrapolated gap is below tol times the size of the values (tol 0: never)."""
+    return tol > 0 and fqe_gap(history) <= tol * max(abs(history[-1]), 1.0)
+
+
 def align_update(pi0: TanhGaussianActor, actor: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_opt: torch.optim.Optimizer,
                  actor_opt: torch.optim.Optimizer, b: dict[str, Tensor], *, alpha0: float, train_actor: bool = True) -> dict[str, Tensor]:
     """Value alignment (1b): targets frozen; the actor takes a plain SAC step against the critics as they were before
@@ -1209,8 +1243,10 @@ def validate(args: Args) -> None:
         fail(f"--pre-sample-steps {args.pre_sample_steps} >= --online-steps {args.online_steps}: PORL would never fine-tune; lower it")
     if args.stop_after is not None and not 0 < args.stop_after:
         fail(f"--stop-after must be positive, got {args.stop_after}")
-    if not 0.0 < args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0:
-        fail("--gamma and --tau must lie in (0, 1]")
+    if not 0.0 < args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0 or not 0.0 < args.reevaluate_tau <= 1.0:
+        fail("--gamma, --tau and --reevaluate-tau must lie in (0, 1]")
+    if not (math.isfinite(args.reevaluate_tol) and args.reevaluate_tol >= 0):
+        fail(f"--reevaluate-tol must be >= 0 (0 = run every --reevaluate-steps), got {args.reevaluate_tol}")
     for flag in ("critic_lr", "actor_lr", "alpha_lr", "lambda_lr", "lambda_init"):
         if not getattr(args, flag) > 0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
@@ -1336,6 +1372,7 @@ def main(args: Args) -> dict:
     writer.add_text("args", json.dumps(asdict(given)))
     writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
     alpha0 = fam["alpha0"]
+    reeval_tau = args.reevaluate_tau
     wall: dict[str, float] = {}
     reused: list[str] = []
     if keep_critic:
@@ -1432,20 +1469,40 @@ def main(args: Args) -> dict:
             t0 = time.time()
             if start is not None:
                 reused.append("reevaluated")
+                base_o2o["reevaluation"] = start["o2o"].get("reevaluation")
                 set_rng_state(start["o2o"]["rng"])
                 if saved_al is None:  # alignment is recomputed from the re-evaluation's end state
                     restore(saved_re)
             else:
-                reevaluate_step = accel.update(functools.partial(reevaluate_update, pi0, qf, qf_target, qf_opt, alpha0=alpha0, gamma=args.gamma, tau=args.tau))
+                reevaluate_step = accel.update(functools.partial(reevaluate_update, pi0, qf, qf_target, qf_opt, alpha0=alpha0, gamma=args.gamma,
+                                                                 tau=reeval_tau))
                 met = Metrics(writer, "reevaluate/")
+                probe: list[float] = []  # mean target-critic value on the diagnostics' dataset (s, a) pairs (no randomness drawn)
                 bar = tqdm(range(args.reevaluate_steps), desc="re-evaluation", disable=None)
+                steps_done = args.reevaluate_steps
                 for step in bar:
                     met.add(reevaluate_step(rb_off.sample(args.batch_size)))
                     if (step + 1) % args.log_every == 0 or step + 1 == args.reevaluate_steps:
                         vals = met.flush(step + 1, "re-evaluation")
                         bar.set_postfix(qf_loss=f"{vals['qf_loss']:.3g}")
+                    if (step + 1) % REEVAL_CHECK_EVERY == 0:
+                        with torch.no_grad():
+                            probe.append(float(qf_target(diag_obs, diag_actions).mean()))
+                        gap = fqe_gap(probe)
+                        writer.add_scalar("reevaluate/q_probe", probe[-1], step + 1)
+                        if math.isfinite(gap):
+                            writer.add_scalar("reevaluate/gap_estimate", gap, step + 1)
+                        if fqe_converged(probe, args.reevaluate_tol):
+                            steps_done = step + 1
+                            break
+                reeval_info = {"steps": steps_done, "cap": args.reevaluate_steps, "tau": reeval_tau, "tol": args.reevaluate_tol,
+                               "converged": steps_done < args.reevaluate_steps or fqe_converged(probe, args.reevaluate_tol),
+                               "check_every": REEVAL_CHECK_EVERY, "q_probe": probe}
+                tqdm.write(f"re-evaluation: {steps_done} steps, Q on the probe {probe[-1] if probe else float('nan'):.1f}"
+                           + (" (converged)" if reeval_info["converged"] else ""))
+                base_o2o["reevaluation"] = reeval_info
                 diagnose(diag, "reevaluated", actor, pi0, qf)
-                atomic_save(make_phase_checkpoint(args, ckpt, data, actor, qf, qf_target, args.reevaluate_steps, offline_score,
+                atomic_save(make_phase_checkpoint(args, ckpt, data, actor, qf, qf_target, steps_done, offline_score,
                                                   {**base_o2o, "key": reeval_key, "rng": rng_state(), "curve": curve, "diagnostics": diag,
                                                    "optimizers": {"qf": qf_opt.state_dict()}}), out / "reevaluated.pt")
             wall["reevaluate"] = time.time() - t0
@@ -1506,7 +1563,8 @@ def main(args: Args) -> dict:
         start_state = {"alpha_from": alpha_from, "alpha": math.exp(log_alpha_init), "qf_target_from": targets_from}
         # n_evals counts the evaluations of the --eval-every schedule only (the cadence of --reference interval)
         run = {"t": 0, "best": best, "n_evals": 0, "episode": 0, "env_rng": None, "curve": curve, "wall": wall, "reused": reused,
-               "offline_score": offline_score, "after_align_score": after_score, "distill": distill, "start": start_state, "diagnostics": diag}
+               "offline_score": offline_score, "after_align_score": after_score, "distill": distill, "start": start_state, "diagnostics": diag,
+               "reevaluation": base_o2o.get("reevaluation")}
         opt_states = None
         log_lam_init = math.log(args.lambda_init)
         online_rb = None
@@ -1606,7 +1664,7 @@ def main(args: Args) -> dict:
                      "critic_init": args.critic_init, "reference": args.reference, "buffer_mode": buffer_mode, "critic": critic_config},
             "budget": {"scale": args.budget_scale, **{k: getattr(args, k) for k in BUDGET_FIELDS}, "lambda_lr": args.lambda_lr},
             "family_defaults": fam, "reward_handling": reward_handling, "reward_transform": reward_transform, "online_start": run.get("start"),
-            "distillation": run["distill"],
+            "distillation": run["distill"], "reevaluation": run.get("reevaluation"),
             "offline_score": run["offline_score"], "after_align_score": run["after_align_score"],
             "min_first_tenth_online": min(first_tenth), "final_score": c[-1]["normalized_score"], "best_score": run["best"],
             "online_steps_done": run["t"], "curve": c, "wall_clock_s": run["wall"], "reused_phases": run["reused"],

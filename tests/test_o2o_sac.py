@@ -624,6 +624,62 @@ def test_align_actor(align_actor, offline_checkpoints, monkeypatch, tmp_path):
         assert res["after_align_score"] == res["offline_score"]
 
 
+def test_fqe_gap_extrapolates_a_geometric_approach():
+    q = [100 * (1 - 0.5 ** k) for k in range(1, 6)]  # heading for 100
+    assert o2o.fqe_gap(q[:3]) == pytest.approx(100 - q[2])
+    assert o2o.fqe_gap(q) == pytest.approx(100 - q[-1])
+    assert o2o.fqe_gap(q[:2]) == math.inf  # too few readings
+    assert o2o.fqe_gap([0.0, 10.0, 25.0]) == math.inf  # changes growing: not contracting yet
+    assert o2o.fqe_gap([50.0, 51.0, 50.5]) == pytest.approx(0.5)  # wandering around the limit
+    assert o2o.fqe_gap([3.0, 3.0, 3.0]) == 0.0
+    assert o2o.fqe_converged(q, 0.04) and not o2o.fqe_converged(q, 0.02)  # gap 3.125 against 96.9
+    assert not o2o.fqe_converged([1.0, 1.0, 1.0], 0.0)  # tol 0 = never: the paper's fixed step count
+
+
+@pytest.mark.parametrize("tol", [0.0, 0.5])
+def test_reevaluation_stops_once_converged(tol, offline_checkpoints, monkeypatch, tmp_path):
+    """The stopping rule reads the re-evaluation's target critics on the fixed probe every REEVAL_CHECK_EVERY steps and
+    ends the phase at the first converged reading (tol 0: every --reevaluate-steps); --reevaluate-tau reaches the
+    re-evaluation update only, and the steps done go to results.json and reevaluated.pt."""
+    monkeypatch.setattr(o2o, "REEVAL_CHECK_EVERY", 4)
+    re_calls = spy(monkeypatch, "reevaluate_update", lambda i, args, kw: {"tau": kw["tau"]})
+    on_calls = spy(monkeypatch, "online_update", lambda i, args, kw: {"tau": kw["tau"]})
+    readings: list[list[float]] = []
+    orig_gap = o2o.fqe_gap
+
+    def gap(history):  # converged from the third reading on, whatever the values
+        readings.append(list(history))
+        return 0.0 if len(history) >= 3 else orig_gap(history)
+
+    monkeypatch.setattr(o2o, "fqe_gap", gap)
+    probe_values: list[float] = []
+    orig_update = o2o.reevaluate_update
+
+    def update(pi0, qf, qf_target, *a, **kw):  # the value the probe must read after this step
+        out = orig_update(pi0, qf, qf_target, *a, **kw)
+        probe_values.append(float(qf_target(probe_obs[0], probe_obs[1]).mean()) if probe_obs else float("nan"))
+        return out
+
+    probe_obs: list = []
+    orig_diag = o2o.boundary_diagnostics
+
+    def diag(actor, pi0, qf, obs, actions, **kw):  # the diagnostics' fixed (s, a) pairs are the probe's
+        if not probe_obs:
+            probe_obs.extend([obs, actions])
+        return orig_diag(actor, pi0, qf, obs, actions, **kw)
+
+    monkeypatch.setattr(o2o, "boundary_diagnostics", diag)
+    monkeypatch.setattr(o2o, "reevaluate_update", update)
+    res = wiring_run(offline_checkpoints["iql"], tmp_path, "--reevaluate-tol", str(tol), "--reevaluate-tau", "0.05", "--align-eval-every", "0")
+    steps = 12 if tol else R_STEPS
+    assert len(re_calls) == len(probe_values) == steps and {c["tau"] for c in re_calls} == {0.05}
+    assert {c["tau"] for c in on_calls} == {0.005}  # online keeps --tau
+    info = res["reevaluation"]
+    assert (info["steps"], info["cap"], info["converged"], info["tau"], info["tol"]) == (steps, R_STEPS, bool(tol), 0.05, tol)
+    assert info["q_probe"] == pytest.approx([probe_values[k - 1] for k in range(4, steps + 1, 4)], rel=1e-6)
+    assert torch.load(Path(res["run_dir"]) / "reevaluated.pt", weights_only=True)["grad_steps"] == steps
+
+
 def test_budget_scale_halves_every_budget(offline_checkpoints, monkeypatch, tmp_path):
     """--budget-scale 0.5: every step budget and schedule given or defaulted is halved, the lambda lr doubled."""
     counts = {n: spy(monkeypatch, n, lambda i, args, kw: {}) for n in ("distill_update", "reevaluate_update", "align_update")}
