@@ -117,6 +117,10 @@ class Args:
     # --- offline phases ---
     distill_steps: int = 5_000
     """gradient steps distilling a non-tanh-Gaussian offline actor into a tanh-Gaussian one (section 6)"""
+    distill_fit: Literal["mode", "likelihood"] = "mode"
+    """likelihood: the student maximises the likelihood of the offline actor's actions (the paper's section 6); mode:
+    its spread still comes from them, but its mode tanh(mu), the action evaluated and aligned on, is fitted to the
+    offline actor's deterministic action (on hopper-medium: action MSE 0.009 -> MEASURED, score MEASURED)"""
     distill_noise: float = 0.1
     """std of the Gaussian noise added to a deterministic offline actor's action when distilling (a stochastic
     actor is distilled from its own samples); fitting the bare mean action drives the student's std towards 0,
@@ -923,13 +927,30 @@ def distill_targets(teacher: nn.Module, obs: Tensor, noise_std: float, max_actio
     return a.clamp(-0.999 * max_action, 0.999 * max_action)
 
 
-def distill_update(student: TanhGaussianActor, opt: torch.optim.Optimizer, obs: Tensor, target_actions: Tensor) -> dict[str, Tensor]:
-    """Maximum likelihood of the offline actor's actions (distill_targets) under the tanh-Gaussian student (section 6)."""
-    loss = -student.log_prob(obs, target_actions).mean()
+def distill_update(student: TanhGaussianActor, opt: torch.optim.Optimizer, obs: Tensor, target_actions: Tensor,
+                   target_mode: Tensor | None = None) -> dict[str, Tensor]:
+    """Maximum likelihood of the offline actor's actions (distill_targets) under the tanh-Gaussian student (section 6).
+    With target_mode (the offline actor's deterministic action), the student's mode is fitted to it explicitly: the
+    samples' likelihood then trains only the spread (mu detached), and mu maximises the likelihood of atanh(target
+    mode) under N(mu, std) with std detached, i.e. a squared error in pre-tanh space weighted by 1 / std^2. The
+    evaluated policy is tanh(mu); the plain fit leaves it where the samples' likelihood puts it, which for a teacher
+    that is not tanh-Gaussian (IQL's Gaussian clipped to the box, TD3+BC's action plus noise) is not the teacher's
+    action."""
+    mu, log_std = student(obs)
+    pre = torch.atanh((target_actions / student.max_action).clamp(-1.0 + 1e-6, 1.0 - 1e-6))
+    if target_mode is None:
+        loss = -tanh_gaussian_log_prob(mu, log_std, pre).mean()
+        metrics = {}
+    else:
+        spread = -tanh_gaussian_log_prob(mu.detach(), log_std, pre).mean()
+        mode_pre = torch.atanh((target_mode / student.max_action).clamp(-0.999, 0.999))
+        mode = (0.5 * ((mode_pre - mu) / log_std.detach().exp()) ** 2).sum(-1).mean()
+        loss = spread + mode
+        metrics = {"mode_mse": (student.max_action * torch.tanh(mu.detach()) - target_mode).pow(2).mean()}
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return {"loss": loss.detach()}
+    return {"loss": loss.detach(), **metrics}
 
 
 def reevaluate_update(pi0: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_opt: torch.optim.Optimizer, b: dict[str, Tensor], *,
@@ -1421,7 +1442,8 @@ def main(args: Args) -> dict:
                     obs = rb_off.sample(args.batch_size)["obs"]
                     with torch.no_grad():
                         target = distill_targets(offline_actor, obs, args.distill_noise, ckpt["max_action"])
-                    met.add(distill_step(obs, target))
+                        mode = offline_actor.act(obs) if args.distill_fit == "mode" else None
+                    met.add(distill_step(obs, target, mode))
                     if (step + 1) % args.log_every == 0 or step + 1 == args.distill_steps:
                         met.flush(step + 1, "distill")
                 with torch.no_grad():
@@ -1479,7 +1501,7 @@ def main(args: Args) -> dict:
                 met = Metrics(writer, "reevaluate/")
                 probe: list[float] = []  # mean target-critic value on the diagnostics' dataset (s, a) pairs (no randomness drawn)
                 bar = tqdm(range(args.reevaluate_steps), desc="re-evaluation", disable=None)
-                steps_done = args.reevaluate_steps
+                steps_done, converged = args.reevaluate_steps, False
                 for step in bar:
                     met.add(reevaluate_step(rb_off.sample(args.batch_size)))
                     if (step + 1) % args.log_every == 0 or step + 1 == args.reevaluate_steps:
@@ -1493,10 +1515,10 @@ def main(args: Args) -> dict:
                         if math.isfinite(gap):
                             writer.add_scalar("reevaluate/gap_estimate", gap, step + 1)
                         if fqe_converged(probe, args.reevaluate_tol):
-                            steps_done = step + 1
+                            steps_done, converged = step + 1, True
                             break
                 reeval_info = {"steps": steps_done, "cap": args.reevaluate_steps, "tau": reeval_tau, "tol": args.reevaluate_tol,
-                               "converged": steps_done < args.reevaluate_steps or fqe_converged(probe, args.reevaluate_tol),
+                               "converged": converged,
                                "check_every": REEVAL_CHECK_EVERY, "q_probe": probe}
                 tqdm.write(f"re-evaluation: {steps_done} steps, Q on the probe {probe[-1] if probe else float('nan'):.1f}"
                            + (" (converged)" if reeval_info["converged"] else ""))

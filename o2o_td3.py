@@ -5,7 +5,7 @@ Paper: "Optimistic Critic Reconstruction and Constrained Fine-Tuning for General
 (arXiv 2507.08387). The README lists where this differs from the official code.
 
 Phases (O2TD3): load the offline actor (deterministic actors are copied, stochastic ones distilled) ->
-evaluate -> re-evaluation (FQE with TD3 targets) -> alignment -> constrained online fine-tuning.
+evaluate -> re-evaluation (FQE with TD3 targets, until Q has converged) -> alignment -> constrained online fine-tuning.
 OPT (`--opt`): keep the offline critic, collect with the frozen actor, meta-pre-train a new critic, then
 fine-tune both with a kappa-weighted actor objective.
 
@@ -120,7 +120,15 @@ class Args:
     no_reevaluate: bool = False
     """skip re-evaluation (ablation): the online critic is then the offline one (--critic-init)"""
     reevaluate_steps: int = 500_000
-    """FQE gradient steps on the offline data"""
+    """FQE gradient steps on the offline data; with --reevaluate-tol > 0 the cap of a run that stops once Q has converged"""
+    reevaluate_tau: float = 0.05
+    """Polyak rate of the target critics during re-evaluation only (alignment and fine-tuning use --tau). FQE's values
+    approach their limit at a pace set by tau: with the paper's 0.005 they are still ~20% short after 23k steps (the
+    paper runs 500k), 0.05 converges in ~8k; --reevaluate-tau 0.005 --reevaluate-tol 0 is the paper's re-evaluation"""
+    reevaluate_tol: float = 0.01
+    """stop re-evaluation once the gap to Q's limit, extrapolated from the mean target-critic value on fixed dataset
+    (s, a) pairs read every 1000 steps, is below this fraction of that value; --reevaluate-steps is the cap (0 = always
+    run --reevaluate-steps, the paper)"""
     critic_init: Literal["offline", "scratch"] = "offline"
     """with --no-reevaluate: start from the checkpoint's critic (when it has one; it keeps the checkpoint's reward
     transform) or from random init (raw rewards, like every critic learned here)"""
@@ -1276,6 +1284,32 @@ def reevaluate_update(ag: Agent, obs: Tensor, actions: Tensor, rewards: Tensor, 
     return out
 
 
+REEVAL_CHECK_EVERY = 1000  # re-evaluation steps between two readings of Q on the fixed probe (the stopping rule's clock)
+
+
+def fqe_gap(history: Sequence[float]) -> float:
+    """Distance from the last probe value to the limit the values are heading for, by Aitken's extrapolation of the
+    last three readings: with changes d1 then d2 and ratio r = d2 / d1, a geometric approach has |d2| r / (1 - r) left.
+    inf while fewer than three readings exist or the changes are not shrinking (r >= 1); |d2| once they alternate in
+    sign (r <= 0: the values wander around their limit)."""
+    if len(history) < 3:
+        return math.inf
+    d1, d2 = history[-2] - history[-3], history[-1] - history[-2]
+    if d1 == 0.0:
+        return abs(d2) if d2 != 0.0 else 0.0
+    r = d2 / d1
+    if r >= 1.0:
+        return math.inf
+    if r <= 0.0:
+        return abs(d2)
+    return abs(d2) * r / (1.0 - r)
+
+
+def fqe_converged(history: Sequence[float], tol: float) -> bool:
+    """The re-evaluation stopping rule: the extrapolated gap is below tol times the size of the values (tol 0: never)."""
+    return tol > 0 and fqe_gap(history) <= tol * max(abs(history[-1]), 1.0)
+
+
 def align_update(ag: Agent, obs: Tensor, *, policy_noise: float, noise_clip: float, beta: float, max_distance: float,
                  train_actor: bool = True) -> dict[str, Tensor]:
     """Section 2b: distance-shrunk targets from the frozen targets; the actor steps on -mean Q1(s, pi(s)) of the
@@ -1417,7 +1451,8 @@ def balanced_replay_update(ratio: DensityRatio, opt: torch.optim.Optimizer, repl
 # ---------------------------------------------------------------- run bookkeeping
 PHASE_FIELDS: dict[str, tuple[str, ...]] = {
     "distilled": ("env", "dataset_id", "seed", "offline_algo", "checkpoint", "distill_steps", "distill_lr", "batch_size", "device"),
-    "reevaluated": ("no_reevaluate", "reevaluate_steps", "critic_init", "gamma", "tau", "critic_lr", "policy_noise", "noise_clip"),
+    "reevaluated": ("no_reevaluate", "reevaluate_steps", "reevaluate_tau", "reevaluate_tol", "critic_init", "gamma", "tau", "critic_lr",
+                    "policy_noise", "noise_clip"),
     "aligned": ("no_align", "align_steps", "align_beta", "align_max_distance", "actor_lr", "align_actor"),
     "opt_pretrained": ("opt", "gamma", "tau", "critic_lr", "policy_noise", "noise_clip", "opt_collect_steps", "opt_pretrain_steps",
                        "opt_inner_lr", "explore_noise", "eval_every", "buffer_mode", "part_trajectories", "opt_balanced_replay"),
@@ -1472,6 +1507,7 @@ class Run:
         self.diagnostics: dict[str, dict[str, float]] = {}  # boundary -> statistics (diagnose)
         self.diag_obs: Tensor | None = None  # the fixed dataset states (and their actions) every diagnostic reads
         self.diag_actions: Tensor | None = None
+        self.reevaluation: dict | None = None  # how re-evaluation ended (run_reevaluation); None when it is skipped
 
     def evaluate(self, actor: nn.Module) -> tuple[float, float]:
         was_training = actor.training
@@ -1639,21 +1675,43 @@ def run_distillation(run: Run, offline_actor: nn.Module, off_rb: ReplayBuffer, k
 
 
 def run_reevaluation(run: Run, ag: Agent, off_rb: ReplayBuffer, key: dict) -> None:
-    """Section 2a, into a NEW critic (orthogonal init, LayerNorm)."""
+    """Section 2a, into a NEW critic (orthogonal init, LayerNorm). The target critics move at --reevaluate-tau, and
+    every REEVAL_CHECK_EVERY steps the mean target-critic value on the diagnostics' fixed dataset (s, a) pairs is read
+    (the probe; reading it draws no random numbers, so the training streams are those of a run without it); the phase
+    ends at the first reading where fqe_converged holds, at the latest after --reevaluate-steps. How it ended
+    (run.reevaluation, results.json "reevaluation") is kept in reevaluated.pt, so a reused phase reports it too."""
     a, t0 = run.args, time.time()
     saved = run.reuse("reevaluated", key)
     if saved is not None:
         ag.load(saved["train_state"], run.accel, names=("qf", "qf_target", "qf_opt"))
         set_rng_state(saved["train_state"]["rng"])
+        info = saved["train_state"]["reevaluation"]
     else:
-        step_fn = run.accel.update(functools.partial(reevaluate_update, ag, **td3_constants(a)))
+        step_fn = run.accel.update(functools.partial(reevaluate_update, ag, **{**td3_constants(a), "tau": a.reevaluate_tau}))
+        probe: list[float] = []  # the probe readings, in order
+        steps_done, converged = a.reevaluate_steps, False  # a cap shorter than REEVAL_CHECK_EVERY reads nothing: not converged
         for step in tqdm(range(1, a.reevaluate_steps + 1), desc="re-evaluation", disable=None):
             b = off_rb.sample(a.batch_size)
             run.accumulate(step_fn(b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"]))
             if step % a.log_every == 0:
                 run.flush(step, "re-evaluation")
-        run.flush(a.reevaluate_steps, "re-evaluation")
-        run.checkpoint("reevaluated", ag, key, {}, None)
+            if step % REEVAL_CHECK_EVERY == 0:
+                with torch.no_grad():  # mean over both target critics and the probe states
+                    probe.append(float(ag.qf_target(run.diag_obs, run.diag_actions).mean()))
+                gap = fqe_gap(probe)
+                run.writer.add_scalar("reevaluate/q_probe", probe[-1], step)
+                if math.isfinite(gap):
+                    run.writer.add_scalar("reevaluate/gap_estimate", gap, step)
+                if fqe_converged(probe, a.reevaluate_tol):
+                    steps_done, converged = step, True
+                    break
+        run.flush(steps_done, "re-evaluation")
+        info = {"steps": steps_done, "cap": a.reevaluate_steps, "tau": a.reevaluate_tau, "tol": a.reevaluate_tol,
+                "converged": converged, "check_every": REEVAL_CHECK_EVERY, "q_probe": probe}
+        run.checkpoint("reevaluated", ag, key, {"reevaluation": info}, None)
+    run.reevaluation = info
+    q_last = info["q_probe"][-1] if info["q_probe"] else float("nan")
+    print(f"re-evaluation: {info['steps']} steps, Q on the probe {q_last:.1f}" + (" (converged)" if info["converged"] else ""))
     run.phase_done("reevaluated", t0, saved is not None)
 
 
@@ -1669,7 +1727,8 @@ def run_alignment(run: Run, ag: Agent, off_rb: ReplayBuffer, key: dict) -> float
         ret, score = saved["train_state"]["aligned_return"], saved["train_state"]["aligned_score"]
         run.curve.extend(saved["train_state"].get("align_curve", []))
     else:
-        offset = 0 if a.no_reevaluate else a.reevaluate_steps  # tensorboard x-axis: gradient steps since the start
+        # tensorboard x-axis: gradient steps since the start (re-evaluation may stop before --reevaluate-steps)
+        offset = run.reevaluation["steps"] if run.reevaluation is not None else 0
         step_fn = run.accel.update(functools.partial(align_update, ag, policy_noise=a.policy_noise, noise_clip=a.noise_clip,
                                                      beta=a.align_beta, max_distance=a.align_max_distance,
                                                      train_actor=a.align_actor == "train"))
@@ -1894,8 +1953,10 @@ def validate(args: Args) -> None:
         fail(f"--align-steps must be positive, got {args.align_steps}; use --no-align to skip the phase")
     if args.batch_size < 2 and args.buffer_mode == "half":
         fail("--buffer-mode half needs --batch-size >= 2")
-    if not 0.0 < args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0:
-        fail("--gamma and --tau must lie in (0, 1]")
+    if not 0.0 < args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0 or not 0.0 < args.reevaluate_tau <= 1.0:
+        fail("--gamma, --tau and --reevaluate-tau must lie in (0, 1]")
+    if not (math.isfinite(args.reevaluate_tol) and args.reevaluate_tol >= 0):
+        fail(f"--reevaluate-tol must be >= 0 (0 = run every --reevaluate-steps), got {args.reevaluate_tol}")
     if args.checkpoint_every % args.eval_every != 0:
         fail(f"--checkpoint-every {args.checkpoint_every} must be a multiple of --eval-every {args.eval_every}")
     if args.stop_after is not None and not 0 < args.stop_after < args.online_steps:
@@ -2047,7 +2108,8 @@ def main(args: Args) -> dict:
     if ok:
         diagnose(run, ag, "end")
     result = {"mode": mode, "run_dir": str(out), "offline_checkpoint": str(ckpt_path), "offline_algo": ckpt["algo"],
-              "actor_family": ckpt["actor_family"], "distillation": distill, "curve": run.curve, "phases": run.phases,
+              "actor_family": ckpt["actor_family"], "distillation": distill, "reevaluation": run.reevaluation,
+              "curve": run.curve, "phases": run.phases,
               "dataset_ids": data["dataset_ids"], "local_standin": data["local_standin"], "resolved_defaults": defaults,
               "online_steps": args.online_steps, "reward_handling": rewards, "align_actor": args.align_actor,
               "budget_scale": args.budget_scale, "effective_budgets": effective_budgets(args), "diagnostics": run.diagnostics,

@@ -188,6 +188,18 @@ def test_early_eval_steps():
     assert td3.early_eval_steps(0, 100_000, 0) == []
 
 
+def test_fqe_gap_extrapolates_a_geometric_approach():
+    q = [100 * (1 - 0.5 ** k) for k in range(1, 6)]  # heading for 100
+    assert td3.fqe_gap(q[:3]) == pytest.approx(100 - q[2])
+    assert td3.fqe_gap(q) == pytest.approx(100 - q[-1])
+    assert td3.fqe_gap(q[:2]) == math.inf  # too few readings
+    assert td3.fqe_gap([0.0, 10.0, 25.0]) == math.inf  # changes growing: not contracting yet
+    assert td3.fqe_gap([50.0, 51.0, 50.5]) == pytest.approx(0.5)  # wandering around the limit
+    assert td3.fqe_gap([3.0, 3.0, 3.0]) == 0.0
+    assert td3.fqe_converged(q, 0.04) and not td3.fqe_converged(q, 0.02)  # gap 3.125 against 96.9
+    assert not td3.fqe_converged([1.0, 1.0, 1.0], 0.0)  # tol 0 = never: the paper's fixed step count
+
+
 def test_q_stats_min_over_critics():
     s = td3.q_stats(T([[1.0, 5.0, 3.0], [2.0, 4.0, 0.0]]))  # min over critics: [1, 4, 0]
     assert s["mean"] == pytest.approx(5.0 / 3.0)
@@ -234,6 +246,7 @@ def test_budget_scale_resolution():
     assert (e.online_steps, e.align_eval_every, e.learning_starts, e.eval_every, e.checkpoint_every, e.stop_after) == (100, 1, 0, 1, 3, 50)
     assert td3.with_budget_scale(A(align_steps=5, align_eval_every=None)).align_eval_every == 1
     assert td3.with_budget_scale(A(align_eval_every=0, budget_scale=0.5)).align_eval_every == 0
+    assert (a.reevaluate_tau, a.reevaluate_tol) == (0.05, 0.01)  # not step counts: never scaled
 
 
 # ---------------------------------------------------------------- behaviour on synthetic data (no env)
@@ -566,6 +579,9 @@ def test_ablations(tmp_path, offline_checkpoints, flags, phases, mode):
     assert res["mode"] == mode and out.name.startswith(mode)
     assert (out / "reevaluated.pt").exists() == ("--no-reevaluate" not in flags)
     assert (out / "aligned.pt").exists() == ("--no-align" not in flags)
+    assert (res["reevaluation"] is None) == ("--no-reevaluate" in flags)
+    if res["reevaluation"] is not None:  # 20 steps < REEVAL_CHECK_EVERY: no probe reading, the cap ends the phase
+        assert {k: res["reevaluation"][k] for k in ("steps", "converged", "q_probe")} == {"steps": 20, "converged": False, "q_probe": []}
     if "--no-constraint" in flags:
         assert max(scalars(res["run_dir"])["losses/lambda"]) == 0.0
 
@@ -1009,6 +1025,62 @@ def test_align_actor_frozen_keeps_pi0(tmp_path, offline_checkpoints):
     assert td3.phase_key(a, "aligned", "s", {}) != td3.phase_key(td3.dataclasses.replace(a, align_actor="frozen"), "aligned", "s", {})
 
 
+@pytest.mark.parametrize("tol", [0.0, 0.5])
+def test_reevaluation_stops_once_converged(tmp_path, offline_checkpoints, monkeypatch, tol):
+    """The stopping rule reads the re-evaluation's target critics on the diagnostics' fixed (s, a) pairs every
+    REEVAL_CHECK_EVERY steps and ends the phase at the first converged reading (tol 0: every --reevaluate-steps);
+    --reevaluate-tau (default 0.05) reaches the re-evaluation update only, and the steps done go to results.json,
+    reevaluated.pt and the tensorboard steps of re-evaluation and alignment."""
+    monkeypatch.setattr(td3, "REEVAL_CHECK_EVERY", 4)
+    orig_gap = td3.fqe_gap
+    monkeypatch.setattr(td3, "fqe_gap", lambda history: 0.0 if len(history) >= 3 else orig_gap(history))  # converged from reading 3
+    pairs: list = []  # the diagnostics' fixed dataset (s, a): the probe's
+    batch = td3.diagnostic_batch
+
+    def spy_batch(*a, **kw):
+        pairs[:] = batch(*a, **kw)
+        return tuple(pairs)
+
+    re_tau, probe_values, on_tau = [], [], []
+    reeval, o2td3 = td3.reevaluate_update, td3.o2td3_update
+
+    def spy_reeval(ag, *a, **kw):  # records the value the probe must read after this step
+        out = reeval(ag, *a, **kw)
+        re_tau.append(kw["tau"])
+        with torch.no_grad():
+            probe_values.append(float(ag.qf_target(*pairs).mean()))  # both target critics, every probe state
+        return out
+
+    def spy_o2td3(*a, **kw):
+        on_tau.append(kw["tau"])
+        return o2td3(*a, **kw)
+
+    for name, fn in (("diagnostic_batch", spy_batch), ("reevaluate_update", spy_reeval), ("o2td3_update", spy_o2td3)):
+        monkeypatch.setattr(td3, name, fn)
+    res = run(tmp_path, offline_checkpoints["td3_bc"], "--reevaluate-tol", str(tol))  # TINY: --reevaluate-steps 20
+    steps, a = 12 if tol else 20, td3.Args()
+    assert len(re_tau) == steps and set(re_tau) == {a.reevaluate_tau} == {0.05}
+    assert on_tau and set(on_tau) == {a.tau} == {0.005}  # fine-tuning keeps --tau
+    out = Path(res["run_dir"])
+    info = json.loads((out / "results.json").read_text())["reevaluation"]
+    assert info == res["reevaluation"]
+    assert (info["steps"], info["cap"], info["converged"], info["tau"], info["tol"], info["check_every"]) == (steps, 20, bool(tol), 0.05, tol, 4)
+    assert info["q_probe"] == pytest.approx([probe_values[k - 1] for k in range(4, steps + 1, 4)], rel=1e-6)
+    saved = torch.load(out / "reevaluated.pt", weights_only=True)["train_state"]
+    assert saved["reevaluation"] == info and _adam_steps({"train_state": saved})["qf_opt"] == steps
+    sc = scalar_steps(res["run_dir"])
+    assert sc["reevaluate/q_probe"] == list(range(4, steps + 1, 4)) and sc["reevaluate/gap_estimate"] == list(range(12, steps + 1, 4))
+    assert sc["losses/reeval_qf_loss"] == [10, steps]  # --log-every 10, then the last step done
+    assert sc["losses/align_loss"] == [steps + 10, steps + 20]  # alignment continues the re-evaluation's x-axis
+    if tol:  # a rerun reuses the phase and reports how it ended; another --reevaluate-tau or --reevaluate-tol recomputes it
+        (out / "online.pt").unlink()
+        again = run(tmp_path, offline_checkpoints["td3_bc"], "--reevaluate-tol", str(tol))
+        assert again["phases"]["reevaluated"]["reused"] and again["reevaluation"] == info
+        k = td3.phase_key(a, "reevaluated", "s", {})
+        assert k != td3.phase_key(td3.dataclasses.replace(a, reevaluate_tau=0.005), "reevaluated", "s", {})
+        assert k != td3.phase_key(td3.dataclasses.replace(a, reevaluate_tol=0.0), "reevaluated", "s", {})
+
+
 def _count_calls(mp, names: tuple[str, ...]) -> dict[str, list]:
     calls: dict[str, list] = {n: [] for n in names}
     for n in names:
@@ -1086,6 +1158,10 @@ def test_budget_scale_scales_opt_and_its_kappa_schedule(tmp_path, offline_checkp
     (["--budget-scale", "0"], "--budget-scale"),
     (["--align-eval-every", "-1"], "--align-eval-every"),
     (["--early-evals", "-1"], "--early-evals"),
+    (["--reevaluate-tau", "0"], "--reevaluate-tau"),
+    (["--reevaluate-tau", "1.5"], "--reevaluate-tau"),
+    (["--reevaluate-tol", "-0.1"], "--reevaluate-tol"),
+    (["--reevaluate-tol", "nan"], "--reevaluate-tol"),
 ])
 def test_bad_arguments_exit_2(tmp_path, offline_checkpoints, capsys, extra, message):
     with pytest.raises(SystemExit) as e:
@@ -1199,7 +1275,7 @@ def _phase_update(accel, ag: td3.Agent, phase: str):
     a, c = td3.Args(), td3.td3_constants(td3.Args())
     fn = {
         "distill": lambda: functools.partial(td3.distill_update, ag.actor, ag.actor_opt),
-        "reevaluate": lambda: functools.partial(td3.reevaluate_update, ag, **c),
+        "reevaluate": lambda: functools.partial(td3.reevaluate_update, ag, **{**c, "tau": a.reevaluate_tau}),
         "align": lambda: functools.partial(td3.align_update, ag, policy_noise=a.policy_noise, noise_clip=a.noise_clip, beta=a.align_beta,
                                            max_distance=a.align_max_distance),
         "align_frozen": lambda: functools.partial(td3.align_update, ag, policy_noise=a.policy_noise, noise_clip=a.noise_clip,
