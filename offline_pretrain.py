@@ -8,6 +8,10 @@ Usage:
     python offline_pretrain.py --algo iql --env hopper-medium-v2
     python offline_pretrain.py --algo cql --env hopper-medium-v2 --total-steps 100000
     python offline_pretrain.py --algo td3_bc --env hopper-medium-v2 --resume
+    python offline_pretrain.py --algo iql --env hopper-medium-v2 --resume --total-steps 2000000   # extend a finished run
+
+A run folder that already holds a checkpoint is never replaced silently: continue it with --resume (the same
+training settings; a larger --total-steps extends it), start over with --overwrite, or pick another --run-name.
 """
 
 from __future__ import annotations
@@ -55,9 +59,13 @@ class Args:
     seed: int = 0
     """random seed"""
     run_dir: str = "runs"
-    """outputs go to <run_dir>/offline/<algo>/<env>/seed<k>/"""
+    """outputs go to <run_dir>/offline/<algo>/<env>/<run_name>/"""
+    run_name: str | None = None
+    """name of the output folder; default seed<k>, where the o2o scripts look (point them at another name with --checkpoint)"""
     resume: bool = False
-    """continue from the checkpoint in the output folder"""
+    """continue from the checkpoint in the output folder (same training settings; a larger --total-steps extends the run)"""
+    overwrite: bool = False
+    """start afresh in an output folder that holds another run: its checkpoint, results and tensorboard logs are deleted"""
     device: str = "auto"
     """auto (CUDA when present), cpu or cuda"""
     threads: int | None = None
@@ -151,8 +159,17 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def file_mode() -> int:
+    """The mode a plain new file gets here: 0666 less the umask (mkstemp's 0600 would hide results from collaborators).
+    os.umask can only be read by setting it; it is put back at once (no thread of these scripts creates files meanwhile)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file. The file
+    gets the mode any new file would get (the umask decides), not mkstemp's owner-only 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -162,12 +179,85 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             Path(tmp).write_text(json.dumps(obj, indent=2, default=float))
         else:
             torch.save(obj, tmp)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 def state_dict_cpu(module: nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """A failed allocation (host or device), as opposed to any other error."""
+    text = str(e).lower()
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text or "not enough memory" in text))
+
+
+def check_output_dir(path: str | Path, flag: str) -> None:
+    """Exit 2 unless `path` is a folder this process can write in, or can be created as one; creates nothing.
+    os.access is no answer (root passes it even on a read-only mount), so the nearest existing folder is tried
+    with a temporary folder, removed at once."""
+    target = Path(path).absolute()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        fail(f"{flag}: {probe} is a file, so {target} cannot be a folder; pass a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".write-test-"))
+    except OSError as e:
+        fail(f"{flag}: {probe} is not writable ({e.strerror}); pass a folder you can write to")
+
+
+def parse_cli(cls: type) -> Any:
+    """tyro.cli(cls) whose parse errors (a float for an int, an unknown flag or choice) are one line on stderr and
+    exit 2, like every other bad input, instead of tyro's multi-line box; --help prints as usual."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf):
+            args = tyro.cli(cls)
+    except SystemExit as e:
+        if e.code in (0, None):  # --help
+            sys.stderr.write(buf.getvalue())
+            raise
+        # parse again with a wide "terminal" so the box does not wrap the message, then keep its first section
+        wide, cols = io.StringIO(), os.environ.get("COLUMNS")
+        os.environ["COLUMNS"] = "100000"
+        try:
+            with contextlib.redirect_stderr(wide):
+                tyro.cli(cls)
+        except SystemExit:
+            pass
+        finally:
+            if cols is None:
+                os.environ.pop("COLUMNS", None)
+            else:
+                os.environ["COLUMNS"] = cols
+        fail(one_line_parse_error(wide.getvalue() or buf.getvalue(), Path(sys.argv[0]).name))
+    sys.stderr.write(buf.getvalue())
+    return args
+
+
+def one_line_parse_error(box: str, prog: str) -> str:
+    """The message of tyro's error box (its first section) and its first "Perhaps you meant" flag, on one line."""
+    rows = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip().strip("│╭╮╰╯").strip() for line in box.splitlines()]
+    sections: list[list[str]] = [[]]
+    for row in rows[1:]:  # rows[0] is the box's title bar
+        if row and set(row) <= set("─"):
+            sections.append([])
+        elif row:
+            sections[-1].append(row)
+    message = " ".join(sections[0]) or " ".join(r for r in rows if r and not set(r) <= set("─╭╮╰╯")) or "bad command line"
+    hint = ""
+    for sec in sections[1:]:
+        if sec and sec[0].startswith("Perhaps you meant") and len(sec) > 1:
+            hint = f" (did you mean {sec[1].split()[0]}?)"
+    return f"{message.rstrip('.')}{hint}; see {prog} --help"
 # --- end shared: utils ---
 
 
@@ -473,7 +563,8 @@ D4RL_REF_SCORES = {
     "ant": (-325.6727, 3879.7),
 }
 HOSTED_LEVELS = {"medium": ["medium-v0"], "expert": ["expert-v0"], "medium-expert": ["medium-v0", "expert-v0"]}
-DATASET_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*-v\d+$")
+# no part may start with a dot: `..` would leave the store, and hidden folders are make_dataset.py's staging area
+DATASET_ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*-v\d+$")
 
 
 def parse_env_name(name: str) -> tuple[str, str]:
@@ -485,8 +576,40 @@ def parse_env_name(name: str) -> tuple[str, str]:
     return m.group(1), m.group(2)
 
 
+def minari_store(write: bool = False) -> Path:
+    """The local Minari store (MINARI_DATASETS_PATH, else ~/.minari/datasets), created when missing, as minari does;
+    exit 2 when it cannot be created or read, or (write) written."""
+    env = os.environ.get("MINARI_DATASETS_PATH")
+    if env == "":
+        fail("MINARI_DATASETS_PATH is set but empty; unset it or point it at a folder")
+    root = Path(env) if env is not None else Path.home() / ".minari" / "datasets"
+    fix = "set MINARI_DATASETS_PATH to a folder you can read and write"
+    if root.exists() and not root.is_dir():
+        fail(f"the Minari store {root} is a file, not a folder; {fix}")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"the Minari store {root} cannot be created ({e.strerror}); {fix}")
+    if not os.access(root, os.R_OK | os.X_OK):
+        fail(f"the Minari store {root} cannot be read (permission denied); {fix}")
+    if write:
+        try:
+            os.rmdir(tempfile.mkdtemp(dir=root, prefix=".write-test-"))
+        except OSError as e:
+            fail(f"the Minari store {root} is not writable ({e.strerror}); {fix}")
+    return root
+
+
 def _dataset_exists(dataset_id: str) -> bool:
     return (minari.storage.get_dataset_path(dataset_id) / "data").exists()
+
+
+def _build_command(dataset_id: str) -> str:
+    """How to (re)build a local/<env>/<level>-v0 dataset, for messages."""
+    m = re.fullmatch(r"local/([a-z0-9]+)/(.+)-v0", dataset_id)
+    if m and m.group(1) in D4RL_ENVS and m.group(2) in D4RL_LEVELS:
+        return f"python make_dataset.py --env {m.group(1)}-{m.group(2)}-v2"
+    return "make_dataset.py"
 
 
 def _network_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
@@ -517,10 +640,14 @@ def _download(dataset_id: str) -> None:
 
 def resolve_dataset(env: str, dataset_id: str | None = None, no_download: bool = False) -> tuple[list[str], bool]:
     """The Minari ids to load for --env / --dataset-id (DESIGN.md order) and whether they are a local stand-in."""
+    if dataset_id is not None and not DATASET_ID_RE.match(dataset_id):
+        fail(f"malformed dataset id {dataset_id!r}; Minari ids look like namespace/name-v0 (no part may start with '.')")
+    store = minari_store()
     if dataset_id is not None:
-        if not DATASET_ID_RE.match(dataset_id):
-            fail(f"malformed dataset id {dataset_id!r}; Minari ids look like namespace/name-v0")
         if not _dataset_exists(dataset_id):
+            if dataset_id.startswith("local/"):  # built on this machine by make_dataset.py: nothing to download
+                fail(f"dataset {dataset_id} is not in the local Minari store {store}; local/ datasets are built, not downloaded: "
+                     f"build it with {_build_command(dataset_id)}, or point MINARI_DATASETS_PATH at the store that holds it")
             if no_download:
                 fail(f"dataset {dataset_id} is not in the local Minari store; drop --no-download to fetch it")
             _download(dataset_id)
@@ -552,10 +679,17 @@ def load_dataset(env: str, dataset_id: str | None = None, no_download: bool = Fa
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminals", "ends")}
     returns, meta = [], {}
     for i in ids:
-        ds = minari.load_dataset(i)
+        try:  # a truncated or damaged file surfaces here, as h5py's OSError or a JSON error of the metadata
+            ds = minari.load_dataset(i)
+            episodes = list(ds.iterate_episodes())
+        except Exception as e:
+            fix = f"rebuild it with {_build_command(i)} --overwrite" if i.startswith("local/") else "delete that folder and download it again"
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            fail(f"dataset {i} cannot be read ({type(e).__name__}: {reason}); its files in {minari.storage.get_dataset_path(i)} are damaged "
+                 f"(a truncated copy?): {fix}")
         if not meta:
             meta = ds.storage.metadata
-        for ep in ds.iterate_episodes():
+        for ep in episodes:
             obs = np.asarray(ep.observations, dtype=np.float32)
             if obs.ndim != 2:
                 fail(f"dataset {i} has non-flat observations {obs.shape}; only Box observations are supported")
@@ -705,7 +839,27 @@ def load_checkpoint(path: str | Path, env_name: str | None = None, obs_dim: int 
         fail(f"checkpoint {path} was trained on {ckpt['env_name']}, not {env_name}; pass a checkpoint of {env_name}")
     if (obs_dim is not None and ckpt["obs_dim"] != obs_dim) or (act_dim is not None and ckpt["act_dim"] != act_dim):
         fail(f"checkpoint {path} has obs/act dims {ckpt['obs_dim']}/{ckpt['act_dim']}, the dataset {obs_dim}/{act_dim}")
+    check_checkpoint_contents(ckpt, path)
     return ckpt
+
+
+def check_checkpoint_contents(ckpt: dict, path: str | Path) -> None:
+    """A damaged or hand-edited checkpoint exits 2 here rather than with a traceback (or NaNs) where it is used:
+    the actor's weights must fit its declared family, dims and hidden sizes, and the state normalisation must be
+    finite with a positive std."""
+    redo = "the file is damaged or was edited; retrain it with offline_pretrain.py or pass another checkpoint"
+    try:
+        actor_from_checkpoint(ckpt)
+    except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as e:
+        reason = " ".join(str(e).split())[:300] or type(e).__name__  # load_state_dict's message spans lines
+        fail(f"checkpoint {path}: its actor weights do not match its declared dims (obs {ckpt['obs_dim']}, act {ckpt['act_dim']}, "
+             f"{ckpt['actor_family']} actor) ({reason}); {redo}")
+    for key in ("obs_mean", "obs_std"):
+        v = ckpt[key]
+        if not torch.is_tensor(v) or tuple(v.shape) != (ckpt["obs_dim"],) or not bool(torch.isfinite(v).all()):
+            fail(f"checkpoint {path}: {key} is not {ckpt['obs_dim']} finite numbers; {redo}")
+    if not bool((ckpt["obs_std"] > 0).all()):
+        fail(f"checkpoint {path}: obs_std has zero or negative entries, so observations cannot be normalised; {redo}")
 
 
 def actor_from_checkpoint(ckpt: dict, device: torch.device | str = "cpu") -> nn.Module:
@@ -847,7 +1001,6 @@ class IQL:
             "qf": accel.adam(self.qf.parameters(), args.iql_lr),
             "vf": accel.adam(self.vf.parameters(), args.iql_lr),
         }
-        self.actor_sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opts["actor"], args.total_steps)
         self.step_fn = accel.update(self.gradient_step)
 
     def modules(self) -> dict[str, nn.Module]:
@@ -855,8 +1008,19 @@ class IQL:
 
     def update(self, b: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         m = self.step_fn(b)
-        self.actor_sched.step()  # outside the update: with a tensor learning rate this only refills it
+        self.set_actor_lr(step + 1)  # outside the update: with a tensor learning rate this only refills it
         return m
+
+    def set_actor_lr(self, steps_done: int) -> None:
+        """Cosine decay of the actor's learning rate from --iql-lr to 0 over --total-steps (CosineAnnealingLR's closed
+        form). It depends only on the step and the current budget, so a run resumed with a larger --total-steps
+        follows the schedule of an uninterrupted run of that budget."""
+        lr = self.args.iql_lr * 0.5 * (1.0 + math.cos(math.pi * min(steps_done, self.args.total_steps) / self.args.total_steps))
+        for g in self.opts["actor"].param_groups:
+            if torch.is_tensor(g["lr"]):
+                g["lr"].fill_(lr)
+            else:
+                g["lr"] = lr
 
     def gradient_step(self, b: dict[str, Tensor]) -> dict[str, Tensor]:
         a = self.args
@@ -980,26 +1144,31 @@ def make_checkpoint(args: Args, learner: Any, data: dict, obs_mean: np.ndarray, 
             "modules": {k: state_dict_cpu(m) for k, m in learner.modules().items()},
             "optimizers": {k: o.state_dict() for k, o in learner.opts.items()},
             "log_alpha": learner.log_alpha.detach().cpu() if hasattr(learner, "log_alpha") else None,
-            "actor_sched": learner.actor_sched.state_dict() if hasattr(learner, "actor_sched") else None,
+            "actor_sched": None,  # kept for the format: IQL's schedule is recomputed from the step (IQL.set_actor_lr)
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                     "numpy": json.dumps(np.random.get_state()[1].tolist()), "numpy_pos": int(np.random.get_state()[2])},
         },
     }
 
 
-def restore(learner: Any, ckpt: dict, args: Args, accel: Accel) -> None:
+def restore(learner: Any, ckpt: dict, args: Args, accel: Accel, path: Path) -> None:
     ts = ckpt.get("train_state")
     if not isinstance(ts, dict) or ckpt["algo"] != args.algo:
         fail(f"checkpoint is from --algo {ckpt['algo']} or has no training state; cannot resume --algo {args.algo} from it")
-    for k, m in learner.modules().items():
-        m.load_state_dict(ts["modules"][k])
-    for k, o in learner.opts.items():
-        accel.load_optimizer(o, ts["optimizers"][k])
-    if ts["log_alpha"] is not None:
-        with torch.no_grad():
-            learner.log_alpha.copy_(ts["log_alpha"])
-    if ts["actor_sched"] is not None:
-        learner.actor_sched.load_state_dict(ts["actor_sched"])
+    try:
+        for k, m in learner.modules().items():
+            m.load_state_dict(ts["modules"][k])
+        for k, o in learner.opts.items():
+            accel.load_optimizer(o, ts["optimizers"][k])
+        if ts["log_alpha"] is not None:
+            with torch.no_grad():
+                learner.log_alpha.copy_(ts["log_alpha"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        reason = " ".join(str(e).split())[:300] or type(e).__name__  # load_state_dict's message spans lines
+        fail(f"--resume: the training state in {path} does not match its declared dims (obs {ckpt['obs_dim']}, act {ckpt['act_dim']}) "
+             f"({reason}); the file is damaged or was edited: pass --overwrite to start over")
+    if hasattr(learner, "set_actor_lr"):  # the schedule of this run's budget at the step reached (not the saved learning rate)
+        learner.set_actor_lr(ckpt["grad_steps"])
     torch.set_rng_state(ts["rng"]["torch"])
     if ts["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ts["rng"]["cuda"])
@@ -1007,6 +1176,9 @@ def restore(learner: Any, ckpt: dict, args: Args, accel: Accel) -> None:
 
 
 # ---------------------------------------------------------------- main
+LEARNING_RATES = ("cql_actor_lr", "cql_critic_lr", "iql_lr", "td3_bc_lr", "bc_lr")
+
+
 def validate(args: Args) -> None:
     if args.algo not in LEARNERS:
         fail(f"unknown --algo {args.algo!r}; known: {', '.join(LEARNERS)}")
@@ -1017,6 +1189,79 @@ def validate(args: Args) -> None:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if not 0.0 < args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0:
         fail("--gamma and --tau must lie in (0, 1]")
+    for flag in LEARNING_RATES + ("cql_temp",):  # `not x > 0` also catches NaN
+        if not getattr(args, flag) > 0.0 or not math.isfinite(getattr(args, flag)):
+            fail(f"--{flag.replace('_', '-')} must be a positive finite number, got {getattr(args, flag)}")
+    for flag in ("cql_alpha", "iql_beta", "td3_bc_alpha", "policy_noise", "noise_clip"):
+        if not getattr(args, flag) >= 0.0 or not math.isfinite(getattr(args, flag)):
+            fail(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {getattr(args, flag)}")
+    if not 0.0 < args.iql_expectile < 1.0:
+        fail(f"--iql-expectile must lie in (0, 1), got {args.iql_expectile}")
+    if args.resume and args.overwrite:
+        fail("--resume continues the run in the output folder and --overwrite deletes it; pass one of them")
+    # no leading dot: `..` would leave <run_dir>/offline/<algo>/<env>/, and a hidden folder hides the run
+    if args.run_name is not None and not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", args.run_name):
+        fail(f"--run-name {args.run_name!r} may hold only letters, digits, '_', '.', '-' and may not start with '.'")
+
+
+# Args that do not change what is trained: where outputs go, how fast and how often it is evaluated or logged.
+# Everything else, restricted to the method being trained, is a run's training settings: a run folder holding a
+# run of other settings is never resumed or replaced silently. --total-steps is a setting too, but --resume may
+# raise it (the remaining schedule stretches over the new budget).
+RUN_ARGS = ("run_dir", "run_name", "resume", "overwrite", "device", "threads", "compile", "cudagraphs", "no_download",
+            "log_every", "eval_every", "eval_episodes")
+# the arguments of one method only: they do not change a run of another method
+METHOD_ARGS = {"cql": ("cql_",), "iql": ("iql_",), "td3_bc": ("td3_bc_", "policy_noise", "noise_clip", "policy_freq"), "bc": ("bc_",)}
+UNUSED_BY = {"bc": ("gamma", "tau")}  # BC has no critic and no target network
+
+
+def training_settings(args: dict) -> dict:
+    """The settings of `args` (asdict of Args, or a checkpoint's saved args) that change what a run trains; a field
+    missing from an older checkpoint counts as its default."""
+    defaults = asdict(Args())
+    algo = args.get("algo", defaults["algo"])
+    others = tuple(p for a, prefixes in METHOD_ARGS.items() if a != algo for p in prefixes)
+    unused = UNUSED_BY.get(algo, ()) + (("env",) if args.get("dataset_id") is not None else ())  # --dataset-id overrides --env
+    return {k: args.get(k, d) for k, d in defaults.items() if k not in RUN_ARGS and not k.startswith(others) and k not in unused}
+
+
+def settings_diff(saved: dict, given: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """`--flag saved (now given)` for every training setting that differs."""
+    a, b = training_settings(saved), training_settings(given)
+    return [f"--{k.replace('_', '-')} {a[k]} (now {b[k]})" for k in a if a[k] != b[k] and k not in ignore]
+
+
+def read_run(path: Path) -> dict | None:
+    """The checkpoint of an earlier run in this output folder, or None when it is not a readable checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    ok = isinstance(ckpt, dict) and all(k in ckpt for k in CHECKPOINT_KEYS) and isinstance(ckpt["args"], dict)
+    return ckpt if ok else None
+
+
+def refuse_existing_run(out: Path, ckpt_path: Path, args: Args) -> NoReturn:
+    """Without --resume or --overwrite an earlier run's checkpoint is never replaced: say what the folder holds and
+    which flag does what the user most likely wants."""
+    other = "choose another --run-name"
+    prev = read_run(ckpt_path)
+    if prev is None:
+        fail(f"{ckpt_path} exists but is not a readable checkpoint; pass --overwrite to replace it or {other}")
+    saved, given = prev["args"], asdict(args)
+    done, budget = int(prev["grad_steps"]), int(saved.get("total_steps", prev["grad_steps"]))
+    diff = settings_diff(saved, given, ignore=("total_steps",))
+    if diff:
+        state = "a finished run" if done >= budget else f"an unfinished run (step {done} of {budget})"
+        fail(f"{out} holds {state} with other settings ({', '.join(diff)}); pass --overwrite to replace it or {other}")
+    if done < budget:
+        fail(f"{out} holds an unfinished run of these settings (step {done} of {budget}); pass --resume to continue it, "
+             f"--overwrite to start over, or {other}")
+    if args.total_steps > done:
+        fail(f"{out} holds a finished run of these settings with {done} steps; pass --resume to extend it to {args.total_steps}, "
+             f"--overwrite to start over, or {other}")
+    fail(f"{out} already holds a finished run of these settings ({done} steps, normalized score {prev['eval_normalized_score']:.1f}); "
+         f"pass --overwrite to train it again or {other}")
 
 
 def main(args: Args) -> dict:
@@ -1025,9 +1270,10 @@ def main(args: Args) -> dict:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     accel = Accel(device, args.compile, args.cudagraphs, args.bf16)  # bad combinations fail before any loading
-    data = load_dataset(args.env, args.dataset_id, args.no_download)
     env_key = args.env if args.dataset_id is None else args.dataset_id.replace("/", "_")
-    out = Path(args.run_dir) / "offline" / args.algo / env_key / f"seed{args.seed}"
+    out = Path(args.run_dir) / "offline" / args.algo / env_key / (args.run_name or f"seed{args.seed}")
+    check_output_dir(out, "--run-dir")  # before the dataset is loaded: a bad folder fails in seconds
+    data = load_dataset(args.env, args.dataset_id, args.no_download)
     ckpt_path = out / "checkpoint.pt"
     ckpt = None
     if args.resume:
@@ -1036,17 +1282,38 @@ def main(args: Args) -> dict:
         ckpt = load_checkpoint(ckpt_path, env_name=args.env if args.dataset_id is None else args.dataset_id, obs_dim=data["obs_dim"], act_dim=data["act_dim"])
         if ckpt["algo"] != args.algo:
             fail(f"--resume: {ckpt_path} holds a {ckpt['algo']} run, not {args.algo}")
+        diff = settings_diff(ckpt["args"], asdict(args), ignore=("total_steps",))
+        if diff:
+            fail(f"--resume: {ckpt_path} was trained with other settings ({', '.join(diff)}); resume with its values, "
+                 f"or pass --overwrite (or another --run-name) to start a new run")
         if ckpt["grad_steps"] >= args.total_steps:
             fail(f"--resume: {ckpt_path} already has {ckpt['grad_steps']} steps >= --total-steps {args.total_steps}; raise --total-steps")
+    elif ckpt_path.exists() and not args.overwrite:
+        refuse_existing_run(out, ckpt_path, args)
 
     set_seed(args.seed)
     obs_mean, obs_std = obs_stats(data["observations"])
     reward_transform = reward_transform_for(args.algo, data)
-    rb = ReplayBuffer.from_dataset(data, obs_mean, obs_std, device, reward_transform["scale"], reward_transform["shift"])
+    try:
+        rb = ReplayBuffer.from_dataset(data, obs_mean, obs_std, device, reward_transform["scale"], reward_transform["shift"])
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        fail(f"the dataset's {len(data['rewards'])} transitions do not fit in the memory of {device}; use another --device or a smaller dataset")
     learner = LEARNERS[args.algo](args, data["obs_dim"], data["act_dim"], device, accel)
+    batch_sizes = f"--batch-size {args.batch_size}" + (f" and --cql-n-actions {args.cql_n_actions}" if args.algo == "cql" else "")
+    lower = "lower them" if args.algo == "cql" else "lower it"
+    try:  # about one batch's tensors (CQL's: one per sampled action), before anything is written: a size no device
+        # can hold fails here; the update itself needs a few times more, caught in the loop below
+        rows = args.batch_size * (args.cql_n_actions if args.algo == "cql" else 1)
+        torch.empty(rows, 2 * data["obs_dim"] + data["act_dim"] + 4, device=device)  # freed at once
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        fail(f"a batch of {batch_sizes} cannot be allocated on {device}; {lower}")
     start, history = 0, []
     if ckpt is not None:
-        restore(learner, ckpt, args, accel)
+        restore(learner, ckpt, args, accel, ckpt_path)
         start, history = ckpt["grad_steps"], list(ckpt.get("eval_history", []))
         print(f"resuming {ckpt_path} at step {start}")
     evaluator = Evaluator(data["env_spec"], args.eval_episodes, args.seed + 100, obs_mean, obs_std, device)
@@ -1057,16 +1324,30 @@ def main(args: Args) -> dict:
         learner.actor.train()
         return float(returns.mean()), float(normalized_score(returns.mean(), data["ref_min_score"], data["ref_max_score"]))
 
-    out.mkdir(parents=True, exist_ok=True)
-    writer = SummaryWriter(str(out))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--run-dir: cannot create {out} ({e.strerror}); pass a folder you can write to")
+    if ckpt is None:  # a fresh start: logs and results of an earlier run here (--overwrite, or one that never checkpointed) go
+        for old in [*out.glob("events.out.tfevents.*"), out / "results.json", ckpt_path]:
+            old.unlink(missing_ok=True)
+    # resumed: tensorboard drops the logged points past the checkpoint (written before the earlier run stopped)
+    writer = SummaryWriter(str(out), purge_step=start if ckpt is not None else None)
     writer.add_text("args", json.dumps(asdict(args)))
     writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
     metrics: dict[str, list] = {}  # name -> [device sum, count]
     score = history[-1][2] if history else float("nan")
+    saved_step = start if ckpt is not None else None  # the step of the checkpoint at ckpt_path that belongs to this run
     t0, steps_t0 = time.time(), start
     bar = tqdm(range(start, args.total_steps), desc=f"{args.algo} {args.env}", initial=start, total=args.total_steps, disable=None)
     for step in bar:
-        m = learner.update(rb.sample(args.batch_size), step)
+        try:
+            m = learner.update(rb.sample(args.batch_size), step)
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            last = f"the last good checkpoint is {ckpt_path} (step {saved_step})" if saved_step is not None else "no checkpoint was written"
+            fail(f"an update with {batch_sizes} cannot allocate its tensors on {device} (at step {step}); {lower}; {last}")
         for k, v in m.items():  # accumulate on the device; read only at log time
             acc = metrics.setdefault(k, [0.0, 0])
             acc[0], acc[1] = acc[0] + v, acc[1] + 1
@@ -1075,7 +1356,8 @@ def main(args: Args) -> dict:
             for k, (v, n) in metrics.items():
                 val = float(v) / n
                 if not math.isfinite(val):
-                    fail(f"non-finite {k} at step {done} of {args.algo}; the last good checkpoint is {ckpt_path}")
+                    last = f"the last good checkpoint is {ckpt_path} (step {saved_step})" if saved_step is not None else "no checkpoint was written"
+                    fail(f"non-finite {k} at step {done} of {args.algo}; {last}")
                 writer.add_scalar(k, val, done)
             writer.add_scalar("charts/SPS", (done - steps_t0) / (time.time() - t0), done)
             metrics = {}
@@ -1087,6 +1369,7 @@ def main(args: Args) -> dict:
             bar.set_postfix(score=f"{score:.1f}")
             tqdm.write(f"step {done}: return {ret:.1f}, normalized score {score:.1f}")
             atomic_save(make_checkpoint(args, learner, data, obs_mean, obs_std, reward_transform, done, score, history), ckpt_path)
+            saved_step = done
     bar.close()
     writer.close()
     evaluator.close()
@@ -1098,4 +1381,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(parse_cli(Args))

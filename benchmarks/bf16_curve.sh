@@ -16,7 +16,7 @@ for seed in $SEEDS; do
     extra=""; [ "$mode" = bf16 ] && extra="--bf16"
     if [ "$PART" = td3_bc ]; then
       OMP_NUM_THREADS=1 $PY offline_pretrain.py --algo td3_bc --env hopper-medium-v2 --total-steps 30000 --eval-every 5000 \
-        --seed "$seed" --device cpu --no-download --run-dir "$OUT/$mode" $extra
+        --seed "$seed" --device cpu --no-download --run-dir "$OUT/$mode" --overwrite $extra
     else
       OMP_NUM_THREADS=1 $PY o2o_sac.py --env hopper-medium-v2 --checkpoint runs/offline/iql/hopper-medium-v2/seed0/checkpoint.pt \
         --seed "$seed" --device cpu --threads 1 --no-download --run-dir "$OUT/$mode" --run-name "o2sac_seed$seed" --no-resume \

@@ -1,30 +1,39 @@
 #!/usr/bin/env bash
-# The no-drop check of the README on local hopper-medium: O2SAC against naive SAC fine-tuning from an IQL and a
-# TD3+BC checkpoint, seeds 0 1 2 (the o2o seed; the offline checkpoints are fixed), one torch thread per run, two runs
-# at a time. Reduced budget: 5k distillation steps, re-evaluation until converged (at most 20k steps), 2k alignment
-# steps, 2k env steps online at UTD 5 (updates from env step 20), 5 evaluation episodes every 200 env steps plus five
-# in the first tenth.
+# The no-drop check of the README on local hopper-medium, several seeds (the o2o seed; the offline checkpoints are
+# fixed): O2SAC from an IQL and a TD3+BC checkpoint, O2TD3 from the TD3+BC one, each with naive fine-tuning alongside.
+# One torch thread per run, two runs at a time, the most telling runs first. Reduced budgets:
+#   O2SAC: 5k distillation steps, re-evaluation until Q has converged (at most 20k steps), 2k alignment steps,
+#          2k env steps online at UTD 5 (updates from env step 20), evaluations every 200 env steps;
+#   O2TD3: re-evaluation until converged (at most 20k), 3k alignment steps, 6k env steps at UTD 1, threshold horizon
+#          6k, updates from env step 60, evaluations every 500 env steps;
+#   5 evaluation episodes, plus five evaluations in the first tenth of the online phase (--early-evals 5).
 #
-#   bash benchmarks/o2o_seeds.sh IQL_CKPT TD3BC_CKPT OUT_DIR [SEEDS]
-#   python benchmarks/o2o_table.py OUT_DIR --seeds
+#   bash benchmarks/o2o_seeds.sh IQL_CKPT TD3BC_CKPT OUT_DIR ["SEEDS"]
+#   python benchmarks/no_drop_table.py OUT_DIR --plot curves.png
 set -uo pipefail
-IQL=$(realpath "$1"); TD3BC=$(realpath "$2"); OUT=$(realpath -m "$3"); SEEDS=${4:-0 1 2}
+IQL=$(realpath "$1"); TD3BC=$(realpath "$2"); OUT=$(realpath -m "$3"); SEEDS=(${4:-0 1 2})
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=1 PY OUT
-COMMON="--env hopper-medium-v2 --threads 1 --device cpu --reevaluate-steps 20000 --align-steps 2000 --online-steps 2000 --utd 5 --learning-starts 20 --eval-every 200 --eval-episodes 5"
+COMMON="--env hopper-medium-v2 --threads 1 --device cpu --eval-episodes 5 --reevaluate-steps 20000"
+SAC="o2o_sac.py $COMMON --align-steps 2000 --online-steps 2000 --utd 5 --learning-starts 20 --eval-every 200"
+TD3="o2o_td3.py $COMMON --align-steps 3000 --online-steps 6000 --eps-steps 6000 --learning-starts 60 --eval-every 500"
+NAIVE="--no-reevaluate --no-align --no-constraint"
 jobs=()
-for s in $SEEDS; do
-  for src in iql:$IQL td3bc:$TD3BC; do
-    name=${src%%:*}; ck=${src#*:}
-    jobs+=("sac_o2sac_${name}_s$s|o2o_sac.py $COMMON --seed $s --checkpoint $ck")
-    jobs+=("sac_naive_${name}_s$s|o2o_sac.py $COMMON --seed $s --checkpoint $ck --no-reevaluate --no-align --no-constraint")
-  done
+for s in "${SEEDS[@]}"; do
+  jobs+=("sac_o2sac_iql_s$s|$SAC --seed $s --checkpoint $IQL" "sac_o2sac_td3bc_s$s|$SAC --seed $s --checkpoint $TD3BC")
+  [ "$s" = "${SEEDS[0]}" ] && jobs+=("sac_naive_iql_s$s|$SAC --seed $s --checkpoint $IQL $NAIVE" "sac_naive_td3bc_s$s|$SAC --seed $s --checkpoint $TD3BC $NAIVE")
+  jobs+=("td3_o2td3_td3bc_s$s|$TD3 --seed $s --checkpoint $TD3BC")
+  [ "$s" = "${SEEDS[0]}" ] && jobs+=("td3_naive_td3bc_s$s|$TD3 --seed $s --checkpoint $TD3BC $NAIVE")
+done
+for s in "${SEEDS[@]:1}"; do  # naive fine-tuning of the other seeds last
+  jobs+=("sac_naive_iql_s$s|$SAC --seed $s --checkpoint $IQL $NAIVE" "sac_naive_td3bc_s$s|$SAC --seed $s --checkpoint $TD3BC $NAIVE"
+         "td3_naive_td3bc_s$s|$TD3 --seed $s --checkpoint $TD3BC $NAIVE")
 done
 printf '%s\n' "${jobs[@]}" | xargs -P 2 -I{} bash -c '
   job="{}"; name=${job%%|*}; cmd=${job#*|}; t0=$SECONDS
   $PY $cmd --run-dir "$OUT/runs" --run-name "$name" > "$OUT/$name.log" 2>&1; rc=$?
-  res=$(ls "$OUT"/runs/o2o_sac/*/"$name"/results.json 2>/dev/null | head -1)
+  res=$(ls "$OUT"/runs/o2o_*/*/"$name"/results.json 2>/dev/null | head -1)
   [ -n "$res" ] && cp "$res" "$OUT/$name.json"
   echo "$name rc=$rc $((SECONDS - t0)) s" | tee -a "$OUT/runs.txt"'

@@ -799,6 +799,52 @@ def test_distillation_keeps_the_offline_spread():
     assert noisy.abs().max() < 1
 
 
+def test_distillation_mode_fit_matches_the_offline_action():
+    """--distill-fit mode: the student's mode tanh(mu), the action evaluated, lands on the teacher's action far closer
+    than the plain likelihood fit puts it (here a Gaussian teacher whose means sit near the box edge, so its clipped
+    samples are skewed), while the student keeps the teacher's spread."""
+    torch.manual_seed(0)
+    teacher = o2o.GaussianActor(4, 2, (16,))
+    with torch.no_grad():
+        teacher.net[-1].bias.fill_(1.5)  # tanh(1.5 + ...) ~ 0.9: means near the edge of the action box
+        teacher.log_std.fill_(math.log(0.3))
+    obs = torch.randn(4096, 4)
+
+    def fit(mode: bool):
+        torch.manual_seed(1)
+        student = o2o.TanhGaussianActor(4, 2, (32, 32))
+        opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+        for _ in range(400):
+            o = obs[torch.randint(len(obs), (256,))]
+            with torch.no_grad():
+                t = o2o.distill_targets(teacher, o, 0.1)
+            o2o.distill_update(student, opt, o, t, teacher.act(o) if mode else None)
+        with torch.no_grad():
+            return (student.act(obs) - teacher.act(obs)).pow(2).mean().item(), student(obs)[1].exp().mean().item()
+
+    (mse_lik, std_lik), (mse_mode, std_mode) = fit(False), fit(True)
+    assert mse_mode < 0.2 * mse_lik
+    assert std_mode > 0.5 * std_lik
+
+
+@pytest.mark.parametrize("fit", ["mode", "likelihood"])
+def test_distill_fit_reaches_the_update(fit, offline_checkpoints, monkeypatch, tmp_path):
+    """The teacher's deterministic action reaches every distillation step with --distill-fit mode, never with
+    likelihood, and the distillation error is measured against that action."""
+    calls = spy(monkeypatch, "distill_update", lambda i, args, kw: {"n": len(args), "args": [None if a is None else a.clone() for a in args[2:]]})
+    res = wiring_run(offline_checkpoints["iql"], tmp_path, "--distill-fit", fit, "--online-steps", str(STARTS + 1), "--no-align",
+                     "--early-evals", "0")
+    assert len(calls) == 10
+    teacher = o2o.actor_from_checkpoint(torch.load(offline_checkpoints["iql"], weights_only=True))
+    for c in calls:
+        obs, _, mode = c["args"]
+        if fit == "mode":
+            torch.testing.assert_close(mode, teacher.act(obs))
+        else:
+            assert mode is None
+    assert res["distillation"]["steps"] == 10
+
+
 # ---------------------------------------------------------------- --compile / --cudagraphs / --bf16: the same math as eager
 # As in test_accel.py: the comparisons run in float64 (in float32, Adam's first steps turn last-bit differences of
 # near-zero gradients into lr-sized changes) and with inductor's fallback_random (compiled code draws from eager's

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import stat
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,3 +232,98 @@ def test_cli_bad_algo_is_one_line_exit_2(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "offline_pretrain.py"), "--algo", "sac", "--run-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == ["error: unknown --algo 'sac'; known: cql, iql, td3_bc, bc"]
+
+
+# ---------------------------------------------------------------- run folders: resume, extend, overwrite
+def ckpt_of(result) -> dict:
+    return torch.load(result["checkpoint"], map_location="cpu", weights_only=True)
+
+
+def actor_lr(ckpt: dict) -> float:
+    return float(ckpt["train_state"]["optimizers"]["actor"]["param_groups"][0]["lr"])
+
+
+def test_resume_with_larger_budget_follows_the_larger_schedule(tiny_dataset, tmp_path):
+    """IQL's cosine actor schedule after --resume --total-steps N is that of an uninterrupted run of N steps."""
+    straight = run(tmp_path / "a", algo="iql")  # 60 steps
+    short = run(tmp_path / "b", "--total-steps", "30", algo="iql")
+    at_30 = ckpt_of(short)
+    # at the resume point: the learning rate an uninterrupted 60-step schedule has after 30 steps (torch's own
+    # CosineAnnealingLR as the reference), not the finished 30-step schedule's 0
+    args = tyro.cli(op.Args, args=["--algo", "iql", *op_flags_60()])
+    learner = op.IQL(args, at_30["obs_dim"], at_30["act_dim"], torch.device("cpu"))
+    op.restore(learner, at_30, args, op.Accel(torch.device("cpu")), tmp_path / "b")
+    ref_opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=args.iql_lr)
+    ref = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=60)
+    for _ in range(30):
+        ref_opt.step()
+        ref.step()
+    assert learner.opts["actor"].param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-9)
+    assert learner.opts["actor"].param_groups[0]["lr"] == pytest.approx(args.iql_lr / 2, rel=1e-9)
+    # end to end: the resumed run ends where the uninterrupted 60-step run ends (at 0, not climbing back to --iql-lr)
+    resumed = run(tmp_path / "b", "--resume", algo="iql")
+    assert [h[0] for h in resumed["eval_history"]] == [30, 60]
+    assert actor_lr(ckpt_of(resumed)) == pytest.approx(actor_lr(ckpt_of(straight)), abs=1e-12)
+    assert actor_lr(ckpt_of(straight)) == pytest.approx(0.0, abs=1e-12)
+
+
+def op_flags_60() -> list[str]:
+    return ["--env", "hopper-medium-v2", *TINY_OFFLINE]  # TINY_OFFLINE: --total-steps 60
+
+
+def test_unfinished_run_is_not_restarted_silently(tiny_dataset, tmp_path, capsys):
+    short = run(tmp_path, "--total-steps", "30")
+    ckpt = ckpt_of(short)
+    ckpt["args"]["total_steps"] = 60  # as if the 60-step run had been killed after its checkpoint at step 30
+    torch.save(ckpt, short["checkpoint"])
+    before = (tmp_path / "offline" / "td3_bc" / "hopper-medium-v2" / "seed0" / "checkpoint.pt").read_bytes()
+    expect_exit2(capsys, lambda: run(tmp_path), "unfinished run", "step 30 of 60", "--resume")
+    expect_exit2(capsys, lambda: run(tmp_path, "--tau", "0.01"), "unfinished run (step 30 of 60) with other settings", "--tau 0.005 (now 0.01)")
+    assert (tmp_path / "offline" / "td3_bc" / "hopper-medium-v2" / "seed0" / "checkpoint.pt").read_bytes() == before
+
+
+def test_overwrite_replaces_the_run_and_its_logs(tiny_dataset, tmp_path):
+    first = run(tmp_path, "--total-steps", "30")
+    folder = Path(first["checkpoint"]).parent
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 1
+    second = run(tmp_path, "--overwrite", "--tau", "0.01")
+    assert ckpt_of(second)["args"]["tau"] == 0.01 and ckpt_of(second)["grad_steps"] == 60
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 1  # the first run's logs are gone, not mixed in
+    assert [h[0] for h in json.loads((folder / "results.json").read_text())["eval_history"]] == [30, 60]
+
+
+def test_run_name_picks_the_folder(tiny_dataset, tmp_path):
+    res = run(tmp_path, "--total-steps", "2", "--eval-every", "2", "--eval-episodes", "1", "--run-name", "lr_sweep.1")
+    assert Path(res["checkpoint"]) == tmp_path / "offline" / "td3_bc" / "hopper-medium-v2" / "lr_sweep.1" / "checkpoint.pt"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_files_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        op.atomic_save({"x": torch.zeros(1)}, tmp_path / "c.pt")
+        op.atomic_save({"x": 1}, tmp_path / "r.json")
+    finally:
+        os.umask(old)
+    for name in ("c.pt", "r.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask
+
+
+def test_nonfinite_loss_names_only_a_checkpoint_that_exists(tiny_dataset, tmp_path, capsys, monkeypatch):
+    calls = {"n": 0, "nan_from": 0}
+    real = op.BC.gradient_step
+
+    def poisoned(self, b):
+        calls["n"] += 1
+        m = real(self, b)
+        return {**m, "losses/actor_loss": m["losses/actor_loss"] * float("nan")} if calls["n"] > calls["nan_from"] else m
+
+    monkeypatch.setattr(op.BC, "gradient_step", poisoned)
+    err = expect_exit2(capsys, lambda: run(tmp_path / "a", algo="bc"), "non-finite losses/actor_loss at step 10", "no checkpoint was written")
+    assert "last good checkpoint" not in err
+    assert not list((tmp_path / "a").rglob("checkpoint.pt"))
+    calls.update(n=0, nan_from=35)  # NaN after the checkpoint at step 30
+    err = expect_exit2(capsys, lambda: run(tmp_path / "b", algo="bc"), "non-finite losses/actor_loss at step 40", "(step 30)")
+    path = tmp_path / "b" / "offline" / "bc" / "hopper-medium-v2" / "seed0" / "checkpoint.pt"
+    assert f"the last good checkpoint is {path}" in err and path.is_file()
+    assert torch.load(path, map_location="cpu", weights_only=True)["grad_steps"] == 30

@@ -1,0 +1,211 @@
+"""Bad input to the scripts, as a user meets it on the command line: every row runs a script as a subprocess and
+expects exit status 2, exactly one non-empty line on stderr that holds the expected words, no traceback, and
+every file that was there before (dataset store, run folders, checkpoints) byte-identical afterwards.
+
+A row is (id, script, build, expected): `build(ctx)` prepares what the case needs under ctx.tmp (a damaged
+checkpoint, a truncated dataset, ...) and returns the script's argv, optionally with extra environment variables.
+Rows of other scripts can be appended to CASES the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import tyro
+
+from conftest import ROOT, TINY_OFFLINE, load_script
+
+HUGE = str(10**15)  # more elements than any machine can address: the allocation fails at once, never swaps
+
+
+@dataclass
+class Ctx:
+    """What a row may use: its own copy of the tiny dataset store, an empty run folder, a finished IQL checkpoint."""
+
+    tmp: Path
+    store: Path
+    runs: Path
+    iql_checkpoint: Path  # a finished tiny IQL run (TINY_OFFLINE: 60 steps), to copy into a run folder
+    watch: list[Path] = field(default_factory=list)  # files and folders that must come out unchanged
+
+    def file(self, name: str = "a_file", text: str = "not a folder\n") -> Path:
+        p = self.tmp / name
+        p.write_text(text)
+        self.watch.append(p)
+        return p
+
+    def run_folder(self, algo: str = "iql") -> Path:
+        return self.runs / "offline" / algo / "hopper-medium-v2" / "seed0"
+
+    def place_checkpoint(self, edit: Callable[[dict], None] | None = None) -> Path:
+        """The finished IQL checkpoint in the default run folder, optionally edited (damaged) first."""
+        dst = self.run_folder("iql") / "checkpoint.pt"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if edit is None:
+            shutil.copy(self.iql_checkpoint, dst)
+        else:
+            ckpt = torch.load(self.iql_checkpoint, map_location="cpu", weights_only=True)
+            edit(ckpt)
+            torch.save(ckpt, dst)
+        return dst
+
+
+def unwritable_dir(ctx: Ctx) -> Path:
+    """A folder in which this process cannot create anything. Root ignores mode bits, so for root a sysfs folder
+    (mkdir there is refused to everyone) stands in; without one the case is skipped."""
+    if os.geteuid() != 0:
+        d = ctx.tmp / "read_only"
+        d.mkdir()
+        d.chmod(0o500)
+        ctx.watch.append(d)
+        return d
+    d, probe = Path("/sys/fs"), Path(f"/sys/fs/probe-{os.getpid()}")
+    try:
+        probe.mkdir()
+    except OSError:
+        return d
+    probe.rmdir()
+    pytest.skip("no unwritable folder available to root here")
+
+
+def op_args(ctx: Ctx, *extra: str, algo: str = "iql") -> list[str]:
+    return ["--algo", algo, "--env", "hopper-medium-v2", "--run-dir", str(ctx.runs), *TINY_OFFLINE, *extra]
+
+
+def md_args(ctx: Ctx, *extra: str, env: str = "hopper-expert-v2") -> list[str]:
+    return ["--env", env, "--out-dir", str(ctx.tmp / "md_runs"), "--device", "cpu", *extra]
+
+
+def truncate_dataset(ctx: Ctx) -> None:
+    f = ctx.store / "local" / "hopper" / "medium-v0" / "data" / "main_data.hdf5"
+    with open(f, "r+b") as fh:
+        fh.truncate(f.stat().st_size // 3)
+
+
+def wrong_actor_weights(ckpt: dict) -> None:
+    w = ckpt["actor"]["net.0.weight"]
+    ckpt["actor"]["net.0.weight"] = torch.zeros(w.shape[0], w.shape[1] + 2)  # declares obs_dim 11, weights take 13
+
+
+def zero_obs_std(ckpt: dict) -> None:
+    ckpt["obs_std"] = torch.zeros_like(ckpt["obs_std"])
+
+
+OP, MD = "offline_pretrain.py", "make_dataset.py"
+Build = Callable[[Ctx], "list[str] | tuple[list[str], dict[str, str]]"]
+
+CASES: list[tuple[str, str, Build, str]] = [
+    # --- offline_pretrain.py: learning rates
+    ("op-lr-nan", OP, lambda c: op_args(c, "--iql-lr", "nan"), "--iql-lr must be a positive finite number"),
+    ("op-lr-negative", OP, lambda c: op_args(c, "--cql-actor-lr=-0.0003", algo="cql"), "--cql-actor-lr must be a positive"),
+    ("op-lr-zero", OP, lambda c: op_args(c, "--td3-bc-lr", "0", algo="td3_bc"), "--td3-bc-lr must be a positive"),
+    # --- output folder and Minari store
+    ("op-run-dir-is-file", OP, lambda c: op_args(c, "--run-dir", str(c.file())), "is a file"),
+    ("op-run-dir-not-writable", OP, lambda c: op_args(c, "--run-dir", str(unwritable_dir(c) / "runs")), "not writable"),
+    ("op-store-is-file", OP, lambda c: (op_args(c), {"MINARI_DATASETS_PATH": str(c.file("store_file"))}), "Minari store"),
+    ("op-store-cannot-be-created", OP, lambda c: (op_args(c), {"MINARI_DATASETS_PATH": str(unwritable_dir(c) / "minari")}), "cannot be created"),
+    ("op-truncated-dataset", OP, lambda c: (truncate_dataset(c), op_args(c))[1], "cannot be read"),
+    ("op-missing-local-dataset", OP, lambda c: op_args(c, "--dataset-id", "local/walker2d/medium-v0"),
+     "build it with python make_dataset.py --env walker2d-medium-v2"),
+    # --- sizes that cannot be allocated
+    ("op-batch-unallocatable", OP, lambda c: op_args(c, "--batch-size", HUGE), "--batch-size"),
+    # --- damaged checkpoints
+    ("op-ckpt-weights-vs-dims", OP, lambda c: (c.place_checkpoint(wrong_actor_weights), op_args(c, "--resume", "--total-steps", "90"))[1],
+     "do not match its declared dims"),
+    ("op-ckpt-obs-std-zero", OP, lambda c: (c.place_checkpoint(zero_obs_std), op_args(c, "--resume", "--total-steps", "90"))[1], "obs_std"),
+    ("op-ckpt-corrupt", OP, lambda c: ((c.run_folder().mkdir(parents=True), (c.run_folder() / "checkpoint.pt").write_bytes(b"junk")),
+                                       op_args(c, "--resume"))[1], "corrupt"),
+    # --- a run folder that holds a run
+    ("op-finished-run-other-settings", OP, lambda c: (c.place_checkpoint(), op_args(c, "--iql-lr", "0.001"))[1], "pass --overwrite"),
+    ("op-finished-run-same-settings", OP, lambda c: (c.place_checkpoint(), op_args(c))[1], "already holds a finished run"),
+    ("op-resume-other-settings", OP, lambda c: (c.place_checkpoint(), op_args(c, "--resume", "--total-steps", "90", "--iql-expectile", "0.8"))[1],
+     "--iql-expectile 0.7 (now 0.8)"),
+    ("op-resume-and-overwrite", OP, lambda c: (c.place_checkpoint(), op_args(c, "--resume", "--overwrite"))[1], "pass one of them"),
+    # --- names that would leave their folder
+    ("op-run-name-traversal", OP, lambda c: op_args(c, "--run-name", "../../x"), "--run-name"),
+    ("op-dataset-id-traversal", OP, lambda c: op_args(c, "--dataset-id", "../../evil-v0"), "malformed dataset id"),
+    # --- parser errors and other unknown values
+    ("op-parser-float-for-int", OP, lambda c: op_args(c, "--total-steps", "1e6"), "--total-steps"),
+    ("op-parser-unknown-flag", OP, lambda c: op_args(c, "--totl-steps", "5"), "did you mean --total-steps"),
+    ("op-unknown-algo", OP, lambda c: op_args(c, algo="sac"), "unknown --algo"),
+    ("op-unknown-env", OP, lambda c: op_args(c, "--env", "hopper-mediocre-v2"), "unknown env"),
+    # --- make_dataset.py
+    ("md-parser-float-for-int", MD, lambda c: md_args(c, "--size", "1e6"), "--size"),
+    ("md-train-steps-unallocatable", MD, lambda c: md_args(c, "--train-steps", HUGE), "--train-steps"),
+    ("md-lr-nan", MD, lambda c: md_args(c, "--lr", "nan", "--train-steps", "600", "--learning-starts", "500", "--snapshot-every", "500",
+                                        "--snapshot-episodes", "1", "--size", "100", "--num-envs", "2"), "--lr must be a positive"),
+    ("md-store-is-file", MD, lambda c: (md_args(c, env="hopper-random-v2"), {"MINARI_DATASETS_PATH": str(c.file("store_file"))}), "Minari store"),
+    ("md-store-not-writable", MD, lambda c: (md_args(c, env="hopper-random-v2"), {"MINARI_DATASETS_PATH": str(unwritable_dir(c))}), "Minari store"),
+    ("md-out-dir-is-file", MD, lambda c: md_args(c, "--out-dir", str(c.file())), "is a file"),
+    ("md-out-dir-not-writable", MD, lambda c: md_args(c, "--out-dir", str(unwritable_dir(c) / "md")), "not writable"),
+    ("md-dataset-exists", MD, lambda c: md_args(c, env="hopper-medium-v2"), "already exists"),
+]
+
+
+def snapshot(paths: list[Path]) -> dict[str, bytes | str | None]:
+    """Every file's bytes and every folder's presence under `paths`."""
+    snap: dict[str, bytes | str | None] = {}
+    for root in paths:
+        if not root.exists():
+            snap[str(root)] = None
+        elif root.is_file():
+            snap[str(root)] = root.read_bytes()
+        else:
+            snap[str(root)] = "<dir>"
+            for p in sorted(root.rglob("*")):
+                snap[str(p)] = p.read_bytes() if p.is_file() else "<dir>"
+    return snap
+
+
+def run_case(script: str, build: Build, ctx: Ctx, script_dir: Path = ROOT) -> tuple[subprocess.CompletedProcess, dict, dict]:
+    """Build the case, run the script, return the process and the snapshots before and after."""
+    built = build(ctx)
+    argv, extra_env = built if isinstance(built, tuple) else (built, {})
+    ctx.watch += [ctx.store, ctx.runs]
+    before = snapshot(ctx.watch)
+    env = {**os.environ, "MINARI_DATASETS_PATH": str(ctx.store), "OMP_NUM_THREADS": "1", **extra_env}
+    proc = subprocess.run([sys.executable, str(script_dir / script), *argv], capture_output=True, text=True, env=env, cwd=ctx.tmp, timeout=300)
+    return proc, before, snapshot(ctx.watch)
+
+
+@pytest.fixture(scope="module")
+def iql_checkpoint(tiny_dataset, tmp_path_factory) -> Path:
+    op = load_script("offline_pretrain")
+    runs = tmp_path_factory.mktemp("bad_inputs_iql")
+    return Path(op.main(tyro.cli(op.Args, args=["--algo", "iql", "--env", "hopper-medium-v2", "--run-dir", str(runs), *TINY_OFFLINE]))["checkpoint"])
+
+
+@pytest.fixture
+def ctx(tiny_dataset, iql_checkpoint, tmp_path) -> Ctx:
+    store = tmp_path / "store"
+    shutil.copytree(tiny_dataset["home"], store)  # a store of its own: a case may damage it
+    (tmp_path / "runs").mkdir()
+    return Ctx(tmp=tmp_path, store=store, runs=tmp_path / "runs", iql_checkpoint=iql_checkpoint)
+
+
+@pytest.mark.parametrize("case_id, script, build, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_line(ctx, case_id, script, build, expected):
+    proc, before, after = run_case(script, build, ctx)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, f"rc {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+    assert after == before, f"files changed: {sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))[:10]}"
+
+
+@pytest.mark.parametrize("script", [OP, MD])
+def test_help_still_prints(script, tmp_path):
+    """parse_cli turns parse errors into one line; --help must still print the full help and exit 0."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--seed" in proc.stdout and "--device" in proc.stdout and len(proc.stdout.splitlines()) > 20
