@@ -71,7 +71,12 @@ class Args:
     run_name: str | None = None
     """name of the output folder; default <mode>_seed<k> with mode o2ppo, naive, no_reevaluate or no_constraint"""
     no_resume: bool = False
-    """ignore (and overwrite) phase checkpoints and online.pt of an earlier run with the same run name"""
+    """recompute every phase even when the run folder holds phase checkpoints of the same args, and start the online
+    phase afresh instead of resuming an unfinished run's online.pt (a finished run of other settings still needs
+    --overwrite)"""
+    overwrite: bool = False
+    """start afresh in a run folder that holds a run of other settings: its checkpoints, results and tensorboard logs
+    are deleted first"""
     device: str = "auto"
     """auto (CUDA when present), cpu or cuda"""
     family: str | None = None
@@ -162,8 +167,9 @@ class Args:
     Like every evaluation they move pi_ref under --reference best"""
     log_every: int = 2_048
     """log losses every this many env steps (offline phases: every this many gradient steps)"""
-    checkpoint_every: int = 20_480
-    """write online.pt every this many env steps (a killed run resumes from it)"""
+    checkpoint_every: int | None = None
+    """write online.pt every this many env steps (a killed run resumes from it). Default: 20480 (times --budget-scale),
+    at most a tenth of --online-steps, so a short run's online phase survives a kill too"""
     stop_after: int | None = None
     """stop (as if killed) after this many online env steps, after writing online.pt; rerun to resume"""
 
@@ -196,6 +202,8 @@ ACTOR_HIDDEN = (256, 256)  # the Gaussian actor a non-Gaussian offline actor is 
 VALUE_HIDDEN = (256, 256, 256)  # V: 3 x [Linear 256 -> tanh], Linear -> 1
 DETERMINISTIC_LOG_STD = math.log(0.2)  # distilled std of a deterministic actor: TD3's smoothing-noise scale
 CKPT_NAME = "o2o_ppo"
+CHECKPOINT_EVERY = 20_480  # the longest default interval of online.pt (env steps, before --budget-scale)
+RUN_NAME_RE = r"[A-Za-z0-9_-][A-Za-z0-9_.-]*"
 DIAG_STATES = 2048  # dataset states the phase-boundary diagnostics are computed on
 
 
@@ -1298,15 +1306,117 @@ def collect_rollout(pool: EnvPool, actor: GaussianActor, vf: Critic, steps: int,
 
 
 # ---------------------------------------------------------------- phases
-def load_own(path: Path) -> dict:
-    """A phase/online checkpoint this script wrote; corrupt -> exit 2 naming the fix."""
+def load_phase(path: Path, key: dict, no_resume: bool) -> dict | None:
+    """A saved phase checkpoint written with the same phase key, else None (then the phase is recomputed)."""
+    if no_resume or not path.is_file():
+        return None
+    saved = read_saved(path)
+    if saved_key(saved) is None:
+        print(f"NOTICE: {path} is unreadable; recomputing phase {path.stem}")
+        return None
+    if key_diff(saved_key(saved), key):
+        print(f"NOTICE: {path} was made with other arguments; recomputing phase {path.stem}")
+        return None
+    print(f"reusing {path} (pass --no-resume to recompute)")
+    return saved
+
+
+# ---------------------------------------------------------------- the run folder (the same rules in o2o_sac.py, o2o_td3.py, o2o_ppo.py)
+# A run folder is never taken over silently; what it holds is checked before anything is computed or written. A
+# finished run (final.pt) of other settings is refused unless --overwrite; an unfinished one (online.pt) of other
+# settings is refused unless --no-resume (its online phase starts afresh) or --overwrite; a run of the same settings
+# resumes (a finished one: extended to a larger --online-steps); a saved phase of other settings is recomputed with a
+# notice. The settings are the online key: every argument that changes what the run computes, and the offline
+# checkpoint's content.
+#
+# BUDGET_ARGS: args that do not change what a resumed online run computed up to where it stopped (a longer
+# --online-steps resumes and stretches the remaining learning-rate decay over the new budget; --compile and
+# --cudagraphs keep the math, --bf16 does not and stays in the key; so does --eval-every: evaluations move pi_ref)
+BUDGET_ARGS = ("online_steps", "stop_after", "log_every", "checkpoint_every", "no_resume", "overwrite", "run_dir", "run_name", "checkpoint",
+               "device", "compile", "cudagraphs", "threads")
+RUN_OUTPUTS = ("args.json", "results.json", "final.pt", "online.pt", "distilled.pt", "reevaluated.pt")
+KEY_WORDS = {"offline_checkpoint": "another offline checkpoint (its content differs)"}
+KEY_IGNORED = BUDGET_ARGS  # left out of the online key (an older run's key may still hold some of them)
+
+
+def saved_key(saved: dict | None) -> dict | None:
+    """The settings key a phase, online or final checkpoint of this script was written with (None: not recorded)."""
+    key = saved.get("phase_key") if isinstance(saved, dict) else None
+    return key if isinstance(key, dict) else None
+
+
+def key_diff(saved: dict | None, now: dict, ignore: Sequence[str] = ()) -> list[str]:
+    """`--flag saved (now given)` for every argument of the key `now` that differs from an earlier run's, a few words
+    for its other entries (KEY_WORDS); empty when they agree. Entries named in `ignore` do not count."""
+    if saved is None:
+        return ["settings not recorded"]
+    same = lambda v: json.dumps(v, sort_keys=True, default=str)  # noqa: E731  (a tuple and its list agree)
+    return [KEY_WORDS.get(k) or f"--{k.replace('_', '-')} {saved.get(k)} (now {now.get(k)})"
+            for k in sorted((set(saved) | set(now)) - set(ignore)) if same(saved.get(k)) != same(now.get(k))]
+
+
+def read_saved(path: Path) -> dict | None:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"{path} is corrupt ({type(e).__name__}); delete it or pass --no-resume")
-    if not isinstance(obj, dict) or "phase_key" not in obj:
-        fail(f"{path} was not written by o2o_ppo.py; delete it or pass --no-resume")
-    return obj
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def check_run_folder(out: Path, key: dict, args: Args) -> dict | None:
+    """The rules above for the run folder `out` and this run's online key: exit 2 naming the flag, else the online.pt
+    to resume (None: the online phase starts afresh)."""
+    if args.overwrite:
+        return None  # the folder's outputs are deleted before anything is written
+    other = "choose another --run-name"
+    online_path, online = out / "online.pt", None
+    if (out / "final.pt").exists():
+        saved = saved_key(read_saved(out / "final.pt"))
+        if saved is None and online_path.exists():  # a final.pt without its key: the online.pt written with it
+            online = read_saved(online_path)
+            saved = saved_key(online)
+        if saved is None:
+            fail(f"{out} holds a finished run whose settings cannot be read from its final.pt; pass --overwrite to replace it or {other}")
+        diff = key_diff(saved, key, KEY_IGNORED)
+        if diff:
+            fail(f"{out} holds a finished run with other settings ({', '.join(diff)}); pass --overwrite to replace it or {other}")
+    if args.no_resume or not online_path.exists():
+        return None
+    online = online or read_saved(online_path)
+    if saved_key(online) is None:
+        fail(f"{online_path} cannot be read (damaged, or not written by this script); pass --no-resume to start the online phase "
+             f"afresh or {other}")
+    diff = key_diff(saved_key(online), key, KEY_IGNORED)
+    if diff:
+        fail(f"{out} holds an unfinished run with other settings ({', '.join(diff)}); pass --no-resume to start it afresh or {other}")
+    return online
+
+
+def clear_run_folder(out: Path) -> None:
+    """--overwrite: an earlier run's outputs leave the folder before anything new is written, its tensorboard events too
+    (the logs of two runs never mix)."""
+    for p in [*(out / n for n in RUN_OUTPUTS), *out.glob("events.out.tfevents.*")]:
+        try:
+            p.unlink(missing_ok=True)
+        except OSError as e:
+            fail(f"--overwrite: cannot delete {p} ({e.strerror}); delete it yourself or choose another --run-name")
+
+
+def check_allocations(buffers: Sequence[tuple[int, int, str, str]], device: torch.device) -> None:
+    """Every (rows, columns, what, fix) float32 buffer of the run allocated uninitialised, all held together, then freed,
+    before any phase runs: a step count or batch size no memory can hold stops here at once with the flag to lower, not
+    with a traceback after the offline phases. (A size that passes can still run short later, next to everything else.)"""
+    held = []
+    for rows, cols, what, fix in buffers:
+        try:
+            if rows * cols >= 2**62:  # more elements than torch can index
+                raise MemoryError
+            held.append(torch.empty(rows, cols, device=device))
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            fail(f"{what} cannot be allocated on {device}; {fix}")
+    del held
 
 
 def make_checkpoint(ckpt: dict, data: dict, args: Args, actor: nn.Module, vf: Critic | None, reward_transform: dict,
@@ -1437,10 +1547,13 @@ def scaled_steps(n: int, scale: float) -> int:
 
 def scale_budgets(args: Args) -> Args:
     """--budget-scale: a copy of args whose BUDGET_STEPS are the effective ones, given or defaulted (T_end: the family
-    table's when --t-end is not given) times the scale. Exits 2 when the online budget is less than one rollout."""
+    table's when --t-end is not given; --checkpoint-every: CHECKPOINT_EVERY, at most a tenth of the scaled online steps,
+    at least 1) times the scale. Exits 2 when the online budget is less than one rollout."""
     t_end = args.t_end if args.t_end is not None else family_defaults(args)["t_end"]
     given = {**{k: getattr(args, k) for k in BUDGET_STEPS}, "t_end": t_end}
-    scaled = {k: scaled_steps(v, args.budget_scale) for k, v in given.items()}
+    scaled = {k: scaled_steps(v, args.budget_scale) if v is not None else None for k, v in given.items()}
+    if scaled["checkpoint_every"] is None:  # a killed short run keeps most of its online phase
+        scaled["checkpoint_every"] = min(scaled_steps(CHECKPOINT_EVERY, args.budget_scale), max(1, scaled["online_steps"] // 10))
     if scaled["online_steps"] < args.rollout_size:
         how = f" x --budget-scale {args.budget_scale} = {scaled['online_steps']}" if args.budget_scale != 1.0 else ""
         least = args.rollout_size / args.online_steps
@@ -1453,10 +1566,10 @@ def scale_budgets(args: Args) -> Args:
 
 def validate(args: Args) -> None:
     for flag in ("distill_steps", "distill_batch_size", "reevaluate_batch_size", "online_steps", "num_envs", "rollout_size",
-                 "minibatch_size", "eval_every", "eval_episodes", "log_every", "checkpoint_every"):
+                 "minibatch_size", "eval_every", "eval_episodes", "log_every"):
         if getattr(args, flag) <= 0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    for flag in ("update_epochs", "t_end", "stop_after", "threads"):
+    for flag in ("update_epochs", "t_end", "stop_after", "threads", "checkpoint_every"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if not (args.budget_scale > 0.0 and math.isfinite(args.budget_scale)):
@@ -1476,19 +1589,15 @@ def validate(args: Args) -> None:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.ent_coef < 0.0:
         fail(f"--ent-coef must be >= 0, got {args.ent_coef}")
-    if args.run_name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.run_name):
-        fail(f"--run-name {args.run_name!r} may hold only letters, digits, '_', '.', '-'")
+    # no leading dot: `..` would leave <run_dir>/o2o_ppo/<env>/, and a hidden folder hides the run
+    if args.run_name is not None and not re.fullmatch(RUN_NAME_RE, args.run_name):
+        fail(f"--run-name {args.run_name!r} may hold only letters, digits, '_', '.', '-' and may not start with '.'")
+    if args.dataset_id is not None and not DATASET_ID_RE.match(args.dataset_id):
+        fail(f"malformed dataset id {args.dataset_id!r}; Minari ids look like namespace/name-v0 (no part may start with '.')")
     if args.dataset_id is None:
         parse_env_name(args.env)  # unknown names exit 2 listing the known ones
     if args.family is not None:
         parse_family(args.family)
-
-
-# args that do not change what a resumed online run computed up to where it stopped (a longer --online-steps
-# resumes and stretches the remaining learning-rate decay over the new budget; --compile and --cudagraphs keep the
-# math, --bf16 does not and stays in the key; so does --eval-every: evaluations move pi_ref)
-BUDGET_ARGS = ("online_steps", "stop_after", "log_every", "checkpoint_every", "no_resume", "run_dir", "checkpoint", "device",
-               "compile", "cudagraphs", "threads")
 
 
 def main(args: Args) -> dict:
@@ -1499,9 +1608,13 @@ def main(args: Args) -> dict:
     accel = Accel(device, args.compile, args.cudagraphs, args.bf16)  # bad combinations fail before any loading
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    data = load_dataset(args.env, args.dataset_id, args.no_download)
     env_name = args.env if args.dataset_id is None else args.dataset_id
     env_key = args.env if args.dataset_id is None else args.dataset_id.replace("/", "_")
+    mode = mode_name(args)
+    run_name = args.run_name or f"{mode}_seed{args.seed}"
+    out = Path(args.run_dir) / "o2o_ppo" / env_key / run_name
+    check_output_dir(out, "--run-dir")  # before the dataset is loaded: a bad folder fails in seconds
+    data = load_dataset(args.env, args.dataset_id, args.no_download)
     if args.checkpoint is not None:
         ckpt_path = Path(args.checkpoint)
         if not ckpt_path.is_file():
@@ -1515,18 +1628,23 @@ def main(args: Args) -> dict:
     ckpt = load_checkpoint(ckpt_path, env_name=env_name, obs_dim=data["obs_dim"], act_dim=data["act_dim"])
     defaults = family_defaults(args)
     update_epochs, t_end, log_std_max = defaults["update_epochs"], defaults["t_end"], defaults["log_std_max"]
-    mode = mode_name(args)
-    run_name = args.run_name or f"{mode}_seed{args.seed}"
-    out = Path(args.run_dir) / "o2o_ppo" / env_key / run_name
     digest = file_digest(ckpt_path)
     args_dict = json.loads(json.dumps(asdict(args)))
     online_key = {"offline_checkpoint": digest, **{k: v for k, v in args_dict.items() if k not in BUDGET_ARGS}}
-    online = None
-    if not args.no_resume and (out / "online.pt").exists():
-        online = load_own(out / "online.pt")
-        if online["phase_key"] != online_key:
-            diff = sorted(k for k in set(online_key) | set(online["phase_key"]) if online_key.get(k) != online["phase_key"].get(k))
-            fail(f"{out} holds a run with other settings ({', '.join(diff)}); pass --no-resume to overwrite it or choose another --run-name")
+    # the run folder: a run of other settings is refused; an online.pt of the same settings is resumed
+    online = check_run_folder(out, online_key, args)
+    # the dataset's states on the device, then the rollout and the batches of every phase, before any phase runs
+    try:
+        obs_all_np = (data["observations"] - ckpt["obs_mean"].numpy()) / ckpt["obs_std"].numpy()
+        obs_all = torch.as_tensor(obs_all_np, device=device)
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        fail(f"the dataset's {len(data['rewards'])} transitions do not fit in the memory of {device}; use another --device or a smaller dataset")
+    row = 2 * data["obs_dim"] + data["act_dim"] + 8  # a rollout's transition: obs, successor, action, log-prob, values, rewards, ends
+    check_allocations([(args.rollout_size, row, f"a rollout of --rollout-size {args.rollout_size}", "lower it")]
+                      + [(getattr(args, f), row, f"a batch of --{f.replace('_', '-')} {getattr(args, f)}", "lower it")
+                         for f in ("minibatch_size", "distill_batch_size", "reevaluate_batch_size")], device)
 
     set_seed(args.seed)
     obs_mean_np, obs_std_np = ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy()  # the actor was trained on these
@@ -1557,7 +1675,15 @@ def main(args: Args) -> dict:
         ret = float(returns.mean())
         return ret, float(normalized_score(ret, data["ref_min_score"], data["ref_max_score"]))
 
-    out.mkdir(parents=True, exist_ok=True)
+    if args.overwrite:
+        clear_run_folder(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--run-dir: cannot create {out} ({e.strerror}); pass a folder you can write to")
+    if args.no_resume:  # a stale online state must not be resumed by a later run either
+        for name in ("online.pt", "final.pt", "results.json"):
+            (out / name).unlink(missing_ok=True)
     atomic_save(args_dict, out / "args.json")
     writer = SummaryWriter(str(out))
     writer.add_text("args", json.dumps(args_dict))
@@ -1567,7 +1693,6 @@ def main(args: Args) -> dict:
           f"PPO_FAMILY_DEFAULTS unless set by flags)")
     if args.budget_scale != 1.0:
         print(f"--budget-scale {args.budget_scale}: " + ", ".join(f"{k} {getattr(args, k)}" for k in BUDGET_STEPS))
-    obs_all = torch.as_tensor((data["observations"] - obs_mean_np) / obs_std_np, device=device)
     # diagnostics: V and the actor on DIAG_STATES dataset states drawn once from the run's seed (numpy's own generator:
     # the runs' random streams are untouched), V against the offline Monte-Carlo returns of those states
     probe_np = np.sort(np.random.default_rng(args.seed).choice(len(obs_all), min(DIAG_STATES, len(obs_all)), replace=False))
@@ -1613,11 +1738,10 @@ def main(args: Args) -> dict:
             t0 = time.time()
             key = {**base_key, **{k: args_dict[k] for k in ("distill_steps", "distill_batch_size", "distill_lr", "distill_log_std")}}
             path = out / "distilled.pt"
-            saved = load_own(path) if path.exists() and not args.no_resume else None
-            if saved is not None and saved["phase_key"] == key:
+            saved = load_phase(path, key, args.no_resume)
+            if saved is not None:
                 pi0 = actor_from_checkpoint(saved, device)
                 distill_info, ret, score = saved["distillation"], saved["eval_return"], saved["eval_normalized_score"]
-                print(f"reusing {path}")
             else:
                 torch.manual_seed(args.seed + 1)
                 pi0, distill_info = distill_actor(args, teacher, obs_all, writer, accel)
@@ -1638,11 +1762,10 @@ def main(args: Args) -> dict:
             key = {**base_key, "reward_scaling": reward_mode,
                    **{k: args_dict[k] for k in ("reevaluate_steps", "reevaluate_batch_size", "reevaluate_lr", "gamma")}}
             path = out / "reevaluated.pt"
-            saved = load_own(path) if path.exists() and not args.no_resume else None
-            if saved is not None and saved["phase_key"] == key:
+            saved = load_phase(path, key, args.no_resume)
+            if saved is not None:
                 vf.load_state_dict(saved["critics"]["vf"])
                 reeval_info = saved["reevaluation"]
-                print(f"reusing {path}")
             else:
                 # the offline rewards get the online handling (return-std: divided by the offline std, one constant)
                 offline_rewards = data["rewards"] * return_std.scale if return_std is not None else data["rewards"] * affine["scale"] + affine["shift"]

@@ -68,7 +68,12 @@ class Args:
     run_name: str | None = None
     """output sub-folder; default: <offline_algo>_<mode>_seed<k>"""
     no_resume: bool = False
-    """recompute every phase even when the run folder holds phase checkpoints of the same args"""
+    """recompute every phase even when the run folder holds phase checkpoints of the same args, and start the online
+    phase afresh instead of resuming an unfinished run's online.pt (a finished run of other settings still needs
+    --overwrite)"""
+    overwrite: bool = False
+    """start afresh in a run folder that holds a run of other settings: its checkpoints, results and tensorboard logs
+    are deleted first"""
     stop_after: int | None = None
     """stop (as if killed, without final outputs) after this many online env steps; for resume tests"""
     budget_scale: float = 1.0
@@ -130,7 +135,7 @@ class Args:
     """re-evaluation (FQE) gradient steps; with --reevaluate-tol > 0 the cap of a run that stops once Q has converged"""
     reevaluate_tau: float = 0.05
     """Polyak rate of the target critics during re-evaluation only (later phases use --tau). FQE's values approach
-    their limit at a pace set by tau: on hopper-medium 0.05 converges in ~8k steps, the paper's 0.005 is still 19%
+    their limit at a pace set by tau: on hopper-medium 0.05 converges in ~8k steps, the paper's 0.005 is still 17%
     short after 23k (it has 500k steps); --reevaluate-tau 0.005 --reevaluate-tol 0 is the paper's re-evaluation"""
     reevaluate_tol: float = 0.01
     """stop re-evaluation once the gap to Q's limit, extrapolated from the mean target-critic value on fixed dataset
@@ -138,10 +143,13 @@ class Args:
     run --reevaluate-steps, the paper)"""
     align_steps: int = 500_000
     """value-alignment gradient steps"""
-    align_actor: Literal["train", "frozen"] = "train"
+    align_actor: Literal["train", "frozen"] = "frozen"
     """train: the actor keeps training during alignment with the SAC loss (the paper); frozen: the actor stays pi0
     during alignment, only the critics align, and online fine-tuning starts from pi0 with the aligned critics (its
-    Adam then has no state yet when carried into online)"""
+    Adam then has no state yet when carried into online). Default frozen: with the
+    alignment budgets of a single machine the actor's updates during alignment cost score before the critic is
+    aligned (local hopper-medium, TD3+BC checkpoint 44.1, seed 0: after alignment 36.9 trained, 46.3 frozen; see the
+    README's "No drop at the switch"); --align-actor train is the paper's schedule"""
     batch_size: int = 256
     """batch size of every phase"""
     gamma: float = 0.99
@@ -188,8 +196,9 @@ class Args:
     align/normalized_score). Default: align_steps // 10 (at least 1); 0 = never"""
     log_every: int = 1_000
     """log losses every this many steps (gradient steps offline, env steps online)"""
-    checkpoint_every: int = 5_000
-    """write online.pt at the first episode end after this many env steps since the last one"""
+    checkpoint_every: int | None = None
+    """write online.pt at the first episode end after this many env steps since the last one. Default: 5000 (times
+    --budget-scale), at most a tenth of --online-steps, so a short run's online phase survives a kill too"""
 
     # --- performance ---
     device: str = "auto"
@@ -965,10 +974,12 @@ FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
 ACTOR_HIDDEN = (256, 256, 256)
 CRITIC_HIDDEN = (256, 256, 256)
 DISTILL_LR = 3e-4
+CHECKPOINT_EVERY = 5_000  # the longest default interval of online.pt (env steps, before --budget-scale)
+RUN_NAME_RE = r"[A-Za-z0-9_-][A-Za-z0-9_.-]*"
 # args that never change what a phase computes (excluded when deciding whether a saved phase can be reused); the
 # speed flags compute the same math, so a run may be resumed with or without them
-NOT_STATE = {"no_resume", "stop_after", "log_every", "online_steps", "device", "threads", "run_dir", "run_name", "checkpoint_every",
-             "compile", "cudagraphs", "bf16", "budget_scale"}  # the phase keys hold the scaled values themselves
+NOT_STATE = {"no_resume", "overwrite", "stop_after", "log_every", "online_steps", "device", "threads", "run_dir", "run_name",
+             "checkpoint_every", "compile", "cudagraphs", "bf16", "budget_scale"}  # the phase keys hold the scaled values themselves
 ONLINE_ONLY = {"no_constraint", "reference", "reference_interval", "buffer_mode", "part_trajectories", "eps0", "eps_end", "utd",
                "learning_starts", "pre_sample_steps", "alpha_lr", "lambda_init", "lambda_lr", "kl_horizon", "kl_floor", "eval_every",
                "actor_grad_clip", "early_evals"}
@@ -1340,15 +1351,106 @@ def load_phase(path: Path, key: dict, no_resume: bool) -> dict | None:
     """A saved phase checkpoint written with the same phase key, else None (then the phase is recomputed)."""
     if no_resume or not path.is_file():
         return None
+    saved = read_saved(path)
+    if saved is None:
+        print(f"NOTICE: {path} is unreadable; recomputing phase {path.stem}")
+        return None
+    if key_diff(saved_key(saved), key):
+        print(f"NOTICE: {path} was made with other arguments; recomputing phase {path.stem}")
+        return None
+    return saved
+
+
+# ---------------------------------------------------------------- the run folder (the same rules in o2o_sac.py, o2o_td3.py, o2o_ppo.py)
+# A run folder is never taken over silently; what it holds is checked before anything is computed or written. A
+# finished run (final.pt) of other settings is refused unless --overwrite; an unfinished one (online.pt) of other
+# settings is refused unless --no-resume (its online phase starts afresh) or --overwrite; a run of the same settings
+# resumes (a finished one: extended to a larger --online-steps); a saved phase of other settings is recomputed with a
+# notice. The settings are the online key: every argument that changes what the run computes, and the offline
+# checkpoint's content.
+RUN_OUTPUTS = ("args.json", "results.json", "final.pt", "online.pt", "reevaluated.pt", "aligned.pt")
+KEY_WORDS = {"offline_checkpoint": "another offline checkpoint (its content differs)", "phase_format": "an older format of the saved phases"}
+KEY_IGNORED = NOT_STATE  # left out of the online key (an older run's key may still hold some of them)
+
+
+def saved_key(saved: dict | None) -> dict | None:
+    """The settings key a phase, online or final checkpoint of this script was written with (None: not recorded)."""
+    key = saved.get("o2o", {}).get("key") if isinstance(saved, dict) and isinstance(saved.get("o2o"), dict) else None
+    return key if isinstance(key, dict) else None
+
+
+def key_diff(saved: dict | None, now: dict, ignore: Sequence[str] = ()) -> list[str]:
+    """`--flag saved (now given)` for every argument of the key `now` that differs from an earlier run's, a few words
+    for its other entries (KEY_WORDS); empty when they agree. Entries named in `ignore` do not count."""
+    if saved is None:
+        return ["settings not recorded"]
+    same = lambda v: json.dumps(v, sort_keys=True, default=str)  # noqa: E731  (a tuple and its list agree)
+    return [KEY_WORDS.get(k) or f"--{k.replace('_', '-')} {saved.get(k)} (now {now.get(k)})"
+            for k in sorted((set(saved) | set(now)) - set(ignore)) if same(saved.get(k)) != same(now.get(k))]
+
+
+def read_saved(path: Path) -> dict | None:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        print(f"ignoring unreadable {path}; recomputing that phase")
         return None
-    if not isinstance(saved, dict) or json.dumps(saved.get("o2o", {}).get("key"), sort_keys=True, default=str) != json.dumps(key, sort_keys=True, default=str):
-        print(f"{path.name} was written with other args; recomputing that phase")
+    return saved if isinstance(saved, dict) else None
+
+
+def check_run_folder(out: Path, key: dict, args: Args) -> dict | None:
+    """The rules above for the run folder `out` and this run's online key: exit 2 naming the flag, else the online.pt
+    to resume (None: the online phase starts afresh)."""
+    if args.overwrite:
+        return None  # the folder's outputs are deleted before anything is written
+    other = "choose another --run-name"
+    online_path, online = out / "online.pt", None
+    if (out / "final.pt").exists():
+        saved = saved_key(read_saved(out / "final.pt"))
+        if saved is None and online_path.exists():  # a final.pt without its key: the online.pt written with it
+            online = read_saved(online_path)
+            saved = saved_key(online)
+        if saved is None:
+            fail(f"{out} holds a finished run whose settings cannot be read from its final.pt; pass --overwrite to replace it or {other}")
+        diff = key_diff(saved, key, KEY_IGNORED)
+        if diff:
+            fail(f"{out} holds a finished run with other settings ({', '.join(diff)}); pass --overwrite to replace it or {other}")
+    if args.no_resume or not online_path.exists():
         return None
-    return saved
+    online = online or read_saved(online_path)
+    if saved_key(online) is None:
+        fail(f"{online_path} cannot be read (damaged, or not written by this script); pass --no-resume to start the online phase "
+             f"afresh or {other}")
+    diff = key_diff(saved_key(online), key, KEY_IGNORED)
+    if diff:
+        fail(f"{out} holds an unfinished run with other settings ({', '.join(diff)}); pass --no-resume to start it afresh or {other}")
+    return online
+
+
+def clear_run_folder(out: Path) -> None:
+    """--overwrite: an earlier run's outputs leave the folder before anything new is written, its tensorboard events too
+    (the logs of two runs never mix)."""
+    for p in [*(out / n for n in RUN_OUTPUTS), *out.glob("events.out.tfevents.*")]:
+        try:
+            p.unlink(missing_ok=True)
+        except OSError as e:
+            fail(f"--overwrite: cannot delete {p} ({e.strerror}); delete it yourself or choose another --run-name")
+
+
+def check_allocations(buffers: Sequence[tuple[int, int, str, str]], device: torch.device) -> None:
+    """Every (rows, columns, what, fix) float32 buffer of the run allocated uninitialised, all held together, then freed,
+    before any phase runs: a step count or batch size no memory can hold stops here at once with the flag to lower, not
+    with a traceback after the offline phases. (A size that passes can still run short later, next to everything else.)"""
+    held = []
+    for rows, cols, what, fix in buffers:
+        try:
+            if rows * cols >= 2**62:  # more elements than torch can index
+                raise MemoryError
+            held.append(torch.empty(rows, cols, device=device))
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            fail(f"{what} cannot be allocated on {device}; {fix}")
+    del held
 
 
 def offline_trajectory_indices(data: dict, top_k: int) -> np.ndarray:
@@ -1389,15 +1491,14 @@ def validate(args: Args) -> None:
         fail(f"--budget-scale must be a positive number, got {args.budget_scale}")
     if args.early_evals < 0 or (args.align_eval_every is not None and args.align_eval_every < 0):
         fail("--early-evals and --align-eval-every must be >= 0 (0 = none)")
-    positive = ["distill_steps", "online_steps", "utd", "batch_size", "eval_every", "eval_episodes", "log_every", "checkpoint_every",
+    positive = ["distill_steps", "online_steps", "utd", "batch_size", "eval_every", "eval_episodes", "log_every",
                 "reference_interval", "part_trajectories", "kl_horizon"]
     if args.critic_init != "scratch":
         if not args.no_reevaluate:
             positive.append("reevaluate_steps")
         if not args.no_align:
             positive.append("align_steps")
-    if args.threads is not None:
-        positive.append("threads")
+    positive += [flag for flag in ("threads", "checkpoint_every") if getattr(args, flag) is not None]
     for flag in positive:
         if getattr(args, flag) <= 0:
             hint = {"reevaluate_steps": " (or pass --no-reevaluate)", "align_steps": " (or pass --no-align)"}.get(flag, "")
@@ -1426,6 +1527,11 @@ def validate(args: Args) -> None:
         fail(f"--actor-grad-clip must be >= 0 (0 never clips), got {args.actor_grad_clip}")
     if args.eps0 is not None and args.eps_end is not None and args.eps_end < args.eps0:
         fail(f"--eps-end {args.eps_end} < --eps0 {args.eps0}: the KL threshold must loosen; swap them")
+    # no leading dot: `..` would leave <run_dir>/o2o_sac/<env>/, and a hidden folder hides the run
+    if args.run_name is not None and not re.fullmatch(RUN_NAME_RE, args.run_name):
+        fail(f"--run-name {args.run_name!r} may hold only letters, digits, '_', '.', '-' and may not start with '.'")
+    if args.dataset_id is not None and not DATASET_ID_RE.match(args.dataset_id):
+        fail(f"malformed dataset id {args.dataset_id!r}; Minari ids look like namespace/name-v0 (no part may start with '.')")
 
 
 # the step counts --budget-scale multiplies (every budget and every schedule tied to one)
@@ -1437,7 +1543,8 @@ def resolve_budgets(args: Args) -> Args:
     """The effective args of a run (Args itself is never mutated): every step count in BUDGET_FIELDS given or defaulted
     times --budget-scale F, rounded to an integer >= 1 (0 and None stay as they are), the Lagrange multiplier's learning
     rate divided by F (Adam moves log lambda by about lr per step, so lr / F over F times the steps reaches as far as
-    the paper's protocol), and the default --align-eval-every (align_steps // 10, at least 1) of the scaled budget."""
+    the paper's protocol), the default --align-eval-every (align_steps // 10, at least 1) of the scaled budget, and the
+    default --checkpoint-every (CHECKPOINT_EVERY scaled, at most online_steps // 10, at least 1)."""
     f = args.budget_scale
 
     def scaled(v: int | None) -> int | None:
@@ -1446,6 +1553,8 @@ def resolve_budgets(args: Args) -> Args:
     eff = dataclasses.replace(args, **{k: scaled(getattr(args, k)) for k in BUDGET_FIELDS}, lambda_lr=args.lambda_lr / f)
     if eff.align_eval_every is None:
         eff = dataclasses.replace(eff, align_eval_every=max(1, eff.align_steps // 10))
+    if eff.checkpoint_every is None:  # at most a tenth of the online phase: a killed short run keeps most of it
+        eff = dataclasses.replace(eff, checkpoint_every=min(scaled(CHECKPOINT_EVERY), max(1, eff.online_steps // 10)))
     note = f" after --budget-scale {f:g}" if f != 1.0 else ""
     if eff.learning_starts >= eff.online_steps:
         fail(f"--learning-starts {eff.learning_starts} >= --online-steps {eff.online_steps}{note}: no update would ever run; lower it")
@@ -1497,11 +1606,15 @@ def main(args: Args) -> dict:
     scratch = args.critic_init == "scratch"
     reevaluate, align, constrain = not (args.no_reevaluate or scratch), not (args.no_align or scratch), not (args.no_constraint or scratch)
     buffer_mode = args.buffer_mode or ("none" if scratch else "half")
+    env_key = args.env if args.dataset_id is None else args.dataset_id.replace("/", "_")
+    out = Path(args.run_dir) / "o2o_sac" / env_key / (args.run_name or default_run_name(args, buffer_mode))
+    check_output_dir(out, "--run-dir")  # before the dataset is loaded: a bad folder fails in seconds
     data = load_dataset(args.env, args.dataset_id, args.no_download)
     ckpt_path = resolve_checkpoint(args)
     ckpt = load_checkpoint(ckpt_path, env_name=args.env if args.dataset_id is None else args.dataset_id, obs_dim=data["obs_dim"], act_dim=data["act_dim"])
-    env_key = args.env if args.dataset_id is None else args.dataset_id.replace("/", "_")
-    out = Path(args.run_dir) / "o2o_sac" / env_key / (args.run_name or default_run_name(args, buffer_mode))
+    # ---- the run folder: a run of other settings is refused; an online.pt of the same args skips every offline phase
+    online_key = phase_key(args, "online", ckpt_path, ckpt)
+    online_state = check_run_folder(out, online_key, args)
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -1516,7 +1629,35 @@ def main(args: Args) -> dict:
     ckpt_qf_target = ((ckpt.get("train_state") or {}).get("modules") or {}).get("qf_target") if keep_critic else None
     # where the online phase's target critics come from (the official code copies Q -> Qbar only after alignment)
     targets_from = "aligned_critics" if align else "reevaluation" if reevaluate else "checkpoint" if ckpt_qf_target is not None else "critics_copy"
-    rb_off = ReplayBuffer.from_dataset(data, obs_mean, obs_std, device, reward_transform["scale"], reward_transform["shift"])
+    if keep_critic:
+        cc = ckpt["critic_config"] or {}
+        critic_config = {"hidden": list(cc.get("hidden", CRITIC_HIDDEN)), "layer_norm": bool(cc.get("layer_norm", False)), "from": "checkpoint"}
+        try:  # a damaged critic stops here, before any phase, rather than with a traceback where the phase loads it
+            trial = Critic(obs_dim, act_dim, critic_config["hidden"], n=2, layer_norm=critic_config["layer_norm"])
+            for sd in (ckpt["critics"]["qf"], ckpt_qf_target):
+                if sd is not None:
+                    trial.load_state_dict(sd)
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:
+            reason = " ".join(str(e).split())[:300] or type(e).__name__  # load_state_dict's message spans lines
+            fail(f"checkpoint {ckpt_path}: its critic weights do not match its critic_config ({reason}); the file is damaged or was "
+                 f"edited; retrain it with offline_pretrain.py or pass another checkpoint")
+    else:
+        critic_config = {"hidden": list(CRITIC_HIDDEN), "layer_norm": True, "from": "new"}
+    try:
+        rb_off = ReplayBuffer.from_dataset(data, obs_mean, obs_std, device, reward_transform["scale"], reward_transform["shift"])
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        fail(f"the dataset's {len(data['rewards'])} transitions do not fit in the memory of {device}; use another --device or a smaller dataset")
+    # the online replay (with --buffer-mode all / part, the offline part first) and a batch, before any phase runs
+    n_pre = {"all": len(data["rewards"]), "part": len(offline_trajectory_indices(data, args.part_trajectories))}.get(buffer_mode, 0)
+    capacity = n_pre + max(args.online_steps, online_state["o2o"]["run"]["t"] if online_state is not None else 0)
+    row = 2 * obs_dim + act_dim + 2  # obs, action, reward, next obs, terminal
+    check_allocations([
+        (capacity, row, f"--online-steps {args.online_steps}: a replay buffer of {capacity} transitions"
+         + (f" ({n_pre} of them offline data, --buffer-mode {buffer_mode})" if n_pre else ""),
+         "lower --online-steps" + (" or use --buffer-mode half" if n_pre else "")),
+        (args.batch_size, row, f"a batch of --batch-size {args.batch_size}", "lower it")], device)
     evaluator = Evaluator(data["env_spec"], args.eval_episodes, args.seed + 100, obs_mean, obs_std, device)
     ref_min, ref_max = data["ref_min_score"], data["ref_max_score"]
 
@@ -1534,7 +1675,15 @@ def main(args: Args) -> dict:
         for k, v in diag[boundary].items():
             writer.add_scalar(f"diagnostics/{k}", v, BOUNDARIES.index(boundary))
 
-    out.mkdir(parents=True, exist_ok=True)
+    if args.overwrite:
+        clear_run_folder(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--run-dir: cannot create {out} ({e.strerror}); pass a folder you can write to")
+    if args.no_resume:  # a stale online state must not be resumed by a later run either
+        for name in ("online.pt", "final.pt", "results.json"):
+            (out / name).unlink(missing_ok=True)
     atomic_save(asdict(given), out / "args.json")
     writer = SummaryWriter(str(out))
     writer.add_text("args", json.dumps(asdict(given)))
@@ -1543,20 +1692,11 @@ def main(args: Args) -> dict:
     reeval_tau = args.reevaluate_tau
     wall: dict[str, float] = {}
     reused: list[str] = []
-    if keep_critic:
-        cc = ckpt["critic_config"] or {}
-        critic_config = {"hidden": list(cc.get("hidden", CRITIC_HIDDEN)), "layer_norm": bool(cc.get("layer_norm", False)), "from": "checkpoint"}
-    else:
-        critic_config = {"hidden": list(CRITIC_HIDDEN), "layer_norm": True, "from": "new"}
 
     def build_qf() -> Critic:
         if critic_config["from"] == "checkpoint":
             return Critic(obs_dim, act_dim, critic_config["hidden"], n=2, layer_norm=critic_config["layer_norm"]).to(device)
         return make_critic(obs_dim, act_dim).to(device)
-
-    # ---- online resume: a periodic online.pt of the same args skips every offline phase
-    online_key = phase_key(args, "online", ckpt_path, ckpt)
-    online_state = load_phase(out / "online.pt", online_key, args.no_resume)
 
     # a tanh-Gaussian offline actor is copied exactly (its own widths); other families are distilled into 3 x 256
     actor_hidden = list(ckpt["actor_config"]["hidden"]) if ckpt["actor_family"] == "tanh_gaussian" else list(ACTOR_HIDDEN)
@@ -1667,7 +1807,7 @@ def main(args: Args) -> dict:
                 reeval_info = {"steps": steps_done, "cap": args.reevaluate_steps, "tau": reeval_tau, "tol": args.reevaluate_tol,
                                "converged": converged,
                                "check_every": REEVAL_CHECK_EVERY, "q_probe": probe}
-                tqdm.write(f"re-evaluation: {steps_done} steps, Q on the probe {probe[-1] if probe else float('nan'):.1f}"
+                tqdm.write(f"re-evaluation: {steps_done} steps" + (f", Q on the probe {probe[-1]:.1f}" if probe else "")
                            + (" (converged)" if reeval_info["converged"] else ""))
                 base_o2o["reevaluation"] = reeval_info
                 diagnose(diag, "reevaluated", actor, pi0, qf)
@@ -1906,8 +2046,9 @@ def main(args: Args) -> dict:
     if ckpt_t != run["t"] or not (out / "online.pt").exists():
         save_online(None)  # mid-episode end: a longer rerun continues from here with a fresh episode
     atomic_save(make_phase_checkpoint(args, ckpt, data, actor, qf, qf_target, run["t"], score,
-                                      {"pi0": state_dict_cpu(pi0), "pi_ref": pi_ref_sd, "log_alpha": log_alpha.item(), "log_lam": log_lam.item(),
-                                       "critic_config": critic_config, "reward_transform": reward_transform, "curve": run["curve"]}), out / "final.pt")
+                                      {"key": online_key, "pi0": state_dict_cpu(pi0), "pi_ref": pi_ref_sd, "log_alpha": log_alpha.item(),
+                                       "log_lam": log_lam.item(), "critic_config": critic_config, "reward_transform": reward_transform,
+                                       "curve": run["curve"]}), out / "final.pt")
     res = results(True)
     res["run_dir"] = str(out)
     atomic_save(res, out / "results.json")

@@ -72,7 +72,12 @@ class Args:
     run_name: str | None = None
     """output folder name; default <mode>__<offline_algo>__seed<k>"""
     no_resume: bool = False
-    """ignore phase checkpoints and online.pt of an earlier run with the same run name"""
+    """recompute every phase even when the run folder holds phase checkpoints of the same args, and start the online
+    phase afresh instead of resuming an unfinished run's online.pt (a finished run of other settings still needs
+    --overwrite)"""
+    overwrite: bool = False
+    """start afresh in a run folder that holds a run of other settings: its checkpoints, results and tensorboard logs
+    are deleted first"""
     stop_after: int | None = None
     """stop the online phase after this many env steps, as if killed (the last online.pt stays for a resume)"""
     device: str = "auto"
@@ -142,10 +147,13 @@ class Args:
     """beta of the distance-shrunk targets"""
     align_max_distance: float = 0.2
     """cap of the normalised action distance delta"""
-    align_actor: Literal["train", "frozen"] = "train"
+    align_actor: Literal["train", "frozen"] = "frozen"
     """train: the actor takes its DPG step -mean Q1(s, pi(s)) every alignment iteration (the paper); frozen: the actor
     stays pi0 during alignment, only the critic aligns, and fine-tuning starts from pi0 with the aligned critic (the
-    actor's Adam then has no state yet when carried into the online phase)"""
+    actor's Adam then has no state yet when carried into the online phase). Default frozen: with the
+    alignment budgets of a single machine the actor's updates during alignment cost score before the critic is
+    aligned (O2SAC on local hopper-medium, TD3+BC checkpoint 44.1, seed 0: after alignment 36.9 trained, 46.3 frozen; see the
+    README's "No drop at the switch"); --align-actor train is the paper's schedule"""
 
     # --- online fine-tuning (section 2c) ---
     online_steps: int | None = None
@@ -221,8 +229,10 @@ class Args:
     step, align/normalized_score). Default: align_steps // 10 (at least 1); 0 = never"""
     log_every: int = 1_000
     """write losses to tensorboard every this many steps"""
-    checkpoint_every: int = 10_000
-    """write online.pt every this many env steps (a multiple of --eval-every)"""
+    checkpoint_every: int | None = None
+    """write online.pt every this many env steps (any interval; a resumed run continues from the step it holds).
+    Default: 10000 (times --budget-scale), at most a tenth of --online-steps, so a short run's online phase survives a
+    kill too"""
 
     # --- speed (same math; eager is the reference) ---
     compile: bool = False
@@ -991,6 +1001,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
 }
 # Online budget per mode (env steps): OCR-CFT fine-tunes for 100k steps, OPT for 300k (collection included).
 ONLINE_STEPS = {"o2td3": 100_000, "opt": 300_000}
+CHECKPOINT_EVERY = 10_000  # the longest default interval of online.pt (env steps, before --budget-scale)
 ACTOR_HIDDEN = (256, 256)  # online deterministic actor (distillation target)
 CRITIC_HIDDEN = (256, 256)  # new online critics: 2 x [Linear 256 -> LayerNorm -> ReLU]
 
@@ -1025,7 +1036,8 @@ def scale_steps(n: int, factor: float) -> int:
 
 def with_budget_scale(args: Args) -> Args:
     """A copy of args (after with_mode_defaults) with every step count of BUDGET_FIELDS multiplied by --budget-scale F,
-    the Lagrange learning rate divided by F, and --align-eval-every resolved (default align_steps // 10, at least 1).
+    the Lagrange learning rate divided by F, and --align-eval-every resolved (default align_steps // 10, at least 1), as
+    --checkpoint-every (default CHECKPOINT_EVERY scaled, at most online_steps // 10, at least 1).
     Adam moves log lambda by about lr per step: lr / F over F times the steps keeps the multiplier's reach."""
     f = args.budget_scale
     if not (math.isfinite(f) and f > 0):
@@ -1034,7 +1046,9 @@ def with_budget_scale(args: Args) -> Args:
     if f != 1.0:
         changes = {k: scale_steps(getattr(args, k), f) for k in BUDGET_FIELDS
                    if getattr(args, k) is not None and getattr(args, k) >= 0}  # negatives are left for validate to reject
-        if args.eval_every > 0 and args.checkpoint_every % args.eval_every == 0:  # stays a multiple of --eval-every
+        if args.checkpoint_every is None:
+            pass  # the default below, of the scaled budget
+        elif args.eval_every > 0 and args.checkpoint_every % args.eval_every == 0:  # a multiple of --eval-every stays one
             changes["checkpoint_every"] = changes["eval_every"] * (args.checkpoint_every // args.eval_every)
         else:
             changes["checkpoint_every"] = scale_steps(args.checkpoint_every, f) if args.checkpoint_every >= 0 else args.checkpoint_every
@@ -1042,6 +1056,8 @@ def with_budget_scale(args: Args) -> Args:
     scaled = dataclasses.replace(args, **changes)
     if scaled.align_eval_every is None:
         scaled = dataclasses.replace(scaled, align_eval_every=max(1, scaled.align_steps // 10))
+    if scaled.checkpoint_every is None and scaled.online_steps is not None:  # a killed short run keeps most of its online phase
+        scaled = dataclasses.replace(scaled, checkpoint_every=min(scale_steps(CHECKPOINT_EVERY, f), max(1, scaled.online_steps // 10)))
     return scaled
 
 
@@ -1078,8 +1094,10 @@ def critic_from_checkpoint(ckpt: dict) -> Critic | None:
     qf = Critic(ckpt["obs_dim"], ckpt["act_dim"], cfg["hidden"], n=2, layer_norm=bool(cfg.get("layer_norm", False)))
     try:
         qf.load_state_dict(critics["qf"])
-    except RuntimeError as e:
-        fail(f"the critic in the checkpoint does not match its critic_config ({str(e).splitlines()[0]}); pass another checkpoint")
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        reason = " ".join(str(e).split())[:300] or type(e).__name__  # load_state_dict's message spans lines
+        fail(f"the checkpoint's critic weights do not match its critic_config ({reason}); the file is damaged or was edited; "
+             f"retrain it with offline_pretrain.py or pass another checkpoint")
     return qf
 
 
@@ -1268,6 +1286,13 @@ class Agent:
                 self.log_lam.copy_(state["log_lam"])
 
 
+def top_trajectories(data: dict, k: int) -> np.ndarray:
+    """Indices of the transitions of the k highest-return offline episodes (--buffer-mode part)."""
+    episode = np.concatenate([[0], np.cumsum(data["ends"])[:-1]]).astype(np.int64)  # episode index of each transition
+    top = np.argsort(-data["episode_returns"], kind="stable")[:k]
+    return np.flatnonzero(np.isin(episode, top))
+
+
 class OnlineReplay:
     """The online buffer plus the offline data, sampled per --buffer-mode (or by density ratio for balanced replay).
 
@@ -1285,9 +1310,7 @@ class OnlineReplay:
         if self.mode == "all":
             prefill = {k: v[: offline.size] for k, v in offline.data.items()}
         elif self.mode == "part":
-            episode = np.concatenate([[0], np.cumsum(data["ends"])[:-1]]).astype(np.int64)  # episode index of each transition
-            top = np.argsort(-data["episode_returns"], kind="stable")[:part_trajectories]
-            idx = torch.as_tensor(np.flatnonzero(np.isin(episode, top)), device=device)
+            idx = torch.as_tensor(top_trajectories(data, part_trajectories), device=device)
             prefill = {k: v[idx] for k, v in offline.data.items()}
         self.prefill = len(prefill["rewards"]) if prefill else 0
         self.online = ReplayBuffer(data["obs_dim"], data["act_dim"], self.prefill + capacity, device)
@@ -1603,9 +1626,10 @@ PHASE_FIELDS: dict[str, tuple[str, ...]] = {
     "opt_pretrained": ("opt", "gamma", "tau", "critic_lr", "policy_noise", "noise_clip", "opt_collect_steps", "opt_pretrain_steps",
                        "opt_inner_lr", "explore_noise", "eval_every", "buffer_mode", "part_trajectories", "opt_balanced_replay"),
 }
-# fields a resumed online phase may change: the budget, when to stop, logging and checkpoint cadence, the speed flags
-RESUMABLE_CHANGES = ("online_steps", "stop_after", "no_resume", "log_every", "checkpoint_every", "align_eval_every",
-                     "compile", "cudagraphs", "bf16", "threads")
+# fields a resumed online phase may change: the budget, when to stop, logging and checkpoint cadence, the speed flags,
+# where the outputs go
+RESUMABLE_CHANGES = ("online_steps", "stop_after", "no_resume", "overwrite", "log_every", "checkpoint_every", "align_eval_every",
+                     "compile", "cudagraphs", "bf16", "threads", "run_dir", "run_name")
 
 
 def phase_key(args: Args, phase: str, source: str, rewards: dict) -> dict:
@@ -1620,6 +1644,98 @@ def phase_key(args: Args, phase: str, source: str, rewards: dict) -> dict:
 
 def online_key(args: Args, source: str, rewards: dict) -> dict:
     return {"source": source, "rewards": rewards, **{k: v for k, v in asdict(args).items() if k not in RESUMABLE_CHANGES}}
+
+
+# ---------------------------------------------------------------- the run folder (the same rules in o2o_sac.py, o2o_td3.py, o2o_ppo.py)
+# A run folder is never taken over silently; what it holds is checked before anything is computed or written. A
+# finished run (final.pt) of other settings is refused unless --overwrite; an unfinished one (online.pt) of other
+# settings is refused unless --no-resume (its online phase starts afresh) or --overwrite; a run of the same settings
+# resumes (a finished one: extended to a larger --online-steps); a saved phase of other settings is recomputed with a
+# notice. The settings are the online key: every argument that changes what the run computes, and the offline
+# checkpoint's content.
+RUN_OUTPUTS = ("args.json", "results.json", "final.pt", "online.pt", "distilled.pt", "reevaluated.pt", "aligned.pt", "opt_pretrained.pt")
+KEY_WORDS = {"source": "another offline checkpoint (its content differs)", "rewards": "the reward handling of the critics"}
+KEY_IGNORED = RESUMABLE_CHANGES  # left out of the online key (an older run's key may still hold some of them)
+
+
+def saved_key(saved: dict | None) -> dict | None:
+    """The settings key a phase, online or final checkpoint of this script was written with (None: not recorded)."""
+    key = saved.get("phase_key") if isinstance(saved, dict) else None
+    return key if isinstance(key, dict) else None
+
+
+def key_diff(saved: dict | None, now: dict, ignore: Sequence[str] = ()) -> list[str]:
+    """`--flag saved (now given)` for every argument of the key `now` that differs from an earlier run's, a few words
+    for its other entries (KEY_WORDS); empty when they agree. Entries named in `ignore` do not count."""
+    if saved is None:
+        return ["settings not recorded"]
+    same = lambda v: json.dumps(v, sort_keys=True, default=str)  # noqa: E731  (a tuple and its list agree)
+    return [KEY_WORDS.get(k) or f"--{k.replace('_', '-')} {saved.get(k)} (now {now.get(k)})"
+            for k in sorted((set(saved) | set(now)) - set(ignore)) if same(saved.get(k)) != same(now.get(k))]
+
+
+def read_saved(path: Path) -> dict | None:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def check_run_folder(out: Path, key: dict, args: Args) -> dict | None:
+    """The rules above for the run folder `out` and this run's online key: exit 2 naming the flag, else the online.pt
+    to resume (None: the online phase starts afresh)."""
+    if args.overwrite:
+        return None  # the folder's outputs are deleted before anything is written
+    other = "choose another --run-name"
+    online_path, online = out / "online.pt", None
+    if (out / "final.pt").exists():
+        saved = saved_key(read_saved(out / "final.pt"))
+        if saved is None and online_path.exists():  # a final.pt without its key: the online.pt written with it
+            online = read_saved(online_path)
+            saved = saved_key(online)
+        if saved is None:
+            fail(f"{out} holds a finished run whose settings cannot be read from its final.pt; pass --overwrite to replace it or {other}")
+        diff = key_diff(saved, key, KEY_IGNORED)
+        if diff:
+            fail(f"{out} holds a finished run with other settings ({', '.join(diff)}); pass --overwrite to replace it or {other}")
+    if args.no_resume or not online_path.exists():
+        return None
+    online = online or read_saved(online_path)
+    if saved_key(online) is None:
+        fail(f"{online_path} cannot be read (damaged, or not written by this script); pass --no-resume to start the online phase "
+             f"afresh or {other}")
+    diff = key_diff(saved_key(online), key, KEY_IGNORED)
+    if diff:
+        fail(f"{out} holds an unfinished run with other settings ({', '.join(diff)}); pass --no-resume to start it afresh or {other}")
+    return online
+
+
+def clear_run_folder(out: Path) -> None:
+    """--overwrite: an earlier run's outputs leave the folder before anything new is written, its tensorboard events too
+    (the logs of two runs never mix)."""
+    for p in [*(out / n for n in RUN_OUTPUTS), *out.glob("events.out.tfevents.*")]:
+        try:
+            p.unlink(missing_ok=True)
+        except OSError as e:
+            fail(f"--overwrite: cannot delete {p} ({e.strerror}); delete it yourself or choose another --run-name")
+
+
+def check_allocations(buffers: Sequence[tuple[int, int, str, str]], device: torch.device) -> None:
+    """Every (rows, columns, what, fix) float32 buffer of the run allocated uninitialised, all held together, then freed,
+    before any phase runs: a step count or batch size no memory can hold stops here at once with the flag to lower, not
+    with a traceback after the offline phases. (A size that passes can still run short later, next to everything else.)"""
+    held = []
+    for rows, cols, what, fix in buffers:
+        try:
+            if rows * cols >= 2**62:  # more elements than torch can index
+                raise MemoryError
+            held.append(torch.empty(rows, cols, device=device))
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            fail(f"{what} cannot be allocated on {device}; {fix}")
+    del held
 
 
 def rng_state() -> dict:
@@ -1654,6 +1770,7 @@ class Run:
         self.diag_obs: Tensor | None = None  # the fixed dataset states (and their actions) every diagnostic reads
         self.diag_actions: Tensor | None = None
         self.reevaluation: dict | None = None  # how re-evaluation ended (run_reevaluation); None when it is skipped
+        self.online_state: dict | None = None  # the online.pt to resume (check_run_folder); None: the online phase starts afresh
 
     def evaluate(self, actor: nn.Module) -> tuple[float, float]:
         was_training = actor.training
@@ -1699,9 +1816,8 @@ class Run:
         path = self.phase_path(name)
         if self.args.no_resume or not path.exists():
             return None
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
+        saved = read_saved(path)
+        if saved is None:
             print(f"NOTICE: {path} is unreadable; recomputing phase {name}")
             return None
         if saved.get("phase_key") != key:
@@ -1949,13 +2065,13 @@ def online_loop(run: Run, ag: Agent, replay: OnlineReplay, runner: EnvRunner, st
 
 
 def resume_online(run: Run, ag: Agent, replay: OnlineReplay, st: dict) -> bool:
-    """Continue a killed run from online.pt (same arguments up to RESUMABLE_CHANGES); a fresh training episode starts."""
-    saved = run.reuse("online", st["key"])
+    """Continue a killed run from online.pt (same arguments up to RESUMABLE_CHANGES, checked by check_run_folder before
+    any phase ran); a fresh training episode starts."""
+    saved = run.online_state
     if saved is None:
         return False
+    print(f"reusing {run.phase_path('online')} (pass --no-resume to recompute)")
     ts = saved["train_state"]
-    if ts["loop"]["global_step"] > run.args.online_steps:
-        fail(f"{run.phase_path('online')} is at env step {ts['loop']['global_step']} > --online-steps {run.args.online_steps}; raise it or pass --no-resume")
     ag.load(ts, run.accel)
     replay.load(ts["replay"])
     st.update(ts["loop"])
@@ -2086,8 +2202,9 @@ def summarize(run: Run, args: Args) -> dict:
 def validate(args: Args) -> None:
     if args.offline_algo not in ("td3_bc", "cql", "iql", "bc"):
         fail(f"unknown --offline-algo {args.offline_algo!r}; known: td3_bc, cql, iql, bc")
+    check_learning_rates(args)
     for flag in ("batch_size", "online_steps", "utd", "policy_freq", "eval_every", "eval_episodes", "log_every", "checkpoint_every",
-                 "eps_steps", "reference_interval", "part_trajectories", "opt_utd", "ratio_temperature", "ratio_lr"):
+                 "eps_steps", "reference_interval", "part_trajectories", "opt_utd", "ratio_temperature"):
         if getattr(args, flag) <= 0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     for flag in ("distill_steps", "learning_starts", "opt_pretrain_steps", "align_eval_every", "early_evals"):
@@ -2103,8 +2220,6 @@ def validate(args: Args) -> None:
         fail("--gamma, --tau and --reevaluate-tau must lie in (0, 1]")
     if not (math.isfinite(args.reevaluate_tol) and args.reevaluate_tol >= 0):
         fail(f"--reevaluate-tol must be >= 0 (0 = run every --reevaluate-steps), got {args.reevaluate_tol}")
-    if args.checkpoint_every % args.eval_every != 0:
-        fail(f"--checkpoint-every {args.checkpoint_every} must be a multiple of --eval-every {args.eval_every}")
     if args.stop_after is not None and not 0 < args.stop_after < args.online_steps:
         fail(f"--stop-after must lie in (0, --online-steps={args.online_steps}), got {args.stop_after}")
     if args.threads is not None and args.threads <= 0:
@@ -2129,6 +2244,24 @@ def validate(args: Args) -> None:
         fail("--opt-balanced-replay belongs to --opt; add --opt or drop it")
     elif args.learning_starts >= args.online_steps:
         fail(f"--learning-starts {args.learning_starts} >= --online-steps {args.online_steps}: no update would happen")
+    # no leading dot: `..` would leave <run_dir>/o2o_td3/<env>/, and a hidden folder hides the run
+    if args.run_name is not None and not re.fullmatch(RUN_NAME_RE, args.run_name):
+        fail(f"--run-name {args.run_name!r} may hold only letters, digits, '_', '.', '-' and may not start with '.'")
+    if args.dataset_id is not None and not DATASET_ID_RE.match(args.dataset_id):
+        fail(f"malformed dataset id {args.dataset_id!r}; Minari ids look like namespace/name-v0 (no part may start with '.')")
+
+
+LEARNING_RATES = ("actor_lr", "critic_lr", "distill_lr", "lambda_lr", "opt_inner_lr", "opt_actor_lr", "ratio_lr")
+RUN_NAME_RE = r"[A-Za-z0-9_-][A-Za-z0-9_.-]*"
+
+
+def check_learning_rates(args: Args) -> None:
+    """Every learning rate positive and finite (`not x > 0` also catches NaN); main checks them as given, before
+    --budget-scale divides the Lagrange multiplier's."""
+    for flag in LEARNING_RATES:
+        v = getattr(args, flag)
+        if not v > 0.0 or not math.isfinite(v):
+            fail(f"--{flag.replace('_', '-')} must be a positive finite number, got {v}")
 
 
 def reward_handling(args: Args, ckpt: dict, has_offline_critic: bool) -> dict[str, dict]:
@@ -2155,6 +2288,7 @@ def mode_name(args: Args) -> str:
 
 def main(args: Args) -> dict:
     given = args
+    check_learning_rates(given)  # as given: --budget-scale divides the Lagrange multiplier's
     args = with_budget_scale(with_mode_defaults(args))  # --online-steps: the mode's budget unless given; then --budget-scale
     validate(args)
     device = pick_device(args.device)
@@ -2164,6 +2298,9 @@ def main(args: Args) -> dict:
     defaults = resolve_defaults(args)
     env_name = args.env if args.dataset_id is None else args.dataset_id
     env_key = env_name.replace("/", "_")
+    mode = mode_name(args)
+    out = Path(args.run_dir) / "o2o_td3" / env_key / (args.run_name or f"{mode}__{args.offline_algo}__seed{args.seed}")
+    check_output_dir(out, "--run-dir")  # before the dataset is loaded: a bad folder fails in seconds
     if args.checkpoint is not None:
         ckpt_path = Path(args.checkpoint)
         if not ckpt_path.is_file():
@@ -2180,24 +2317,48 @@ def main(args: Args) -> dict:
     if args.opt and offline_qf is None:
         fail(f"--opt needs the offline critic, but {ckpt_path} ({ckpt['algo']}) has none; use a checkpoint with one, e.g. "
              f"python offline_pretrain.py --algo td3_bc --env {args.env} --seed {args.seed}")
+    rewards = reward_handling(args, ckpt, offline_qf is not None)
+    # the run folder: a run of other settings is refused; an online.pt of the same settings is resumed
+    online_state = check_run_folder(out, online_key(args, f"sha256:{file_digest(ckpt_path)}", rewards), args)
+    if online_state is not None and online_state["train_state"]["loop"]["global_step"] > args.online_steps:
+        fail(f"{out / 'online.pt'} is at env step {online_state['train_state']['loop']['global_step']} > --online-steps "
+             f"{args.online_steps}; raise it or pass --no-resume")
+    rt = rewards["qf_on" if args.opt else "qf"]  # what the buffers store (OPT: raw; Q_off's transform is applied in its update)
+    obs_mean, obs_std = ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy()
+    obs_dim, act_dim = data["obs_dim"], data["act_dim"]
+    try:
+        off_rb = ReplayBuffer.from_dataset(data, obs_mean, obs_std, device, rt["scale"], rt["shift"])
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        fail(f"the dataset's {len(data['rewards'])} transitions do not fit in the memory of {device}; use another --device or a smaller dataset")
+    # the online replay (OnlineReplay: with --buffer-mode all / part the offline part first; balanced replay: a priority
+    # per transition) and a batch, before any phase runs
+    n_pre = 0 if args.opt_balanced_replay else {"all": off_rb.size, "part": len(top_trajectories(data, args.part_trajectories))}.get(args.buffer_mode, 0)
+    capacity, row = n_pre + args.online_steps, 2 * obs_dim + act_dim + 2  # obs, action, reward, next obs, terminal
+    buffer = f"--online-steps {args.online_steps}: a replay buffer of {capacity} transitions" + (
+        f" ({n_pre} of them offline data, --buffer-mode {args.buffer_mode})" if n_pre else "")
+    lower = "lower --online-steps" + (" or use --buffer-mode half" if n_pre else "")
+    priorities = [(off_rb.size + capacity, 1, buffer + " and its priorities", lower)] if args.opt_balanced_replay else []
+    check_allocations([(capacity, row, buffer, lower), *priorities, (args.batch_size, row, f"a batch of --batch-size {args.batch_size}", "lower it")],
+                      device)
 
     set_seed(args.seed)
-    mode = mode_name(args)
-    out = Path(args.run_dir) / "o2o_td3" / env_key / (args.run_name or f"{mode}__{args.offline_algo}__seed{args.seed}")
-    out.mkdir(parents=True, exist_ok=True)
+    if args.overwrite:
+        clear_run_folder(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--run-dir: cannot create {out} ({e.strerror}); pass a folder you can write to")
     if args.no_resume:  # a stale online state must not be resumed by a later run either
         for name in ("online.pt", "final.pt", "results.json"):
             (out / name).unlink(missing_ok=True)
-    rewards = reward_handling(args, ckpt, offline_qf is not None)
     atomic_save({**asdict(args), "resolved_defaults": defaults, "mode": mode, "offline_checkpoint": str(ckpt_path), "reward_handling": rewards,
                  "args_given": asdict(given)}, out / "args.json")  # the top level holds the effective (scaled) values
     run = Run(args, out, ckpt, ckpt_path, data, device, accel, rewards)
+    run.online_state = online_state
     run.writer.add_text("args", json.dumps(asdict(args)))
     run.writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
-    rt = rewards["qf_on" if args.opt else "qf"]  # what the buffers store (OPT: raw; Q_off's transform is applied in its update)
-    obs_mean, obs_std = ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy()
-    off_rb = ReplayBuffer.from_dataset(data, obs_mean, obs_std, device, rt["scale"], rt["shift"])
-    obs_dim, act_dim = data["obs_dim"], data["act_dim"]
     run.diag_obs, run.diag_actions = diagnostic_batch(off_rb, args.seed)
 
     # --- phase 0: the offline actor, and pi0 (copied exactly when deterministic, distilled otherwise)

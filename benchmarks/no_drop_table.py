@@ -20,7 +20,9 @@ from collections import defaultdict
 from pathlib import Path
 
 NAME = re.compile(r"(?P<script>sac|td3|ppo)_(?P<mode>[a-z0-9]+)_(?P<ckpt>[a-z0-9]+)_s(?P<seed>\d+)\.json$")
-LABELS = {"o2sac": "O2SAC", "o2td3": "O2TD3", "o2ppo": "O2PPO", "naive": "naive"}
+LABELS = {"o2sac": "O2SAC", "o2td3": "O2TD3", "o2ppo": "O2PPO", "naive": "naive", "o2sacfrozen": "O2SAC, actor frozen in alignment",
+          "o2td3frozen": "O2TD3, actor frozen in alignment", "o2sactrain": "O2SAC, actor trained in alignment",
+          "o2td3train": "O2TD3, actor trained in alignment"}
 PRE_ONLINE = ("offline", "distilled", "aligned", "start_online")
 
 
@@ -64,7 +66,7 @@ def table(runs: list[tuple[dict, dict]]) -> str:
     for meta, s in runs:
         failed = [k for k, ok in s["checks"].items() if not ok]
         verdict = "yes" if not failed else "no: " + ", ".join(failed)
-        lines.append(f"| {meta['script'].upper()} {LABELS.get(meta['mode'], meta['mode'])} | {meta['ckpt']} | {meta['seed']} | {fmt(s['offline'])} | "
+        lines.append(f"| {LABELS.get(meta['mode'], meta['mode'])}{' ' + meta['script'].upper() if meta['mode'] == 'naive' else ''} | {meta['ckpt']} | {meta['seed']} | {fmt(s['offline'])} | "
                       f"{fmt(s['distilled'])} | {fmt(s['aligned'])} | {fmt(s['min_first_tenth'])} | {fmt(s['min_online'])} | "
                       f"{fmt(s['final'])} | {verdict} |")
     return "\n".join(lines)
@@ -88,7 +90,7 @@ def plot(runs: list[tuple[dict, dict]], folder: Path, out: Path) -> None:
             online = [c for c in curve if c["phase"] == "online"]
             xs = [0] * len(pre) + [c["step"] for c in online]
             ys = pre + [c["normalized_score"] for c in online]
-            color = "C0" if meta["mode"] != "naive" else "C3"
+            color = "C3" if meta["mode"] == "naive" else "C2" if meta["mode"].endswith("train") else "C0"
             label = None if meta["mode"] in seen else LABELS.get(meta["mode"], meta["mode"])
             seen.add(meta["mode"])
             ax.plot(xs, ys, color=color, alpha=0.7, marker="o", ms=2, label=label)

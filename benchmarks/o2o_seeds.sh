@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The no-drop check of the README on local hopper-medium, several seeds (the o2o seed; the offline checkpoints are
-# fixed): O2SAC from an IQL and a TD3+BC checkpoint, O2TD3 from the TD3+BC one, each with naive fine-tuning alongside.
-# One torch thread per run, two runs at a time, the most telling runs first. Reduced budgets:
+# fixed): O2SAC (defaults: actor frozen during alignment) from an IQL and a TD3+BC checkpoint, O2TD3 from the TD3+BC
+# one; on the first seed also naive fine-tuning and O2SAC with the paper's alignment schedule (--align-actor train).
+# One torch thread per run, two runs at a time, in this order. Reduced budgets:
 #   O2SAC: 5k distillation steps, re-evaluation until Q has converged (at most 20k steps), 2k alignment steps,
 #          2k env steps online at UTD 5 (updates from env step 20), evaluations every 200 env steps;
 #   O2TD3: re-evaluation until converged (at most 20k), 3k alignment steps, 6k env steps at UTD 1, threshold horizon
@@ -23,14 +24,14 @@ NAIVE="--no-reevaluate --no-align --no-constraint"
 jobs=()
 for s in "${SEEDS[@]}"; do
   jobs+=("sac_o2sac_iql_s$s|$SAC --seed $s --checkpoint $IQL" "sac_o2sac_td3bc_s$s|$SAC --seed $s --checkpoint $TD3BC")
-  [ "$s" = "${SEEDS[0]}" ] && jobs+=("sac_naive_iql_s$s|$SAC --seed $s --checkpoint $IQL $NAIVE" "sac_naive_td3bc_s$s|$SAC --seed $s --checkpoint $TD3BC $NAIVE")
+  if [ "$s" = "${SEEDS[0]}" ]; then  # the baselines and the paper's alignment schedule on the first seed
+    jobs+=("sac_naive_iql_s$s|$SAC --seed $s --checkpoint $IQL $NAIVE" "sac_naive_td3bc_s$s|$SAC --seed $s --checkpoint $TD3BC $NAIVE"
+           "sac_o2sactrain_iql_s$s|$SAC --seed $s --checkpoint $IQL --align-actor train"
+           "sac_o2sactrain_td3bc_s$s|$SAC --seed $s --checkpoint $TD3BC --align-actor train")
+  fi
   jobs+=("td3_o2td3_td3bc_s$s|$TD3 --seed $s --checkpoint $TD3BC")
-  [ "$s" = "${SEEDS[0]}" ] && jobs+=("td3_naive_td3bc_s$s|$TD3 --seed $s --checkpoint $TD3BC $NAIVE")
 done
-for s in "${SEEDS[@]:1}"; do  # naive fine-tuning of the other seeds last
-  jobs+=("sac_naive_iql_s$s|$SAC --seed $s --checkpoint $IQL $NAIVE" "sac_naive_td3bc_s$s|$SAC --seed $s --checkpoint $TD3BC $NAIVE"
-         "td3_naive_td3bc_s$s|$TD3 --seed $s --checkpoint $TD3BC $NAIVE")
-done
+jobs+=("td3_naive_td3bc_s${SEEDS[0]}|$TD3 --seed ${SEEDS[0]} --checkpoint $TD3BC $NAIVE")
 printf '%s\n' "${jobs[@]}" | xargs -P 2 -I{} bash -c '
   job="{}"; name=${job%%|*}; cmd=${job#*|}; t0=$SECONDS
   $PY $cmd --run-dir "$OUT/runs" --run-name "$name" > "$OUT/$name.log" 2>&1; rc=$?

@@ -12,11 +12,11 @@ PY=.venv/bin/python
 OUT=runs/quickstart
 $PY make_dataset.py --env hopper-medium-v2 --policy benchmarks/behavior_policies/hopper/medium_policy.pt \
     --size 100000 --overwrite
-$PY offline_pretrain.py --algo iql --env hopper-medium-v2 --total-steps 10000 --eval-every 5000 --run-dir $OUT --overwrite
+$PY offline_pretrain.py --algo iql --env hopper-medium-v2 --total-steps 5000 --eval-every 5000 --run-dir $OUT --overwrite
 # re-evaluation runs until Q has converged (at most 20k steps); alignment trains the actor, as in the paper
 $PY o2o_sac.py --env hopper-medium-v2 --offline-algo iql --run-dir $OUT --run-name quickstart \
     --distill-steps 2000 --reevaluate-steps 20000 --align-steps 1000 --online-steps 1000 --learning-starts 10 --utd 5 \
-    --eval-every 200 --eval-episodes 5
+    --eval-every 200 --eval-episodes 5 --overwrite
 RUN=$OUT/o2o_sac/hopper-medium-v2/quickstart
 echo
 $PY - "$RUN/results.json" <<'EOF'

@@ -4,7 +4,8 @@ every file that was there before (dataset store, run folders, checkpoints) byte-
 
 A row is (id, script, build, expected): `build(ctx)` prepares what the case needs under ctx.tmp (a damaged
 checkpoint, a truncated dataset, ...) and returns the script's argv, optionally with extra environment variables.
-Rows of other scripts can be appended to CASES the same way.
+Rows of other scripts can be appended to CASES the same way. The o2o rows run on tiny budgets, so a guard that is
+missing shows as a run that finishes (exit 0, files written) within seconds rather than one that trains for hours.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Ctx:
     store: Path
     runs: Path
     iql_checkpoint: Path  # a finished tiny IQL run (TINY_OFFLINE: 60 steps), to copy into a run folder
+    finished: Callable[[str], Path]  # the run folder of a finished tiny run of an o2o script (made once per module)
     watch: list[Path] = field(default_factory=list)  # files and folders that must come out unchanged
 
     def file(self, name: str = "a_file", text: str = "not a folder\n") -> Path:
@@ -55,6 +57,28 @@ class Ctx:
             ckpt = torch.load(self.iql_checkpoint, map_location="cpu", weights_only=True)
             edit(ckpt)
             torch.save(ckpt, dst)
+        return dst
+
+
+    def damaged_checkpoint(self, edit: Callable[[dict], None]) -> Path:
+        """A copy of the IQL checkpoint, edited (damaged), for --checkpoint."""
+        ckpt = torch.load(self.iql_checkpoint, map_location="cpu", weights_only=True)
+        edit(ckpt)
+        dst = self.tmp / "damaged.pt"
+        torch.save(ckpt, dst)
+        self.watch.append(dst)
+        return dst
+
+    def place_o2o_run(self, script: str, unfinished: bool = False, online: bytes | None = None) -> Path:
+        """The finished tiny run of `script` as run `r` of ctx.runs; `unfinished`: without final.pt and results.json, as
+        a run killed after its last online.pt; `online`: those bytes as its online.pt."""
+        dst = self.runs / O2O_DIR[script] / "hopper-medium-v2" / "r"
+        shutil.copytree(self.finished(script), dst)
+        if unfinished:
+            (dst / "final.pt").unlink()
+            (dst / "results.json").unlink()
+        if online is not None:
+            (dst / "online.pt").write_bytes(online)
         return dst
 
 
@@ -84,6 +108,53 @@ def md_args(ctx: Ctx, *extra: str, env: str = "hopper-expert-v2") -> list[str]:
     return ["--env", env, "--out-dir", str(ctx.tmp / "md_runs"), "--device", "cpu", *extra]
 
 
+SAC, TD3, PPO = "o2o_sac.py", "o2o_td3.py", "o2o_ppo.py"
+O2O_DIR = {SAC: "o2o_sac", TD3: "o2o_td3", PPO: "o2o_ppo"}
+# tiny budgets of every phase (IQL's Gaussian actor: SAC and TD3 distil it, PPO copies it); a later flag overrides one here
+O2O_TINY = {
+    SAC: ["--distill-steps", "10", "--reevaluate-steps", "10", "--align-steps", "10", "--online-steps", "40", "--learning-starts", "20",
+          "--utd", "1", "--eval-every", "20", "--eval-episodes", "1", "--batch-size", "32", "--log-every", "10", "--early-evals", "0",
+          "--align-eval-every", "0"],
+    TD3: ["--distill-steps", "10", "--reevaluate-steps", "10", "--align-steps", "10", "--online-steps", "40", "--learning-starts", "20",
+          "--eval-every", "20", "--eval-episodes", "1", "--batch-size", "32", "--log-every", "10", "--early-evals", "0",
+          "--align-eval-every", "0"],
+    PPO: ["--distill-steps", "10", "--reevaluate-steps", "10", "--rollout-size", "32", "--minibatch-size", "32", "--update-epochs", "1",
+          "--online-steps", "64", "--eval-every", "32", "--eval-episodes", "1", "--log-every", "32", "--early-evals", "0"],
+}
+
+
+def o2o_args(ctx: Ctx, script: str, *extra: str, run_dir: Path | None = None, run_name: str = "r", ckpt: Path | None = None) -> list[str]:
+    return ["--env", "hopper-medium-v2", "--checkpoint", str(ckpt or ctx.iql_checkpoint), "--run-dir", str(run_dir or ctx.runs),
+            "--run-name", run_name, "--device", "cpu", *O2O_TINY[script], *extra]
+
+
+def o2o_cases(script: str, p: str, other: list[str]) -> list[tuple[str, str, Build, str]]:
+    """The rows every o2o script shares; `other` changes a setting of its online key."""
+    s = script
+    return [
+        # --- output folder, Minari store, dataset
+        (f"{p}-run-dir-is-file", s, lambda c: o2o_args(c, s, run_dir=c.file()), "is a file"),
+        (f"{p}-run-dir-not-writable", s, lambda c: o2o_args(c, s, run_dir=unwritable_dir(c) / "runs"), "not writable"),
+        (f"{p}-store-is-file", s, lambda c: (o2o_args(c, s), {"MINARI_DATASETS_PATH": str(c.file("store_file"))}), "Minari store"),
+        (f"{p}-truncated-dataset", s, lambda c: (truncate_dataset(c), o2o_args(c, s))[1], "cannot be read"),
+        # --- names that would leave their folder
+        (f"{p}-run-name-traversal", s, lambda c: o2o_args(c, s, run_name="../../x"), "--run-name"),
+        (f"{p}-run-name-dotdot", s, lambda c: o2o_args(c, s, run_name=".."), "--run-name"),
+        (f"{p}-dataset-id-traversal", s, lambda c: o2o_args(c, s, "--dataset-id", "../../evil-v0"), "malformed dataset id"),
+        # --- damaged offline checkpoints
+        (f"{p}-ckpt-weights-vs-dims", s, lambda c: o2o_args(c, s, ckpt=c.damaged_checkpoint(wrong_actor_weights)), "do not match its declared dims"),
+        (f"{p}-ckpt-obs-std-zero", s, lambda c: o2o_args(c, s, ckpt=c.damaged_checkpoint(zero_obs_std)), "obs_std"),
+        # --- a run folder that holds a run
+        (f"{p}-finished-run-other-settings", s, lambda c: (c.place_o2o_run(s), o2o_args(c, s, *other))[1], "pass --overwrite"),
+        (f"{p}-finished-run-other-settings-no-resume", s, lambda c: (c.place_o2o_run(s), o2o_args(c, s, "--no-resume", *other))[1],
+         "pass --overwrite"),
+        (f"{p}-unfinished-run-other-settings", s, lambda c: (c.place_o2o_run(s, unfinished=True), o2o_args(c, s, *other))[1], "pass --no-resume"),
+        (f"{p}-online-pt-corrupt", s, lambda c: (c.place_o2o_run(s, unfinished=True, online=b"junk"), o2o_args(c, s))[1], "pass --no-resume"),
+        # --- parser errors
+        (f"{p}-parser-float-for-int", s, lambda c: o2o_args(c, s, "--online-steps", "1e6"), "--online-steps"),
+    ]
+
+
 def truncate_dataset(ctx: Ctx) -> None:
     f = ctx.store / "local" / "hopper" / "medium-v0" / "data" / "main_data.hdf5"
     with open(f, "r+b") as fh:
@@ -93,6 +164,12 @@ def truncate_dataset(ctx: Ctx) -> None:
 def wrong_actor_weights(ckpt: dict) -> None:
     w = ckpt["actor"]["net.0.weight"]
     ckpt["actor"]["net.0.weight"] = torch.zeros(w.shape[0], w.shape[1] + 2)  # declares obs_dim 11, weights take 13
+
+
+def wrong_critic_weights(ckpt: dict) -> None:
+    qf = ckpt["critics"]["qf"]
+    k = next(k for k in qf if k.endswith("weight"))
+    qf[k] = torch.zeros(*qf[k].shape[:-1], qf[k].shape[-1] + 2)
 
 
 def zero_obs_std(ckpt: dict) -> None:
@@ -147,6 +224,28 @@ CASES: list[tuple[str, str, Build, str]] = [
     ("md-out-dir-is-file", MD, lambda c: md_args(c, "--out-dir", str(c.file())), "is a file"),
     ("md-out-dir-not-writable", MD, lambda c: md_args(c, "--out-dir", str(unwritable_dir(c) / "md")), "not writable"),
     ("md-dataset-exists", MD, lambda c: md_args(c, env="hopper-medium-v2"), "already exists"),
+    # --- o2o_sac.py, o2o_td3.py, o2o_ppo.py: the rows they share, then their own
+    *o2o_cases(SAC, "sac", ["--gamma", "0.98"]),
+    *o2o_cases(TD3, "td3", ["--gamma", "0.98"]),
+    *o2o_cases(PPO, "ppo", ["--clip-coef", "0.3"]),
+    ("sac-lr-nan", SAC, lambda c: o2o_args(c, SAC, "--critic-lr", "nan"), "--critic-lr must be positive"),
+    ("td3-lr-nan", TD3, lambda c: o2o_args(c, TD3, "--actor-lr", "nan"), "--actor-lr must be a positive finite number"),
+    ("td3-lr-zero", TD3, lambda c: o2o_args(c, TD3, "--critic-lr", "0"), "--critic-lr must be a positive finite number"),
+    ("td3-lr-negative", TD3, lambda c: o2o_args(c, TD3, "--lambda-lr=-5e-5", "--budget-scale", "0.5"), "--lambda-lr must be a positive finite number, got -5e-05"),
+    ("td3-lr-inf", TD3, lambda c: o2o_args(c, TD3, "--opt-actor-lr", "inf"), "--opt-actor-lr must be a positive finite number"),
+    ("sac-ckpt-critic-vs-config", SAC, lambda c: o2o_args(c, SAC, "--no-reevaluate", ckpt=c.damaged_checkpoint(wrong_critic_weights)),
+     "critic weights do not match its critic_config"),  # a kept critic (--no-reevaluate) is checked before any phase
+    ("td3-ckpt-critic-vs-config", TD3, lambda c: o2o_args(c, TD3, "--no-reevaluate", ckpt=c.damaged_checkpoint(wrong_critic_weights)),
+     "critic weights do not match its critic_config"),
+    ("ppo-lr-nan", PPO, lambda c: o2o_args(c, PPO, "--actor-lr", "nan"), "--actor-lr must be positive"),
+    # --- sizes that cannot be allocated: refused before any phase runs
+    ("sac-online-steps-unallocatable", SAC, lambda c: o2o_args(c, SAC, "--online-steps", HUGE), "lower --online-steps"),
+    ("sac-buffer-all-unallocatable", SAC, lambda c: o2o_args(c, SAC, "--online-steps", HUGE, "--buffer-mode", "all"), "or use --buffer-mode half"),
+    ("sac-batch-unallocatable", SAC, lambda c: o2o_args(c, SAC, "--batch-size", HUGE), "--batch-size"),
+    ("td3-online-steps-unallocatable", TD3, lambda c: o2o_args(c, TD3, "--online-steps", HUGE), "lower --online-steps"),
+    ("td3-batch-unallocatable", TD3, lambda c: o2o_args(c, TD3, "--batch-size", HUGE), "--batch-size"),
+    ("ppo-rollout-unallocatable", PPO, lambda c: o2o_args(c, PPO, "--rollout-size", HUGE, "--online-steps", HUGE), "--rollout-size"),
+    ("ppo-batch-unallocatable", PPO, lambda c: o2o_args(c, PPO, "--reevaluate-batch-size", HUGE), "--reevaluate-batch-size"),
 ]
 
 
@@ -183,12 +282,31 @@ def iql_checkpoint(tiny_dataset, tmp_path_factory) -> Path:
     return Path(op.main(tyro.cli(op.Args, args=["--algo", "iql", "--env", "hopper-medium-v2", "--run-dir", str(runs), *TINY_OFFLINE]))["checkpoint"])
 
 
+@pytest.fixture(scope="module")
+def o2o_finished(iql_checkpoint, tmp_path_factory) -> Callable[[str], Path]:
+    """finished(script): the run folder of a finished tiny run of an o2o script from the IQL checkpoint (O2O_TINY, run
+    name r), made in this process on first use."""
+    done: dict[str, Path] = {}
+
+    def finished(script: str) -> Path:
+        if script not in done:
+            mod, runs = load_script(script[:-3]), tmp_path_factory.mktemp(f"finished_{script[:-3]}")
+            argv = ["--env", "hopper-medium-v2", "--checkpoint", str(iql_checkpoint), "--run-dir", str(runs), "--run-name", "r",
+                    "--device", "cpu", *O2O_TINY[script]]
+            mod.main(tyro.cli(mod.Args, args=argv))
+            done[script] = runs / O2O_DIR[script] / "hopper-medium-v2" / "r"
+            assert (done[script] / "final.pt").is_file() and (done[script] / "online.pt").is_file()
+        return done[script]
+
+    return finished
+
+
 @pytest.fixture
-def ctx(tiny_dataset, iql_checkpoint, tmp_path) -> Ctx:
+def ctx(tiny_dataset, iql_checkpoint, o2o_finished, tmp_path) -> Ctx:
     store = tmp_path / "store"
     shutil.copytree(tiny_dataset["home"], store)  # a store of its own: a case may damage it
     (tmp_path / "runs").mkdir()
-    return Ctx(tmp=tmp_path, store=store, runs=tmp_path / "runs", iql_checkpoint=iql_checkpoint)
+    return Ctx(tmp=tmp_path, store=store, runs=tmp_path / "runs", iql_checkpoint=iql_checkpoint, finished=o2o_finished)
 
 
 @pytest.mark.parametrize("case_id, script, build, expected", CASES, ids=[c[0] for c in CASES])
@@ -202,7 +320,7 @@ def test_bad_input_exits_2_with_one_line(ctx, case_id, script, build, expected):
     assert after == before, f"files changed: {sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))[:10]}"
 
 
-@pytest.mark.parametrize("script", [OP, MD])
+@pytest.mark.parametrize("script", [OP, MD, SAC, TD3, PPO])
 def test_help_still_prints(script, tmp_path):
     """parse_cli turns parse errors into one line; --help must still print the full help and exit 0."""
     proc = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120,

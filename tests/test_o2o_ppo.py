@@ -335,7 +335,11 @@ def test_scale_budgets_scales_given_and_defaulted_steps(capsys):
     tiny = ppo.scale_budgets(tyro.cli(ppo.Args, args=["--budget-scale", "0.001", "--online-steps", "4_096_000"]))
     assert (tiny.distill_steps, tiny.eval_every, tiny.log_every, tiny.online_steps) == (5, 3, 2, 4096)  # 2.5 rounds up; >= 1
     one = tyro.cli(ppo.Args, args=[])
-    assert {k: getattr(ppo.scale_budgets(one), k) for k in ppo.BUDGET_STEPS} == {**{k: getattr(one, k) for k in ppo.BUDGET_STEPS}, "t_end": 250_000}
+    assert {k: getattr(ppo.scale_budgets(one), k) for k in ppo.BUDGET_STEPS} == {**{k: getattr(one, k) for k in ppo.BUDGET_STEPS}, "t_end": 250_000,
+                                                                               "checkpoint_every": 20_480}
+    # the default checkpoint interval: at most a tenth of the (scaled) online steps
+    assert ppo.scale_budgets(tyro.cli(ppo.Args, args=["--online-steps", "4096"])).checkpoint_every == 409
+    assert ppo.scale_budgets(tyro.cli(ppo.Args, args=["--online-steps", "4096", "--checkpoint-every", "7"])).checkpoint_every == 7
     with pytest.raises(SystemExit) as e:
         ppo.scale_budgets(tyro.cli(ppo.Args, args=["--budget-scale", "0.005"]))  # 1250 online steps < one rollout of 2048
     assert e.value.code == 2
@@ -452,7 +456,7 @@ def test_resume_after_kill_and_longer_budget(offline_checkpoints, tmp_path, caps
     # other settings in the same run folder: refused, nothing overwritten
     with pytest.raises(SystemExit) as e:
         run(ck, tmp_path, "--clip-coef", "0.3")
-    assert e.value.code == 2 and "clip_coef" in capsys.readouterr().err
+    assert e.value.code == 2 and "--clip-coef 0.2 (now 0.3)" in capsys.readouterr().err
 
 
 def test_same_seed_same_result_and_phase_reuse(offline_checkpoints, tmp_path, capsys):
@@ -473,6 +477,55 @@ def test_same_seed_same_result_and_phase_reuse(offline_checkpoints, tmp_path, ca
     assert c["curve"] == a["curve"]
     d = run(ck, tmp_path / "a", "--no-resume", "--seed", "1", "--run-name", "other")
     assert d["curve"] != a["curve"]  # another seed: other evaluation starts and another run
+    # a saved phase of other settings (here the folder of a run killed before its first online.pt) is recomputed,
+    # with a notice; the distillation is still reused
+    for name in ("online.pt", "final.pt", "results.json"):
+        (out / name).unlink()
+    capsys.readouterr()
+    run(ck, tmp_path / "a", "--reevaluate-steps", "40")
+    printed = capsys.readouterr().out
+    assert f"NOTICE: {out / 'reevaluated.pt'} was made with other arguments; recomputing phase reevaluated" in printed
+    assert f"reusing {out / 'distilled.pt'}" in printed
+
+
+def test_run_folder_of_other_settings_refused_then_overwritten(offline_checkpoints, tmp_path, capsys):
+    """A finished run of other settings is refused (with --no-resume too), its files untouched; --overwrite deletes its
+    outputs, tensorboard events included, before the new run writes anything; a rerun then resumes the new run."""
+    ck, d = offline_checkpoints["iql"], tmp_path / "o2o_ppo" / "hopper-medium-v2" / "o2ppo_seed0"
+    run(ck, tmp_path)
+    old_events = {p.name for p in d.glob("events.out.tfevents.*")}
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    for extra in ([], ["--no-resume"]):
+        with pytest.raises(SystemExit) as e:
+            run(ck, tmp_path, "--clip-coef", "0.3", *extra)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "finished run with other settings (--clip-coef 0.2 (now 0.3))" in err and "--overwrite" in err
+        assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    res = run(ck, tmp_path, "--clip-coef", "0.3", "--overwrite")
+    assert res["resumed_from"] is None and res["env_steps"] == 256
+    events = {p.name for p in d.glob("events.out.tfevents.*")}
+    assert len(events) == 1 and not events & old_events  # the old logs are gone, not mixed with the new ones
+    assert torch.load(d / "final.pt", weights_only=True)["phase_key"]["clip_coef"] == 0.3
+    assert run(ck, tmp_path, "--clip-coef", "0.3")["resumed_from"] == 256  # the new run, finished: resumed
+
+
+def test_default_checkpoint_interval_is_a_tenth_of_a_short_run(offline_checkpoints, tmp_path, monkeypatch):
+    """Without --checkpoint-every, online.pt comes every online_steps // 10 env steps (here 25 of 256: after every
+    rollout of 64), not only at the end as a fixed 20480 would; results.json records the interval."""
+    saved, save = [], ppo.atomic_save
+
+    def atomic_save(obj, path):
+        if Path(path).name == "online.pt":
+            saved.append(obj["env_steps"])
+        return save(obj, path)
+
+    monkeypatch.setattr(ppo, "atomic_save", atomic_save)
+    i = TINY.index("--checkpoint-every")
+    res = ppo.main(tyro.cli(ppo.Args, args=["--env", "hopper-medium-v2", "--checkpoint", str(offline_checkpoints["iql"]), "--run-dir",
+                                            str(tmp_path), *TINY[:i], *TINY[i + 2:]]))
+    assert saved == [64, 128, 192, 256]
+    assert res["budget"]["effective"]["checkpoint_every"] == 256 // 10 and res["budget"]["given"]["checkpoint_every"] is None
+    assert json.loads((tmp_path / "o2o_ppo/hopper-medium-v2/o2ppo_seed0/results.json").read_text())["budget"]["effective"]["checkpoint_every"] == 25
 
 
 # ---------------------------------------------------------------- wiring: what main() hands to the phases and updates

@@ -284,7 +284,7 @@ def test_resume_after_kill_gives_the_same_curve(smoke_runs, offline_checkpoints,
     assert longer["curve"][: len(full["curve"])] == full["curve"] and longer["curve"][-1]["step"] == 400
 
 
-def test_phase_checkpoints_reused_with_same_args(smoke_runs, offline_checkpoints, tmp_path):
+def test_phase_checkpoints_reused_with_same_args(smoke_runs, offline_checkpoints, tmp_path, capsys):
     _, d = smoke_runs["o2sac_cql"]
     full, _ = smoke_runs["o2sac_cql"]
     copy = tmp_path / "o2o_sac" / "hopper-medium-v2" / "o2sac_cql"
@@ -294,10 +294,19 @@ def test_phase_checkpoints_reused_with_same_args(smoke_runs, offline_checkpoints
     res = run(offline_checkpoints["cql"], tmp_path, "--run-name", "o2sac_cql")
     assert set(res["reused_phases"]) == {"reevaluated", "aligned"}
     assert res["curve"] == full["curve"]  # the alignment's evaluations come back from aligned.pt, online is redone the same
-    # other alignment args: the aligned phase is recomputed, the re-evaluation still reused
-    (copy / "online.pt").unlink()
+    # other alignment args, the folder of a run killed before its first online.pt (a finished run of other settings is
+    # refused): the aligned phase is recomputed, the re-evaluation still reused
+    unfinish(copy)
+    capsys.readouterr()
     res = run(offline_checkpoints["cql"], tmp_path, "--run-name", "o2sac_cql", "--online-steps", "150", "--align-steps", "20")
     assert res["reused_phases"] == ["reevaluated"]
+    assert f"NOTICE: {copy / 'aligned.pt'} was made with other arguments; recomputing phase aligned" in capsys.readouterr().out
+
+
+def unfinish(folder: Path) -> None:
+    """The run folder as a run killed before its first online.pt leaves it: phase checkpoints only."""
+    for name in ("online.pt", "final.pt", "results.json"):
+        (folder / name).unlink(missing_ok=True)
 
 
 def test_retrained_checkpoint_at_the_same_path_invalidates_saved_phases(smoke_runs, offline_checkpoints, tmp_path):
@@ -312,8 +321,44 @@ def test_retrained_checkpoint_at_the_same_path_invalidates_saved_phases(smoke_ru
     ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # "retrain": other weights, same grad_steps
     ck["actor"] = {k: v + 0.01 for k, v in ck["actor"].items()}
     torch.save(ck, ckpt_path)
-    (tmp_path / "o2o_sac" / "hopper-medium-v2" / "retrained" / "online.pt").unlink()
+    unfinish(tmp_path / "o2o_sac" / "hopper-medium-v2" / "retrained")  # a finished run of another checkpoint is refused
     assert run(ckpt_path, tmp_path, "--run-name", "retrained")["reused_phases"] == []
+
+
+def test_run_folder_of_other_settings_refused_then_overwritten(offline_checkpoints, tmp_path, capsys):
+    """A finished run of other settings is refused (with --no-resume too), its files untouched; --overwrite deletes its
+    outputs, tensorboard events included, before the new run writes anything; a rerun then resumes the new run."""
+    ck, d = offline_checkpoints["cql"], tmp_path / "o2o_sac" / "hopper-medium-v2" / "w"
+    short = ["--run-name", "w", "--online-steps", "150"]
+    run(ck, tmp_path, *short)
+    old_events = {p.name for p in d.glob("events.out.tfevents.*")}
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    for extra in ([], ["--no-resume"]):
+        with pytest.raises(SystemExit) as e:
+            run(ck, tmp_path, *short, "--gamma", "0.98", *extra)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "finished run with other settings (--gamma 0.99 (now 0.98))" in err and "--overwrite" in err
+        assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    res = run(ck, tmp_path, *short, "--gamma", "0.98", "--overwrite")
+    assert res["reused_phases"] == [] and res["finished"]
+    events = {p.name for p in d.glob("events.out.tfevents.*")}
+    assert len(events) == 1 and not events & old_events  # the old logs are gone, not mixed with the new ones
+    assert torch.load(d / "final.pt", weights_only=True)["o2o"]["key"]["gamma"] == 0.98
+    assert "online" in run(ck, tmp_path, *short, "--gamma", "0.98")["reused_phases"]  # the new run, finished: resumed
+
+
+def test_default_checkpoint_interval_is_a_tenth_of_a_short_run(offline_checkpoints, tmp_path):
+    """Without --checkpoint-every, online.pt comes every online_steps // 10 env steps (at episode ends) of a short run:
+    killed at step 200 of 300 it holds part of the online phase (a fixed 5000 would have written none)."""
+    i = TINY.index("--checkpoint-every")
+    tiny = TINY[:i] + TINY[i + 2:]
+    argv = ["--env", "hopper-medium-v2", "--checkpoint", str(offline_checkpoints["cql"]), "--run-dir", str(tmp_path), *tiny, "--run-name", "c"]
+    killed = o2o.main(tyro.cli(o2o.Args, args=[*argv, "--stop-after", "200"]))
+    online = torch.load(Path(killed["run_dir"]) / "online.pt", weights_only=True)
+    assert 30 <= online["o2o"]["run"]["t"] <= 200
+    res = o2o.main(tyro.cli(o2o.Args, args=argv))
+    assert "online" in res["reused_phases"] and res["budget"]["checkpoint_every"] == 300 // 10
+    assert json.loads((Path(killed["run_dir"]) / "results.json").read_text())["budget"]["checkpoint_every"] == 30
 
 
 # ---------------------------------------------------------------- wiring: what each phase's update receives
@@ -437,7 +482,7 @@ def test_wiring_of_every_phase(offline_checkpoints, short_episodes, online_adds,
     al_calls = spy(monkeypatch, "align_update", lambda i, args, kw: {"target": flat(args[3]), "qf_steps": adam_steps(args[4]),
                    "actor_steps": adam_steps(args[5])} | (snapshot(args, kw, ["pi0", "actor", "qf", "qf_target", "", "", "b"]) if i == 0 else {}))
     on_calls, norms = spy_online(monkeypatch)
-    res = wiring_run(offline_checkpoints["cql"], tmp_path, "--actor-grad-clip", str(CLIP))
+    res = wiring_run(offline_checkpoints["cql"], tmp_path, "--actor-grad-clip", str(CLIP), "--align-actor", "train")  # the paper's alignment
     d = Path(res["run_dir"])
     assert len(re_calls) == R_STEPS and len(al_calls) == A_STEPS and len(on_calls) == (ONLINE - STARTS) * UTD
 
@@ -512,21 +557,21 @@ def test_wiring_of_every_phase(offline_checkpoints, short_episodes, online_adds,
 
 def test_wiring_of_reused_phases(offline_checkpoints, monkeypatch, tmp_path):
     """A reused reevaluated.pt / aligned.pt continues with its critics, target critics and optimiser states."""
-    wiring_run(offline_checkpoints["cql"], tmp_path, "--run-name", "r")
+    wiring_run(offline_checkpoints["cql"], tmp_path, "--align-actor", "train", "--run-name", "r")
     d = tmp_path / "o2o_sac" / "hopper-medium-v2" / "r"
     re_target = flat(torch.load(d / "reevaluated.pt", weights_only=True)["critics"]["qf_target"])
     # aligned.pt reused: online starts with both optimisers as alignment left them
     (d / "online.pt").unlink()
     on_calls, _ = spy_online(monkeypatch)
-    res = wiring_run(offline_checkpoints["cql"], tmp_path, "--run-name", "r", "--online-steps", str(STARTS + 1))
+    res = wiring_run(offline_checkpoints["cql"], tmp_path, "--align-actor", "train", "--run-name", "r", "--online-steps", str(STARTS + 1))
     assert set(res["reused_phases"]) == {"reevaluated", "aligned"}
     assert on_calls[0]["steps"]["qf"] == {R_STEPS + A_STEPS} and on_calls[0]["steps"]["actor"] == {A_STEPS}
     torch.testing.assert_close(on_calls[0]["qf_target"], on_calls[0]["qf"], rtol=0, atol=0)
     # reevaluated.pt reused, alignment recomputed: from the re-evaluation's target critics and critic Adam
-    (d / "online.pt").unlink()
+    unfinish(d)
     al_calls = spy(monkeypatch, "align_update", lambda i, args, kw: {"qf_target": flat(args[3]), "qf_steps": adam_steps(args[4])})
     on_calls, _ = spy_online(monkeypatch)
-    res = wiring_run(offline_checkpoints["cql"], tmp_path, "--run-name", "r", "--online-steps", str(STARTS + 1), "--align-steps", "5")
+    res = wiring_run(offline_checkpoints["cql"], tmp_path, "--align-actor", "train", "--run-name", "r", "--online-steps", str(STARTS + 1), "--align-steps", "5")
     assert res["reused_phases"] == ["reevaluated"] and len(al_calls) == 5
     assert al_calls[0]["qf_steps"] == {R_STEPS}
     for c in al_calls:

@@ -237,9 +237,11 @@ def test_budget_scale_resolution():
     assert a.lambda_lr == pytest.approx(5e-5 / 0.03) and a.stop_after is None
     o = td3.with_budget_scale(td3.with_mode_defaults(A(opt=True, budget_scale=0.03)))
     assert (o.online_steps, o.opt_collect_steps, o.opt_pretrain_steps, o.kappa_begin, o.kappa_finish) == (9_000, 750, 1_500, 750, 4_500)
-    # F = 1: the paper's protocol, only --align-eval-every resolved (align_steps // 10)
+    # F = 1: the paper's protocol, only --align-eval-every (align_steps // 10) and --checkpoint-every resolved
     one = td3.with_budget_scale(td3.with_mode_defaults(A()))
-    assert one == td3.dataclasses.replace(td3.with_mode_defaults(A()), align_eval_every=50_000)
+    assert one == td3.dataclasses.replace(td3.with_mode_defaults(A()), align_eval_every=50_000, checkpoint_every=10_000)
+    # the default checkpoint interval: at most a tenth of the online steps, whatever --eval-every is
+    assert td3.with_budget_scale(A(online_steps=40, eval_every=3_000)).checkpoint_every == 4
     # explicit flags are scaled too; rounding keeps counts >= 1, 0 stays 0; the checkpoint interval keeps its ratio
     e = td3.with_budget_scale(A(online_steps=1000, align_eval_every=7, learning_starts=0, eval_every=3, checkpoint_every=9,
                                  stop_after=500, align_steps=100, budget_scale=0.1))
@@ -672,6 +674,12 @@ def test_resume_after_kill_and_phase_reuse(tmp_path, offline_checkpoints):
     assert not any(p["reused"] for p in fresh["phases"].values())
 
 
+def unfinish(folder: Path) -> None:
+    """The run folder as a run killed before its first online.pt leaves it: phase checkpoints only."""
+    for name in ("online.pt", "final.pt", "results.json"):
+        (folder / name).unlink(missing_ok=True)
+
+
 def test_retrained_checkpoint_at_the_same_path_invalidates_saved_phases(tmp_path, offline_checkpoints):
     """Phases are keyed on the checkpoint's content: the same path and step count with other weights reuses nothing."""
     ck = tmp_path / "td3_bc_checkpoint.pt"
@@ -684,9 +692,69 @@ def test_retrained_checkpoint_at_the_same_path_invalidates_saved_phases(tmp_path
     c = torch.load(ck, map_location="cpu", weights_only=True)  # "retrain": other weights, same grad_steps
     c["actor"] = {k: v + 0.01 for k, v in c["actor"].items()}
     torch.save(c, ck)
-    (Path(first["run_dir"]) / "online.pt").unlink()
+    unfinish(Path(first["run_dir"]))  # a finished run of another checkpoint is refused
     retrained = run(tmp_path, ck, *extra)
     assert not any(p["reused"] for p in retrained["phases"].values())
+
+
+def test_run_folder_of_other_settings_refused_then_overwritten(tmp_path, offline_checkpoints, capsys):
+    """A finished run of other settings is refused (with --no-resume too), its files untouched; --overwrite deletes its
+    outputs, tensorboard events included, before the new run writes anything; a rerun then resumes the new run."""
+    ck = offline_checkpoints["td3_bc"]
+    first = run(tmp_path, ck, "--run-name", "w")
+    d = Path(first["run_dir"])
+    old_events = {p.name for p in d.glob("events.out.tfevents.*")}
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    for extra in ([], ["--no-resume"]):
+        with pytest.raises(SystemExit) as e:
+            run(tmp_path, ck, "--run-name", "w", "--gamma", "0.98", *extra)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "finished run with other settings (--gamma 0.99 (now 0.98))" in err and "--overwrite" in err
+        assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    res = run(tmp_path, ck, "--run-name", "w", "--gamma", "0.98", "--overwrite")
+    assert not any(p["reused"] for p in res["phases"].values()) and res["complete"]
+    events = {p.name for p in d.glob("events.out.tfevents.*")}
+    assert len(events) == 1 and not events & old_events  # the old logs are gone, not mixed with the new ones
+    assert torch.load(d / "final.pt", weights_only=True)["phase_key"]["gamma"] == 0.98
+    capsys.readouterr()
+    run(tmp_path, ck, "--run-name", "w", "--gamma", "0.98")  # the new run, finished: resumed
+    assert "resuming the online phase at env step 40" in capsys.readouterr().out
+    # where the folder lies is no setting: moved under another --run-dir, it resumes as well
+    shutil.copytree(d, tmp_path / "moved" / d.relative_to(tmp_path))
+    run(tmp_path / "moved", ck, "--run-name", "w", "--gamma", "0.98")
+    assert "resuming the online phase at env step 40" in capsys.readouterr().out
+
+
+def test_unfinished_run_of_other_settings_needs_no_resume(tmp_path, offline_checkpoints, capsys):
+    """online.pt of other settings: refused before any phase runs, never resumed or recomputed silently; --no-resume
+    starts the run afresh (every phase recomputed)."""
+    ck = offline_checkpoints["td3_bc"]
+    killed = run(tmp_path, ck, "--run-name", "k", "--stop-after", "30")
+    d = Path(killed["run_dir"])
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, ck, "--run-name", "k", "--explore-noise", "0.2")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unfinished run with other settings (--explore-noise None (now 0.2))" in err and "--no-resume" in err
+    assert torch.load(d / "online.pt", weights_only=True)["train_state"]["loop"]["global_step"] == 20
+    res = run(tmp_path, ck, "--run-name", "k", "--explore-noise", "0.2", "--no-resume")
+    assert res["complete"] and not any(p["reused"] for p in res["phases"].values())
+
+
+def test_default_checkpoint_interval_and_any_eval_every(tmp_path, offline_checkpoints):
+    """Without --checkpoint-every, online.pt comes every online_steps // 10 env steps (here 4 of 40), whatever
+    --eval-every is: --eval-every 3000 runs (it used to stop with '--checkpoint-every 10000 must be a multiple of
+    --eval-every 3000'); killed at step 30 the run resumes from step 28."""
+    i = TINY.index("--checkpoint-every")
+    tiny = TINY[:i] + TINY[i + 2:]
+    argv = [*tiny, "--checkpoint", str(offline_checkpoints["td3_bc"]), "--run-dir", str(tmp_path), "--eval-every", "3000", "--run-name", "c"]
+    killed = td3.main(tyro.cli(td3.Args, args=[*argv, "--stop-after", "30"]))
+    assert killed["stopped"] and killed["effective_budgets"]["checkpoint_every"] == 4
+    out = Path(killed["run_dir"])
+    assert torch.load(out / "online.pt", weights_only=True)["train_state"]["loop"]["global_step"] == 28
+    res = td3.main(tyro.cli(td3.Args, args=argv))
+    assert res["complete"] and json.loads((out / "results.json").read_text())["effective_budgets"]["checkpoint_every"] == 4
+    # an explicit interval needs no relation to --eval-every either
+    assert run(tmp_path, offline_checkpoints["td3_bc"], "--checkpoint-every", "30", "--run-name", "e")["complete"]
 
 
 def test_non_finite_loss_stops_with_phase_and_step(tmp_path, offline_checkpoints, capsys):
@@ -813,7 +881,7 @@ def _trace(tmp_path: Path, ckpt: Path, *flags: str) -> dict:
     return rec
 
 
-O2TD3_TRACE = ["--utd", "2", "--eps-steps", "30", "--run-name", "trace"]  # 31 env steps with updates, 2 each
+O2TD3_TRACE = ["--utd", "2", "--eps-steps", "30", "--run-name", "trace", "--align-actor", "train"]  # 31 env steps with updates, 2 each; the paper's alignment
 
 
 @pytest.fixture(scope="module")
@@ -896,7 +964,7 @@ def _adam_steps(ckpt: dict) -> dict[str, int]:
     return {k: int(float(o["state"][0]["step"])) for k, o in ckpt["train_state"]["optimizers"].items() if o["state"]}
 
 
-def test_optimisers_carry_over_phases_and_phase_reuse(o2td3_trace, scaled_checkpoint):
+def test_optimisers_carry_over_phases_and_phase_reuse(o2td3_trace, scaled_checkpoint, capsys):
     """One critic Adam from re-evaluation through alignment into fine-tuning, one actor Adam from alignment on; a rerun
     that reuses the phase checkpoints continues with their optimiser state."""
     n_updates, n_actor = 62, 31
@@ -909,9 +977,13 @@ def test_optimisers_carry_over_phases_and_phase_reuse(o2td3_trace, scaled_checkp
     again = run(out.parents[2], scaled_checkpoint, *O2TD3_TRACE)
     assert again["phases"]["reevaluated"]["reused"] and again["phases"]["aligned"]["reused"]
     assert _adam_steps(torch.load(out / "final.pt", weights_only=True)) == final
-    # re-evaluation reused, alignment recomputed (other --align-steps): the critic Adam continues from reevaluated.pt
+    # re-evaluation reused, alignment recomputed (other --align-steps, in the folder of a run killed before its first
+    # online.pt: a finished run of other settings is refused): the critic Adam continues from reevaluated.pt
+    unfinish(out)
+    capsys.readouterr()
     again = run(out.parents[2], scaled_checkpoint, *O2TD3_TRACE, "--align-steps", "10")
     assert again["phases"]["reevaluated"]["reused"] and not again["phases"]["aligned"]["reused"]
+    assert f"NOTICE: {out / 'aligned.pt'} was made with other arguments; recomputing phase aligned" in capsys.readouterr().out
     steps = _adam_steps(torch.load(out / "final.pt", weights_only=True))
     assert (steps["qf_opt"], steps["actor_opt"]) == (30 + n_updates, 10 + n_actor)
 
@@ -1022,7 +1094,7 @@ def test_align_actor_frozen_keeps_pi0(tmp_path, offline_checkpoints):
     assert states["train"] == {"actor_is_pi0": False, "target_is_pi0": False, "critic_moved": True, "actor_adam": True}
     # an aligned.pt of one mode is never reused by the other
     a = td3.with_budget_scale(td3.with_mode_defaults(td3.Args()))
-    assert td3.phase_key(a, "aligned", "s", {}) != td3.phase_key(td3.dataclasses.replace(a, align_actor="frozen"), "aligned", "s", {})
+    assert td3.phase_key(a, "aligned", "s", {}) != td3.phase_key(td3.dataclasses.replace(a, align_actor="train"), "aligned", "s", {})
 
 
 @pytest.mark.parametrize("tol", [0.0, 0.5])
@@ -1148,7 +1220,6 @@ def test_budget_scale_scales_opt_and_its_kappa_schedule(tmp_path, offline_checkp
     (["--env", "hopper-mediocre-v2"], "unknown env"),
     (["--reevaluate-steps", "0"], "--no-reevaluate"),
     (["--stop-after", "40"], "--stop-after"),
-    (["--checkpoint-every", "30"], "multiple of --eval-every"),
     (["--opt", "--no-align"], "--opt is its own pipeline"),
     (["--opt-balanced-replay"], "belongs to --opt"),
     (["--eps0", "0.5", "--eps-end", "0.1"], "must loosen"),
