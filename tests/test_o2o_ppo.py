@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import math
+import shutil
 from pathlib import Path
 
 import gymnasium as gym
@@ -486,6 +487,31 @@ def test_same_seed_same_result_and_phase_reuse(offline_checkpoints, tmp_path, ca
     printed = capsys.readouterr().out
     assert f"NOTICE: {out / 'reevaluated.pt'} was made with other arguments; recomputing phase reevaluated" in printed
     assert f"reusing {out / 'distilled.pt'}" in printed
+
+
+def test_retrained_checkpoint_at_the_same_path_invalidates_saved_phases(offline_checkpoints, tmp_path, capsys):
+    """Phases are keyed on the checkpoint's content: the same path with other weights (same step count) reuses no
+    saved phase, and a finished run of the old checkpoint in the folder is refused until --overwrite."""
+    ckpt_path = tmp_path / "cql_checkpoint.pt"
+    shutil.copy(offline_checkpoints["cql"], ckpt_path)
+    out = tmp_path / "o2o_ppo/hopper-medium-v2/r"
+    run(ckpt_path, tmp_path, "--run-name", "r")
+    for name in ("online.pt", "final.pt", "results.json"):
+        (out / name).unlink()
+    capsys.readouterr()
+    run(ckpt_path, tmp_path, "--run-name", "r")
+    assert f"reusing {out / 'reevaluated.pt'}" in capsys.readouterr().out
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # "retrain": other weights, same grad_steps
+    ck["actor"] = {k: v + 0.01 for k, v in ck["actor"].items()}
+    torch.save(ck, ckpt_path)
+    with pytest.raises(SystemExit) as e:
+        run(ckpt_path, tmp_path, "--run-name", "r")
+    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    for name in ("online.pt", "final.pt", "results.json"):
+        (out / name).unlink()
+    run(ckpt_path, tmp_path, "--run-name", "r")
+    printed = capsys.readouterr().out
+    assert "reusing" not in printed and "was made with other arguments; recomputing phase reevaluated" in printed
 
 
 def test_run_folder_of_other_settings_refused_then_overwritten(offline_checkpoints, tmp_path, capsys):
