@@ -1345,6 +1345,7 @@ def saved_key(saved: dict | None) -> dict | None:
     return key if isinstance(key, dict) else None
 
 
+# --- shared: runfolder ---
 def key_diff(saved: dict | None, now: dict, ignore: Sequence[str] = ()) -> list[str]:
     """`--flag saved (now given)` for every argument of the key `now` that differs from an earlier run's, a few words
     for its other entries (KEY_WORDS); empty when they agree. Entries named in `ignore` do not count."""
@@ -1417,6 +1418,7 @@ def check_allocations(buffers: Sequence[tuple[int, int, str, str]], device: torc
                 raise
             fail(f"{what} cannot be allocated on {device}; {fix}")
     del held
+# --- end shared: runfolder ---
 
 
 def make_checkpoint(ckpt: dict, data: dict, args: Args, actor: nn.Module, vf: Critic | None, reward_transform: dict,

@@ -1379,6 +1379,7 @@ def saved_key(saved: dict | None) -> dict | None:
     return key if isinstance(key, dict) else None
 
 
+# --- shared: runfolder ---
 def key_diff(saved: dict | None, now: dict, ignore: Sequence[str] = ()) -> list[str]:
     """`--flag saved (now given)` for every argument of the key `now` that differs from an earlier run's, a few words
     for its other entries (KEY_WORDS); empty when they agree. Entries named in `ignore` do not count."""
@@ -1451,6 +1452,7 @@ def check_allocations(buffers: Sequence[tuple[int, int, str, str]], device: torc
                 raise
             fail(f"{what} cannot be allocated on {device}; {fix}")
     del held
+# --- end shared: runfolder ---
 
 
 def offline_trajectory_indices(data: dict, top_k: int) -> np.ndarray:
