@@ -1126,6 +1126,7 @@ def reevaluate_update(pi0: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_
     return {"qf_loss": qf_loss.detach(), "qf_values": q.mean().detach()}
 
 
+# --- shared: fqe-stop ---
 REEVAL_CHECK_EVERY = 1000  # re-evaluation steps between two readings of Q on the fixed probe (the stopping rule's clock)
 
 
@@ -1150,6 +1151,7 @@ def fqe_gap(history: Sequence[float]) -> float:
 def fqe_converged(history: Sequence[float], tol: float) -> bool:
     """The re-evaluation stopping rule: the extrapolated gap is below tol times the size of the values (tol 0: never)."""
     return tol > 0 and fqe_gap(history) <= tol * max(abs(history[-1]), 1.0)
+# --- end shared: fqe-stop ---
 
 
 def align_update(pi0: TanhGaussianActor, actor: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_opt: torch.optim.Optimizer,

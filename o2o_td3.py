@@ -1453,6 +1453,7 @@ def reevaluate_update(ag: Agent, obs: Tensor, actions: Tensor, rewards: Tensor, 
     return out
 
 
+# --- shared: fqe-stop ---
 REEVAL_CHECK_EVERY = 1000  # re-evaluation steps between two readings of Q on the fixed probe (the stopping rule's clock)
 
 
@@ -1477,6 +1478,7 @@ def fqe_gap(history: Sequence[float]) -> float:
 def fqe_converged(history: Sequence[float], tol: float) -> bool:
     """The re-evaluation stopping rule: the extrapolated gap is below tol times the size of the values (tol 0: never)."""
     return tol > 0 and fqe_gap(history) <= tol * max(abs(history[-1]), 1.0)
+# --- end shared: fqe-stop ---
 
 
 def align_update(ag: Agent, obs: Tensor, *, policy_noise: float, noise_clip: float, beta: float, max_distance: float,
