@@ -1083,14 +1083,6 @@ def linear_lr(lr0: float, iteration: int, num_iterations: int) -> float:
     return lr0 * (1.0 - iteration / num_iterations)
 
 
-def min_first_tenth(curve: list[dict], total_steps: int) -> float:
-    """Lowest online evaluation within the first tenth of the online steps (the first online one if none falls there)."""
-    online = [e["normalized_score"] for e in curve if e["phase"] == "online" and e["step"] <= total_steps / 10]
-    if not online:
-        online = [e["normalized_score"] for e in curve if e["phase"] == "online"][:1]
-    return min(online) if online else float("nan")
-
-
 def early_eval_steps(total_steps: int, rollout_size: int, k: int) -> list[int]:
     """Env steps (rollout ends) of the --early-evals extra evaluations: for each mark total/10 * j/k, j = 1..k, the last
     rollout end at or before it; marks before the first rollout's end are dropped, marks inside one rollout share one
@@ -1419,6 +1411,92 @@ def check_allocations(buffers: Sequence[tuple[int, int, str, str]], device: torc
             fail(f"{what} cannot be allocated on {device}; {fix}")
     del held
 # --- end shared: runfolder ---
+
+
+# --- shared: provenance ---
+def software_versions() -> dict[str, str]:
+    """The versions a results.json was produced with (python, torch, gymnasium, mujoco, minari, numpy)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "gymnasium", "mujoco", "minari", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """The commit of the checkout this script lives in (with "+dirty" when its files differ from it); None when the
+    script is not in a git checkout or git is missing. Never waits more than a few seconds."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True,
+                               timeout=5)
+        return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+# --- end shared: provenance ---
+
+
+# --- shared: results ---
+# results.json, one schema for o2o_sac.py, o2o_td3.py and o2o_ppo.py (README, "results.json"). The curve is a list of
+# {phase, step, normalized_score, return}; phases in order: offline, distilled, align (evaluations during alignment,
+# step = alignment gradient step), aligned, then the online phase (step = online env steps; its first entry is the
+# policy online learning starts from, at step 0, or for OPT at the end of its collection; PORL's pre_sample stage
+# counts as online). Every summary number below has ONE definition, whatever the script.
+RESULTS_SCHEMA_VERSION = 1
+ONLINE_PHASES = ("online", "pre_sample")
+
+
+def method_name(reevaluate: bool, align: bool | None, constraint: bool, scratch: bool = False, opt: bool = False) -> str:
+    """What a run is, in one word for tables: ocr-cft, naive, porl (SAC's critic from scratch), opt (TD3's OPT), else
+    the parts switched off ("no-align", "no-reevaluate+no-constraint", ...). align=None: the method has no alignment."""
+    if scratch:
+        return "porl"
+    if opt:
+        return "opt"
+    off = [name for name, on in (("no-reevaluate", reevaluate), ("no-align", align), ("no-constraint", constraint)) if on is False]
+    if len(off) == (2 if align is None else 3):
+        return "naive"
+    return "+".join(off) or "ocr-cft"
+
+
+def curve_summary(curve: list[dict], online_start_score: float, online_steps: int) -> dict:
+    """The headline numbers of a run. min_first_tenth: the lowest of the score online learning starts from and every
+    online evaluation at step <= online_steps / 10 (the early drop the paper is about); final: the last online
+    evaluation (None before there is one); best: the highest of the start score and the online evaluations."""
+    score = lambda phase: next((p["normalized_score"] for p in curve if p["phase"] == phase), None)  # noqa: E731
+    online = [p for p in curve if p["phase"] in ONLINE_PHASES][1:]  # the evaluations; the first online entry is where it starts
+    tenth = [p["normalized_score"] for p in online if p["step"] <= online_steps / 10]
+    return {"offline_score": score("offline"), "distilled_score": score("distilled"), "aligned_score": score("aligned"),
+            "online_start_score": online_start_score, "min_first_tenth": min([online_start_score, *tenth]),
+            "final_score": online[-1]["normalized_score"] if online else None,
+            "best_score": max([online_start_score, *(p["normalized_score"] for p in online)]),
+            "evals_in_first_tenth": len(tenth)}
+
+
+def results_record(*, script: str, algo: str, method: str, mode: dict, env: str, data: dict, seed: int, offline_algo: str,
+                   offline_checkpoint: Path, curve: list[dict], online_start_score: float, online_steps: int, online_steps_done: int,
+                   budget_scale: float, wall_clock_s: dict, finished: bool, run_dir: Path, **extra: Any) -> dict:
+    """The common part of every o2o script's results.json, then the script's own entries (`extra`)."""
+    wall = {k: float(v) for k, v in wall_clock_s.items() if k != "total"}
+    return {"schema_version": RESULTS_SCHEMA_VERSION, "script": script, "algo": algo, "method": method, "mode": mode, "env": env,
+            "dataset_ids": list(data["dataset_ids"]), "local_standin": bool(data["local_standin"]), "seed": seed,
+            "offline_algo": offline_algo, "offline_checkpoint": str(offline_checkpoint),
+            **curve_summary(curve, online_start_score, online_steps), "online_steps": online_steps,
+            "online_steps_done": online_steps_done, "budget_scale": budget_scale, "curve": curve,
+            "wall_clock_s": {**wall, "total": sum(wall.values())}, "finished": finished, "versions": software_versions(),
+            "git_commit": git_commit(), "run_dir": str(run_dir), **extra}
+# --- end shared: results ---
 
 
 def make_checkpoint(ckpt: dict, data: dict, args: Args, actor: nn.Module, vf: Critic | None, reward_transform: dict,
@@ -1784,6 +1862,7 @@ def main(args: Args) -> dict:
         actor.log_std.requires_grad_(True)
         actor_ref = copy.deepcopy(pi0).eval()
         best = start_score
+        curve.append({"step": 0, "normalized_score": start_score, "return": start_ret, "phase": "online"})  # where online starts
         global_step, iteration, resumed_from = 0, 0, None
         episodes_seen = 0
     else:
@@ -1841,6 +1920,24 @@ def main(args: Args) -> dict:
     next_ckpt = (global_step // args.checkpoint_every + 1) * args.checkpoint_every
     bar = tqdm(total=num_iterations * args.rollout_size, initial=global_step, desc=f"o2o_ppo {mode}", disable=None)
     sps_t0, sps_step0 = time.time(), global_step
+    def results(finished: bool) -> dict:
+        return results_record(
+            script="o2o_ppo", algo="ppo", method=method_name(not args.no_reevaluate, None, not args.no_constraint),
+            mode={"name": mode, "reevaluate": not args.no_reevaluate, "constraint": not args.no_constraint, "reference": args.reference},
+            env=env_name, data=data, seed=args.seed, offline_algo=ckpt["algo"], offline_checkpoint=ckpt_path, curve=curve,
+            online_start_score=start_score, online_steps=total_steps, online_steps_done=global_step, budget_scale=args.budget_scale,
+            wall_clock_s=wall, finished=finished, run_dir=out, run_name=run_name, offline_actor_family=ckpt["actor_family"],
+            update_epochs=update_epochs, t_end=t_end, family_row=defaults["family_row"], family_env=defaults["family_env"],
+            log_std_max=log_std_max, reward_transform=reward_transform(),
+            reward_scaling={"mode": reward_mode, "from": "family table" if args.reward_scaling == "family" else "--reward-scaling",
+                            "affine": affine if reward_mode != "return-std" else None, "offline_return_std": offline_return_std,
+                            "final_return_std": return_std.std if return_std is not None else None},
+            num_envs=args.num_envs, iterations=iteration, resumed_from=resumed_from, distillation=distill_info, reevaluation=reeval_info,
+            budget={"given": {k: getattr(given, k) for k in BUDGET_STEPS},  # t_end None: the family table's
+                    "effective": {k: getattr(args, k) for k in BUDGET_STEPS}},
+            diagnostics={**{k: diagnostics.get(k) for k in ("states", "start", "reevaluated", "end")},
+                         "early_evals": {"requested": args.early_evals, "steps": early}, "evaluations": diagnostics["evaluations"]})
+
     stopped = False
     while iteration < num_iterations:
         for opt, lr0 in ((actor_opt, args.actor_lr), (vf_opt, args.critic_lr)):
@@ -1906,6 +2003,7 @@ def main(args: Args) -> dict:
         stop = args.stop_after is not None and global_step >= args.stop_after and not last
         if global_step >= next_ckpt or last or stop:
             save_online()
+            atomic_save(results(False), out / "results.json")  # progress so far
             next_ckpt = (global_step // args.checkpoint_every + 1) * args.checkpoint_every
         if stop:
             stopped = True
@@ -1917,30 +2015,7 @@ def main(args: Args) -> dict:
     if not stopped:
         diagnostics["end"] = diagnose("end", global_step, actor, vf)
     writer.close()
-    in_tenth = sum(1 for e in curve if e["phase"] == "online" and e["step"] <= total_steps / 10)
-    result = {
-        "script": CKPT_NAME, "mode": mode, "env": env_name, "run_name": run_name, "seed": args.seed,
-        "offline_algo": ckpt["algo"], "offline_checkpoint": str(ckpt_path), "offline_actor_family": ckpt["actor_family"],
-        "dataset_ids": data["dataset_ids"], "local_standin": data["local_standin"],
-        "reevaluate": not args.no_reevaluate, "constraint": not args.no_constraint, "reference": args.reference,
-        "update_epochs": update_epochs, "t_end": t_end, "family_row": defaults["family_row"], "family_env": defaults["family_env"],
-        "log_std_max": log_std_max, "reward_transform": reward_transform(),
-        "reward_scaling": {"mode": reward_mode, "from": "family table" if args.reward_scaling == "family" else "--reward-scaling",
-                           "affine": affine if reward_mode != "return-std" else None, "offline_return_std": offline_return_std,
-                           "final_return_std": return_std.std if return_std is not None else None},
-        "num_envs": args.num_envs, "env_steps": global_step, "iterations": iteration, "resumed_from": resumed_from, "stopped": stopped,
-        "curve": curve,
-        "phases": [{"phase": p, "start_step": 0, "wall_clock_s": s} for p, s in wall.items()],  # in the order they ran
-        "offline_normalized_score": curve[0]["normalized_score"], "start_normalized_score": start_score,
-        "final_normalized_score": curve[-1]["normalized_score"],
-        "min_normalized_score_first_tenth": min_first_tenth(curve, num_iterations * args.rollout_size),
-        "best_normalized_score": best, "distillation": distill_info, "reevaluation": reeval_info, "wall_clock_s": wall,
-        "budget": {"scale": args.budget_scale, "given": {k: getattr(given, k) for k in BUDGET_STEPS},  # t_end None: the family table's
-                   "effective": {k: getattr(args, k) for k in BUDGET_STEPS}},
-        "diagnostics": {**{k: diagnostics.get(k) for k in ("states", "start", "reevaluated", "end")},
-                        "early_evals": {"requested": args.early_evals, "steps": early, "online_evaluations_in_first_tenth": in_tenth},
-                        "evaluations": diagnostics["evaluations"]},
-    }
+    result = results(not stopped)
     if stopped:  # as if killed: only online.pt (and what came before) is on disk
         print(f"stopped after {global_step} env steps (--stop-after); rerun the same command without it to resume")
         return result
@@ -1948,8 +2023,8 @@ def main(args: Args) -> dict:
                                 grad_steps=iteration * update_epochs * (args.rollout_size // args.minibatch_size), env_steps=global_step,
                                 actor_ref=state_dict_cpu(actor_ref), best_score=best, curve=curve), out / "final.pt")
     atomic_save(result, out / "results.json")
-    print(f"o2o_ppo {mode} on {env_name}: offline {result['offline_normalized_score']:.1f} -> final {result['final_normalized_score']:.1f} "
-          f"(min over the first tenth {result['min_normalized_score_first_tenth']:.1f}); results in {out}")
+    print(f"o2o_ppo ({result['method']}) on {env_name}: offline {result['offline_score']:.1f} -> start of online {result['online_start_score']:.1f} "
+          f"-> final {result['final_score']:.1f} (min over first tenth {result['min_first_tenth']:.1f}); outputs in {out}")
     return result
 
 

@@ -1457,6 +1457,92 @@ def check_allocations(buffers: Sequence[tuple[int, int, str, str]], device: torc
 # --- end shared: runfolder ---
 
 
+# --- shared: provenance ---
+def software_versions() -> dict[str, str]:
+    """The versions a results.json was produced with (python, torch, gymnasium, mujoco, minari, numpy)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "gymnasium", "mujoco", "minari", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """The commit of the checkout this script lives in (with "+dirty" when its files differ from it); None when the
+    script is not in a git checkout or git is missing. Never waits more than a few seconds."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True,
+                               timeout=5)
+        return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+# --- end shared: provenance ---
+
+
+# --- shared: results ---
+# results.json, one schema for o2o_sac.py, o2o_td3.py and o2o_ppo.py (README, "results.json"). The curve is a list of
+# {phase, step, normalized_score, return}; phases in order: offline, distilled, align (evaluations during alignment,
+# step = alignment gradient step), aligned, then the online phase (step = online env steps; its first entry is the
+# policy online learning starts from, at step 0, or for OPT at the end of its collection; PORL's pre_sample stage
+# counts as online). Every summary number below has ONE definition, whatever the script.
+RESULTS_SCHEMA_VERSION = 1
+ONLINE_PHASES = ("online", "pre_sample")
+
+
+def method_name(reevaluate: bool, align: bool | None, constraint: bool, scratch: bool = False, opt: bool = False) -> str:
+    """What a run is, in one word for tables: ocr-cft, naive, porl (SAC's critic from scratch), opt (TD3's OPT), else
+    the parts switched off ("no-align", "no-reevaluate+no-constraint", ...). align=None: the method has no alignment."""
+    if scratch:
+        return "porl"
+    if opt:
+        return "opt"
+    off = [name for name, on in (("no-reevaluate", reevaluate), ("no-align", align), ("no-constraint", constraint)) if on is False]
+    if len(off) == (2 if align is None else 3):
+        return "naive"
+    return "+".join(off) or "ocr-cft"
+
+
+def curve_summary(curve: list[dict], online_start_score: float, online_steps: int) -> dict:
+    """The headline numbers of a run. min_first_tenth: the lowest of the score online learning starts from and every
+    online evaluation at step <= online_steps / 10 (the early drop the paper is about); final: the last online
+    evaluation (None before there is one); best: the highest of the start score and the online evaluations."""
+    score = lambda phase: next((p["normalized_score"] for p in curve if p["phase"] == phase), None)  # noqa: E731
+    online = [p for p in curve if p["phase"] in ONLINE_PHASES][1:]  # the evaluations; the first online entry is where it starts
+    tenth = [p["normalized_score"] for p in online if p["step"] <= online_steps / 10]
+    return {"offline_score": score("offline"), "distilled_score": score("distilled"), "aligned_score": score("aligned"),
+            "online_start_score": online_start_score, "min_first_tenth": min([online_start_score, *tenth]),
+            "final_score": online[-1]["normalized_score"] if online else None,
+            "best_score": max([online_start_score, *(p["normalized_score"] for p in online)]),
+            "evals_in_first_tenth": len(tenth)}
+
+
+def results_record(*, script: str, algo: str, method: str, mode: dict, env: str, data: dict, seed: int, offline_algo: str,
+                   offline_checkpoint: Path, curve: list[dict], online_start_score: float, online_steps: int, online_steps_done: int,
+                   budget_scale: float, wall_clock_s: dict, finished: bool, run_dir: Path, **extra: Any) -> dict:
+    """The common part of every o2o script's results.json, then the script's own entries (`extra`)."""
+    wall = {k: float(v) for k, v in wall_clock_s.items() if k != "total"}
+    return {"schema_version": RESULTS_SCHEMA_VERSION, "script": script, "algo": algo, "method": method, "mode": mode, "env": env,
+            "dataset_ids": list(data["dataset_ids"]), "local_standin": bool(data["local_standin"]), "seed": seed,
+            "offline_algo": offline_algo, "offline_checkpoint": str(offline_checkpoint),
+            **curve_summary(curve, online_start_score, online_steps), "online_steps": online_steps,
+            "online_steps_done": online_steps_done, "budget_scale": budget_scale, "curve": curve,
+            "wall_clock_s": {**wall, "total": sum(wall.values())}, "finished": finished, "versions": software_versions(),
+            "git_commit": git_commit(), "run_dir": str(run_dir), **extra}
+# --- end shared: results ---
+
+
 def offline_trajectory_indices(data: dict, top_k: int) -> np.ndarray:
     """Transition indices of the top_k offline episodes by return (--buffer-mode part)."""
     ends = np.flatnonzero(data["ends"] > 0.5)
@@ -1863,7 +1949,9 @@ def main(args: Args) -> dict:
             after_ret, after_score = (offline_ret, offline_score) if distill is None else (distill["return"], distill["normalized_score"])
         # ---- start of online (1c): pi_ref <- pi if alignment improved on the offline score
         tqdm.write(f"start of online: return {after_ret:.1f}, normalized score {after_score:.1f}")
-        curve.append({"step": 0, "normalized_score": after_score, "return": after_ret, "phase": "aligned" if align else "start_online"})
+        if align:
+            curve.append({"step": 0, "normalized_score": after_score, "return": after_ret, "phase": "aligned"})
+        curve.append({"step": 0, "normalized_score": after_score, "return": after_ret, "phase": "online"})  # where online starts
         start_score = offline_score if distill is None else distill["normalized_score"]
         if args.reference != "offline" and after_score > start_score:
             pi_ref_sd, best = state_dict_cpu(actor), after_score
@@ -1967,26 +2055,21 @@ def main(args: Args) -> dict:
 
     def results(finished: bool) -> dict:
         c = run["curve"]
-        # the start-of-online score (step 0) and every evaluation within the first tenth of the online budget
-        first_tenth = [p["normalized_score"] for p in c if p["phase"] in ("aligned", "start_online", "online", "pre_sample")
-                       and p["step"] <= args.online_steps / 10]
-        return {
-            "finished": finished, "env": args.env, "dataset_ids": data["dataset_ids"], "local_standin": data["local_standin"],
-            "offline_checkpoint": str(ckpt_path), "offline_algo": ckpt["algo"], "offline_actor_family": ckpt["actor_family"],
-            "mode": {"reevaluate": reevaluate, "align": align, "align_actor": args.align_actor if align else None, "constraint": constrain,
-                     "critic_init": args.critic_init, "reference": args.reference, "buffer_mode": buffer_mode, "critic": critic_config},
-            "budget": {"scale": args.budget_scale, **{k: getattr(args, k) for k in BUDGET_FIELDS}, "lambda_lr": args.lambda_lr},
-            "family_defaults": fam, "reward_handling": reward_handling, "reward_transform": reward_transform, "online_start": run.get("start"),
-            "distillation": run["distill"], "reevaluation": run.get("reevaluation"),
-            "offline_score": run["offline_score"], "after_align_score": run["after_align_score"],
-            "min_first_tenth_online": min(first_tenth), "final_score": c[-1]["normalized_score"], "best_score": run["best"],
-            "online_steps_done": run["t"], "curve": c, "wall_clock_s": run["wall"], "reused_phases": run["reused"],
-            "diagnostics": {"states": int(diag_obs.shape[0]), "samples_per_state": DIAG_SAMPLES, "boundaries": run["diagnostics"],
-                            "align_eval_every": args.align_eval_every if align else None,
-                            "align_scores": [[p["step"], p["normalized_score"]] for p in c if p["phase"] == "align"],
-                            "early_eval_steps": sorted(early), "evals_in_first_tenth": sum(0 < p["step"] <= args.online_steps / 10 for p in c
-                                                                                          if p["phase"] in ("online", "pre_sample"))},
-        }
+        return results_record(
+            script="o2o_sac", algo="sac", method=method_name(reevaluate, align, constrain, scratch=scratch),
+            mode={"reevaluate": reevaluate, "align": align, "align_actor": args.align_actor if align else None, "constraint": constrain,
+                  "critic_init": args.critic_init, "reference": args.reference, "buffer_mode": buffer_mode},
+            env=args.env, data=data, seed=args.seed, offline_algo=ckpt["algo"], offline_checkpoint=ckpt_path, curve=c,
+            online_start_score=run["after_align_score"], online_steps=args.online_steps, online_steps_done=run["t"],
+            budget_scale=args.budget_scale, wall_clock_s=run["wall"], finished=finished, run_dir=out,
+            offline_actor_family=ckpt["actor_family"], critic=critic_config,
+            budget={**{k: getattr(args, k) for k in BUDGET_FIELDS}, "lambda_lr": args.lambda_lr},
+            family_defaults=fam, reward_handling=reward_handling, reward_transform=reward_transform, online_start=run.get("start"),
+            distillation=run["distill"], reevaluation=run.get("reevaluation"), reused_phases=run["reused"],
+            diagnostics={"states": int(diag_obs.shape[0]), "samples_per_state": DIAG_SAMPLES, "boundaries": run["diagnostics"],
+                         "align_eval_every": args.align_eval_every if align else None,
+                         "align_scores": [[p["step"], p["normalized_score"]] for p in c if p["phase"] == "align"],
+                         "early_eval_steps": sorted(early)})
 
     porl_pre = args.pre_sample_steps if scratch else 0
     early = set(early_eval_steps(args.online_steps, args.early_evals))
@@ -2054,13 +2137,12 @@ def main(args: Args) -> dict:
                                        "log_lam": log_lam.item(), "critic_config": critic_config, "reward_transform": reward_transform,
                                        "curve": run["curve"]}), out / "final.pt")
     res = results(True)
-    res["run_dir"] = str(out)
     atomic_save(res, out / "results.json")
     writer.close()
     env.close()
     evaluator.close()
-    print(f"o2o_sac on {args.env}: offline {res['offline_score']:.1f} -> start of online {res['after_align_score']:.1f} -> final {res['final_score']:.1f} "
-          f"(min over first tenth {res['min_first_tenth_online']:.1f}); outputs in {out}")
+    print(f"o2o_sac on {args.env}: offline {res['offline_score']:.1f} -> start of online {res['online_start_score']:.1f} -> final "
+          f"{res['final_score']:.1f} (min over first tenth {res['min_first_tenth']:.1f}); outputs in {out}")
     return res
 
 

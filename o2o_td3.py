@@ -1742,6 +1742,92 @@ def check_allocations(buffers: Sequence[tuple[int, int, str, str]], device: torc
 # --- end shared: runfolder ---
 
 
+# --- shared: provenance ---
+def software_versions() -> dict[str, str]:
+    """The versions a results.json was produced with (python, torch, gymnasium, mujoco, minari, numpy)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "gymnasium", "mujoco", "minari", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """The commit of the checkout this script lives in (with "+dirty" when its files differ from it); None when the
+    script is not in a git checkout or git is missing. Never waits more than a few seconds."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True,
+                               timeout=5)
+        return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+# --- end shared: provenance ---
+
+
+# --- shared: results ---
+# results.json, one schema for o2o_sac.py, o2o_td3.py and o2o_ppo.py (README, "results.json"). The curve is a list of
+# {phase, step, normalized_score, return}; phases in order: offline, distilled, align (evaluations during alignment,
+# step = alignment gradient step), aligned, then the online phase (step = online env steps; its first entry is the
+# policy online learning starts from, at step 0, or for OPT at the end of its collection; PORL's pre_sample stage
+# counts as online). Every summary number below has ONE definition, whatever the script.
+RESULTS_SCHEMA_VERSION = 1
+ONLINE_PHASES = ("online", "pre_sample")
+
+
+def method_name(reevaluate: bool, align: bool | None, constraint: bool, scratch: bool = False, opt: bool = False) -> str:
+    """What a run is, in one word for tables: ocr-cft, naive, porl (SAC's critic from scratch), opt (TD3's OPT), else
+    the parts switched off ("no-align", "no-reevaluate+no-constraint", ...). align=None: the method has no alignment."""
+    if scratch:
+        return "porl"
+    if opt:
+        return "opt"
+    off = [name for name, on in (("no-reevaluate", reevaluate), ("no-align", align), ("no-constraint", constraint)) if on is False]
+    if len(off) == (2 if align is None else 3):
+        return "naive"
+    return "+".join(off) or "ocr-cft"
+
+
+def curve_summary(curve: list[dict], online_start_score: float, online_steps: int) -> dict:
+    """The headline numbers of a run. min_first_tenth: the lowest of the score online learning starts from and every
+    online evaluation at step <= online_steps / 10 (the early drop the paper is about); final: the last online
+    evaluation (None before there is one); best: the highest of the start score and the online evaluations."""
+    score = lambda phase: next((p["normalized_score"] for p in curve if p["phase"] == phase), None)  # noqa: E731
+    online = [p for p in curve if p["phase"] in ONLINE_PHASES][1:]  # the evaluations; the first online entry is where it starts
+    tenth = [p["normalized_score"] for p in online if p["step"] <= online_steps / 10]
+    return {"offline_score": score("offline"), "distilled_score": score("distilled"), "aligned_score": score("aligned"),
+            "online_start_score": online_start_score, "min_first_tenth": min([online_start_score, *tenth]),
+            "final_score": online[-1]["normalized_score"] if online else None,
+            "best_score": max([online_start_score, *(p["normalized_score"] for p in online)]),
+            "evals_in_first_tenth": len(tenth)}
+
+
+def results_record(*, script: str, algo: str, method: str, mode: dict, env: str, data: dict, seed: int, offline_algo: str,
+                   offline_checkpoint: Path, curve: list[dict], online_start_score: float, online_steps: int, online_steps_done: int,
+                   budget_scale: float, wall_clock_s: dict, finished: bool, run_dir: Path, **extra: Any) -> dict:
+    """The common part of every o2o script's results.json, then the script's own entries (`extra`)."""
+    wall = {k: float(v) for k, v in wall_clock_s.items() if k != "total"}
+    return {"schema_version": RESULTS_SCHEMA_VERSION, "script": script, "algo": algo, "method": method, "mode": mode, "env": env,
+            "dataset_ids": list(data["dataset_ids"]), "local_standin": bool(data["local_standin"]), "seed": seed,
+            "offline_algo": offline_algo, "offline_checkpoint": str(offline_checkpoint),
+            **curve_summary(curve, online_start_score, online_steps), "online_steps": online_steps,
+            "online_steps_done": online_steps_done, "budget_scale": budget_scale, "curve": curve,
+            "wall_clock_s": {**wall, "total": sum(wall.values())}, "finished": finished, "versions": software_versions(),
+            "git_commit": git_commit(), "run_dir": str(run_dir), **extra}
+# --- end shared: results ---
+
+
 def rng_state() -> dict:
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -1775,6 +1861,7 @@ class Run:
         self.diag_actions: Tensor | None = None
         self.reevaluation: dict | None = None  # how re-evaluation ended (run_reevaluation); None when it is skipped
         self.online_state: dict | None = None  # the online.pt to resume (check_run_folder); None: the online phase starts afresh
+        self.results: Callable[[bool], dict] = lambda finished: {}  # results.json so far (set by main)
 
     def evaluate(self, actor: nn.Module) -> tuple[float, float]:
         was_training = actor.training
@@ -2027,6 +2114,8 @@ def online_loop(run: Run, ag: Agent, replay: OnlineReplay, runner: EnvRunner, st
     a = run.args
     early = set(early)
     t0, s0 = time.time(), st["global_step"]
+    if not any(p["phase"] == "online" for p in run.curve):  # where online learning starts (OPT: after its collection steps)
+        run.curve.append({**run.curve[-1], "step": st["global_step"], "phase": "online"})  # the policy's last score
     bar = tqdm(range(st["global_step"] + 1, a.online_steps + 1), desc=phase, initial=st["global_step"], total=a.online_steps, disable=None)
     for global_step in bar:
         transition, ep_ret = runner.step(ag.actor, sigma)
@@ -2043,12 +2132,12 @@ def online_loop(run: Run, ag: Agent, replay: OnlineReplay, runner: EnvRunner, st
         if global_step % a.log_every == 0:
             run.flush(global_step, phase)
             run.writer.add_scalar("charts/SPS", (global_step - s0) / max(time.time() - t0, 1e-9), global_step)
-        regular = global_step % a.eval_every == 0
+        regular = global_step % a.eval_every == 0 or global_step == a.online_steps  # the last step is always evaluated
         if regular or global_step in early:
             ret, score = run.evaluate(ag.actor)
             st["n_evals"] += int(regular)
             run.record(global_step, ret, score, phase)
-            atomic_save({"complete": False, "curve": run.curve, "phases": run.phases}, run.out / "results.json")  # progress so far
+            atomic_save(run.results(False), run.out / "results.json")  # progress so far
             bar.set_postfix(score=f"{score:.1f}")
             if hasattr(ag, "actor_ref"):  # section 1e: reference update
                 if a.reference == "best" and score > st["best"]:
@@ -2192,15 +2281,6 @@ def run_opt(run: Run, ag: Agent, offline_qf: Critic, off_rb: ReplayBuffer, data:
     runner.close()
     run.phase_done("online", t0, False)
     return ok
-
-
-def summarize(run: Run, args: Args) -> dict:
-    curve = run.curve
-    online = [c for c in curve if c["step"] > 0 and c["phase"] != "align"]
-    first_tenth = [c["normalized_score"] for c in online if c["step"] <= args.online_steps / 10]
-    by_phase = {c["phase"]: c["normalized_score"] for c in curve if c["step"] == 0}
-    return {"offline_score": by_phase.get("offline"), "distilled_score": by_phase.get("distilled"), "aligned_score": by_phase.get("aligned"),
-            "min_first_tenth": min(first_tenth) if first_tenth else None, "final_score": curve[-1]["normalized_score"]}
 
 
 def validate(args: Args) -> None:
@@ -2380,6 +2460,21 @@ def main(args: Args) -> dict:
         pi0_score = distill["distilled_score"]
     actor0.requires_grad_(False)
 
+    def results(finished: bool) -> dict:
+        start = next((p["normalized_score"] for p in run.curve if p["phase"] == "online"), run.curve[-1]["normalized_score"])
+        return results_record(
+            script="o2o_td3", algo="td3", method=method_name(not args.no_reevaluate, not args.no_align, not args.no_constraint, opt=args.opt),
+            mode={"name": mode, "reevaluate": not args.no_reevaluate, "align": not args.no_align, "align_actor": args.align_actor,
+                  "constraint": not args.no_constraint, "critic_init": args.critic_init, "reference": args.reference,
+                  "buffer_mode": args.buffer_mode, "opt": args.opt, "opt_balanced_replay": args.opt_balanced_replay},
+            env=args.env, data=data, seed=args.seed, offline_algo=ckpt["algo"], offline_checkpoint=ckpt_path, curve=run.curve,
+            online_start_score=start, online_steps=args.online_steps,
+            online_steps_done=st["global_step"], budget_scale=args.budget_scale,
+            wall_clock_s={k: v["wall_clock_s"] for k, v in run.phases.items()}, finished=finished, run_dir=out,
+            offline_actor_family=ckpt["actor_family"], distillation=distill, reevaluation=run.reevaluation, phases=run.phases,
+            resolved_defaults=defaults, reward_handling=rewards, effective_budgets=effective_budgets(args), diagnostics=run.diagnostics)
+
+    run.results = results
     ag = Agent()
     ag.actor0 = actor0
     ag.actor = copy.deepcopy(actor0).requires_grad_(True)
@@ -2418,17 +2513,13 @@ def main(args: Args) -> dict:
 
     if ok:
         diagnose(run, ag, "end")
-    result = {"mode": mode, "run_dir": str(out), "offline_checkpoint": str(ckpt_path), "offline_algo": ckpt["algo"],
-              "actor_family": ckpt["actor_family"], "distillation": distill, "reevaluation": run.reevaluation,
-              "curve": run.curve, "phases": run.phases,
-              "dataset_ids": data["dataset_ids"], "local_standin": data["local_standin"], "resolved_defaults": defaults,
-              "online_steps": args.online_steps, "reward_handling": rewards, "align_actor": args.align_actor,
-              "budget_scale": args.budget_scale, "effective_budgets": effective_budgets(args), "diagnostics": run.diagnostics,
-              **summarize(run, args), "stopped": not ok, "complete": ok}
+    result = run.results(ok)
     if ok:
         run.checkpoint("final", ag, online_key(args, run.source, run.rewards), {}, run.curve[-1]["normalized_score"])
         atomic_save(result, out / "results.json")
-        print(f"{mode} on {args.env}: offline {result['offline_score']:.1f} -> final {result['final_score']:.1f}; outputs in {out}")
+        print(f"o2o_td3 ({result['method']}) on {args.env}: offline {result['offline_score']:.1f} -> start of online "
+              f"{result['online_start_score']:.1f} -> final {result['final_score']:.1f} (min over first tenth {result['min_first_tenth']:.1f}); "
+              f"outputs in {out}")
     run.close()
     return result
 

@@ -16,6 +16,7 @@ training settings; a larger --total-steps extends it), start over with --overwri
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -877,6 +878,40 @@ def file_digest(path: Path) -> str:
 # --- end shared: checkpoint ---
 
 
+# --- shared: provenance ---
+def software_versions() -> dict[str, str]:
+    """The versions a results.json was produced with (python, torch, gymnasium, mujoco, minari, numpy)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "gymnasium", "mujoco", "minari", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """The commit of the checkout this script lives in (with "+dirty" when its files differ from it); None when the
+    script is not in a git checkout or git is missing. Never waits more than a few seconds."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True,
+                               timeout=5)
+        return head.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+# --- end shared: provenance ---
+
+
 # ---------------------------------------------------------------- networks per method (CORL's MuJoCo architectures)
 ALGO_TABLE: dict[str, dict[str, Any]] = {
     "cql": dict(actor_family="tanh_gaussian", actor_hidden=(256, 256, 256), critic_hidden=(256, 256, 256)),
@@ -1331,6 +1366,8 @@ def main(args: Args) -> dict:
     if ckpt is None:  # a fresh start: logs and results of an earlier run here (--overwrite, or one that never checkpointed) go
         for old in [*out.glob("events.out.tfevents.*"), out / "results.json", ckpt_path]:
             old.unlink(missing_ok=True)
+    else:  # resumed: a results.json of the shorter finished run no longer describes this folder until the end
+        (out / "results.json").unlink(missing_ok=True)
     # resumed: tensorboard drops the logged points past the checkpoint (written before the earlier run stopped)
     writer = SummaryWriter(str(out), purge_step=start if ckpt is not None else None)
     writer.add_text("args", json.dumps(asdict(args)))
@@ -1373,8 +1410,11 @@ def main(args: Args) -> dict:
     bar.close()
     writer.close()
     evaluator.close()
-    result = {"checkpoint": str(ckpt_path), "grad_steps": args.total_steps, "eval_normalized_score": score, "eval_history": history,
-              "dataset_ids": data["dataset_ids"], "local_standin": data["local_standin"], "wall_clock_s": time.time() - t0}
+    # the o2o scripts' results.json schema where it applies (README, "results.json"); curve: [step, return, score] rows
+    result = {"schema_version": 1, "script": "offline_pretrain", "algo": args.algo, "env": args.env, "seed": args.seed,
+              "dataset_ids": data["dataset_ids"], "local_standin": data["local_standin"], "checkpoint": str(ckpt_path),
+              "grad_steps": args.total_steps, "eval_normalized_score": score, "eval_history": history,
+              "wall_clock_s": time.time() - t0, "finished": True, "versions": software_versions(), "git_commit": git_commit()}
     atomic_save(result, out / "results.json")
     print(f"offline {args.algo} on {args.env}: normalized score {score:.1f}; checkpoint {ckpt_path}")
     return result

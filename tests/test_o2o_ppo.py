@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import load_script
+from conftest import assert_results_schema, load_script
 
 ppo = load_script("o2o_ppo")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -408,12 +408,12 @@ def test_o2ppo_from_every_actor_family(offline_checkpoints, tmp_path, family):
         assert not (out / "distilled.pt").exists() and res["distillation"] is None
         actor = torch.load(out / "reevaluated.pt", weights_only=True)["actor"]
         assert all(torch.equal(actor[k], ckpt["actor"][k]) for k in ckpt["actor"])
-        phases = ["offline", "online", "online"]
-        assert res["start_normalized_score"] == res["offline_normalized_score"]
+        phases = ["offline", "online", "online", "online"]  # the start of online, two evaluations
+        assert res["online_start_score"] == res["offline_score"]
     else:
         assert (out / "distilled.pt").exists() and res["distillation"]["teacher_family"] == ckpt["actor_family"]
         assert math.isfinite(res["distillation"]["mse"])
-        phases = ["offline", "distilled", "online", "online"]
+        phases = ["offline", "distilled", "online", "online", "online"]
     assert [e["phase"] for e in res["curve"]] == phases and [e["step"] for e in res["curve"]][-2:] == [128, 256]
     s = scalars(out)
     for tag in ("losses/actor_loss", "losses/value_loss", "losses/ref_advantage", "losses/entropy", "reeval/value_loss", "eval/normalized_score"):
@@ -431,7 +431,9 @@ def test_o2ppo_from_every_actor_family(offline_checkpoints, tmp_path, family):
 def test_ablations(offline_checkpoints, tmp_path, flags, mode):
     res = run(offline_checkpoints["iql"], tmp_path, *flags)
     out = tmp_path / "o2o_ppo" / "hopper-medium-v2" / f"{mode}_seed0"
-    assert res["mode"] == mode and (out / "results.json").exists() and res["env_steps"] == 256
+    assert res["mode"]["name"] == mode and (out / "results.json").exists() and res["online_steps_done"] == 256
+    assert_results_schema(res, "o2o_ppo")
+    assert res["method"] == {"naive": "naive", "no_constraint": "no-constraint", "no_reevaluate": "no-reevaluate"}[mode]
     assert (out / "reevaluated.pt").exists() == ("--no-reevaluate" not in flags)
     assert (res["reevaluation"] is None) == ("--no-reevaluate" in flags)
     s = scalars(out)
@@ -445,11 +447,12 @@ def test_resume_after_kill_and_longer_budget(offline_checkpoints, tmp_path, caps
     ck = offline_checkpoints["iql"]
     out = tmp_path / "o2o_ppo" / "hopper-medium-v2" / "o2ppo_seed0"
     killed = run(ck, tmp_path, "--stop-after", "128")
-    assert killed["stopped"] and killed["env_steps"] == 128
-    assert (out / "online.pt").exists() and not (out / "results.json").exists() and not (out / "final.pt").exists()
+    assert not killed["finished"] and killed["online_steps_done"] == 128
+    assert (out / "online.pt").exists() and not (out / "final.pt").exists()
+    assert json.loads((out / "results.json").read_text())["finished"] is False  # a killed run's results say so
     resumed = run(ck, tmp_path)
     assert "resuming" in capsys.readouterr().out
-    assert resumed["resumed_from"] == 128 and resumed["env_steps"] == 256 and not resumed["stopped"]
+    assert resumed["resumed_from"] == 128 and resumed["online_steps_done"] == 256 and resumed["finished"]
     assert resumed["curve"][: len(killed["curve"])] == killed["curve"] and resumed["curve"][-1]["step"] == 256
     longer = run(ck, tmp_path, "--online-steps", "384")
     assert longer["resumed_from"] == 256 and longer["curve"][: len(resumed["curve"])] == resumed["curve"]
@@ -528,7 +531,7 @@ def test_run_folder_of_other_settings_refused_then_overwritten(offline_checkpoin
         assert e.value.code == 2 and "finished run with other settings (--clip-coef 0.2 (now 0.3))" in err and "--overwrite" in err
         assert {p.name: p.read_bytes() for p in d.iterdir()} == before
     res = run(ck, tmp_path, "--clip-coef", "0.3", "--overwrite")
-    assert res["resumed_from"] is None and res["env_steps"] == 256
+    assert res["resumed_from"] is None and res["online_steps_done"] == 256
     events = {p.name for p in d.glob("events.out.tfevents.*")}
     assert len(events) == 1 and not events & old_events  # the old logs are gone, not mixed with the new ones
     assert torch.load(d / "final.pt", weights_only=True)["phase_key"]["clip_coef"] == 0.3
@@ -700,7 +703,7 @@ def test_return_std_statistic_carries_through_a_resume(offline_checkpoints, tmp_
     n_offline = len(ppo.load_dataset("hopper-medium-v2", quiet=True)["rewards"])
     out = tmp_path / "o2o_ppo/hopper-medium-v2/o2ppo_seed0"
     killed, _ = spied_run(monkeypatch, ck, tmp_path, "--reward-scaling", "return-std", "--stop-after", "64")
-    assert killed["stopped"] and torch.load(out / "online.pt", weights_only=True)["return_std"]["count"] == n_offline + 64
+    assert not killed["finished"] and torch.load(out / "online.pt", weights_only=True)["return_std"]["count"] == n_offline + 64
     resumed, rec = spied_run(monkeypatch, ck, tmp_path, "--reward-scaling", "return-std")
     assert resumed["resumed_from"] == 64 and torch.load(out / "online.pt", weights_only=True)["return_std"]["count"] == n_offline + 128
     saved = torch.load(out / "online.pt", weights_only=True)["return_std"]
@@ -729,7 +732,7 @@ def test_time_limit_ends_bootstrap_in_what_the_update_sees(offline_checkpoints, 
         calls = rec["updates"][4 * k : 4 * (k + 1)]
         rows = rollout_rows(calls, roll["actions"].reshape(64, -1))
         np.testing.assert_allclose(torch.cat([c[4] for c in calls]).double().numpy(), target[rows], rtol=1e-5, atol=1e-4)
-    assert res["env_steps"] == 128
+    assert res["online_steps_done"] == 128
 
 
 # ---------------------------------------------------------------- diagnostics, early evaluations, --budget-scale
@@ -751,8 +754,8 @@ def test_diagnostics_and_early_evaluations_in_results(offline_checkpoints, tmp_p
     out = tmp_path / "o2o_ppo/hopper-medium-v2/o2ppo_seed0"
     diag = json.loads((out / "results.json").read_text())["diagnostics"]
     assert diag == json.loads(json.dumps(res["diagnostics"]))
-    assert [e["step"] for e in res["curve"] if e["phase"] == "online"] == [32, 64, 640]  # 2 early + the last
-    assert diag["early_evals"] == {"requested": 2, "steps": [32, 64], "online_evaluations_in_first_tenth": 2}
+    assert [e["step"] for e in res["curve"] if e["phase"] == "online"] == [0, 32, 64, 640]  # 2 early + the last
+    assert diag["early_evals"] == {"requested": 2, "steps": [32, 64]} and res["evals_in_first_tenth"] == 2
     assert len(refs) == 3  # every evaluation is offered to update_reference
     for b, step in (("start", 0), ("reevaluated", 0), ("end", 640)):
         assert set(diag[b]) == BOUNDARY_KEYS and diag[b]["step"] == step, b
@@ -817,15 +820,15 @@ def test_budget_scale_halves_every_budget(offline_checkpoints, tmp_path, monkeyp
                                             "--eval-episodes", "1", "--device", "cpu", *flags, "--budget-scale", "0.5"]))
     half = {k: v // 2 for k, v in given.items()}
     assert calls == {"distill": 20, "reeval": 10, "ppo": 2 * 2, "env_steps": 128, "online_pt": 2}
-    assert res["env_steps"] == 128 and res["t_end"] == 256 and res["distillation"]["steps"] == 20 and res["reevaluation"]["steps"] == 10
-    assert [e["step"] for e in res["curve"] if e["phase"] == "online"] == [64, 128]
+    assert res["online_steps_done"] == 128 and res["t_end"] == 256 and res["distillation"]["steps"] == 20 and res["reevaluation"]["steps"] == 10
+    assert [e["step"] for e in res["curve"] if e["phase"] == "online"] == [0, 64, 128]
     out = tmp_path / "o2o_ppo/hopper-medium-v2/o2ppo_seed0"
     s = scalars(out)
     assert s["charts/constraint_weight"] == pytest.approx([1 - 64 / 256, 1 - 128 / 256])
     acc = EventAccumulator(str(out))
     acc.Reload()
     assert [e.step for e in acc.Scalars("distill/loss")] == [16, 20]  # logged every 16 steps and at the end
-    budget = {"scale": 0.5, "given": given, "effective": half}
+    budget = {"given": given, "effective": half}
     assert res["budget"] == budget and json.loads((out / "results.json").read_text())["budget"] == budget
     args_json = json.loads((out / "args.json").read_text())
     assert args_json["budget_scale"] == 0.5 and {k: args_json[k] for k in half} == half
@@ -1007,11 +1010,11 @@ def test_speed_flags_end_to_end(offline_checkpoints, tmp_path, flags, family):
         res = run(offline_checkpoints[family], tmp_path, *flags, "--threads", "1")
     finally:
         torch._dynamo.reset()
-    out = tmp_path / "o2o_ppo" / "hopper-medium-v2" / f"{res['mode']}_seed0"
+    out = tmp_path / "o2o_ppo" / "hopper-medium-v2" / f"{res['mode']['name']}_seed0"
     phase_files = ("distilled.pt", "reevaluated.pt") if family == "bc_det" else ()
     for f in ("args.json", "results.json", "final.pt", "online.pt") + phase_files:
         assert (out / f).exists(), f
-    assert res["env_steps"] == 256 and all(math.isfinite(e["normalized_score"]) for e in res["curve"])
+    assert res["online_steps_done"] == 256 and all(math.isfinite(e["normalized_score"]) for e in res["curve"])
     s = scalars(out)
     phase_tags = ("distill/loss", "reeval/value_loss") if family == "bc_det" else ()
     for tag in ("losses/actor_loss", "losses/value_loss", "losses/ref_advantage", "losses/entropy") + phase_tags:

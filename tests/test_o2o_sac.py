@@ -18,7 +18,7 @@ import torch
 import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import load_script
+from conftest import assert_results_schema, load_script
 
 o2o = load_script("o2o_sac")
 
@@ -228,13 +228,16 @@ def test_smoke_mode(name, smoke_runs):
     assert mode["reevaluate"] == ("--no-reevaluate" not in extra and not porl)
     assert mode["align"] == ("--no-align" not in extra and not porl)
     assert mode["constraint"] == ("--no-constraint" not in extra and not porl)
+    assert_results_schema(res, "o2o_sac")
+    assert res["method"] == {"o2sac_cql": "ocr-cft", "iql_noreeval_interval_all": "no-reevaluate", "td3bc_noalign_offline_part": "no-align",
+                             "bcdet_noconstraint_none": "no-constraint", "naive_cql": "naive", "porl_bc": "porl"}[name]
     for f in ("args.json", "results.json", "final.pt", "online.pt"):
         assert (d / f).is_file(), f
     assert (d / "reevaluated.pt").is_file() == mode["reevaluate"]
     assert (d / "aligned.pt").is_file() == mode["align"]
     curve = res["curve"]
     assert curve[0]["step"] == 0 and curve[0]["phase"] == "offline"
-    assert [p["phase"] for p in curve if p["step"] == 0][-1] == ("aligned" if mode["align"] else "start_online")
+    assert [p["phase"] for p in curve if p["step"] == 0][-2:] == (["aligned", "online"] if mode["align"] else [["offline", "distilled"][bool(res["distillation"])], "online"])
     # alignment evaluated every align_steps // 10 steps by default; 5 extra evaluations inside the first tenth online
     assert [p["step"] for p in curve if p["phase"] == "align"] == (list(range(5, 51, 5)) if mode["align"] else [])
     online = [p for p in curve if p["step"] > 0 and p["phase"] != "align"]
@@ -254,9 +257,9 @@ def test_smoke_mode(name, smoke_runs):
     assert ck["actor_family"] == "tanh_gaussian" and family["grad_steps"] == 300
     o2o.actor_from_checkpoint(ck)
     # --no-reevaluate keeps a checkpoint critic when there is one (IQL), else new LayerNorm critics
-    assert mode["critic"]["from"] == ("checkpoint" if algo in ("iql", "cql") and "--no-reevaluate" in extra else "new")
+    assert res["critic"]["from"] == ("checkpoint" if algo in ("iql", "cql") and "--no-reevaluate" in extra else "new")
     # only a kept checkpoint critic keeps the checkpoint's reward transform; new critics learn on raw rewards
-    assert res["reward_handling"] == ("checkpoint" if mode["critic"]["from"] == "checkpoint" else "raw")
+    assert res["reward_handling"] == ("checkpoint" if res["critic"]["from"] == "checkpoint" else "raw")
     sc = scalars(d)
     for tag in ("losses/qf_loss", "losses/actor_loss", "losses/alpha", "eval/normalized_score", "charts/kl_threshold"):
         assert tag in sc and sc[tag] and all(math.isfinite(v) for v in sc[tag]), tag
@@ -631,8 +634,8 @@ def test_diagnostics_in_results_and_tensorboard(offline_checkpoints, tmp_path):
     assert [p["step"] for p in saved["curve"] if p["phase"] == "align"] == align_steps
     assert [s for s, _ in diag["align_scores"]] == align_steps and diag["align_eval_every"] == A_STEPS // 10
     early = [ONLINE * k // 50 for k in range(1, 6)]  # floor(60 / 10 * k / 5) = 1, 2, 3, 4, 6
-    assert diag["early_eval_steps"] == early and diag["evals_in_first_tenth"] == 5
-    assert [p["step"] for p in saved["curve"] if p["phase"] == "online"] == [*early, ONLINE]
+    assert diag["early_eval_steps"] == early and saved["evals_in_first_tenth"] == 5
+    assert [p["step"] for p in saved["curve"] if p["phase"] == "online"] == [0, *early, ONLINE]
     assert diag["states"] == 2048 and diag["samples_per_state"] == o2o.DIAG_SAMPLES
     assert list(diag["boundaries"]) == list(o2o.BOUNDARIES)
     for name, st in diag["boundaries"].items():
@@ -666,7 +669,7 @@ def test_align_actor(align_actor, offline_checkpoints, monkeypatch, tmp_path):
     # the critics align in both modes; the frozen actor keeps the offline score at the start of online
     assert on_calls[0]["steps"]["qf"] == {R_STEPS + A_STEPS}
     if frozen:
-        assert res["after_align_score"] == res["offline_score"]
+        assert res["online_start_score"] == res["offline_score"]
 
 
 def test_fqe_gap_extrapolates_a_geometric_approach():
@@ -737,10 +740,10 @@ def test_budget_scale_halves_every_budget(offline_checkpoints, monkeypatch, tmp_
         assert c["eps"] == pytest.approx(o2o.kl_threshold(starts + 1 + j // UTD, EPS0, EPS_END, horizon), rel=1e-6), j
     assert on_calls[0]["lambda_lr"] == pytest.approx(5e-5 / 0.5)
     assert [p["step"] for p in res["curve"] if p["phase"] == "align"] == [2, 4, 6, 8, 10]
-    assert [p["step"] for p in res["curve"] if p["phase"] == "online"] == [on] and res["online_steps_done"] == on
+    assert [p["step"] for p in res["curve"] if p["phase"] == "online"] == [0, on] and res["online_steps_done"] == on
     sc = scalars(Path(res["run_dir"]))
     assert len(sc["reevaluate/qf_loss"]) == 2 and len(sc["losses/qf_loss"]) == 3  # log every 5: steps 5, 10; env steps 20, 25, 30
-    assert res["budget"] == {"scale": 0.5, "distill_steps": 5, "reevaluate_steps": R_STEPS // 2, "align_steps": A_STEPS // 2, "online_steps": on,
+    assert res["budget_scale"] == 0.5 and res["budget"] == {"distill_steps": 5, "reevaluate_steps": R_STEPS // 2, "align_steps": A_STEPS // 2, "online_steps": on,
                              "pre_sample_steps": 2500, "learning_starts": starts, "kl_horizon": horizon, "eval_every": on,
                              "align_eval_every": 2, "checkpoint_every": 500, "log_every": 5, "stop_after": None,
                              "lambda_lr": pytest.approx(1e-4)}

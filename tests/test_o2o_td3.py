@@ -14,7 +14,7 @@ import pytest
 import torch
 import tyro
 
-from conftest import load_script
+from conftest import assert_results_schema, load_script
 
 td3 = load_script("o2o_td3")
 
@@ -536,8 +536,11 @@ def check_outputs(res: dict, phases: list[str], n_online_evals: int = 2) -> None
     saved = json.loads((out / "results.json").read_text())
     curve = saved["curve"]
     assert curve[0]["step"] == 0 and curve[0]["phase"] == "offline"
-    assert [c["phase"] for c in curve if c["step"] == 0] == ["offline", *phases]
-    assert [c["step"] for c in curve if c["step"] > 0] == [20 * (i + 1) for i in range(n_online_evals)]
+    start = next(i for i, c in enumerate(curve) if c["phase"] == "online")  # where online starts: the last score, not an evaluation
+    assert curve[start]["normalized_score"] == curve[start - 1]["normalized_score"] == saved["online_start_score"]
+    rest = curve[:start] + curve[start + 1:]
+    assert [c["phase"] for c in rest if c["step"] == 0] == ["offline", *phases]
+    assert [c["step"] for c in rest if c["step"] > 0] == [20 * (i + 1) for i in range(n_online_evals)]
     assert all(math.isfinite(c["normalized_score"]) for c in curve)
     assert saved["final_score"] == curve[-1]["normalized_score"] and saved["local_standin"] is True
     assert saved["dataset_ids"] == ["local/hopper/medium-v0"]
@@ -557,7 +560,9 @@ def test_default_o2td3_reaches_every_phase(tmp_path, offline_checkpoints):
     check_outputs(res, ["aligned"])
     out = Path(res["run_dir"])
     assert (out / "reevaluated.pt").exists() and (out / "aligned.pt").exists() and not (out / "distilled.pt").exists()
-    assert res["mode"] == "o2td3" and res["distillation"] is None
+    assert res["mode"]["name"] == "o2td3" and res["distillation"] is None
+    assert_results_schema(res, "o2o_td3")
+    assert res["method"] == "ocr-cft" and res["aligned_score"] is not None and res["distilled_score"] is None
     s = scalars(res["run_dir"])
     for k in ("losses/reeval_qf_loss", "losses/align_loss", "losses/align_actor_loss", "losses/qf_loss", "losses/actor_loss", "losses/lambda", "charts/kl_threshold", "eval/normalized_score", "charts/SPS"):
         assert k in s and all(math.isfinite(v) for v in s[k]), k
@@ -578,7 +583,7 @@ def test_ablations(tmp_path, offline_checkpoints, flags, phases, mode):
     res = run(tmp_path, offline_checkpoints["td3_bc"], *flags)
     check_outputs(res, phases)
     out = Path(res["run_dir"])
-    assert res["mode"] == mode and out.name.startswith(mode)
+    assert res["mode"]["name"] == mode and out.name.startswith(mode)
     assert (out / "reevaluated.pt").exists() == ("--no-reevaluate" not in flags)
     assert (out / "aligned.pt").exists() == ("--no-align" not in flags)
     assert (res["reevaluation"] is None) == ("--no-reevaluate" in flags)
@@ -601,7 +606,7 @@ def test_opt(tmp_path, offline_checkpoints, flags):
     check_outputs(res, [])
     out = Path(res["run_dir"])
     assert (out / "opt_pretrained.pt").exists() and not (out / "reevaluated.pt").exists()
-    assert [c["phase"] for c in res["curve"]] == ["offline", "opt_collect", "online"]
+    assert [c["phase"] for c in res["curve"]] == ["offline", "opt_collect", "online", "online"]  # online: its start, then an evaluation
     s = scalars(res["run_dir"])
     for k in ("losses/opt_meta_loss", "losses/opt_w", "losses/qf_loss", "losses/qf_on_loss", "losses/actor_loss", "charts/kappa"):
         assert k in s and all(math.isfinite(v) for v in s[k]), k
@@ -640,7 +645,7 @@ def test_buffer_modes(tmp_path, offline_checkpoints, buffer_mode):
 def test_checkpoint_families(tmp_path, offline_checkpoints, name, family):
     res = run(tmp_path, offline_checkpoints[name], "--no-reevaluate", "--align-steps", "5", "--online-steps", "20")
     check_outputs(res, (["distilled"] if family != "deterministic" else []) + ["aligned"], n_online_evals=1)
-    assert res["actor_family"] == family
+    assert res["offline_actor_family"] == family
     if family == "deterministic":
         assert res["distillation"] is None
     else:
@@ -655,9 +660,9 @@ def test_resume_after_kill_and_phase_reuse(tmp_path, offline_checkpoints):
     extra = ["--online-steps", "60", "--eval-every", "10", "--checkpoint-every", "10"]
     full = run(tmp_path, ck, *extra, "--run-name", "full")
     killed = run(tmp_path, ck, *extra, "--run-name", "killed", "--stop-after", "30")
-    assert killed["stopped"] and not (Path(killed["run_dir"]) / "final.pt").exists()
+    assert not killed["finished"] and not (Path(killed["run_dir"]) / "final.pt").exists()
     resumed = run(tmp_path, ck, *extra, "--run-name", "killed")
-    assert not resumed["stopped"] and resumed["phases"]["aligned"]["reused"]
+    assert resumed["finished"] and resumed["phases"]["aligned"]["reused"]
     assert [c["step"] for c in resumed["curve"]] == [c["step"] for c in full["curve"]]
     prefix = [c for c in full["curve"] if c["step"] <= 30]
     assert resumed["curve"][: len(prefix)] == prefix  # identical up to the kill
@@ -712,7 +717,7 @@ def test_run_folder_of_other_settings_refused_then_overwritten(tmp_path, offline
         assert e.value.code == 2 and "finished run with other settings (--gamma 0.99 (now 0.98))" in err and "--overwrite" in err
         assert {p.name: p.read_bytes() for p in d.iterdir()} == before
     res = run(tmp_path, ck, "--run-name", "w", "--gamma", "0.98", "--overwrite")
-    assert not any(p["reused"] for p in res["phases"].values()) and res["complete"]
+    assert not any(p["reused"] for p in res["phases"].values()) and res["finished"]
     events = {p.name for p in d.glob("events.out.tfevents.*")}
     assert len(events) == 1 and not events & old_events  # the old logs are gone, not mixed with the new ones
     assert torch.load(d / "final.pt", weights_only=True)["phase_key"]["gamma"] == 0.98
@@ -737,7 +742,7 @@ def test_unfinished_run_of_other_settings_needs_no_resume(tmp_path, offline_chec
     assert e.value.code == 2 and "unfinished run with other settings (--explore-noise None (now 0.2))" in err and "--no-resume" in err
     assert torch.load(d / "online.pt", weights_only=True)["train_state"]["loop"]["global_step"] == 20
     res = run(tmp_path, ck, "--run-name", "k", "--explore-noise", "0.2", "--no-resume")
-    assert res["complete"] and not any(p["reused"] for p in res["phases"].values())
+    assert res["finished"] and not any(p["reused"] for p in res["phases"].values())
 
 
 def test_default_checkpoint_interval_and_any_eval_every(tmp_path, offline_checkpoints):
@@ -748,13 +753,13 @@ def test_default_checkpoint_interval_and_any_eval_every(tmp_path, offline_checkp
     tiny = TINY[:i] + TINY[i + 2:]
     argv = [*tiny, "--checkpoint", str(offline_checkpoints["td3_bc"]), "--run-dir", str(tmp_path), "--eval-every", "3000", "--run-name", "c"]
     killed = td3.main(tyro.cli(td3.Args, args=[*argv, "--stop-after", "30"]))
-    assert killed["stopped"] and killed["effective_budgets"]["checkpoint_every"] == 4
+    assert not killed["finished"] and killed["effective_budgets"]["checkpoint_every"] == 4
     out = Path(killed["run_dir"])
     assert torch.load(out / "online.pt", weights_only=True)["train_state"]["loop"]["global_step"] == 28
     res = td3.main(tyro.cli(td3.Args, args=argv))
-    assert res["complete"] and json.loads((out / "results.json").read_text())["effective_budgets"]["checkpoint_every"] == 4
+    assert res["finished"] and json.loads((out / "results.json").read_text())["effective_budgets"]["checkpoint_every"] == 4
     # an explicit interval needs no relation to --eval-every either
-    assert run(tmp_path, offline_checkpoints["td3_bc"], "--checkpoint-every", "30", "--run-name", "e")["complete"]
+    assert run(tmp_path, offline_checkpoints["td3_bc"], "--checkpoint-every", "30", "--run-name", "e")["finished"]
 
 
 def test_non_finite_loss_stops_with_phase_and_step(tmp_path, offline_checkpoints, capsys):
@@ -1061,7 +1066,7 @@ def test_diagnostics_align_and_early_evaluations_through_main(tmp_path, offline_
     assert [c["step"] for c in align] == [5, 10, 15, 20]  # every 5 of 20 alignment steps; the last is the aligned actor
     assert align[-1]["normalized_score"] == saved["aligned_score"]
     online = [c["step"] for c in curve if c["phase"] == "online"]
-    assert online == [2, 4, 6, 8, 10, 20, 40, 60, 80, 100]  # 5 early evaluations in the first tenth, then --eval-every 20
+    assert online == [0, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100]  # 0: the start of online  # 5 early evaluations in the first tenth, then --eval-every 20
     assert saved["min_first_tenth"] == min(c["normalized_score"] for c in curve if c["phase"] == "online" and c["step"] <= 10)
     steps = scalar_steps(res["run_dir"])
     assert steps["align/normalized_score"] == [5, 10, 15, 20]
@@ -1070,14 +1075,14 @@ def test_diagnostics_align_and_early_evaluations_through_main(tmp_path, offline_
     res = run(tmp_path, offline_checkpoints["td3_bc"], "--opt", "--early-evals", "2")
     q_on = tuple(k.replace("q_", "q_on_") for k in Q_KEYS[:4])
     _assert_diagnostics(res["diagnostics"], {b: Q_KEYS + q_on for b in ("start", "opt_pretrained", "end")})
-    assert [c["step"] for c in res["curve"] if c["phase"] == "online"] == [21, 22, 40]
+    assert [c["step"] for c in res["curve"] if c["phase"] == "online"] == [20, 21, 22, 40]  # online starts after the collection
 
 
 def test_align_actor_frozen_keeps_pi0(tmp_path, offline_checkpoints):
     states = {}
     for mode in ("frozen", "train"):
         res = run(tmp_path, offline_checkpoints["td3_bc"], "--align-actor", mode, "--online-steps", "20", "--run-name", mode)
-        assert res["align_actor"] == mode
+        assert res["mode"]["align_actor"] == mode
         out = Path(res["run_dir"])
         aligned = torch.load(out / "aligned.pt", weights_only=True)["train_state"]
         reevaluated = torch.load(out / "reevaluated.pt", weights_only=True)["train_state"]
@@ -1181,7 +1186,7 @@ def test_budget_scale_halves_every_budget_through_main(tmp_path, offline_checkpo
     online_steps = range(10, 41)  # --learning-starts 10 of --online-steps 40, UTD 1
     assert [c[0] for c in calls["o2td3_update"]] == pytest.approx([td3.constraint_threshold(t, d["eps0"], d["eps_end"], 30) for t in online_steps],
                                                                   rel=1e-6)  # the threshold horizon is 30 env steps
-    assert [c["step"] for c in res["curve"] if c["phase"] == "online"] == [20, 40]
+    assert [c["step"] for c in res["curve"] if c["phase"] == "online"] == [0, 20, 40]
     assert [c["step"] for c in res["curve"] if c["phase"] == "align"] == [10, 20]
     steps = scalar_steps(res["run_dir"])
     assert steps["charts/kl_threshold"] == [0, 10, 20, 30, 40] and steps["losses/reeval_qf_loss"] == [10, 20]  # --log-every 10

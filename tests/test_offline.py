@@ -154,8 +154,20 @@ def actor_of(result):
 
 def test_resume_continues_exactly(tiny_dataset, tmp_path):
     straight = run(tmp_path / "a")
-    run(tmp_path / "b", "--total-steps", "30")
-    resumed = run(tmp_path / "b", "--resume")
+    short = run(tmp_path / "b", "--total-steps", "30")
+    folder = Path(short["checkpoint"]).parent
+    assert json.loads((folder / "results.json").read_text())["finished"]
+    killed = []  # a resumed run: the shorter run's results.json is gone until the longer one finishes
+    orig = op.Evaluator.__call__
+    op.Evaluator.__call__ = lambda self, act: (killed.append((folder / "results.json").exists()), orig(self, act))[1]
+    try:
+        resumed = run(tmp_path / "b", "--resume")
+    finally:
+        op.Evaluator.__call__ = orig
+    assert killed == [False]
+    saved = json.loads((folder / "results.json").read_text())
+    assert saved["schema_version"] == 1 and saved["script"] == "offline_pretrain" and saved["finished"] and saved["grad_steps"] == 60
+    assert (saved["algo"], saved["env"], saved["seed"]) == ("td3_bc", "hopper-medium-v2", 0) and set(saved["versions"]) >= {"torch", "minari"}
     assert [h[0] for h in resumed["eval_history"]] == [30, 60]
     assert resumed["eval_history"] == straight["eval_history"]
     for k, v in actor_of(straight).items():

@@ -15,14 +15,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CANONICAL = ROOT / "offline_pretrain.py"
-HOME = {"runfolder": ROOT / "o2o_sac.py", "fqe-stop": ROOT / "o2o_sac.py"}  # blocks offline_pretrain.py does not use: their canonical copy
+HOME = {"runfolder": ROOT / "o2o_sac.py", "fqe-stop": ROOT / "o2o_sac.py", "results": ROOT / "o2o_sac.py"}  # blocks offline_pretrain.py does not use: their canonical copy
 BLOCK_RE = re.compile(r"^# --- shared: (?P<name>[\w-]+) ---\n.*?^# --- end shared: (?P=name) ---$", re.S | re.M)
 # which blocks each script must carry
 REQUIRED = {
     "make_dataset.py": {"utils", "networks", "dataset", "evaluation"},
-    "o2o_sac.py": {"utils", "networks", "accel", "dataset", "buffer", "evaluation", "checkpoint", "runfolder", "fqe-stop"},
-    "o2o_td3.py": {"utils", "networks", "accel", "dataset", "buffer", "evaluation", "checkpoint", "runfolder", "fqe-stop"},
-    "o2o_ppo.py": {"utils", "networks", "accel", "dataset", "buffer", "evaluation", "checkpoint", "runfolder"},
+    "o2o_sac.py": {"utils", "networks", "accel", "dataset", "buffer", "evaluation", "checkpoint", "runfolder", "fqe-stop", "provenance", "results"},
+    "o2o_td3.py": {"utils", "networks", "accel", "dataset", "buffer", "evaluation", "checkpoint", "runfolder", "fqe-stop", "provenance", "results"},
+    "o2o_ppo.py": {"utils", "networks", "accel", "dataset", "buffer", "evaluation", "checkpoint", "runfolder", "provenance", "results"},
 }
 
 
@@ -43,7 +43,7 @@ def canonical() -> dict[str, str]:
 
 
 def test_canonical_has_all_blocks():
-    assert set(blocks(CANONICAL)) == {"utils", "networks", "accel", "dataset", "buffer", "evaluation", "checkpoint"}
+    assert set(blocks(CANONICAL)) == {"utils", "networks", "accel", "dataset", "buffer", "evaluation", "checkpoint", "provenance"}
 
 
 @pytest.mark.parametrize("script", sorted(REQUIRED))
