@@ -498,7 +498,8 @@ def _download(dataset_id: str) -> None:
 
 
 def resolve_dataset(env: str, dataset_id: str | None = None, no_download: bool = False) -> tuple[list[str], bool]:
-    """The Minari ids to load for --env / --dataset-id (DESIGN.md order) and whether they are a local stand-in."""
+    """The Minari ids to load for --env / --dataset-id (in the order of the README, "Datasets") and whether they are a local
+    stand-in."""
     if dataset_id is not None and not DATASET_ID_RE.match(dataset_id):
         fail(f"malformed dataset id {dataset_id!r}; Minari ids look like namespace/name-v0 (no part may start with '.')")
     store = minari_store()

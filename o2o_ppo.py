@@ -1,7 +1,8 @@
 """O2PPO: offline-to-online fine-tuning with PPO (OCR-CFT, Luo et al., NeurIPS 2024, arXiv 2412.18855).
 
 Phases (the paper's O2PPO: policy re-evaluation, then constrained fine-tuning; PPO has no value alignment): load the
-offline actor (a Gaussian actor is copied exactly, any other family is distilled into the Gaussian family, section 6)
+offline actor (a Gaussian actor is copied exactly, any other family is distilled into the Gaussian family;
+docs/algorithms.md, section 5)
 -> re-evaluation: regress V on discounted Monte-Carlo returns of the offline episodes -> online PPO whose advantages
 are mixed with an auxiliary reference advantage that keeps pi near a reference policy, with a weight decaying
 linearly to 0 (the constraint). results.json "diagnostics" holds V and actor statistics at the phase boundaries and
@@ -83,12 +84,13 @@ class Args:
     """dataset family `<env>-<level>` (e.g. hopper-medium-expert) whose PPO_FAMILY_DEFAULTS row and environment entry
     apply; default: the one of --env (a --dataset-id run: the "other" row, any environment)"""
     budget_scale: float = 1.0
-    """multiplies every step count given or defaulted: --distill-steps, --reevaluate-steps, --online-steps, --t-end (the
-    family table's too), --eval-every, --log-every, --checkpoint-every, each rounded to an integer >= 1 (not --rollout-size,
-    kept at 2048, nor --stop-after, an absolute step). 1 = the paper's protocol; F = 0.03 compresses it (T_end, the
-    learning-rate decay and the evaluation clock shrink with the budget) instead of truncating it"""
+    """multiplies every step count given or defaulted: --distill-steps, --reevaluate-steps, --online-steps,
+    --constraint-horizon (the family table's too), --eval-every, --log-every, --checkpoint-every, each rounded to an
+    integer >= 1 (not --rollout-size, kept at 2048, nor --stop-after, an absolute step). 1 = the paper's protocol;
+    F = 0.03 compresses it (the constraint horizon, the learning-rate decay and the evaluation clock shrink with the
+    budget) instead of truncating it"""
 
-    # --- any offline actor -> Gaussian actor (section 6) ---
+    # --- any offline actor -> Gaussian actor (docs/algorithms.md, section 5) ---
     distill_steps: int = 5_000
     """gradient steps distilling a tanh-Gaussian or deterministic offline actor into the Gaussian family"""
     distill_batch_size: int = 256
@@ -99,7 +101,7 @@ class Args:
     """fixed log-std of the distilled actor; default: the offline policy's mean action std on dataset states
     (tanh-Gaussian) or DETERMINISTIC_LOG_STD (a deterministic actor has none)"""
 
-    # --- re-evaluation (section 3a) ---
+    # --- re-evaluation (paper: Policy Re-evaluation, O2PPO; docs/algorithms.md, section 5.1) ---
     no_reevaluate: bool = False
     """ablation: skip re-evaluation, start online PPO with a freshly initialised V"""
     reevaluate_steps: int = 1_000_000
@@ -116,7 +118,7 @@ class Args:
     gamma: float = 0.99
     """discount"""
 
-    # --- online PPO (section 3c) ---
+    # --- online PPO (paper: Constrained Fine-Tuning, O2PPO; docs/algorithms.md, section 5.2) ---
     online_steps: int = 250_000
     """online environment steps (rounded down to whole rollouts)"""
     num_envs: int = 1
@@ -142,12 +144,12 @@ class Args:
     gae_lambda: float = 0.95
     """GAE lambda"""
 
-    # --- constraint (section 3c) ---
+    # --- constraint (paper: Constrained Fine-Tuning, O2PPO; docs/algorithms.md, section 5.2) ---
     no_constraint: bool = False
     """ablation: plain PPO advantages, no auxiliary reference advantage"""
-    t_end: int | None = None
-    """env step at which the reference-advantage weight w_t = max(0, 1 - t / t_end) reaches 0; default from
-    PPO_FAMILY_DEFAULTS (250k; 500k for medium-expert/expert)"""
+    constraint_horizon: int | None = None
+    """T_end, the env step at which the reference-advantage weight w_t = max(0, 1 - t / T_end) reaches 0 (the
+    constraint's schedule); default from PPO_FAMILY_DEFAULTS (250k; 500k for medium-expert/expert)"""
     reference: Literal["best", "offline"] = "best"
     """best: pi_ref <- pi whenever an evaluation beats the best score so far; offline: pi_ref = pi0 always"""
     log_std_max: float | None = None
@@ -183,20 +185,30 @@ class Args:
     threads: int | None = None
     """torch CPU threads (default: torch's choice; 1 is fastest on a small shared machine)"""
 
+    # --- tracking (tensorboard is always written) ---
+    track: bool = False
+    """also log to Weights & Biases (wandb.init with sync_tensorboard: the tensorboard events are mirrored there);
+    tensorboard stays the record. Needs `pip install wandb`"""
+    wandb_project_name: str = "o2o"
+    """the Weights & Biases project of --track"""
+    wandb_entity: str | None = None
+    """the Weights & Biases entity (team or user) of --track; default: wandb's default entity"""
 
-# Per dataset family (the level of --env, or --family), as the official O2PPO configs; --update-epochs, --t-end,
-# --log-std-max and --reward-scaling override. Rows: level -> T_end, and per environment ("*" = any other): PPO epochs,
+
+# Per dataset family (the level of --env, or --family), as the official O2PPO configs; --update-epochs,
+# --constraint-horizon, --log-std-max and --reward-scaling override. Rows: level -> constraint_horizon (T_end), and per
+# environment ("*" = any other): PPO epochs,
 # the log-std cap of actor and reference (None = none) and the reward handling of V (see --reward-scaling).
 # A --dataset-id run without --family uses the "other" row.
 RAW_EXCEPT_HALFCHEETAH = {"halfcheetah": "return-std", "*": "none"}  # official: raw rewards, "dynamic" scaling for halfcheetah
 HOPPER_STD_CAP = {"hopper": math.log(0.05), "*": None}
 PPO_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "random": dict(t_end=250_000, update_epochs={"*": 10}, log_std_max={"*": None}, reward_scaling=RAW_EXCEPT_HALFCHEETAH),
-    "medium": dict(t_end=250_000, update_epochs={"*": 10}, log_std_max={"*": None}, reward_scaling=RAW_EXCEPT_HALFCHEETAH),
-    "medium-replay": dict(t_end=250_000, update_epochs={"*": 10}, log_std_max={"*": None}, reward_scaling=RAW_EXCEPT_HALFCHEETAH),
-    "medium-expert": dict(t_end=500_000, update_epochs={"hopper": 5, "*": 10}, log_std_max=HOPPER_STD_CAP, reward_scaling=RAW_EXCEPT_HALFCHEETAH),
-    "expert": dict(t_end=500_000, update_epochs={"hopper": 5, "*": 10}, log_std_max=HOPPER_STD_CAP, reward_scaling=RAW_EXCEPT_HALFCHEETAH),
-    "other": dict(t_end=250_000, update_epochs={"*": 10}, log_std_max={"*": None}, reward_scaling={"*": "none"}),
+    "random": dict(constraint_horizon=250_000, update_epochs={"*": 10}, log_std_max={"*": None}, reward_scaling=RAW_EXCEPT_HALFCHEETAH),
+    "medium": dict(constraint_horizon=250_000, update_epochs={"*": 10}, log_std_max={"*": None}, reward_scaling=RAW_EXCEPT_HALFCHEETAH),
+    "medium-replay": dict(constraint_horizon=250_000, update_epochs={"*": 10}, log_std_max={"*": None}, reward_scaling=RAW_EXCEPT_HALFCHEETAH),
+    "medium-expert": dict(constraint_horizon=500_000, update_epochs={"hopper": 5, "*": 10}, log_std_max=HOPPER_STD_CAP, reward_scaling=RAW_EXCEPT_HALFCHEETAH),
+    "expert": dict(constraint_horizon=500_000, update_epochs={"hopper": 5, "*": 10}, log_std_max=HOPPER_STD_CAP, reward_scaling=RAW_EXCEPT_HALFCHEETAH),
+    "other": dict(constraint_horizon=250_000, update_epochs={"*": 10}, log_std_max={"*": None}, reward_scaling={"*": "none"}),
 }
 ACTOR_HIDDEN = (256, 256)  # the Gaussian actor a non-Gaussian offline actor is distilled into
 VALUE_HIDDEN = (256, 256, 256)  # V: 3 x [Linear 256 -> tanh], Linear -> 1
@@ -711,7 +723,8 @@ def _download(dataset_id: str) -> None:
 
 
 def resolve_dataset(env: str, dataset_id: str | None = None, no_download: bool = False) -> tuple[list[str], bool]:
-    """The Minari ids to load for --env / --dataset-id (DESIGN.md order) and whether they are a local stand-in."""
+    """The Minari ids to load for --env / --dataset-id (in the order of the README, "Datasets") and whether they are a local
+    stand-in."""
     if dataset_id is not None and not DATASET_ID_RE.match(dataset_id):
         fail(f"malformed dataset id {dataset_id!r}; Minari ids look like namespace/name-v0 (no part may start with '.')")
     store = minari_store()
@@ -809,44 +822,6 @@ def normalized_score(ret: float | np.ndarray, ref_min: float, ref_max: float) ->
 # --- end shared: dataset ---
 
 
-# --- shared: buffer ---
-class ReplayBuffer:
-    """Transitions as preallocated device tensors (observations already normalised); sampling uses the
-    device RNG, so neither adding a batch nor sampling syncs with the host."""
-
-    def __init__(self, obs_dim: int, act_dim: int, capacity: int, device: torch.device):
-        def z(*shape: int) -> Tensor:
-            return torch.zeros(capacity, *shape, dtype=torch.float32, device=device)
-
-        self.data = {"obs": z(obs_dim), "actions": z(act_dim), "rewards": z(), "next_obs": z(obs_dim), "terminals": z()}
-        self.capacity, self.size, self.ptr, self.device = capacity, 0, 0, device
-
-    @classmethod
-    def from_dataset(cls, data: dict, obs_mean: np.ndarray, obs_std: np.ndarray, device: torch.device, reward_scale: float = 1.0, reward_shift: float = 0.0) -> "ReplayBuffer":
-        n = len(data["rewards"])
-        rb = cls(data["obs_dim"], data["act_dim"], n, device)
-        rb.add(
-            (data["observations"] - obs_mean) / obs_std, data["actions"], data["rewards"] * reward_scale + reward_shift,
-            (data["next_observations"] - obs_mean) / obs_std, data["terminals"],
-        )
-        return rb
-
-    def add(self, obs: Any, actions: Any, rewards: Any, next_obs: Any, terminals: Any) -> None:
-        """Add a batch of transitions (ring buffer: the oldest are overwritten when full)."""
-        batch = {"obs": obs, "actions": actions, "rewards": rewards, "next_obs": next_obs, "terminals": terminals}
-        n = len(rewards)
-        idx = (torch.arange(n, device=self.device) + self.ptr) % self.capacity
-        for k, v in batch.items():
-            self.data[k][idx] = torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v, dtype=torch.float32).to(self.device).reshape(self.data[k][idx].shape)
-        self.ptr = (self.ptr + n) % self.capacity
-        self.size = min(self.size + n, self.capacity)
-
-    def sample(self, batch_size: int) -> dict[str, Tensor]:
-        idx = torch.randint(self.size, (batch_size,), device=self.device)
-        return {k: v[idx] for k, v in self.data.items()}
-# --- end shared: buffer ---
-
-
 # --- shared: evaluation ---
 def make_env(env_spec: str) -> gym.Env:
     """An environment from the JSON spec a dataset (and every checkpoint) records, or from a plain env id."""
@@ -895,7 +870,7 @@ CHECKPOINT_KEYS = ("format_version", "algo", "env_name", "dataset_id", "obs_dim"
 
 
 def load_checkpoint(path: str | Path, env_name: str | None = None, obs_dim: int | None = None, act_dim: int | None = None) -> dict:
-    """A checkpoint of DESIGN.md's format, checked against the run that wants it; any mismatch exits 2."""
+    """A checkpoint of the README's format ("Checkpoints"), checked against the run that wants it; any mismatch exits 2."""
     path = Path(path)
     if not path.is_file():
         fail(f"checkpoint {path} does not exist")
@@ -958,7 +933,7 @@ def build_value(obs_dim: int) -> Critic:
 # ---------------------------------------------------------------- pure math (the paper: re-evaluation and constrained fine-tuning of O2PPO)
 def monte_carlo_returns(rewards: np.ndarray, ends: np.ndarray, gamma: float) -> np.ndarray:
     """Discounted return G_t = r_t + gamma G_{t+1} of every transition, transitions stored episode after episode.
-    DECISION 3a: the return restarts at EVERY episode end (`ends`), a termination or a time limit alike."""
+    The return restarts at EVERY episode end (`ends`), a termination or a time limit alike (docs/algorithms.md, section 7)."""
     r, end = np.asarray(rewards, dtype=np.float64).tolist(), np.asarray(ends).tolist()  # plain floats: a fast Python loop
     out, g = [0.0] * len(r), 0.0
     for t in range(len(r) - 1, -1, -1):
@@ -1054,7 +1029,8 @@ def gae(rewards: Tensor, values: Tensor, next_values: Tensor, terminations: Tens
 
 
 def reference_advantage(actions: Tensor, ref_mean: Tensor, ref_std: Tensor, advantages: Tensor) -> Tensor:
-    """Auxiliary reference advantage of section 3c, one value per sample, shape (B, 1) like A_hat:
+    """Auxiliary reference advantage of Constrained Fine-Tuning (O2PPO; docs/algorithms.md, section 5.2), one value per
+    sample, shape (B, 1) like A_hat:
         z_j = (a_j - mu_ref_j) / sigma_ref_j,  g = 0.5 sum_j (1 - z_j^2),
         A_ref = (2 / |A|) [softplus(g + 4|A|) - 4|A|] |std(A_hat)|
     (close to (2/|A|) g near the reference mean, floored at -8 |std(A_hat)| far from it)."""
@@ -1062,7 +1038,7 @@ def reference_advantage(actions: Tensor, ref_mean: Tensor, ref_std: Tensor, adva
         raise ValueError(f"advantages must have shape (B, 1) with B = {actions.shape[0]}, got {tuple(advantages.shape)}")
     n = actions.shape[-1]
     z = (actions - ref_mean) / ref_std
-    g = 0.5 * (1.0 - z**2).sum(-1, keepdim=True)  # (B, 1): per sample (DECISION 3c, no (B, B) broadcast)
+    g = 0.5 * (1.0 - z**2).sum(-1, keepdim=True)  # (B, 1): per sample, no (B, B) broadcast (docs/algorithms.md, section 7)
     return (2.0 / n) * (F.softplus(g + 4.0 * n) - 4.0 * n) * advantages.std().abs()
 
 
@@ -1073,9 +1049,10 @@ def constrained_advantages(advantages: Tensor, ref_advantages: Tensor, weight: T
     return (advantages + weight * ref_advantages) / (1.0 + weight)
 
 
-def constraint_weight(step: int, t_end: int) -> float:
-    """w_t = max(0, 1 - t / T_end): the reference term fades out linearly over the first T_end env steps."""
-    return max(0.0, 1.0 - step / t_end)
+def constraint_weight(step: int, horizon: int) -> float:
+    """w_t = max(0, 1 - t / T_end), T_end = `horizon` (--constraint-horizon): the reference term fades out linearly over
+    the first T_end env steps."""
+    return max(0.0, 1.0 - step / horizon)
 
 
 def linear_lr(lr0: float, iteration: int, num_iterations: int) -> float:
@@ -1113,7 +1090,8 @@ def actor_stats(mean: Tensor, log_std: Tensor, max_action: float) -> dict[str, f
 
 @torch.no_grad()
 def update_reference(actor_ref: nn.Module, actor: nn.Module, score: float, best: float) -> float:
-    """Section 3c: pi_ref <- copy(pi) when an evaluation beats the best score so far; returns the new best."""
+    """The reference update (docs/algorithms.md, section 5.2): pi_ref <- copy(pi) when an evaluation beats the best score
+    so far; returns the new best."""
     if score > best:
         actor_ref.load_state_dict(actor.state_dict())
         return score
@@ -1190,12 +1168,12 @@ def distill_update(student: GaussianActor, opt: torch.optim.Optimizer, obs: Tens
 
 
 def reeval_update(vf: Critic, opt: torch.optim.Optimizer, obs: Tensor, returns: Tensor) -> dict[str, Tensor]:
-    """Regress V(s) on Monte-Carlo returns (section 3a)."""
+    """Regress V(s) on Monte-Carlo returns (Policy Re-evaluation, O2PPO; docs/algorithms.md, section 5.1)."""
     loss = F.mse_loss(vf(obs)[0], returns)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return {"reeval/value_loss": loss.detach()}
+    return {"reevaluate/value_loss": loss.detach()}
 
 
 def ppo_update(actor: GaussianActor, vf: Critic, actor_opt: torch.optim.Optimizer, vf_opt: torch.optim.Optimizer,
@@ -1325,10 +1303,9 @@ def load_phase(path: Path, key: dict, no_resume: bool) -> dict | None:
 # --online-steps resumes and stretches the remaining learning-rate decay over the new budget; --compile and
 # --cudagraphs keep the math, --bf16 does not and stays in the key; so does --eval-every: evaluations move pi_ref)
 BUDGET_ARGS = ("online_steps", "stop_after", "log_every", "checkpoint_every", "no_resume", "overwrite", "run_dir", "run_name", "checkpoint",
-               "device", "compile", "cudagraphs", "threads")
+               "device", "compile", "cudagraphs", "threads", "track", "wandb_project_name", "wandb_entity")
 RUN_OUTPUTS = ("args.json", "results.json", "final.pt", "online.pt", "distilled.pt", "reevaluated.pt")
 KEY_WORDS = {"offline_checkpoint": "another offline checkpoint (its content differs)"}
-KEY_IGNORED = BUDGET_ARGS  # left out of the online key (an older run's key may still hold some of them)
 
 
 def saved_key(saved: dict | None) -> dict | None:
@@ -1338,14 +1315,14 @@ def saved_key(saved: dict | None) -> dict | None:
 
 
 # --- shared: runfolder ---
-def key_diff(saved: dict | None, now: dict, ignore: Sequence[str] = ()) -> list[str]:
+def key_diff(saved: dict | None, now: dict) -> list[str]:
     """`--flag saved (now given)` for every argument of the key `now` that differs from an earlier run's, a few words
-    for its other entries (KEY_WORDS); empty when they agree. Entries named in `ignore` do not count."""
+    for its other entries (KEY_WORDS); empty when they agree."""
     if saved is None:
         return ["settings not recorded"]
     same = lambda v: json.dumps(v, sort_keys=True, default=str)  # noqa: E731  (a tuple and its list agree)
     return [KEY_WORDS.get(k) or f"--{k.replace('_', '-')} {saved.get(k)} (now {now.get(k)})"
-            for k in sorted((set(saved) | set(now)) - set(ignore)) if same(saved.get(k)) != same(now.get(k))]
+            for k in sorted(set(saved) | set(now)) if same(saved.get(k)) != same(now.get(k))]
 
 
 def read_saved(path: Path) -> dict | None:
@@ -1370,7 +1347,7 @@ def check_run_folder(out: Path, key: dict, args: Args) -> dict | None:
             saved = saved_key(online)
         if saved is None:
             fail(f"{out} holds a finished run whose settings cannot be read from its final.pt; pass --overwrite to replace it or {other}")
-        diff = key_diff(saved, key, KEY_IGNORED)
+        diff = key_diff(saved, key)
         if diff:
             fail(f"{out} holds a finished run with other settings ({', '.join(diff)}); pass --overwrite to replace it or {other}")
     if args.no_resume or not online_path.exists():
@@ -1379,7 +1356,7 @@ def check_run_folder(out: Path, key: dict, args: Args) -> dict | None:
     if saved_key(online) is None:
         fail(f"{online_path} cannot be read (damaged, or not written by this script); pass --no-resume to start the online phase "
              f"afresh or {other}")
-    diff = key_diff(saved_key(online), key, KEY_IGNORED)
+    diff = key_diff(saved_key(online), key)
     if diff:
         fail(f"{out} holds an unfinished run with other settings ({', '.join(diff)}); pass --no-resume to start it afresh or {other}")
     return online
@@ -1447,6 +1424,41 @@ def git_commit() -> str | None:
 # --- end shared: provenance ---
 
 
+# --- shared: tracking ---
+def check_tracking(args: Any) -> None:
+    """--track (CleanRL's convention) needs wandb, imported only then: without it, exit 2 before anything runs."""
+    if args.track:
+        import importlib
+
+        try:
+            importlib.import_module("wandb")
+        except ImportError:
+            fail("--track needs wandb, which is not installed; pip install wandb (pinned in requirements.txt) or drop --track")
+
+
+def start_tracking(args: Any, config: dict, out: Path) -> Any:
+    """With --track: a Weights & Biases run named after the run folder `out` (its last three parts), the run's arguments
+    as its config, and sync_tensorboard, so every scalar the SummaryWriter writes into `out` is mirrored; call it before
+    the SummaryWriter is made and finish_tracking at the end. None without --track. wandb's files go to the folder
+    that holds the run folder (<parent>/wandb/<run>-<id>/), not into it: the tensorboard sync watches `out` and its
+    subfolders, and would copy its own copies of the event files again and again."""
+    if not args.track:
+        return None
+    import wandb
+
+    return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=config, name="/".join(out.parts[-3:]),
+                      sync_tensorboard=True, dir=str(out.parent))
+
+
+def finish_tracking(tracker: Any) -> None:
+    """wandb.finish() of the run start_tracking began (nothing without --track)."""
+    if tracker is not None:
+        import wandb
+
+        wandb.finish()
+# --- end shared: tracking ---
+
+
 # --- shared: results ---
 # results.json, one schema for o2o_sac.py, o2o_td3.py and o2o_ppo.py (README, "results.json"). The curve is a list of
 # {phase, step, normalized_score, return}; phases in order: offline, distilled, align (evaluations during alignment,
@@ -1496,6 +1508,17 @@ def results_record(*, script: str, algo: str, method: str, mode: dict, env: str,
             "online_steps_done": online_steps_done, "budget_scale": budget_scale, "curve": curve,
             "wall_clock_s": {**wall, "total": sum(wall.values())}, "finished": finished, "versions": software_versions(),
             "git_commit": git_commit(), "run_dir": str(run_dir), **extra}
+
+
+# tensorboard's charts/phase: one number per phase, the same in the three scripts, logged when a run enters the phase
+# (a reused phase checkpoint included) at the global online env step where the phase starts: 0 for every phase before
+# online learning; OPT's pre-training and fine-tuning at the end of its collection; PORL's fine-tuning at the end of its
+# pre-sample stage. A resumed online phase logs nothing again.
+PHASE_IDS = {"offline": 0, "distill": 1, "reevaluate": 2, "align": 3, "opt_collect": 4, "opt_pretrain": 5, "pre_sample": 6, "online": 7}
+
+
+def log_phase(writer: SummaryWriter, phase: str, env_step: int) -> None:
+    writer.add_scalar("charts/phase", PHASE_IDS[phase], env_step)
 # --- end shared: results ---
 
 
@@ -1517,7 +1540,8 @@ def make_checkpoint(ckpt: dict, data: dict, args: Args, actor: nn.Module, vf: Cr
 
 
 def distill_actor(args: Args, teacher: nn.Module, obs_all: Tensor, writer: SummaryWriter, accel: Accel | None = None) -> tuple[GaussianActor, dict]:
-    """Section 6: a tanh-Gaussian or deterministic offline actor -> GaussianActor(256 x 2) by maximum likelihood of
+    """Distillation (docs/algorithms.md, section 5): a tanh-Gaussian or deterministic offline actor -> GaussianActor(256 x 2)
+    by maximum likelihood of
     the offline mean action on dataset states. The state-independent log_std is held fixed during the fit (the ML
     std of a deterministic target would collapse to the fitting error and leave PPO nothing to explore with)."""
     device = obs_all.device
@@ -1554,13 +1578,14 @@ def distill_actor(args: Args, teacher: nn.Module, obs_all: Tensor, writer: Summa
         err = student(probe)[0] - teacher.act(probe)
         info = {"teacher_family": teacher.family, "steps": args.distill_steps, "log_std": student.log_std.tolist(),
                 "mse": float((err**2).mean()), "max_abs_error": float(err.abs().max())}
-    writer.add_scalar("distill/mse", info["mse"], args.distill_steps)
+    writer.add_scalar("distill/action_mse", info["mse"], args.distill_steps)
     writer.add_scalar("distill/max_abs_error", info["max_abs_error"], args.distill_steps)
     return student, info
 
 
 def reevaluate_value(args: Args, vf: Critic, obs_all: Tensor, returns_all: Tensor, writer: SummaryWriter, accel: Accel | None = None) -> dict:
-    """Section 3a: V(s) regressed on the offline Monte-Carlo returns, `reevaluate_steps` steps of batch `reevaluate_batch_size`."""
+    """Policy Re-evaluation (O2PPO; docs/algorithms.md, section 5.1): V(s) regressed on the offline Monte-Carlo returns,
+    `reevaluate_steps` steps of batch `reevaluate_batch_size`."""
     device = obs_all.device
     accel = accel or Accel(device)
     opt = accel.adam(vf.parameters(), args.reevaluate_lr)
@@ -1568,19 +1593,19 @@ def reevaluate_value(args: Args, vf: Critic, obs_all: Tensor, returns_all: Tenso
     loss_sum, loss = torch.zeros((), device=device), float("nan")
     for step in tqdm(range(1, args.reevaluate_steps + 1), desc="re-evaluation", disable=None):
         idx = torch.randint(len(obs_all), (args.reevaluate_batch_size,), device=device)
-        loss_sum += step_fn(obs_all[idx], returns_all[idx])["reeval/value_loss"]
+        loss_sum += step_fn(obs_all[idx], returns_all[idx])["reevaluate/value_loss"]
         if step % args.log_every == 0 or step == args.reevaluate_steps:
             n = args.log_every if step % args.log_every == 0 else step % args.log_every
             loss = float(loss_sum) / n
             if not math.isfinite(loss):
                 fail(f"non-finite value loss in re-evaluation at step {step}; try a lower --reevaluate-lr")
-            writer.add_scalar("reeval/value_loss", loss, step)
+            writer.add_scalar("reevaluate/value_loss", loss, step)
             loss_sum.zero_()
     with torch.no_grad():
         probe = torch.arange(min(len(obs_all), 100_000), device=device)
         v, g = vf(obs_all[probe])[0], returns_all[probe]
         explained = float(1.0 - (g - v).var() / g.var().clamp_min(1e-8))
-    writer.add_scalar("reeval/explained_variance", explained, args.reevaluate_steps)
+    writer.add_scalar("reevaluate/explained_variance", explained, args.reevaluate_steps)
     return {"steps": args.reevaluate_steps, "final_loss": loss, "explained_variance": explained}
 
 
@@ -1600,7 +1625,7 @@ def parse_family(name: str) -> tuple[str, str]:
 
 
 def family_defaults(args: Args) -> dict[str, Any]:
-    """update_epochs, t_end, log_std_max and the reward handling: the explicit flag, else the PPO_FAMILY_DEFAULTS row of
+    """update_epochs, constraint_horizon, log_std_max and the reward handling: the explicit flag, else the PPO_FAMILY_DEFAULTS row of
     the dataset's level (--family, else --env; a --dataset-id run: the "other" row), entry of its environment."""
     if args.family is not None:
         env, level = parse_family(args.family)
@@ -1612,12 +1637,12 @@ def family_defaults(args: Args) -> dict[str, Any]:
     pick = lambda key: row[key].get(env, row[key]["*"])  # noqa: E731
     return {"family_row": level, "family_env": env,
             "update_epochs": args.update_epochs if args.update_epochs is not None else pick("update_epochs"),
-            "t_end": args.t_end if args.t_end is not None else row["t_end"],
+            "constraint_horizon": args.constraint_horizon if args.constraint_horizon is not None else row["constraint_horizon"],
             "log_std_max": args.log_std_max if args.log_std_max is not None else pick("log_std_max"),
             "reward_scaling": pick("reward_scaling") if args.reward_scaling == "family" else args.reward_scaling}
 
 
-BUDGET_STEPS = ("distill_steps", "reevaluate_steps", "online_steps", "t_end", "eval_every", "log_every", "checkpoint_every")
+BUDGET_STEPS = ("distill_steps", "reevaluate_steps", "online_steps", "constraint_horizon", "eval_every", "log_every", "checkpoint_every")
 
 
 def scaled_steps(n: int, scale: float) -> int:
@@ -1626,11 +1651,12 @@ def scaled_steps(n: int, scale: float) -> int:
 
 
 def scale_budgets(args: Args) -> Args:
-    """--budget-scale: a copy of args whose BUDGET_STEPS are the effective ones, given or defaulted (T_end: the family
-    table's when --t-end is not given; --checkpoint-every: CHECKPOINT_EVERY, at most a tenth of the scaled online steps,
-    at least 1) times the scale. Exits 2 when the online budget is less than one rollout."""
-    t_end = args.t_end if args.t_end is not None else family_defaults(args)["t_end"]
-    given = {**{k: getattr(args, k) for k in BUDGET_STEPS}, "t_end": t_end}
+    """--budget-scale: a copy of args whose BUDGET_STEPS are the effective ones, given or defaulted (the constraint
+    horizon: the family table's when --constraint-horizon is not given; --checkpoint-every: CHECKPOINT_EVERY, at most a
+    tenth of the scaled online steps, at least 1) times the scale. Exits 2 when the online budget is less than one
+    rollout."""
+    horizon = args.constraint_horizon if args.constraint_horizon is not None else family_defaults(args)["constraint_horizon"]
+    given = {**{k: getattr(args, k) for k in BUDGET_STEPS}, "constraint_horizon": horizon}
     scaled = {k: scaled_steps(v, args.budget_scale) if v is not None else None for k, v in given.items()}
     if scaled["checkpoint_every"] is None:  # a killed short run keeps most of its online phase
         scaled["checkpoint_every"] = min(scaled_steps(CHECKPOINT_EVERY, args.budget_scale), max(1, scaled["online_steps"] // 10))
@@ -1649,7 +1675,7 @@ def validate(args: Args) -> None:
                  "minibatch_size", "eval_every", "eval_episodes", "log_every"):
         if getattr(args, flag) <= 0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    for flag in ("update_epochs", "t_end", "stop_after", "threads", "checkpoint_every"):
+    for flag in ("update_epochs", "constraint_horizon", "stop_after", "threads", "checkpoint_every"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if not (args.budget_scale > 0.0 and math.isfinite(args.budget_scale)):
@@ -1681,6 +1707,7 @@ def validate(args: Args) -> None:
 
 
 def main(args: Args) -> dict:
+    check_tracking(args)
     validate(args)
     given = args
     args = scale_budgets(args)  # from here on every step budget is the effective one (times --budget-scale)
@@ -1707,7 +1734,7 @@ def main(args: Args) -> dict:
                  f"{data_flag} --seed {args.seed}" + (f" --run-dir {args.run_dir}" if args.run_dir != "runs" else "") + " (or pass --checkpoint PATH)")
     ckpt = load_checkpoint(ckpt_path, env_name=env_name, obs_dim=data["obs_dim"], act_dim=data["act_dim"])
     defaults = family_defaults(args)
-    update_epochs, t_end, log_std_max = defaults["update_epochs"], defaults["t_end"], defaults["log_std_max"]
+    update_epochs, horizon, log_std_max = defaults["update_epochs"], defaults["constraint_horizon"], defaults["log_std_max"]
     digest = file_digest(ckpt_path)
     args_dict = json.loads(json.dumps(asdict(args)))
     online_key = {"offline_checkpoint": digest, **{k: v for k, v in args_dict.items() if k not in BUDGET_ARGS}}
@@ -1765,10 +1792,11 @@ def main(args: Args) -> dict:
         for name in ("online.pt", "final.pt", "results.json"):
             (out / name).unlink(missing_ok=True)
     atomic_save(args_dict, out / "args.json")
+    tracker = start_tracking(args, asdict(given), out)
     writer = SummaryWriter(str(out))
     writer.add_text("args", json.dumps(args_dict))
     writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
-    print(f"o2o_ppo {mode} on {env_name} from {ckpt_path} ({ckpt['actor_family']} actor); epochs {update_epochs}, T_end {t_end}, "
+    print(f"o2o_ppo {mode} on {env_name} from {ckpt_path} ({ckpt['actor_family']} actor); epochs {update_epochs}, constraint horizon {horizon}, "
           f"log-std cap {log_std_max}, rewards {reward_mode} (row {defaults['family_row']!r}, {defaults['family_env']!r} of "
           f"PPO_FAMILY_DEFAULTS unless set by flags)")
     if args.budget_scale != 1.0:
@@ -1793,17 +1821,16 @@ def main(args: Args) -> dict:
 
     wall: dict[str, float] = {}
     distill_info = reeval_info = None
-    phase_ids = {"offline": 0, "distilled": 1, "reevaluated": 2, "online": 3}
 
     def log_eval(entry: dict) -> None:
         writer.add_scalar("eval/episodic_return", entry["return"], entry["step"])
         writer.add_scalar("eval/normalized_score", entry["normalized_score"], entry["step"])
-        writer.add_scalar("charts/phase", phase_ids[entry["phase"]], entry["step"])
         tqdm.write(f"[{entry['phase']}] step {entry['step']}: return {entry['return']:.1f}, normalized score {entry['normalized_score']:.1f}")
 
     if online is None:
         # --- phase: offline actor in, evaluated (the curve starts with its score at step 0)
         t0 = time.time()
+        log_phase(writer, "offline", 0)
         teacher = actor_from_checkpoint(ckpt, device)
         ret, score = evaluate(teacher)
         curve = [{"step": 0, "normalized_score": score, "return": ret, "phase": "offline"}]
@@ -1811,11 +1838,12 @@ def main(args: Args) -> dict:
         wall["offline_eval"] = time.time() - t0
         base_key = {"offline_checkpoint": digest, "seed": args.seed, "device": str(device), "bf16": args.bf16}
         # every phase draws from its own seed, so a reused phase checkpoint leaves later phases unchanged
-        # --- phase: any family -> Gaussian (section 6)
+        # --- phase: any family -> Gaussian (docs/algorithms.md, section 5)
         if isinstance(teacher, GaussianActor):
             pi0 = teacher  # same family: weights copied exactly
         else:
             t0 = time.time()
+            log_phase(writer, "distill", 0)
             key = {**base_key, **{k: args_dict[k] for k in ("distill_steps", "distill_batch_size", "distill_lr", "distill_log_std")}}
             path = out / "distilled.pt"
             saved = load_phase(path, key, args.no_resume)
@@ -1833,12 +1861,13 @@ def main(args: Args) -> dict:
             tqdm.write(f"distilled {teacher.family} -> gaussian: mse {distill_info['mse']:.4g}, max abs error {distill_info['max_abs_error']:.3g}")
             wall["distill"] = time.time() - t0
         start_ret, start_score = curve[-1]["return"], curve[-1]["normalized_score"]
-        # --- phase: re-evaluation (section 3a) or a fresh V (ablation)
+        # --- phase: re-evaluation (paper: Policy Re-evaluation, O2PPO; docs/algorithms.md, section 5.1) or a fresh V (ablation)
         torch.manual_seed(args.seed + 2)
         vf = build_value(data["obs_dim"]).to(device)
         diagnostics: dict[str, Any] = {"states": len(probe_np), "start": diagnose("start", 0, pi0, vf), "evaluations": []}
         if not args.no_reevaluate:
             t0 = time.time()
+            log_phase(writer, "reevaluate", 0)
             key = {**base_key, "reward_scaling": reward_mode,
                    **{k: args_dict[k] for k in ("reevaluate_steps", "reevaluate_batch_size", "reevaluate_lr", "gamma")}}
             path = out / "reevaluated.pt"
@@ -1863,8 +1892,8 @@ def main(args: Args) -> dict:
         actor_ref = copy.deepcopy(pi0).eval()
         best = start_score
         curve.append({"step": 0, "normalized_score": start_score, "return": start_ret, "phase": "online"})  # where online starts
+        log_phase(writer, "online", 0)
         global_step, iteration, resumed_from = 0, 0, None
-        episodes_seen = 0
     else:
         curve = online["curve"]
         wall = dict(online["wall_clock_s"])
@@ -1876,11 +1905,11 @@ def main(args: Args) -> dict:
         vf = build_value(data["obs_dim"]).to(device)
         vf.load_state_dict(online["critics"]["vf"])
         best, start_score = online["best_score"], online["start_score"]
-        global_step, iteration, episodes_seen = online["env_steps"], online["iteration"], online["episodes_seen"]
+        global_step, iteration = online["env_steps"], online["iteration"]
         resumed_from = global_step
         print(f"resuming {out / 'online.pt'} at env step {global_step}")
 
-    # --- phase: online PPO (section 3c)
+    # --- phase: online PPO (paper: Constrained Fine-Tuning, O2PPO; docs/algorithms.md, section 5.2)
     for p in actor_ref.parameters():
         p.requires_grad_(False)
     steps_per_env = args.rollout_size // args.num_envs
@@ -1905,7 +1934,7 @@ def main(args: Args) -> dict:
         atomic_save(make_checkpoint(
             ckpt, data, args, actor, vf, reward_transform(), curve[-1]["normalized_score"], online_key, grad_steps=iteration * update_epochs * (args.rollout_size // args.minibatch_size),
             env_steps=global_step, iteration=iteration, actor_ref=state_dict_cpu(actor_ref), best_score=best, start_score=start_score,
-            curve=curve, wall_clock_s=wall, distillation=distill_info, reevaluation=reeval_info, episodes_seen=episodes_seen,
+            curve=curve, wall_clock_s=wall, distillation=distill_info, reevaluation=reeval_info,
             optimizers={"actor": actor_opt.state_dict(), "vf": vf_opt.state_dict()},
             return_std=return_std.state_dict() if return_std is not None else None, diagnostics=diagnostics,
             rng={"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}), out / "online.pt")
@@ -1927,13 +1956,13 @@ def main(args: Args) -> dict:
             env=env_name, data=data, seed=args.seed, offline_algo=ckpt["algo"], offline_checkpoint=ckpt_path, curve=curve,
             online_start_score=start_score, online_steps=total_steps, online_steps_done=global_step, budget_scale=args.budget_scale,
             wall_clock_s=wall, finished=finished, run_dir=out, run_name=run_name, offline_actor_family=ckpt["actor_family"],
-            update_epochs=update_epochs, t_end=t_end, family_row=defaults["family_row"], family_env=defaults["family_env"],
+            update_epochs=update_epochs, constraint_horizon=horizon, family_row=defaults["family_row"], family_env=defaults["family_env"],
             log_std_max=log_std_max, reward_transform=reward_transform(),
             reward_scaling={"mode": reward_mode, "from": "family table" if args.reward_scaling == "family" else "--reward-scaling",
                             "affine": affine if reward_mode != "return-std" else None, "offline_return_std": offline_return_std,
                             "final_return_std": return_std.std if return_std is not None else None},
             num_envs=args.num_envs, iterations=iteration, resumed_from=resumed_from, distillation=distill_info, reevaluation=reeval_info,
-            budget={"given": {k: getattr(given, k) for k in BUDGET_STEPS},  # t_end None: the family table's
+            budget={"given": {k: getattr(given, k) for k in BUDGET_STEPS},  # constraint_horizon None: the family table's
                     "effective": {k: getattr(args, k) for k in BUDGET_STEPS}},
             diagnostics={**{k: diagnostics.get(k) for k in ("states", "start", "reevaluated", "end")},
                          "early_evals": {"requested": args.early_evals, "steps": early}, "evaluations": diagnostics["evaluations"]})
@@ -1946,13 +1975,12 @@ def main(args: Args) -> dict:
         global_step += args.rollout_size
         iteration += 1
         for ep_ret, ep_len in finished:
-            episodes_seen += 1
             writer.add_scalar("charts/episodic_return", ep_ret, global_step)
             writer.add_scalar("charts/episodic_length", ep_len, global_step)
         advantages, returns = gae(roll["rewards"], roll["values"], roll["next_values"], roll["terminations"], roll["ends"], args.gamma, args.gae_lambda)
         b_obs, b_actions = roll["obs"].reshape(args.rollout_size, -1), roll["actions"].reshape(args.rollout_size, -1)
         b_logp, b_ret = roll["logprobs"].reshape(-1), returns.reshape(-1)
-        w = constraint_weight(global_step, t_end) if not args.no_constraint else 0.0
+        w = constraint_weight(global_step, horizon) if not args.no_constraint else 0.0
         # once per rollout, as the official code: A_ref, mixing with w_t and normalisation over all rollout_size samples
         with torch.no_grad():
             ref_mean = ref_std = None
@@ -2015,6 +2043,7 @@ def main(args: Args) -> dict:
     if not stopped:
         diagnostics["end"] = diagnose("end", global_step, actor, vf)
     writer.close()
+    finish_tracking(tracker)
     result = results(not stopped)
     if stopped:  # as if killed: only online.pt (and what came before) is on disk
         print(f"stopped after {global_step} env steps (--stop-after); rerun the same command without it to resume")

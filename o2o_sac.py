@@ -78,7 +78,7 @@ class Args:
     """stop (as if killed, without final outputs) after this many online env steps; for resume tests"""
     budget_scale: float = 1.0
     """multiplies every step count given or defaulted (distill, re-evaluation, alignment and online steps, PORL's
-    pre-sample steps, learning starts, the KL-threshold horizon, the eval / align-eval / checkpoint / log intervals,
+    pre-sample steps, learning starts, the KL-threshold horizon --constraint-horizon, the eval / align-eval / checkpoint / log intervals,
     --stop-after), rounded to an integer >= 1 (0 stays 0), and divides the Lagrange multiplier's learning rate by it,
     so that log lambda can move as far over a compressed online phase as over the paper's: F < 1 gives a miniature of
     the paper's protocol rather than a truncation of it. 1 = the paper's protocol; the effective values go to
@@ -95,12 +95,16 @@ class Args:
     """online SAC without the KL constraint. All three flags = naive fine-tuning, which keeps training what the
     checkpoint holds: its critics, its target critics and its learned alpha when it has them (CQL), otherwise a copy
     of the critics as targets and alpha0; rewards get the checkpoint's transform whenever its critic is kept"""
-    critic_init: Literal["ocr", "scratch"] = "ocr"
-    """ocr: the OCR-CFT pipeline above; scratch: PORL (random critics, pre-sample stage, plain SAC)"""
+    critic_init: Literal["offline", "scratch"] = "offline"
+    """where the critics come from. offline: the offline checkpoint's side, re-evaluated from the offline actor (the
+    OCR-CFT pipeline above), or with --no-reevaluate the checkpoint's own critic when it has one; scratch: random critics,
+    i.e. PORL (no re-evaluation, alignment or constraint, a pre-sample stage, then plain SAC)"""
     reference: Literal["best", "interval", "offline"] = "best"
     """reference policy: best evaluated so far, a copy every --reference-interval evaluations, or the offline one"""
-    reference_interval: int = 10
-    """with --reference interval: copy pi into pi_ref every this many evaluations (table eps_end is divided by 4)"""
+    reference_interval: int | None = None
+    """with --reference interval: copy pi into pi_ref every this many evaluations of the --eval-every schedule (the
+    table's eps_end is divided by 4). Default: 1, the official code's update_n; 10 for hopper medium-expert / expert
+    (FAMILY_DEFAULTS), where the official code also clips the actor's gradient"""
     buffer_mode: Literal["half", "all", "part", "none"] | None = None
     """half: batches half online half offline; all / part: offline data (all / top trajectories) inside the
     online buffer; none: online data only. Default: half, none with --critic-init scratch"""
@@ -121,9 +125,10 @@ class Args:
 
     # --- offline phases ---
     distill_steps: int = 5_000
-    """gradient steps distilling a non-tanh-Gaussian offline actor into a tanh-Gaussian one (section 6)"""
+    """gradient steps distilling a non-tanh-Gaussian offline actor into a tanh-Gaussian one (docs/algorithms.md, section 3.1)"""
     distill_fit: Literal["mode", "likelihood"] = "mode"
-    """likelihood: the student maximises the likelihood of the offline actor's actions (the paper's section 6); mode:
+    """likelihood: the student maximises the likelihood of the offline actor's actions (the paper's recipe; docs/algorithms.md,
+    section 3.1); mode:
     its spread still comes from them, but its mode tanh(mu), the action evaluated and aligned on, is fitted to the
     offline actor's deterministic action (local hopper-medium, 5k steps, seed 0: from IQL, action MSE 0.0088 -> 0.0039
     and score 31.3 -> 34.6 against the offline 34.5; from TD3+BC, MSE 0.0064 -> 0.0038, score 51.0 -> 46.3 against 44.1)"""
@@ -176,8 +181,8 @@ class Args:
     """initial Lagrange multiplier (2.0 for hard mazes)"""
     lambda_lr: float = 5e-5
     """learning rate of log lambda (updated once per env step)"""
-    kl_horizon: int = 100_000
-    """env steps over which the KL threshold goes from eps0 to eps_end"""
+    constraint_horizon: int = 100_000
+    """env steps over which the KL threshold loosens linearly from eps0 to eps_end (the constraint's schedule)"""
     kl_floor: float = -50.0
     """lower clamp of log pi_ref(a|s) in the KL estimate"""
 
@@ -213,6 +218,15 @@ class Args:
     """replay the update as a CUDA graph (CUDA only; add --compile for the fastest path)"""
     bf16: bool = False
     """bfloat16 autocast of the networks inside the update (losses, acting and evaluation stay float32)"""
+
+    # --- tracking (tensorboard is always written) ---
+    track: bool = False
+    """also log to Weights & Biases (wandb.init with sync_tensorboard: the tensorboard events are mirrored there);
+    tensorboard stays the record. Needs `pip install wandb`"""
+    wandb_project_name: str = "o2o"
+    """the Weights & Biases project of --track"""
+    wandb_entity: str | None = None
+    """the Weights & Biases entity (team or user) of --track; default: wandb's default entity"""
 
 
 # --- shared: utils ---
@@ -719,7 +733,8 @@ def _download(dataset_id: str) -> None:
 
 
 def resolve_dataset(env: str, dataset_id: str | None = None, no_download: bool = False) -> tuple[list[str], bool]:
-    """The Minari ids to load for --env / --dataset-id (DESIGN.md order) and whether they are a local stand-in."""
+    """The Minari ids to load for --env / --dataset-id (in the order of the README, "Datasets") and whether they are a local
+    stand-in."""
     if dataset_id is not None and not DATASET_ID_RE.match(dataset_id):
         fail(f"malformed dataset id {dataset_id!r}; Minari ids look like namespace/name-v0 (no part may start with '.')")
     store = minari_store()
@@ -903,7 +918,7 @@ CHECKPOINT_KEYS = ("format_version", "algo", "env_name", "dataset_id", "obs_dim"
 
 
 def load_checkpoint(path: str | Path, env_name: str | None = None, obs_dim: int | None = None, act_dim: int | None = None) -> dict:
-    """A checkpoint of DESIGN.md's format, checked against the run that wants it; any mismatch exits 2."""
+    """A checkpoint of the README's format ("Checkpoints"), checked against the run that wants it; any mismatch exits 2."""
     path = Path(path)
     if not path.is_file():
         fail(f"checkpoint {path} does not exist")
@@ -958,18 +973,19 @@ def file_digest(path: Path) -> str:
 
 
 # ---------------------------------------------------------------- per-dataset-family defaults (the official O2SAC configs)
-# Keyed by the level parsed from --env; explicit --alpha0 / --eps0 / --eps-end / --actor-grad-clip override. "random" is
-# not in the paper: it gets the medium values. interval_grad_clip: the actor's gradient-norm clip with --reference
-# interval (0 = none); a "<env>-<level>" row overrides its level's row for that environment only.
+# Keyed by the level parsed from --env; explicit --alpha0 / --eps0 / --eps-end / --actor-grad-clip / --reference-interval
+# override. "random" is not in the paper: it gets the medium values. interval_grad_clip: the actor's gradient-norm clip
+# with --reference interval (0 = none); reference_interval: the default --reference-interval (1 where a row has none);
+# a "<env>-<level>" row overrides its level's row for that environment only.
 FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
     "medium": dict(alpha0=0.2, eps0=0.125, eps_end=2.0, interval_grad_clip=0.0),
     "medium-replay": dict(alpha0=0.2, eps0=0.125, eps_end=2.0, interval_grad_clip=0.0),
     "random": dict(alpha0=0.2, eps0=0.125, eps_end=2.0, interval_grad_clip=0.0),
     "medium-expert": dict(alpha0=0.5, eps0=0.005, eps_end=0.125, interval_grad_clip=0.0),
     "expert": dict(alpha0=0.5, eps0=0.005, eps_end=0.125, interval_grad_clip=0.0),
-    # the official configs clip hopper's expert-data actor at 0.25 when the reference is copied every 10 evaluations
-    "hopper-medium-expert": dict(interval_grad_clip=0.25),
-    "hopper-expert": dict(interval_grad_clip=0.25),
+    # the official code copies the reference every 10 evaluations on hopper's expert data, and clips the actor at 0.25
+    "hopper-medium-expert": dict(interval_grad_clip=0.25, reference_interval=10),
+    "hopper-expert": dict(interval_grad_clip=0.25, reference_interval=10),
 }
 ACTOR_HIDDEN = (256, 256, 256)
 CRITIC_HIDDEN = (256, 256, 256)
@@ -979,9 +995,10 @@ RUN_NAME_RE = r"[A-Za-z0-9_-][A-Za-z0-9_.-]*"
 # args that never change what a phase computes (excluded when deciding whether a saved phase can be reused); the
 # speed flags compute the same math, so a run may be resumed with or without them
 NOT_STATE = {"no_resume", "overwrite", "stop_after", "log_every", "online_steps", "device", "threads", "run_dir", "run_name",
-             "checkpoint_every", "compile", "cudagraphs", "bf16", "budget_scale"}  # the phase keys hold the scaled values themselves
+             "checkpoint_every", "compile", "cudagraphs", "bf16", "budget_scale",  # the phase keys hold the scaled values themselves
+             "track", "wandb_project_name", "wandb_entity"}
 ONLINE_ONLY = {"no_constraint", "reference", "reference_interval", "buffer_mode", "part_trajectories", "eps0", "eps_end", "utd",
-               "learning_starts", "pre_sample_steps", "alpha_lr", "lambda_init", "lambda_lr", "kl_horizon", "kl_floor", "eval_every",
+               "learning_starts", "pre_sample_steps", "alpha_lr", "lambda_init", "lambda_lr", "constraint_horizon", "kl_floor", "eval_every",
                "actor_grad_clip", "early_evals"}
 ALIGN_ONLY = {"no_align", "align_steps", "align_actor", "align_eval_every"}
 # bumped whenever what a saved phase holds or means changes, so older phase checkpoints are recomputed, never misread
@@ -990,8 +1007,8 @@ PHASE_FORMAT = 2
 
 
 def family_values(args: Args) -> dict[str, Any]:
-    """alpha0, eps0, eps_end, actor_grad_clip: explicit flags first, else the FAMILY_DEFAULTS row of --env's level
-    (and of its environment, where the table has one)."""
+    """alpha0, eps0, eps_end, actor_grad_clip, reference_interval: explicit flags first, else the FAMILY_DEFAULTS row of
+    --env's level (and of its environment, where the table has one)."""
     m = re.fullmatch(r"([a-z0-9]+)-(.+)-v\d+", args.env)
     if args.dataset_id is None:
         name, level = parse_env_name(args.env)  # unknown names exit 2 listing the known ones
@@ -1010,24 +1027,28 @@ def family_values(args: Args) -> dict[str, Any]:
     if clip is None:
         clip = row.get("interval_grad_clip", 0.0) if args.reference == "interval" else 0.0
     vals["actor_grad_clip"] = float(clip) if clip > 0 else None
+    vals["reference_interval"] = args.reference_interval if args.reference_interval is not None else int(row.get("reference_interval", 1))
     return vals
 
 
-# ---------------------------------------------------------------- pure math (the paper's O2SAC)
+# ---------------------------------------------------------------- pure math (the paper's O2SAC; docs/algorithms.md, section 3)
 def fqe_target(rewards: Tensor, terminals: Tensor, next_q: Tensor, next_logp: Tensor, alpha: float | Tensor, gamma: float) -> Tensor:
-    """Soft TD target y = r + gamma (1 - d) [min_i Qbar_i(s', a') - alpha log pi(a'|s')] (1a); next_q is (n, B).
+    """Soft TD target y = r + gamma (1 - d) [min_i Qbar_i(s', a') - alpha log pi(a'|s')] (paper: Policy Re-evaluation,
+    O2SAC; docs/algorithms.md, section 3.2); next_q is (n, B).
     d = 1 only for a true termination: a time-limit end is bootstrapped."""
     return rewards + gamma * (1.0 - terminals) * (next_q.min(0).values - alpha * next_logp)
 
 
 def constrained_target(rewards: Tensor, terminals: Tensor, next_q: Tensor, next_logp: Tensor, next_kl: Tensor, alpha: float | Tensor,
                        lam: float | Tensor, gamma: float) -> Tensor:
-    """Critic target of constrained fine-tuning (1d): the soft target minus gamma (1 - d) lam (l' - lr')."""
+    """Critic target of constrained fine-tuning (paper: Constrained Fine-Tuning, O2SAC; docs/algorithms.md, section 3.5): the
+    soft target minus gamma (1 - d) lam (l' - lr')."""
     return fqe_target(rewards, terminals, next_q, next_logp, alpha, gamma) - gamma * (1.0 - terminals) * lam * next_kl
 
 
 def alignment_targets(qbar_star: Tensor, qbar_an: Tensor, logp0_star: Tensor, logp0_an: Tensor, alpha0: float) -> tuple[Tensor, Tensor]:
-    """Value alignment (1b). qbar_* are the frozen target critics (n, B) at a* = tanh(mu0(s)) and at an ~ pi(.|s);
+    """Value alignment (paper: Value Alignment, O2SAC; docs/algorithms.md, section 3.3). qbar_* are the frozen target
+    critics (n, B) at a* = tanh(mu0(s)) and at an ~ pi(.|s);
     logp0_* are log pi0 at those actions. Returns Q* = min_i Qbar_i(s, a*) and
     y = min(Q* - alpha0 (log pi0(a*|s) - log pi0(an|s)), min_i Qbar_i(s, an)): values are only pushed down."""
     q_star = qbar_star.min(0).values
@@ -1074,7 +1095,8 @@ def frozen(module: nn.Module) -> nn.Module:
 
 # ---------------------------------------------------------------- one gradient step per phase (tensors in, metrics out)
 def distill_targets(teacher: nn.Module, obs: Tensor, noise_std: float, max_action: float = 1.0) -> Tensor:
-    """Actions whose likelihood the tanh-Gaussian student maximises (section 6): the offline actor's own samples when
+    """Actions whose likelihood the tanh-Gaussian student maximises (docs/algorithms.md, section 3.1): the offline actor's
+    own samples when
     it is stochastic, its mean action plus N(0, noise_std^2) when it is deterministic, so the student inherits a
     spread instead of collapsing onto the mean; kept inside the open action box where atanh is finite."""
     if hasattr(teacher, "sample"):
@@ -1087,7 +1109,8 @@ def distill_targets(teacher: nn.Module, obs: Tensor, noise_std: float, max_actio
 
 def distill_update(student: TanhGaussianActor, opt: torch.optim.Optimizer, obs: Tensor, target_actions: Tensor,
                    target_mode: Tensor | None = None) -> dict[str, Tensor]:
-    """Maximum likelihood of the offline actor's actions (distill_targets) under the tanh-Gaussian student (section 6).
+    """Maximum likelihood of the offline actor's actions (distill_targets) under the tanh-Gaussian student
+    (docs/algorithms.md, section 3.1).
     With target_mode (the offline actor's deterministic action), the student's mode is fitted to it explicitly: the
     samples' likelihood then trains only the spread (mu detached), and mu maximises the likelihood of atanh(target
     mode) under N(mu, std) with std detached, i.e. a squared error in pre-tanh space weighted by 1 / std^2. The
@@ -1113,7 +1136,8 @@ def distill_update(student: TanhGaussianActor, opt: torch.optim.Optimizer, obs: 
 
 def reevaluate_update(pi0: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_opt: torch.optim.Optimizer, b: dict[str, Tensor], *,
                       alpha0: float, gamma: float, tau: float) -> dict[str, Tensor]:
-    """Entropy-regularised FQE of the frozen pi0 (1a); a' is a reparameterised sample, not the mean."""
+    """Entropy-regularised FQE of the frozen pi0 (paper: Policy Re-evaluation, O2SAC; docs/algorithms.md, section 3.2);
+    a' is a reparameterised sample, not the mean."""
     with torch.no_grad():
         next_a, next_logp = pi0.sample(b["next_obs"])
         y = fqe_target(b["rewards"], b["terminals"], qf_target(b["next_obs"], next_a), next_logp, alpha0, gamma)
@@ -1156,7 +1180,8 @@ def fqe_converged(history: Sequence[float], tol: float) -> bool:
 
 def align_update(pi0: TanhGaussianActor, actor: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_opt: torch.optim.Optimizer,
                  actor_opt: torch.optim.Optimizer, b: dict[str, Tensor], *, alpha0: float, train_actor: bool = True) -> dict[str, Tensor]:
-    """Value alignment (1b): targets frozen; the actor takes a plain SAC step against the critics as they were before
+    """Value alignment (paper: Value Alignment, O2SAC; docs/algorithms.md, section 3.3): targets frozen; the actor takes a
+    plain SAC step against the critics as they were before
     this step (it reads them frozen), and the critic targets use the same sample an ~ pi, detached. train_actor=False
     (--align-actor frozen): the actor loss is only reported, the actor is never stepped, so pi stays pi0."""
     obs = b["obs"]
@@ -1187,7 +1212,8 @@ def online_update(actor: TanhGaussianActor, pi_ref: TanhGaussianActor | None, qf
                   log_lam: Tensor, opts: dict[str, torch.optim.Optimizer], b: dict[str, Tensor], eps_t: Tensor, update_lam: bool,
                   update_actor: bool, *, target_entropy: float, gamma: float, tau: float, kl_floor: float,
                   actor_grad_clip: float | None = None) -> dict[str, Tensor]:
-    """One constrained SAC update (1d); pi_ref None = unconstrained. eps_t is the KL threshold (a 0-d tensor, so a
+    """One constrained SAC update (paper: Constrained Fine-Tuning, O2SAC; docs/algorithms.md, section 3.5); pi_ref None =
+    unconstrained. eps_t is the KL threshold (a 0-d tensor, so a
     compiled or captured update reads its current value). Every loss comes from the same pre-update forward pass and
     all go through ONE backward, each reaching only its own parameters: lam and alpha enter the actor loss and the
     critic target detached, the actor reads the critics frozen, the Lagrange and temperature losses read detached
@@ -1288,7 +1314,8 @@ def early_eval_steps(online_steps: int, n: int) -> list[int]:
 
 
 def reference_update_due(reference: str, score: float, best: float, scheduled: bool, n_scheduled: int, interval: int) -> bool:
-    """Whether an online evaluation copies pi into pi_ref (1e). best: the score beats the best so far, at any
+    """Whether an online evaluation copies pi into pi_ref (the reference update; docs/algorithms.md, section 3.5). best:
+    the score beats the best so far, at any
     evaluation (the extra early ones are candidates too); interval: every `interval`-th evaluation of the --eval-every
     schedule (n_scheduled counts those, this one included), so extra evaluations never shift the cadence; offline:
     never."""
@@ -1372,7 +1399,6 @@ def load_phase(path: Path, key: dict, no_resume: bool) -> dict | None:
 # checkpoint's content.
 RUN_OUTPUTS = ("args.json", "results.json", "final.pt", "online.pt", "reevaluated.pt", "aligned.pt")
 KEY_WORDS = {"offline_checkpoint": "another offline checkpoint (its content differs)", "phase_format": "an older format of the saved phases"}
-KEY_IGNORED = NOT_STATE  # left out of the online key (an older run's key may still hold some of them)
 
 
 def saved_key(saved: dict | None) -> dict | None:
@@ -1382,14 +1408,14 @@ def saved_key(saved: dict | None) -> dict | None:
 
 
 # --- shared: runfolder ---
-def key_diff(saved: dict | None, now: dict, ignore: Sequence[str] = ()) -> list[str]:
+def key_diff(saved: dict | None, now: dict) -> list[str]:
     """`--flag saved (now given)` for every argument of the key `now` that differs from an earlier run's, a few words
-    for its other entries (KEY_WORDS); empty when they agree. Entries named in `ignore` do not count."""
+    for its other entries (KEY_WORDS); empty when they agree."""
     if saved is None:
         return ["settings not recorded"]
     same = lambda v: json.dumps(v, sort_keys=True, default=str)  # noqa: E731  (a tuple and its list agree)
     return [KEY_WORDS.get(k) or f"--{k.replace('_', '-')} {saved.get(k)} (now {now.get(k)})"
-            for k in sorted((set(saved) | set(now)) - set(ignore)) if same(saved.get(k)) != same(now.get(k))]
+            for k in sorted(set(saved) | set(now)) if same(saved.get(k)) != same(now.get(k))]
 
 
 def read_saved(path: Path) -> dict | None:
@@ -1414,7 +1440,7 @@ def check_run_folder(out: Path, key: dict, args: Args) -> dict | None:
             saved = saved_key(online)
         if saved is None:
             fail(f"{out} holds a finished run whose settings cannot be read from its final.pt; pass --overwrite to replace it or {other}")
-        diff = key_diff(saved, key, KEY_IGNORED)
+        diff = key_diff(saved, key)
         if diff:
             fail(f"{out} holds a finished run with other settings ({', '.join(diff)}); pass --overwrite to replace it or {other}")
     if args.no_resume or not online_path.exists():
@@ -1423,7 +1449,7 @@ def check_run_folder(out: Path, key: dict, args: Args) -> dict | None:
     if saved_key(online) is None:
         fail(f"{online_path} cannot be read (damaged, or not written by this script); pass --no-resume to start the online phase "
              f"afresh or {other}")
-    diff = key_diff(saved_key(online), key, KEY_IGNORED)
+    diff = key_diff(saved_key(online), key)
     if diff:
         fail(f"{out} holds an unfinished run with other settings ({', '.join(diff)}); pass --no-resume to start it afresh or {other}")
     return online
@@ -1491,6 +1517,41 @@ def git_commit() -> str | None:
 # --- end shared: provenance ---
 
 
+# --- shared: tracking ---
+def check_tracking(args: Any) -> None:
+    """--track (CleanRL's convention) needs wandb, imported only then: without it, exit 2 before anything runs."""
+    if args.track:
+        import importlib
+
+        try:
+            importlib.import_module("wandb")
+        except ImportError:
+            fail("--track needs wandb, which is not installed; pip install wandb (pinned in requirements.txt) or drop --track")
+
+
+def start_tracking(args: Any, config: dict, out: Path) -> Any:
+    """With --track: a Weights & Biases run named after the run folder `out` (its last three parts), the run's arguments
+    as its config, and sync_tensorboard, so every scalar the SummaryWriter writes into `out` is mirrored; call it before
+    the SummaryWriter is made and finish_tracking at the end. None without --track. wandb's files go to the folder
+    that holds the run folder (<parent>/wandb/<run>-<id>/), not into it: the tensorboard sync watches `out` and its
+    subfolders, and would copy its own copies of the event files again and again."""
+    if not args.track:
+        return None
+    import wandb
+
+    return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=config, name="/".join(out.parts[-3:]),
+                      sync_tensorboard=True, dir=str(out.parent))
+
+
+def finish_tracking(tracker: Any) -> None:
+    """wandb.finish() of the run start_tracking began (nothing without --track)."""
+    if tracker is not None:
+        import wandb
+
+        wandb.finish()
+# --- end shared: tracking ---
+
+
 # --- shared: results ---
 # results.json, one schema for o2o_sac.py, o2o_td3.py and o2o_ppo.py (README, "results.json"). The curve is a list of
 # {phase, step, normalized_score, return}; phases in order: offline, distilled, align (evaluations during alignment,
@@ -1540,6 +1601,17 @@ def results_record(*, script: str, algo: str, method: str, mode: dict, env: str,
             "online_steps_done": online_steps_done, "budget_scale": budget_scale, "curve": curve,
             "wall_clock_s": {**wall, "total": sum(wall.values())}, "finished": finished, "versions": software_versions(),
             "git_commit": git_commit(), "run_dir": str(run_dir), **extra}
+
+
+# tensorboard's charts/phase: one number per phase, the same in the three scripts, logged when a run enters the phase
+# (a reused phase checkpoint included) at the global online env step where the phase starts: 0 for every phase before
+# online learning; OPT's pre-training and fine-tuning at the end of its collection; PORL's fine-tuning at the end of its
+# pre-sample stage. A resumed online phase logs nothing again.
+PHASE_IDS = {"offline": 0, "distill": 1, "reevaluate": 2, "align": 3, "opt_collect": 4, "opt_pretrain": 5, "pre_sample": 6, "online": 7}
+
+
+def log_phase(writer: SummaryWriter, phase: str, env_step: int) -> None:
+    writer.add_scalar("charts/phase", PHASE_IDS[phase], env_step)
 # --- end shared: results ---
 
 
@@ -1582,13 +1654,13 @@ def validate(args: Args) -> None:
     if args.early_evals < 0 or (args.align_eval_every is not None and args.align_eval_every < 0):
         fail("--early-evals and --align-eval-every must be >= 0 (0 = none)")
     positive = ["distill_steps", "online_steps", "utd", "batch_size", "eval_every", "eval_episodes", "log_every",
-                "reference_interval", "part_trajectories", "kl_horizon"]
+                "part_trajectories", "constraint_horizon"]
     if args.critic_init != "scratch":
         if not args.no_reevaluate:
             positive.append("reevaluate_steps")
         if not args.no_align:
             positive.append("align_steps")
-    positive += [flag for flag in ("threads", "checkpoint_every") if getattr(args, flag) is not None]
+    positive += [flag for flag in ("threads", "checkpoint_every", "reference_interval") if getattr(args, flag) is not None]
     for flag in positive:
         if getattr(args, flag) <= 0:
             hint = {"reevaluate_steps": " (or pass --no-reevaluate)", "align_steps": " (or pass --no-align)"}.get(flag, "")
@@ -1625,7 +1697,7 @@ def validate(args: Args) -> None:
 
 
 # the step counts --budget-scale multiplies (every budget and every schedule tied to one)
-BUDGET_FIELDS = ("distill_steps", "reevaluate_steps", "align_steps", "online_steps", "pre_sample_steps", "learning_starts", "kl_horizon",
+BUDGET_FIELDS = ("distill_steps", "reevaluate_steps", "align_steps", "online_steps", "pre_sample_steps", "learning_starts", "constraint_horizon",
                  "eval_every", "align_eval_every", "checkpoint_every", "log_every", "stop_after")
 
 
@@ -1688,6 +1760,7 @@ def make_phase_checkpoint(args: Args, ckpt: dict, data: dict, actor: TanhGaussia
 
 # ---------------------------------------------------------------- main
 def main(args: Args) -> dict:
+    check_tracking(args)
     validate(args)
     given, args = args, resolve_budgets(args)  # from here on, the step counts and the lambda lr of --budget-scale
     device = pick_device(args.device)
@@ -1775,6 +1848,7 @@ def main(args: Args) -> dict:
         for name in ("online.pt", "final.pt", "results.json"):
             (out / name).unlink(missing_ok=True)
     atomic_save(asdict(given), out / "args.json")
+    tracker = start_tracking(args, asdict(given), out)
     writer = SummaryWriter(str(out))
     writer.add_text("args", json.dumps(asdict(given)))
     writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
@@ -1792,8 +1866,10 @@ def main(args: Args) -> dict:
     actor_hidden = list(ckpt["actor_config"]["hidden"]) if ckpt["actor_family"] == "tanh_gaussian" else list(ACTOR_HIDDEN)
     actor = TanhGaussianActor(obs_dim, act_dim, actor_hidden, ckpt["max_action"]).to(device)
     if online_state is None:
-        # ---- phase 0: the offline actor, its score, distillation into a tanh-Gaussian when needed (section 6)
+        # ---- phase 0: the offline actor, its score, distillation into a tanh-Gaussian when needed (docs/algorithms.md,
+        # section 3.1)
         t0 = time.time()
+        log_phase(writer, "offline", 0)
         reeval_key = phase_key(args, "reevaluated", ckpt_path, ckpt)
         aligned_key = phase_key(args, "aligned", ckpt_path, ckpt)
         saved_re = load_phase(out / "reevaluated.pt", reeval_key, args.no_resume) if reevaluate else None
@@ -1804,6 +1880,8 @@ def main(args: Args) -> dict:
             offline_ret, offline_score, distill = o["offline_return"], o["offline_score"], o["distill"]
             pi0 = TanhGaussianActor(obs_dim, act_dim, actor_hidden, ckpt["max_action"]).to(device)
             pi0.load_state_dict(o["pi0"])
+            if distill is not None:  # reused with the phase that followed it
+                log_phase(writer, "distill", 0)
         else:
             offline_actor = actor_from_checkpoint(ckpt, device)
             offline_ret, offline_score = evaluate(offline_actor)
@@ -1812,6 +1890,7 @@ def main(args: Args) -> dict:
             if ckpt["actor_family"] == "tanh_gaussian":
                 pi0 = offline_actor
             else:
+                log_phase(writer, "distill", 0)
                 pi0 = TanhGaussianActor(obs_dim, act_dim, actor_hidden, ckpt["max_action"]).to(device)
                 distill_step = accel.update(functools.partial(distill_update, pi0, accel.adam(pi0.parameters(), DISTILL_LR)))
                 met = Metrics(writer, "distill/")
@@ -1842,7 +1921,8 @@ def main(args: Args) -> dict:
                     "critic_config": critic_config, "reward_transform": reward_transform}
         wall["load_and_distill"] = time.time() - t0
 
-        # ---- phase 1: re-evaluation (1a): FQE of the frozen pi0 into new LayerNorm critics
+        # ---- phase 1: re-evaluation (paper: Policy Re-evaluation, O2SAC; docs/algorithms.md, section 3.2): FQE of the
+        # frozen pi0 into new LayerNorm critics
         qf = build_qf()  # built after distillation, so pi0 is the same whichever critic a mode uses
         if keep_critic:
             qf.load_state_dict(ckpt["critics"]["qf"])
@@ -1866,6 +1946,7 @@ def main(args: Args) -> dict:
 
         if reevaluate:
             t0 = time.time()
+            log_phase(writer, "reevaluate", 0)
             if start is not None:
                 reused.append("reevaluated")
                 base_o2o["reevaluation"] = start["o2o"].get("reevaluation")
@@ -1905,12 +1986,12 @@ def main(args: Args) -> dict:
                                                   {**base_o2o, "key": reeval_key, "rng": rng_state(), "curve": curve, "diagnostics": diag,
                                                    "optimizers": {"qf": qf_opt.state_dict()}}), out / "reevaluated.pt")
             wall["reevaluate"] = time.time() - t0
-            writer.add_scalar("charts/phase", 1, 0)
 
-        # ---- phase 2: value alignment (1b): targets frozen at the re-evaluation's target critics; the actor keeps training
-        # (--align-actor train, the paper) or stays pi0 (frozen)
+        # ---- phase 2: value alignment (paper: Value Alignment, O2SAC; docs/algorithms.md, section 3.3): targets frozen at
+        # the re-evaluation's target critics; the actor keeps training (--align-actor train, the paper) or stays pi0 (frozen)
         if align:
             t0 = time.time()
+            log_phase(writer, "align", 0)
             if saved_al is not None:
                 reused.append("aligned")
                 restore(saved_al)
@@ -1944,10 +2025,9 @@ def main(args: Args) -> dict:
                                                    "optimizers": {"qf": qf_opt.state_dict(), "actor": actor_opt.state_dict()}}), out / "aligned.pt")
             qf_target.load_state_dict(qf.state_dict())  # the official code copies Q -> Qbar after alignment
             wall["align"] = time.time() - t0
-            writer.add_scalar("charts/phase", 2, 0)
         else:
             after_ret, after_score = (offline_ret, offline_score) if distill is None else (distill["return"], distill["normalized_score"])
-        # ---- start of online (1c): pi_ref <- pi if alignment improved on the offline score
+        # ---- start of online (docs/algorithms.md, section 3.4): pi_ref <- pi if alignment improved on the offline score
         tqdm.write(f"start of online: return {after_ret:.1f}, normalized score {after_score:.1f}")
         if align:
             curve.append({"step": 0, "normalized_score": after_score, "return": after_ret, "phase": "aligned"})
@@ -1960,18 +2040,17 @@ def main(args: Args) -> dict:
         # naive fine-tuning continues the checkpoint's learned temperature (CQL's); every other mode starts at alpha0
         ckpt_log_alpha = (ckpt.get("train_state") or {}).get("log_alpha")
         alpha_from = "checkpoint" if naive and ckpt_log_alpha is not None else "alpha0"
-        log_alpha_init = float(ckpt_log_alpha.reshape(-1)[0]) if alpha_from == "checkpoint" else math.log(alpha0)
+        log_alpha_init = float(ckpt_log_alpha) if alpha_from == "checkpoint" else math.log(alpha0)
         start_state = {"alpha_from": alpha_from, "alpha": math.exp(log_alpha_init), "qf_target_from": targets_from}
         # n_evals counts the evaluations of the --eval-every schedule only (the cadence of --reference interval)
-        run = {"t": 0, "best": best, "n_evals": 0, "episode": 0, "env_rng": None, "curve": curve, "wall": wall, "reused": reused,
-               "offline_score": offline_score, "after_align_score": after_score, "distill": distill, "start": start_state, "diagnostics": diag,
+        run = {"t": 0, "best": best, "n_evals": 0, "env_rng": None, "curve": curve, "wall": wall, "reused": reused,
+               "after_align_score": after_score, "distill": distill, "start": start_state, "diagnostics": diag,
                "reevaluation": base_o2o.get("reevaluation")}
         opt_states = None
         log_lam_init = math.log(args.lambda_init)
         online_rb = None
     else:
         o = online_state["o2o"]
-        reused.append("online")
         pi0 = TanhGaussianActor(obs_dim, act_dim, actor_hidden, ckpt["max_action"]).to(device)
         pi0.load_state_dict(o["pi0"])
         pi0 = frozen(pi0)
@@ -1990,7 +2069,8 @@ def main(args: Args) -> dict:
         set_rng_state(o["rng"])
         tqdm.write(f"resuming online fine-tuning from {out / 'online.pt'} at env step {run['t']}")
 
-    # ---- phase 3: online fine-tuning (1d-1f; PORL: pre-sample stage then plain SAC)
+    # ---- phase 3: online fine-tuning (paper: Constrained Fine-Tuning, O2SAC; docs/algorithms.md, section 3.5; PORL:
+    # pre-sample stage then plain SAC, section 6)
     t_phase = time.time()
     pi_ref = None
     if constrain:
@@ -2003,15 +2083,13 @@ def main(args: Args) -> dict:
     if opt_states is not None:
         for k, opt in opts.items():
             accel.load_optimizer(opt, opt_states[k])
-        for k in ("alpha", "lambda"):  # an online.pt written while log_alpha / log_lam were 0-d holds 0-d Adam moments
-            for st in opts[k].state.values():
-                st.update({n: st[n].reshape(1) for n in ("exp_avg", "exp_avg_sq") if n in st})
     target_entropy = -float(act_dim)
     online_step = accel.update(functools.partial(online_update, actor, pi_ref, qf, qf_target, log_alpha, log_lam, opts,
                                                  target_entropy=target_entropy, gamma=args.gamma, tau=args.tau, kl_floor=args.kl_floor,
                                                  actor_grad_clip=fam["actor_grad_clip"]))
     eps_t = accel.scalar(fam["eps0"])  # the KL threshold as a device tensor: refilled each env step, never recompiled
-    # replay (1f): the offline part of all/part lives at the front of the online buffer and is never overwritten
+    # replay (--buffer-mode; docs/algorithms.md, section 3.5): the offline part of all/part lives at the front of the
+    # online buffer and is never overwritten
     if buffer_mode in ("all", "part"):
         pre = data if buffer_mode == "all" else subset(data, offline_trajectory_indices(data, args.part_trajectories))
         n_pre = len(pre["rewards"])
@@ -2074,7 +2152,8 @@ def main(args: Args) -> dict:
     porl_pre = args.pre_sample_steps if scratch else 0
     early = set(early_eval_steps(args.online_steps, args.early_evals))
     bar = tqdm(range(run["t"], args.online_steps), desc="online", initial=run["t"], total=args.online_steps, disable=None)
-    writer.add_scalar("charts/phase", 3, run["t"])
+    if run["t"] == 0:  # a resumed run logged its phases when it started them
+        log_phase(writer, "pre_sample" if porl_pre else "online", 0)
     for _ in bar:
         with torch.no_grad():
             o_t = (torch.as_tensor(obs, dtype=torch.float32, device=device) - obs_mean_t) / obs_std_t
@@ -2087,13 +2166,15 @@ def main(args: Args) -> dict:
         ep_ret, ep_len = ep_ret + float(reward), ep_len + 1
         run["t"] += 1
         t = run["t"]
+        if porl_pre and t == porl_pre:  # PORL: the actor trains from the next env step on
+            log_phase(writer, "online", t)
         if t > args.learning_starts:
-            eps_t.fill_(kl_threshold(t, fam["eps0"], fam_eps_end, args.kl_horizon))
+            eps_t.fill_(kl_threshold(t, fam["eps0"], fam_eps_end, args.constraint_horizon))
             for k in range(args.utd):  # lam steps once per env step; PORL's actor stays frozen during the pre-sample stage
                 met.add(online_step(sample(), eps_t, update_lam=constrain and k == 0, update_actor=t > porl_pre))
         if t % args.log_every == 0 and met.count:
             met.flush(t, "online")
-            writer.add_scalar("charts/kl_threshold", kl_threshold(t, fam["eps0"], fam_eps_end, args.kl_horizon), t)
+            writer.add_scalar("charts/kl_threshold", kl_threshold(t, fam["eps0"], fam_eps_end, args.constraint_horizon), t)
             writer.add_scalar("charts/SPS", (t - sps_step0) / max(time.time() - sps_t0, 1e-9), t)
         scheduled = t % args.eval_every == 0 or t == args.online_steps
         if scheduled or t in early:
@@ -2103,8 +2184,8 @@ def main(args: Args) -> dict:
             run["curve"].append({"step": t, "normalized_score": score, "return": ret, "phase": phase})
             writer.add_scalar("eval/episodic_return", ret, t)
             writer.add_scalar("eval/normalized_score", score, t)
-            # reference update (1e)
-            if constrain and reference_update_due(args.reference, score, run["best"], scheduled, run["n_evals"], args.reference_interval):
+            # reference update (docs/algorithms.md, section 3.5)
+            if constrain and reference_update_due(args.reference, score, run["best"], scheduled, run["n_evals"], fam["reference_interval"]):
                 pi_ref.load_state_dict(actor.state_dict())
                 pi_ref_sd = state_dict_cpu(actor)
             run["best"] = max(run["best"], score)
@@ -2114,7 +2195,6 @@ def main(args: Args) -> dict:
         if term or trunc:
             writer.add_scalar("charts/episodic_return", ep_ret, t)
             writer.add_scalar("charts/episodic_length", ep_len, t)
-            run["episode"] += 1
             ep_ret, ep_len = 0.0, 0
             # periodic checkpoint at episode boundaries, so a resumed run restarts exactly at an episode start
             if t - ckpt_t >= args.checkpoint_every or t == args.online_steps:
@@ -2124,6 +2204,7 @@ def main(args: Args) -> dict:
         if args.stop_after is not None and t >= args.stop_after and t < args.online_steps:
             bar.close()
             writer.close()
+            finish_tracking(tracker)
             env.close()
             evaluator.close()
             return {"stopped_at": t, "run_dir": str(out)}
@@ -2139,6 +2220,7 @@ def main(args: Args) -> dict:
     res = results(True)
     atomic_save(res, out / "results.json")
     writer.close()
+    finish_tracking(tracker)
     env.close()
     evaluator.close()
     print(f"o2o_sac on {args.env}: offline {res['offline_score']:.1f} -> start of online {res['online_start_score']:.1f} -> final "

@@ -84,7 +84,7 @@ class Args:
     """auto (CUDA when present), cpu or cuda"""
     budget_scale: float = 1.0
     """multiplies every step count given or defaulted (distill, re-evaluation, alignment and online steps, learning
-    starts, the threshold horizon --eps-steps, the eval / align-eval / checkpoint / log intervals, --stop-after, OPT's
+    starts, the threshold horizon --constraint-horizon, the eval / align-eval / checkpoint / log intervals, --stop-after, OPT's
     collect and pre-train steps and its kappa schedule --kappa-begin / --kappa-finish), rounded to an integer >= 1
     (0 stays 0; --checkpoint-every keeps its ratio to --eval-every), and divides the Lagrange multiplier's learning
     rate by it, so that log lambda can move as far over a compressed online phase as over the paper's: F < 1 gives a
@@ -99,7 +99,7 @@ class Args:
     batch_size: int = 256
     """batch size of every phase"""
 
-    # --- distillation of a stochastic offline actor (section 6) ---
+    # --- distillation of a stochastic offline actor (docs/algorithms.md, section 4) ---
     distill_steps: int = 5_000
     """gradient steps regressing a deterministic actor on the offline actor's mean action"""
     distill_lr: float = 1e-3
@@ -121,9 +121,9 @@ class Args:
     policy_freq: int = 2
     """actor, Lagrange and target updates every this many critic updates (online)"""
 
-    # --- re-evaluation (section 2a) ---
+    # --- re-evaluation (paper: Policy Re-evaluation, O2TD3; docs/algorithms.md, section 4.1) ---
     no_reevaluate: bool = False
-    """skip re-evaluation (ablation): the online critic is then the offline one (--critic-init)"""
+    """skip re-evaluation (ablation): the online critic is then the checkpoint's or a random one (--critic-init)"""
     reevaluate_steps: int = 500_000
     """FQE gradient steps on the offline data; with --reevaluate-tol > 0 the cap of a run that stops once Q has converged"""
     reevaluate_tau: float = 0.05
@@ -135,10 +135,12 @@ class Args:
     (s, a) pairs read every 1000 steps, is below this fraction of that value; --reevaluate-steps is the cap (0 = always
     run --reevaluate-steps, the paper)"""
     critic_init: Literal["offline", "scratch"] = "offline"
-    """with --no-reevaluate: start from the checkpoint's critic (when it has one; it keeps the checkpoint's reward
-    transform) or from random init (raw rewards, like every critic learned here)"""
+    """where the critic comes from. offline: the offline checkpoint's side, re-evaluated from the offline actor, or with
+    --no-reevaluate the checkpoint's own critic when it has one (it keeps the checkpoint's reward transform); scratch:
+    a random critic (raw rewards, like every critic learned here). Re-evaluation always trains a new critic from random
+    init, so scratch changes a run only with --no-reevaluate"""
 
-    # --- alignment (section 2b) ---
+    # --- alignment (paper: Value Alignment, O2TD3; docs/algorithms.md, section 4.2) ---
     no_align: bool = False
     """skip value alignment (ablation)"""
     align_steps: int = 500_000
@@ -155,7 +157,7 @@ class Args:
     aligned (O2SAC on local hopper-medium, TD3+BC checkpoint 44.1, seed 0: after alignment 36.9 trained, 46.3 frozen; see the
     README's "No drop at the switch"); --align-actor train is the paper's schedule"""
 
-    # --- online fine-tuning (section 2c) ---
+    # --- online fine-tuning (paper: Constrained Fine-Tuning, O2TD3; docs/algorithms.md, section 4.3) ---
     online_steps: int | None = None
     """environment steps of the online phase (OPT: including its collection steps); default: the mode's budget,
     100k for O2TD3 and naive (OCR-CFT paper), 300k with --opt (OPT paper)"""
@@ -166,15 +168,15 @@ class Args:
     explore_noise: float | None = None
     """std of the Gaussian exploration noise; default from FAMILY_DEFAULTS"""
 
-    # --- constraint (section 2c) ---
+    # --- constraint (paper: Constrained Fine-Tuning, O2TD3; docs/algorithms.md, section 4.3) ---
     no_constraint: bool = False
     """drop the MSE-to-reference constraint (ablation): lambda stays 0"""
     eps0: float | None = None
     """initial threshold of the per-dimension squared deviation; default from FAMILY_DEFAULTS"""
     eps_end: float | None = None
     """final threshold; default from FAMILY_DEFAULTS (divided by 4 with --reference interval)"""
-    eps_steps: int = 100_000
-    """env steps over which the threshold loosens linearly from eps0 to eps_end"""
+    constraint_horizon: int = 100_000
+    """env steps over which the threshold loosens linearly from eps0 to eps_end (the constraint's schedule)"""
     lambda_init: float = 1.0
     """initial Lagrange multiplier"""
     lambda_lr: float = 5e-5
@@ -183,10 +185,12 @@ class Args:
     """asymmetric weight of violations (u < 0) in the Lagrange loss; 1 - tau on satisfied samples"""
     reference: Literal["best", "interval", "offline"] = "best"
     """reference policy: best evaluated so far, a copy every --reference-interval evaluations, or the offline actor"""
-    reference_interval: int = 1
-    """--reference interval: copy pi into pi_ref every this many evaluations"""
+    reference_interval: int | None = None
+    """with --reference interval: copy pi into pi_ref every this many evaluations of the --eval-every schedule (the
+    table's eps_end is divided by 4). Default: 1, the official code's update_n; 10 for hopper medium-expert / expert and
+    walker2d expert (REFERENCE_INTERVAL), as the official code (which also clips the actor's gradient there)"""
 
-    # --- OPT (section 4b) ---
+    # --- OPT (docs/algorithms.md, section 6) ---
     opt: bool = False
     """OPT mode: offline critic kept, new critic meta-pre-trained online, kappa-weighted fine-tuning"""
     opt_collect_steps: int = 25_000
@@ -243,6 +247,15 @@ class Args:
     """bfloat16 autocast of the networks inside the update (losses, acting and evaluation stay float32)"""
     threads: int | None = None
     """torch CPU threads (default: torch's choice; 1 is fastest on a small shared machine)"""
+
+    # --- tracking (tensorboard is always written) ---
+    track: bool = False
+    """also log to Weights & Biases (wandb.init with sync_tensorboard: the tensorboard events are mirrored there);
+    tensorboard stays the record. Needs `pip install wandb`"""
+    wandb_project_name: str = "o2o"
+    """the Weights & Biases project of --track"""
+    wandb_entity: str | None = None
+    """the Weights & Biases entity (team or user) of --track; default: wandb's default entity"""
 
 
 # --- shared: utils ---
@@ -749,7 +762,8 @@ def _download(dataset_id: str) -> None:
 
 
 def resolve_dataset(env: str, dataset_id: str | None = None, no_download: bool = False) -> tuple[list[str], bool]:
-    """The Minari ids to load for --env / --dataset-id (DESIGN.md order) and whether they are a local stand-in."""
+    """The Minari ids to load for --env / --dataset-id (in the order of the README, "Datasets") and whether they are a local
+    stand-in."""
     if dataset_id is not None and not DATASET_ID_RE.match(dataset_id):
         fail(f"malformed dataset id {dataset_id!r}; Minari ids look like namespace/name-v0 (no part may start with '.')")
     store = minari_store()
@@ -933,7 +947,7 @@ CHECKPOINT_KEYS = ("format_version", "algo", "env_name", "dataset_id", "obs_dim"
 
 
 def load_checkpoint(path: str | Path, env_name: str | None = None, obs_dim: int | None = None, act_dim: int | None = None) -> dict:
-    """A checkpoint of DESIGN.md's format, checked against the run that wants it; any mismatch exits 2."""
+    """A checkpoint of the README's format ("Checkpoints"), checked against the run that wants it; any mismatch exits 2."""
     path = Path(path)
     if not path.is_file():
         fail(f"checkpoint {path} does not exist")
@@ -999,6 +1013,9 @@ FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
     "medium-expert": dict(explore_noise=0.05, eps0=2.5e-5, eps_end=6.25e-4, kappa_start=0.3, kappa_end=0.9),
     "expert":        dict(explore_noise=0.05, eps0=2.5e-5, eps_end=6.25e-4, kappa_start=0.3, kappa_end=0.9),
 }
+# The default --reference-interval where the official code does not copy the reference at every evaluation (keyed
+# "<env>-<level>"; 1 elsewhere). The official code also clips the actor's gradient on these datasets; this script does not.
+REFERENCE_INTERVAL = {"hopper-medium-expert": 10, "hopper-expert": 10, "walker2d-expert": 10}
 # Online budget per mode (env steps): OCR-CFT fine-tunes for 100k steps, OPT for 300k (collection included).
 ONLINE_STEPS = {"o2td3": 100_000, "opt": 300_000}
 CHECKPOINT_EVERY = 10_000  # the longest default interval of online.pt (env steps, before --budget-scale)
@@ -1025,7 +1042,7 @@ def with_mode_defaults(args: Args) -> Args:
 
 
 # Every step count --budget-scale multiplies (--checkpoint-every is scaled with --eval-every, see with_budget_scale).
-BUDGET_FIELDS = ("distill_steps", "reevaluate_steps", "align_steps", "online_steps", "learning_starts", "eps_steps", "eval_every",
+BUDGET_FIELDS = ("distill_steps", "reevaluate_steps", "align_steps", "online_steps", "learning_starts", "constraint_horizon", "eval_every",
                  "log_every", "align_eval_every", "stop_after", "opt_collect_steps", "opt_pretrain_steps", "kappa_begin", "kappa_finish")
 
 
@@ -1067,13 +1084,18 @@ def effective_budgets(args: Args) -> dict[str, Any]:
 
 
 def resolve_defaults(args: Args) -> dict[str, float]:
-    """Exploration sigma, thresholds and kappa: explicit flags win, else the FAMILY_DEFAULTS row."""
-    row = dict(FAMILY_DEFAULTS[dataset_level(args.env, args.dataset_id)])
-    if args.reference == "interval":  # section 1e: a reference refreshed on a clock gets a tighter final threshold
+    """Exploration sigma, thresholds and kappa: explicit flags win, else the FAMILY_DEFAULTS row; the reference interval:
+    --reference-interval, else REFERENCE_INTERVAL of --env's dataset, else 1."""
+    level = dataset_level(args.env, args.dataset_id)
+    row = dict(FAMILY_DEFAULTS[level])
+    if args.reference == "interval":  # a reference refreshed on a clock gets a tighter final threshold (docs/algorithms.md, section 1)
         row["eps_end"] /= 4.0
     for k in row:
         if getattr(args, k) is not None:
             row[k] = float(getattr(args, k))
+    env = re.match(r"[a-z0-9]+", args.env)
+    row["reference_interval"] = (args.reference_interval if args.reference_interval is not None
+                                 else REFERENCE_INTERVAL.get(f"{env.group(0) if env else ''}-{level}", 1))
     return row
 
 
@@ -1119,12 +1141,14 @@ def smoothed_action(action: Tensor, noise: Tensor, noise_clip: float, max_action
 
 
 def fqe_target(rewards: Tensor, terminals: Tensor, next_q: Tensor, gamma: float) -> Tensor:
-    """Section 2a: y = r + gamma (1 - d) min_i Qbar_i(s', a'); next_q is (n, B); d = 1 only for a true termination."""
+    """Policy Re-evaluation (O2TD3; docs/algorithms.md, section 4.1): y = r + gamma (1 - d) min_i Qbar_i(s', a'); next_q is
+    (n, B); d = 1 only for a true termination."""
     return rewards + gamma * (1.0 - terminals) * next_q.min(0).values
 
 
 def alignment_targets(q_star: Tensor, q_bar_at: Tensor, at: Tensor, a_off: Tensor, beta: float, max_distance: float) -> Tensor:
-    """Section 2b: distance-shrunk targets y_i = min(y*, Qbar_i(s, at)), shape (n, B).
+    """Value Alignment (O2TD3; docs/algorithms.md, section 4.2): distance-shrunk targets y_i = min(y*, Qbar_i(s, at)),
+    shape (n, B).
 
     delta = min(||at - a_off||_2 / sqrt|A|, max_distance); y* = Q* (1 + beta delta^2) if Q* < 0 else
     Q* / (1 + beta delta^2): either way y* <= Q*, so actions away from the offline action are pushed down.
@@ -1136,12 +1160,14 @@ def alignment_targets(q_star: Tensor, q_bar_at: Tensor, at: Tensor, a_off: Tenso
 
 
 def mse_to_reference(pi: Tensor, pi_ref: Tensor) -> Tensor:
-    """M = mean over batch and action dims of (pi(s) - pi_ref(s))^2: one scalar per batch (section 2c)."""
+    """M = mean over batch and action dims of (pi(s) - pi_ref(s))^2: one scalar per batch (Constrained Fine-Tuning, O2TD3;
+    docs/algorithms.md, section 4.3)."""
     return ((pi - pi_ref) ** 2).mean()
 
 
 def constrained_td_target(rewards: Tensor, terminals: Tensor, next_q: Tensor, lam: Tensor | float, m_next: Tensor | float, gamma: float) -> Tensor:
-    """Section 2c: y = r + gamma (1 - d) [min_i Qbar_i(s', a') - lam M']; next_q is (n, B)."""
+    """Constrained Fine-Tuning (O2TD3; docs/algorithms.md, section 4.3): y = r + gamma (1 - d) [min_i Qbar_i(s', a') - lam M'];
+    next_q is (n, B)."""
     return rewards + gamma * (1.0 - terminals) * (next_q.min(0).values - lam * m_next)
 
 
@@ -1170,7 +1196,8 @@ def td_loss(q: Tensor, y: Tensor) -> Tensor:
 
 def opt_meta_loss(qf: nn.Module, params: dict[str, Tensor], off: tuple[Tensor, Tensor, Tensor], on: tuple[Tensor, Tensor, Tensor],
                   inner_lr: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """OPT (section 4b): L_pre = L_off(psi) + w L_on(psi - inner_lr grad L_off(psi)), w = detached min(L_off, L_on) / L_on.
+    """OPT (docs/algorithms.md, section 6): L_pre = L_off(psi) + w L_on(psi - inner_lr grad L_off(psi)), w = detached
+    min(L_off, L_on) / L_on.
 
     off / on = (obs, actions, TD targets) of an offline and an online batch; the inner step stays differentiable,
     so the gradient of L_pre flows through grad L_off (second order). Returns (L_pre, L_off, L_on, w).
@@ -1218,7 +1245,7 @@ def balanced_priority(w: Tensor, w_off: Tensor, temperature: float, low: float =
 
 
 def distillation_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """Section 6: regress the deterministic actor on the offline actor's mean action (MSE)."""
+    """Distillation (docs/algorithms.md, section 4): regress the deterministic actor on the offline actor's mean action (MSE)."""
     return F.mse_loss(pred, target)
 
 
@@ -1277,10 +1304,6 @@ class Agent:
         for k, o in self.optimizers().items():
             if k in state["optimizers"] and (names is None or k in names):
                 accel.load_optimizer(o, state["optimizers"][k])
-                for p, st in o.state.items():  # older checkpoints: a 0-d log_lam and 0-d Adam moments
-                    for name, v in st.items():
-                        if name != "step" and torch.is_tensor(v) and v.shape != p.shape and v.numel() == p.numel():
-                            st[name] = v.reshape(p.shape)
         if state.get("log_lam") is not None and hasattr(self, "log_lam"):
             with torch.no_grad():
                 self.log_lam.copy_(state["log_lam"])
@@ -1335,7 +1358,7 @@ class OnlineReplay:
         return {k: v[idx] for k, v in self.online.data.items()}
 
     def sample(self, batch_size: int) -> dict[str, Tensor]:
-        if self.mode == "half":  # section 1f: half online, half offline
+        if self.mode == "half":  # half online, half offline (docs/algorithms.md, section 3.5)
             on, off = self.online.sample(batch_size // 2), self.offline.sample(batch_size - batch_size // 2)
             return {k: torch.cat([on[k], off[k]]) for k in on}
         if self.mode == "balanced":
@@ -1377,7 +1400,7 @@ class OnlineReplay:
 
 class EnvRunner:
     """The training environment: one step of pi(s) + N(0, sigma^2), clipped; returns the transition as device tensors.
-    DECISION (section 2): the EXECUTED (noisy, clipped) action is what the buffer stores."""
+    The EXECUTED (noisy, clipped) action is what the buffer stores (docs/algorithms.md, section 7)."""
 
     def __init__(self, env_spec: str, seed: int, obs_mean: np.ndarray, obs_std: np.ndarray, reward_transform: dict, device: torch.device):
         self.env = make_env(env_spec)
@@ -1432,20 +1455,21 @@ def distill_update(actor: nn.Module, opt: torch.optim.Optimizer, obs: Tensor, ta
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return {"losses/distill_loss": loss.detach()}
+    return {"distill/loss": loss.detach()}
 
 
 def reevaluate_update(ag: Agent, obs: Tensor, actions: Tensor, rewards: Tensor, next_obs: Tensor, terminals: Tensor, *,
                       gamma: float, tau: float, policy_noise: float, noise_clip: float) -> dict[str, Tensor]:
-    """Section 2a: FQE of pi0 with TD3 targets and policy smoothing; Polyak every step."""
+    """Policy Re-evaluation (O2TD3; docs/algorithms.md, section 4.1): FQE of pi0 with TD3 targets and policy smoothing;
+    Polyak every step."""
     with torch.no_grad():
         pi0_next = ag.actor0(next_obs)
         next_a = smoothed_action(pi0_next, torch.randn_like(pi0_next) * policy_noise, noise_clip)
         y = fqe_target(rewards, terminals, ag.qf_target(next_obs, next_a), gamma)
     q = ag.qf(obs, actions)
     loss = td_loss(q, y)
-    # own names: the online phase's losses/qf_loss is logged against env steps on an overlapping x-axis
-    out = {"losses/reeval_qf_loss": loss.detach(), "losses/reeval_qf_values": q.mean().detach()}
+    # the phase's own prefix: the online phase's losses/qf_loss is logged against env steps on an overlapping x-axis
+    out = {"reevaluate/qf_loss": loss.detach(), "reevaluate/qf_values": q.mean().detach()}
     ag.qf_opt.zero_grad(set_to_none=True)
     loss.backward()
     ag.qf_opt.step()
@@ -1483,7 +1507,8 @@ def fqe_converged(history: Sequence[float], tol: float) -> bool:
 
 def align_update(ag: Agent, obs: Tensor, *, policy_noise: float, noise_clip: float, beta: float, max_distance: float,
                  train_actor: bool = True) -> dict[str, Tensor]:
-    """Section 2b: distance-shrunk targets from the frozen targets; the actor steps on -mean Q1(s, pi(s)) of the
+    """Value Alignment (O2TD3; docs/algorithms.md, section 4.2): distance-shrunk targets from the frozen targets; the
+    actor steps on -mean Q1(s, pi(s)) of the
     critic before its step (read frozen, so the summed backward gives each loss only its own parameters).
     With train_actor False (--align-actor frozen) the actor loss is only logged: pi stays pi0, only the critic aligns."""
     with torch.no_grad():
@@ -1498,7 +1523,7 @@ def align_update(ag: Agent, obs: Tensor, *, policy_noise: float, noise_clip: flo
     actor_loss = -frozen_call(ag.qf, obs, pi)[0].mean()
     q_at, q_off = ag.qf(torch.cat([obs, obs]), torch.cat([at, a_off])).split(obs.shape[0], dim=1)  # one fused call
     loss = td_loss(q_at, y) + td_loss(q_off, q_star)
-    out = {"losses/align_loss": loss.detach(), "losses/align_actor_loss": actor_loss.detach(), "losses/align_qf_values": q_off.mean().detach()}
+    out = {"align/qf_loss": loss.detach(), "align/actor_loss": actor_loss.detach(), "align/qf_values": q_off.mean().detach()}
     ag.qf_opt.zero_grad(set_to_none=True)
     if train_actor:
         ag.actor_opt.zero_grad(set_to_none=True)
@@ -1513,7 +1538,8 @@ def align_update(ag: Agent, obs: Tensor, *, policy_noise: float, noise_clip: flo
 def o2td3_update(ag: Agent, obs: Tensor, actions: Tensor, rewards: Tensor, next_obs: Tensor, terminals: Tensor,
                  threshold: Tensor, update_actor: bool, *, constraint: bool, gamma: float, tau: float, policy_noise: float,
                  noise_clip: float, lagrange_tau: float) -> dict[str, Tensor]:
-    """Section 2c: constrained TD3 update (critic every call; Lagrange, actor and targets when update_actor).
+    """Constrained Fine-Tuning (O2TD3; docs/algorithms.md, section 4.3): one constrained TD3 update (critic every call;
+    Lagrange, actor and targets when update_actor).
     `threshold` is eps_t as a 0-d tensor; without `constraint` lambda stays 0 (plain TD3)."""
     # lambda of this update, read before the Lagrange step (log_lam has shape (1,) for compiled Adam; lambda is 0-d)
     lam = ag.log_lam.detach().exp().reshape(()) if constraint else torch.zeros((), device=obs.device)
@@ -1551,7 +1577,8 @@ def o2td3_update(ag: Agent, obs: Tensor, actions: Tensor, rewards: Tensor, next_
 
 def opt_pretrain_update(ag: Agent, off: dict[str, Tensor], on: dict[str, Tensor], update_targets: bool = True, *, gamma: float, tau: float,
                         policy_noise: float, noise_clip: float, inner_lr: float) -> dict[str, Tensor]:
-    """Section 4b: one meta step of Q_on; both losses are TD3 losses with Q_on's own targets, pi0 acting. Q_on's targets
+    """OPT pre-training (docs/algorithms.md, section 6): one meta step of Q_on; both losses are TD3 losses with Q_on's own
+    targets, pi0 acting. Q_on's targets
     are Polyak-updated only when `update_targets` (every second step, the TD3 delay, as the OPT code)."""
     ys = []
     with torch.no_grad():
@@ -1561,7 +1588,7 @@ def opt_pretrain_update(ag: Agent, off: dict[str, Tensor], on: dict[str, Tensor]
             ys.append(fqe_target(b["rewards"], b["terminals"], ag.qf_on_target(b["next_obs"], next_a), gamma))
     params = dict(ag.qf_on.named_parameters())
     loss, l_off, l_on, w = opt_meta_loss(ag.qf_on, params, (off["obs"], off["actions"], ys[0]), (on["obs"], on["actions"], ys[1]), inner_lr)
-    out = {"losses/opt_meta_loss": loss.detach(), "losses/opt_l_off": l_off.detach(), "losses/opt_l_on": l_on.detach(), "losses/opt_w": w}
+    out = {"opt_pretrain/meta_loss": loss.detach(), "opt_pretrain/l_off": l_off.detach(), "opt_pretrain/l_on": l_on.detach(), "opt_pretrain/w": w}
     ag.qf_on_opt.zero_grad(set_to_none=True)
     loss.backward()
     ag.qf_on_opt.step()
@@ -1573,7 +1600,8 @@ def opt_pretrain_update(ag: Agent, off: dict[str, Tensor], on: dict[str, Tensor]
 def opt_finetune_update(ag: Agent, obs: Tensor, actions: Tensor, rewards: Tensor, next_obs: Tensor, terminals: Tensor,
                         kappa: Tensor, update_actor: bool, *, gamma: float, tau: float, policy_noise: float, noise_clip: float,
                         off_reward_scale: float = 1.0, off_reward_shift: float = 0.0) -> dict[str, Tensor]:
-    """Section 4b: both critics fitted on the same batch (own targets); the actor maximises the kappa mixture of the
+    """OPT fine-tuning (docs/algorithms.md, section 6): both critics fitted on the same batch (own targets); the actor
+    maximises the kappa mixture of the
     critics just stepped. `kappa` is a 0-d tensor. `rewards` are raw (Q_on's scale); Q_off, the checkpoint's critic,
     sees them through the checkpoint's transform r * off_reward_scale + off_reward_shift, the scale it was trained on."""
     with torch.no_grad():
@@ -1631,7 +1659,7 @@ PHASE_FIELDS: dict[str, tuple[str, ...]] = {
 # fields a resumed online phase may change: the budget, when to stop, logging and checkpoint cadence, the speed flags,
 # where the outputs go
 RESUMABLE_CHANGES = ("online_steps", "stop_after", "no_resume", "overwrite", "log_every", "checkpoint_every", "align_eval_every",
-                     "compile", "cudagraphs", "bf16", "threads", "run_dir", "run_name")
+                     "compile", "cudagraphs", "bf16", "threads", "run_dir", "run_name", "track", "wandb_project_name", "wandb_entity")
 
 
 def phase_key(args: Args, phase: str, source: str, rewards: dict) -> dict:
@@ -1657,7 +1685,6 @@ def online_key(args: Args, source: str, rewards: dict) -> dict:
 # checkpoint's content.
 RUN_OUTPUTS = ("args.json", "results.json", "final.pt", "online.pt", "distilled.pt", "reevaluated.pt", "aligned.pt", "opt_pretrained.pt")
 KEY_WORDS = {"source": "another offline checkpoint (its content differs)", "rewards": "the reward handling of the critics"}
-KEY_IGNORED = RESUMABLE_CHANGES  # left out of the online key (an older run's key may still hold some of them)
 
 
 def saved_key(saved: dict | None) -> dict | None:
@@ -1667,14 +1694,14 @@ def saved_key(saved: dict | None) -> dict | None:
 
 
 # --- shared: runfolder ---
-def key_diff(saved: dict | None, now: dict, ignore: Sequence[str] = ()) -> list[str]:
+def key_diff(saved: dict | None, now: dict) -> list[str]:
     """`--flag saved (now given)` for every argument of the key `now` that differs from an earlier run's, a few words
-    for its other entries (KEY_WORDS); empty when they agree. Entries named in `ignore` do not count."""
+    for its other entries (KEY_WORDS); empty when they agree."""
     if saved is None:
         return ["settings not recorded"]
     same = lambda v: json.dumps(v, sort_keys=True, default=str)  # noqa: E731  (a tuple and its list agree)
     return [KEY_WORDS.get(k) or f"--{k.replace('_', '-')} {saved.get(k)} (now {now.get(k)})"
-            for k in sorted((set(saved) | set(now)) - set(ignore)) if same(saved.get(k)) != same(now.get(k))]
+            for k in sorted(set(saved) | set(now)) if same(saved.get(k)) != same(now.get(k))]
 
 
 def read_saved(path: Path) -> dict | None:
@@ -1699,7 +1726,7 @@ def check_run_folder(out: Path, key: dict, args: Args) -> dict | None:
             saved = saved_key(online)
         if saved is None:
             fail(f"{out} holds a finished run whose settings cannot be read from its final.pt; pass --overwrite to replace it or {other}")
-        diff = key_diff(saved, key, KEY_IGNORED)
+        diff = key_diff(saved, key)
         if diff:
             fail(f"{out} holds a finished run with other settings ({', '.join(diff)}); pass --overwrite to replace it or {other}")
     if args.no_resume or not online_path.exists():
@@ -1708,7 +1735,7 @@ def check_run_folder(out: Path, key: dict, args: Args) -> dict | None:
     if saved_key(online) is None:
         fail(f"{online_path} cannot be read (damaged, or not written by this script); pass --no-resume to start the online phase "
              f"afresh or {other}")
-    diff = key_diff(saved_key(online), key, KEY_IGNORED)
+    diff = key_diff(saved_key(online), key)
     if diff:
         fail(f"{out} holds an unfinished run with other settings ({', '.join(diff)}); pass --no-resume to start it afresh or {other}")
     return online
@@ -1776,6 +1803,41 @@ def git_commit() -> str | None:
 # --- end shared: provenance ---
 
 
+# --- shared: tracking ---
+def check_tracking(args: Any) -> None:
+    """--track (CleanRL's convention) needs wandb, imported only then: without it, exit 2 before anything runs."""
+    if args.track:
+        import importlib
+
+        try:
+            importlib.import_module("wandb")
+        except ImportError:
+            fail("--track needs wandb, which is not installed; pip install wandb (pinned in requirements.txt) or drop --track")
+
+
+def start_tracking(args: Any, config: dict, out: Path) -> Any:
+    """With --track: a Weights & Biases run named after the run folder `out` (its last three parts), the run's arguments
+    as its config, and sync_tensorboard, so every scalar the SummaryWriter writes into `out` is mirrored; call it before
+    the SummaryWriter is made and finish_tracking at the end. None without --track. wandb's files go to the folder
+    that holds the run folder (<parent>/wandb/<run>-<id>/), not into it: the tensorboard sync watches `out` and its
+    subfolders, and would copy its own copies of the event files again and again."""
+    if not args.track:
+        return None
+    import wandb
+
+    return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=config, name="/".join(out.parts[-3:]),
+                      sync_tensorboard=True, dir=str(out.parent))
+
+
+def finish_tracking(tracker: Any) -> None:
+    """wandb.finish() of the run start_tracking began (nothing without --track)."""
+    if tracker is not None:
+        import wandb
+
+        wandb.finish()
+# --- end shared: tracking ---
+
+
 # --- shared: results ---
 # results.json, one schema for o2o_sac.py, o2o_td3.py and o2o_ppo.py (README, "results.json"). The curve is a list of
 # {phase, step, normalized_score, return}; phases in order: offline, distilled, align (evaluations during alignment,
@@ -1825,6 +1887,17 @@ def results_record(*, script: str, algo: str, method: str, mode: dict, env: str,
             "online_steps_done": online_steps_done, "budget_scale": budget_scale, "curve": curve,
             "wall_clock_s": {**wall, "total": sum(wall.values())}, "finished": finished, "versions": software_versions(),
             "git_commit": git_commit(), "run_dir": str(run_dir), **extra}
+
+
+# tensorboard's charts/phase: one number per phase, the same in the three scripts, logged when a run enters the phase
+# (a reused phase checkpoint included) at the global online env step where the phase starts: 0 for every phase before
+# online learning; OPT's pre-training and fine-tuning at the end of its collection; PORL's fine-tuning at the end of its
+# pre-sample stage. A resumed online phase logs nothing again.
+PHASE_IDS = {"offline": 0, "distill": 1, "reevaluate": 2, "align": 3, "opt_collect": 4, "opt_pretrain": 5, "pre_sample": 6, "online": 7}
+
+
+def log_phase(writer: SummaryWriter, phase: str, env_step: int) -> None:
+    writer.add_scalar("charts/phase", PHASE_IDS[phase], env_step)
 # --- end shared: results ---
 
 
@@ -1940,16 +2013,20 @@ class Run:
         atomic_save(ckpt, self.phase_path(name))
         return ckpt
 
+    def enter(self, phase: str, env_step: int = 0) -> None:
+        """charts/phase of a phase this run starts (log_phase); a resumed online phase logged its phases when it first
+        started them."""
+        if self.online_state is None:
+            log_phase(self.writer, phase, env_step)
+
     def phase_done(self, name: str, t0: float, reused: bool) -> None:
         self.phases[name] = {"wall_clock_s": time.time() - t0, "reused": reused}
-        self.writer.add_scalar("charts/phase", list(PHASES).index(name), len(self.phases))
 
     def close(self) -> None:
         self.writer.close()
         self.evaluator.close()
 
 
-PHASES = ("offline", "distilled", "reevaluated", "aligned", "opt_collect", "opt_pretrained", "online")
 # where diagnose() runs; tensorboard's diagnostics/* scalars use the index here as their step
 BOUNDARIES = ("start", "reevaluated", "aligned", "opt_pretrained", "end")
 DIAG_STATES, DIAG_SAMPLES = 2048, 16  # dataset states the diagnostics read; perturbed actions per state for the agreement
@@ -1993,8 +2070,10 @@ def diagnose(run: Run, ag: Agent, boundary: str, agreement: bool = False) -> dic
 
 # ---------------------------------------------------------------- phases
 def run_distillation(run: Run, offline_actor: nn.Module, off_rb: ReplayBuffer, key: dict) -> tuple[nn.Module, dict]:
-    """Section 6: a tanh-Gaussian or Gaussian offline actor becomes a DeterministicActor(256x256) regressed on its mean action."""
+    """Distillation (docs/algorithms.md, section 4): a tanh-Gaussian or Gaussian offline actor becomes a
+    DeterministicActor(256x256) regressed on its mean action."""
     a, t0 = run.args, time.time()
+    run.enter("distill")
     ag = Agent()
     ag.actor = DeterministicActor(run.ckpt["obs_dim"], run.ckpt["act_dim"], ACTOR_HIDDEN, run.ckpt["max_action"]).to(run.device)
     ag.actor_opt = run.accel.adam(ag.actor.parameters(), a.distill_lr)
@@ -2020,7 +2099,7 @@ def run_distillation(run: Run, offline_actor: nn.Module, off_rb: ReplayBuffer, k
         ret, score = run.evaluate(ag.actor)
         info = {"distill_error": err, "distilled_return": ret, "distilled_score": score, "from_family": run.ckpt["actor_family"]}
         run.checkpoint("distilled", ag, key, {"distill": info}, score)
-    run.writer.add_scalar("losses/distill_error", info["distill_error"], 0)
+    run.writer.add_scalar("distill/action_mse", info["distill_error"], a.distill_steps)
     print(f"distilled the {info['from_family']} actor: MSE to its mean action {info['distill_error']:.4g}, normalized score {info['distilled_score']:.1f}")
     run.record(0, info["distilled_return"], info["distilled_score"], "distilled", quiet=True)
     run.phase_done("distilled", t0, saved is not None)
@@ -2028,12 +2107,14 @@ def run_distillation(run: Run, offline_actor: nn.Module, off_rb: ReplayBuffer, k
 
 
 def run_reevaluation(run: Run, ag: Agent, off_rb: ReplayBuffer, key: dict) -> None:
-    """Section 2a, into a NEW critic (orthogonal init, LayerNorm). The target critics move at --reevaluate-tau, and
+    """Policy Re-evaluation (O2TD3; docs/algorithms.md, section 4.1), into a NEW critic (orthogonal init, LayerNorm). The
+    target critics move at --reevaluate-tau, and
     every REEVAL_CHECK_EVERY steps the mean target-critic value on the diagnostics' fixed dataset (s, a) pairs is read
     (the probe; reading it draws no random numbers, so the training streams are those of a run without it); the phase
     ends at the first reading where fqe_converged holds, at the latest after --reevaluate-steps. How it ended
     (run.reevaluation, results.json "reevaluation") is kept in reevaluated.pt, so a reused phase reports it too."""
     a, t0 = run.args, time.time()
+    run.enter("reevaluate")
     saved = run.reuse("reevaluated", key)
     if saved is not None:
         ag.load(saved["train_state"], run.accel, names=("qf", "qf_target", "qf_opt"))
@@ -2069,10 +2150,12 @@ def run_reevaluation(run: Run, ag: Agent, off_rb: ReplayBuffer, key: dict) -> No
 
 
 def run_alignment(run: Run, ag: Agent, off_rb: ReplayBuffer, key: dict) -> float | None:
-    """Section 2b; targets frozen for the whole phase, then critics and actor copied to the targets. With
+    """Value Alignment (O2TD3; docs/algorithms.md, section 4.2); targets frozen for the whole phase, then critics and actor
+    copied to the targets. With
     --align-eval-every N the actor is evaluated every N alignment steps: curve points of phase "align" (step = the
     alignment step; the last one is the aligned actor's evaluation)."""
     a, t0 = run.args, time.time()
+    run.enter("align")
     saved = run.reuse("aligned", key)
     if saved is not None:
         ag.load(saved["train_state"], run.accel, names=("actor", "actor_target", "actor_opt", "qf", "qf_target", "qf_opt"))
@@ -2139,7 +2222,7 @@ def online_loop(run: Run, ag: Agent, replay: OnlineReplay, runner: EnvRunner, st
             run.record(global_step, ret, score, phase)
             atomic_save(run.results(False), run.out / "results.json")  # progress so far
             bar.set_postfix(score=f"{score:.1f}")
-            if hasattr(ag, "actor_ref"):  # section 1e: reference update
+            if hasattr(ag, "actor_ref"):  # the reference update (docs/algorithms.md, section 3.5)
                 if a.reference == "best" and score > st["best"]:
                     ag.actor_ref.load_state_dict(ag.actor.state_dict())
                 elif a.reference == "interval" and regular and st["n_evals"] % a.reference_interval == 0:
@@ -2177,11 +2260,12 @@ def resume_online(run: Run, ag: Agent, replay: OnlineReplay, st: dict) -> bool:
 
 
 def run_o2td3_online(run: Run, ag: Agent, off_rb: ReplayBuffer, data: dict, d: dict, st: dict, obs_mean: np.ndarray, obs_std: np.ndarray) -> bool:
-    """Section 2c (constrained) or plain TD3 fine-tuning (--no-constraint)."""
+    """Constrained Fine-Tuning (O2TD3; docs/algorithms.md, section 4.3) or plain TD3 fine-tuning (--no-constraint)."""
     a, t0 = run.args, time.time()
     constraint = not a.no_constraint
     replay = OnlineReplay(off_rb, data, a.buffer_mode, a.online_steps, a.part_trajectories, False, run.device)
     st["key"] = online_key(a, run.source, run.rewards)
+    run.enter("online", 0)
     resume_online(run, ag, replay, st)
     runner = EnvRunner(data["env_spec"], a.seed + st["global_step"], obs_mean, obs_std, run.rewards["qf"], run.device)
     if constraint:
@@ -2190,12 +2274,12 @@ def run_o2td3_online(run: Run, ag: Agent, off_rb: ReplayBuffer, data: dict, d: d
     threshold = run.accel.scalar(d["eps0"])  # refilled every step: a value, never a new constant for compile or a graph
 
     def update(b: dict[str, Tensor], step: int, update_actor: bool) -> dict[str, Tensor]:
-        threshold.fill_(constraint_threshold(step, d["eps0"], d["eps_end"], a.eps_steps))
+        threshold.fill_(constraint_threshold(step, d["eps0"], d["eps_end"], a.constraint_horizon))
         return step_fn(b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"], threshold, update_actor)
 
     def after_step(step: int) -> None:
         if constraint and step % a.log_every == 0:
-            run.writer.add_scalar("charts/kl_threshold", constraint_threshold(step, d["eps0"], d["eps_end"], a.eps_steps), step)
+            run.writer.add_scalar("charts/kl_threshold", constraint_threshold(step, d["eps0"], d["eps_end"], a.constraint_horizon), step)
 
     ok = online_loop(run, ag, replay, runner, st, update, "online", d["explore_noise"], a.utd, a.learning_starts, after_step,
                      early_eval_steps(0, a.online_steps, a.early_evals))
@@ -2205,7 +2289,8 @@ def run_o2td3_online(run: Run, ag: Agent, off_rb: ReplayBuffer, data: dict, d: d
 
 
 def run_opt(run: Run, ag: Agent, offline_qf: Critic, off_rb: ReplayBuffer, data: dict, d: dict, st: dict, obs_mean: np.ndarray, obs_std: np.ndarray) -> bool:
-    """Section 4b: collect with the frozen actor, meta-pre-train Q_on, then kappa-weighted fine-tuning of both critics.
+    """OPT (docs/algorithms.md, section 6): collect with the frozen actor, meta-pre-train Q_on, then kappa-weighted
+    fine-tuning of both critics.
     The buffers hold raw rewards (Q_on learns from scratch); Q_off's update applies the checkpoint's transform."""
     a, dev = run.args, run.device
     raw, off_rt = run.rewards["qf_on"], run.rewards["qf"]
@@ -2229,7 +2314,9 @@ def run_opt(run: Run, ag: Agent, offline_qf: Critic, off_rb: ReplayBuffer, data:
         key = phase_key(a, "opt_pretrained", run.source, run.rewards)
         saved = run.reuse("opt_pretrained", key)
         t0 = time.time()
+        run.enter("opt_collect", 0)
         if saved is not None:
+            run.enter("opt_pretrain", a.opt_collect_steps)
             ag.load(saved["train_state"], run.accel, names=("qf_on", "qf_on_target", "qf_on_opt"))
             replay.load(saved["train_state"]["replay"])
             run.curve.extend(saved["train_state"]["collect_curve"])
@@ -2247,6 +2334,7 @@ def run_opt(run: Run, ag: Agent, offline_qf: Critic, off_rb: ReplayBuffer, data:
                     run.record(step, run.curve[-1]["return"], run.curve[-1]["normalized_score"], "opt_collect", quiet=True)
             run.phase_done("opt_collect", t0, False)
             t0 = time.time()
+            run.enter("opt_pretrain", a.opt_collect_steps)
             # --- pre-training of Q_on with the one-step meta objective
             step_fn = run.accel.update(functools.partial(opt_pretrain_update, ag, inner_lr=a.opt_inner_lr, **td3_constants(a)))
             for step in tqdm(range(1, a.opt_pretrain_steps + 1), desc="opt pre-train", disable=None):  # targets: every 2nd step
@@ -2258,6 +2346,7 @@ def run_opt(run: Run, ag: Agent, offline_qf: Critic, off_rb: ReplayBuffer, data:
         run.phase_done("opt_pretrained", t0, saved is not None)
         diagnose(run, ag, "opt_pretrained")
         st["global_step"] = a.opt_collect_steps
+        run.enter("online", a.opt_collect_steps)
     if runner is None:
         runner = EnvRunner(data["env_spec"], a.seed + st["global_step"], obs_mean, obs_std, raw, dev)
     t0 = time.time()
@@ -2288,7 +2377,7 @@ def validate(args: Args) -> None:
         fail(f"unknown --offline-algo {args.offline_algo!r}; known: td3_bc, cql, iql, bc")
     check_learning_rates(args)
     for flag in ("batch_size", "online_steps", "utd", "policy_freq", "eval_every", "eval_episodes", "log_every", "checkpoint_every",
-                 "eps_steps", "reference_interval", "part_trajectories", "opt_utd", "ratio_temperature"):
+                 "constraint_horizon", "part_trajectories", "opt_utd", "ratio_temperature"):
         if getattr(args, flag) <= 0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     for flag in ("distill_steps", "learning_starts", "opt_pretrain_steps", "align_eval_every", "early_evals"):
@@ -2306,8 +2395,9 @@ def validate(args: Args) -> None:
         fail(f"--reevaluate-tol must be >= 0 (0 = run every --reevaluate-steps), got {args.reevaluate_tol}")
     if args.stop_after is not None and not 0 < args.stop_after < args.online_steps:
         fail(f"--stop-after must lie in (0, --online-steps={args.online_steps}), got {args.stop_after}")
-    if args.threads is not None and args.threads <= 0:
-        fail(f"--threads must be positive, got {args.threads}")
+    for flag in ("threads", "reference_interval"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.lambda_init <= 0:
         fail(f"--lambda-init must be positive, got {args.lambda_init}")
     d = resolve_defaults(args)  # also rejects an unknown --env
@@ -2371,6 +2461,7 @@ def mode_name(args: Args) -> str:
 
 
 def main(args: Args) -> dict:
+    check_tracking(args)
     given = args
     check_learning_rates(given)  # as given: --budget-scale divides the Lagrange multiplier's
     args = with_budget_scale(with_mode_defaults(args))  # --online-steps: the mode's budget unless given; then --budget-scale
@@ -2380,6 +2471,7 @@ def main(args: Args) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     defaults = resolve_defaults(args)
+    args = dataclasses.replace(args, reference_interval=defaults["reference_interval"])  # the effective one, as the budgets
     env_name = args.env if args.dataset_id is None else args.dataset_id
     env_key = env_name.replace("/", "_")
     mode = mode_name(args)
@@ -2439,6 +2531,7 @@ def main(args: Args) -> dict:
             (out / name).unlink(missing_ok=True)
     atomic_save({**asdict(args), "resolved_defaults": defaults, "mode": mode, "offline_checkpoint": str(ckpt_path), "reward_handling": rewards,
                  "args_given": asdict(given)}, out / "args.json")  # the top level holds the effective (scaled) values
+    tracker = start_tracking(args, asdict(given), out)  # before Run makes the SummaryWriter
     run = Run(args, out, ckpt, ckpt_path, data, device, accel, rewards)
     run.online_state = online_state
     run.writer.add_text("args", json.dumps(asdict(args)))
@@ -2448,6 +2541,7 @@ def main(args: Args) -> dict:
     # --- phase 0: the offline actor, and pi0 (copied exactly when deterministic, distilled otherwise)
     t0 = time.time()
     offline_actor = actor_from_checkpoint(ckpt, device)
+    run.enter("offline")
     ret, offline_score = run.evaluate(offline_actor)
     run.record(0, ret, offline_score, "offline")
     run.phase_done("offline", t0, False)
@@ -2495,7 +2589,7 @@ def main(args: Args) -> dict:
         ag.qf_opt = accel.adam(ag.qf.parameters(), args.critic_lr)
         ag.actor_opt = accel.adam(ag.actor.parameters(), args.actor_lr)
         ag.actor_ref = copy.deepcopy(actor0)
-        # shape (1,), not 0-d: compiled Adam skips 0-d float64 parameters (PyTorch 2.13); older 0-d checkpoints still load
+        # shape (1,), not 0-d: compiled Adam skips 0-d float64 parameters (PyTorch 2.13)
         ag.log_lam = nn.Parameter(torch.full((1,), math.log(args.lambda_init), device=device))
         ag.lam_opt = accel.adam([ag.log_lam], args.lambda_lr)  # lr / --budget-scale (with_budget_scale)
         diagnose(run, ag, "start")
@@ -2505,7 +2599,7 @@ def main(args: Args) -> dict:
         if not args.no_align:
             aligned_score = run_alignment(run, ag, off_rb, phase_key(args, "aligned", run.source, run.rewards))
             diagnose(run, ag, "aligned", agreement=True)
-            # section 1c: start from the aligned actor as reference only if it beats pi0
+            # start from the aligned actor as reference only if it beats pi0 (docs/algorithms.md, section 3.4)
             if aligned_score is not None and aligned_score > pi0_score and args.reference != "offline":
                 ag.actor_ref.load_state_dict(ag.actor.state_dict())
                 st["best"] = aligned_score
@@ -2521,6 +2615,7 @@ def main(args: Args) -> dict:
               f"{result['online_start_score']:.1f} -> final {result['final_score']:.1f} (min over first tenth {result['min_first_tenth']:.1f}); "
               f"outputs in {out}")
     run.close()
+    finish_tracking(tracker)
     return result
 
 

@@ -71,6 +71,13 @@ class Args:
     """auto (CUDA when present), cpu or cuda"""
     threads: int | None = None
     """torch CPU threads (default: torch's choice; 1 is fastest when two jobs share a small machine)"""
+    track: bool = False
+    """also log to Weights & Biases (wandb.init with sync_tensorboard: the tensorboard events are mirrored there);
+    tensorboard stays the record. Needs `pip install wandb`"""
+    wandb_project_name: str = "o2o"
+    """the Weights & Biases project of --track"""
+    wandb_entity: str | None = None
+    """the Weights & Biases entity (team or user) of --track; default: wandb's default entity"""
 
     # --- training ---
     total_steps: int = 1_000_000
@@ -640,7 +647,8 @@ def _download(dataset_id: str) -> None:
 
 
 def resolve_dataset(env: str, dataset_id: str | None = None, no_download: bool = False) -> tuple[list[str], bool]:
-    """The Minari ids to load for --env / --dataset-id (DESIGN.md order) and whether they are a local stand-in."""
+    """The Minari ids to load for --env / --dataset-id (in the order of the README, "Datasets") and whether they are a local
+    stand-in."""
     if dataset_id is not None and not DATASET_ID_RE.match(dataset_id):
         fail(f"malformed dataset id {dataset_id!r}; Minari ids look like namespace/name-v0 (no part may start with '.')")
     store = minari_store()
@@ -824,7 +832,7 @@ CHECKPOINT_KEYS = ("format_version", "algo", "env_name", "dataset_id", "obs_dim"
 
 
 def load_checkpoint(path: str | Path, env_name: str | None = None, obs_dim: int | None = None, act_dim: int | None = None) -> dict:
-    """A checkpoint of DESIGN.md's format, checked against the run that wants it; any mismatch exits 2."""
+    """A checkpoint of the README's format ("Checkpoints"), checked against the run that wants it; any mismatch exits 2."""
     path = Path(path)
     if not path.is_file():
         fail(f"checkpoint {path} does not exist")
@@ -910,6 +918,41 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
 # --- end shared: provenance ---
+
+
+# --- shared: tracking ---
+def check_tracking(args: Any) -> None:
+    """--track (CleanRL's convention) needs wandb, imported only then: without it, exit 2 before anything runs."""
+    if args.track:
+        import importlib
+
+        try:
+            importlib.import_module("wandb")
+        except ImportError:
+            fail("--track needs wandb, which is not installed; pip install wandb (pinned in requirements.txt) or drop --track")
+
+
+def start_tracking(args: Any, config: dict, out: Path) -> Any:
+    """With --track: a Weights & Biases run named after the run folder `out` (its last three parts), the run's arguments
+    as its config, and sync_tensorboard, so every scalar the SummaryWriter writes into `out` is mirrored; call it before
+    the SummaryWriter is made and finish_tracking at the end. None without --track. wandb's files go to the folder
+    that holds the run folder (<parent>/wandb/<run>-<id>/), not into it: the tensorboard sync watches `out` and its
+    subfolders, and would copy its own copies of the event files again and again."""
+    if not args.track:
+        return None
+    import wandb
+
+    return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=config, name="/".join(out.parts[-3:]),
+                      sync_tensorboard=True, dir=str(out.parent))
+
+
+def finish_tracking(tracker: Any) -> None:
+    """wandb.finish() of the run start_tracking began (nothing without --track)."""
+    if tracker is not None:
+        import wandb
+
+        wandb.finish()
+# --- end shared: tracking ---
 
 
 # ---------------------------------------------------------------- networks per method (CORL's MuJoCo architectures)
@@ -1244,7 +1287,7 @@ def validate(args: Args) -> None:
 # run of other settings is never resumed or replaced silently. --total-steps is a setting too, but --resume may
 # raise it (the remaining schedule stretches over the new budget).
 RUN_ARGS = ("run_dir", "run_name", "resume", "overwrite", "device", "threads", "compile", "cudagraphs", "no_download",
-            "log_every", "eval_every", "eval_episodes")
+            "log_every", "eval_every", "eval_episodes", "track", "wandb_project_name", "wandb_entity")
 # the arguments of one method only: they do not change a run of another method
 METHOD_ARGS = {"cql": ("cql_",), "iql": ("iql_",), "td3_bc": ("td3_bc_", "policy_noise", "noise_clip", "policy_freq"), "bc": ("bc_",)}
 UNUSED_BY = {"bc": ("gamma", "tau")}  # BC has no critic and no target network
@@ -1300,6 +1343,7 @@ def refuse_existing_run(out: Path, ckpt_path: Path, args: Args) -> NoReturn:
 
 
 def main(args: Args) -> dict:
+    check_tracking(args)
     validate(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -1369,6 +1413,7 @@ def main(args: Args) -> dict:
     else:  # resumed: a results.json of the shorter finished run no longer describes this folder until the end
         (out / "results.json").unlink(missing_ok=True)
     # resumed: tensorboard drops the logged points past the checkpoint (written before the earlier run stopped)
+    tracker = start_tracking(args, asdict(args), out)
     writer = SummaryWriter(str(out), purge_step=start if ckpt is not None else None)
     writer.add_text("args", json.dumps(asdict(args)))
     writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
@@ -1409,6 +1454,7 @@ def main(args: Args) -> dict:
             saved_step = done
     bar.close()
     writer.close()
+    finish_tracking(tracker)
     evaluator.close()
     # the o2o scripts' results.json schema where it applies (README, "results.json"); curve: [step, return, score] rows
     result = {"schema_version": 1, "script": "offline_pretrain", "algo": args.algo, "env": args.env, "seed": args.seed,

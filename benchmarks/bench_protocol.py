@@ -29,7 +29,7 @@ import torch
 import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPER = {"distill_steps": 5_000, "reevaluate_steps": 500_000, "align_steps": 500_000, "online_steps": 100_000, "kl_horizon": 100_000,
+PAPER = {"distill_steps": 5_000, "reevaluate_steps": 500_000, "align_steps": 500_000, "online_steps": 100_000, "constraint_horizon": 100_000,
          "learning_starts": 1_000, "checkpoint_every": 5_000, "log_every": 1_000}
 
 

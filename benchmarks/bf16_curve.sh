@@ -20,7 +20,7 @@ for seed in $SEEDS; do
     else
       OMP_NUM_THREADS=1 $PY o2o_sac.py --env hopper-medium-v2 --checkpoint runs/offline/iql/hopper-medium-v2/seed0/checkpoint.pt \
         --seed "$seed" --device cpu --threads 1 --no-download --run-dir "$OUT/$mode" --run-name "o2sac_seed$seed" --no-resume \
-        --reevaluate-steps 5000 --align-steps 2000 --online-steps 3000 --utd 2 --eval-every 500 --kl-horizon 3000 \
+        --reevaluate-steps 5000 --align-steps 2000 --online-steps 3000 --utd 2 --eval-every 500 --constraint-horizon 3000 \
         --learning-starts 200 --checkpoint-every 1000 --log-every 500 $extra
     fi
   done

@@ -27,8 +27,8 @@ run() {  # name script args...
 
 SAC="--env hopper-medium-v2 --seed 0 --threads 1 --device cpu --checkpoint $IQL --distill-steps 2000 --online-steps 1200 --utd 5 --learning-starts 100 --eval-every 120 --eval-episodes 5"
 TD3="--env hopper-medium-v2 --seed 0 --threads 1 --device cpu --checkpoint $TD3BC --online-steps 6000 --eval-every 500 --eval-episodes 5"
-PPO="--env hopper-medium-v2 --seed 0 --threads 1 --device cpu --checkpoint $IQL --online-steps 40960 --t-end 40960 --eval-every 4096 --eval-episodes 10"
-TD3_EPS=${TD3_EPS:---eps-steps 6000}
+PPO="--env hopper-medium-v2 --seed 0 --threads 1 --device cpu --checkpoint $IQL --online-steps 40960 --constraint-horizon 40960 --eval-every 4096 --eval-episodes 10"
+TD3_EPS=${TD3_EPS:---constraint-horizon 6000}
 OPT_EXTRA=${OPT_EXTRA:-}
 
 ( run sac_o2sac o2o_sac.py $SAC --reevaluate-steps 3000 --align-steps 2000

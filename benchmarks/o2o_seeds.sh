@@ -19,7 +19,7 @@ mkdir -p "$OUT"
 export OMP_NUM_THREADS=1 PY OUT
 COMMON="--env hopper-medium-v2 --threads 1 --device cpu --eval-episodes 5 --reevaluate-steps 20000"
 SAC="o2o_sac.py $COMMON --align-steps 2000 --online-steps 2000 --utd 5 --learning-starts 20 --eval-every 200"
-TD3="o2o_td3.py $COMMON --align-steps 3000 --online-steps 6000 --eps-steps 6000 --learning-starts 60 --eval-every 500"
+TD3="o2o_td3.py $COMMON --align-steps 3000 --online-steps 6000 --constraint-horizon 6000 --learning-starts 60 --eval-every 500"
 NAIVE="--no-reevaluate --no-align --no-constraint"
 jobs=()
 for s in "${SEEDS[@]}"; do

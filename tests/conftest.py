@@ -9,6 +9,7 @@ import importlib
 import os
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 import torch
@@ -80,6 +81,58 @@ def offline_checkpoints(tiny_dataset, tmp_path_factory) -> dict[str, Path]:
         res = op.main(tyro.cli(op.Args, args=["--algo", algo, "--env", "hopper-medium-v2", "--run-dir", str(rd), *TINY_OFFLINE, *extra]))
         paths[name] = Path(res["checkpoint"])
     return paths
+
+
+def run_o2o(module, tiny: Sequence[str], ckpt: Path, run_dir: Path, *extra: str) -> dict:
+    """module.main (an o2o script, from load_script) on the tiny hopper dataset from the checkpoint `ckpt` into
+    `run_dir`, with the script's tiny flags `tiny`, then `extra` (last: they win)."""
+    import tyro
+
+    return module.main(tyro.cli(module.Args, args=["--env", "hopper-medium-v2", "--checkpoint", str(ckpt), "--run-dir", str(run_dir),
+                                                    *tiny, *extra]))
+
+
+def _scalar_events(run_dir: Path | str) -> dict[str, list]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # every point, none sampled away
+    acc.Reload()
+    return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
+
+
+def scalars(run_dir: Path | str) -> dict[str, list[float]]:
+    """Every tensorboard scalar of the run folder: tag -> its values in logged order."""
+    return {tag: [e.value for e in ev] for tag, ev in _scalar_events(run_dir).items()}
+
+
+def scalar_steps(run_dir: Path | str) -> dict[str, list[int]]:
+    """Every tensorboard scalar of the run folder: tag -> the steps it was logged at, in logged order."""
+    return {tag: [e.step for e in ev] for tag, ev in _scalar_events(run_dir).items()}
+
+
+# the value of tensorboard's charts/phase for each phase: one table for the three o2o scripts (their PHASE_IDS)
+PHASE_IDS = {"offline": 0, "distill": 1, "reevaluate": 2, "align": 3, "opt_collect": 4, "opt_pretrain": 5, "pre_sample": 6, "online": 7}
+
+
+def phase_marks(run_dir: Path | str) -> list[tuple[int, str]]:
+    """charts/phase as (env step, phase name) pairs in logged order."""
+    names = {v: k for k, v in PHASE_IDS.items()}
+    return [(e.step, names[int(e.value)]) for e in _scalar_events(run_dir)["charts/phase"]]
+
+
+def wandb_offline(monkeypatch, home: Path) -> None:
+    """Weights & Biases in offline mode, every file of its own under `home` (nothing leaves the machine)."""
+    for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(home))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def wandb_offline_run(out: Path) -> tuple[Path, bytes]:
+    """The one offline wandb run of the run folder `out` (in <parent>/wandb/, see start_tracking) and its history file."""
+    runs = list((out.parent / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    return runs[0], next(runs[0].glob("run-*.wandb")).read_bytes()
 
 
 # results.json, schema_version 1: the keys every o2o script writes, with their types (README, "results.json")

@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import gymnasium as gym
@@ -19,9 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import tyro
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from conftest import assert_results_schema, load_script
+from conftest import assert_results_schema, load_script, phase_marks, run_o2o, scalar_steps, scalars, wandb_offline, wandb_offline_run
 
 ppo = load_script("o2o_ppo")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -31,14 +30,7 @@ TINY = ["--rollout-size", "64", "--minibatch-size", "32", "--update-epochs", "2"
         "--log-every", "64", "--checkpoint-every", "128", "--device", "cpu"]
 
 
-def run(ckpt: Path, run_dir: Path, *extra: str) -> dict:
-    return ppo.main(tyro.cli(ppo.Args, args=["--env", "hopper-medium-v2", "--checkpoint", str(ckpt), "--run-dir", str(run_dir), *TINY, *extra]))
-
-
-def scalars(folder: Path) -> dict[str, list[float]]:
-    acc = EventAccumulator(str(folder))
-    acc.Reload()
-    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+run = functools.partial(run_o2o, ppo, TINY)  # run(ckpt, run_dir, *extra flags)
 
 
 # ---------------------------------------------------------------- pure math
@@ -77,7 +69,7 @@ def test_reevaluation_fits_the_monte_carlo_returns(tiny_dataset, tmp_path):
     with SummaryWriter(str(tmp_path)) as w:
         info = ppo.reevaluate_value(args, vf, obs, g, w)
     assert info["steps"] == 300 and info["final_loss"] < fresh_mse / 2 and info["explained_variance"] > 0.3
-    assert len(scalars(tmp_path)["reeval/value_loss"]) == 3
+    assert len(scalars(tmp_path)["reevaluate/value_loss"]) == 3
 
 
 def plain_gae(rewards, values, next_values, terms, truncs, gamma, lam):
@@ -134,7 +126,7 @@ def test_reference_advantage_hand_checked_and_per_sample():
     actions = torch.tensor([[0.0, 0.0], [2.0, 0.0], [30.0, 30.0]])
     adv = torch.tensor([[1.0], [3.0], [5.0]])  # std (unbiased) = 2
     a_ref = ppo.reference_advantage(actions, mu, std, adv)
-    assert a_ref.shape == (3, 1)  # DECISION 3c: per sample, like A_hat, never (B, B)
+    assert a_ref.shape == (3, 1)  # per sample, like A_hat, never (B, B) (docs/algorithms.md, section 7)
     sp = lambda x: math.log1p(math.exp(x))  # noqa: E731
     # |A| = 2: g = 1 at the reference mean, g = 0.5 (1 - 4 + 1) = -1 for z = (2, 0), far away g -> -inf
     expect = [(2 / 2) * (sp(1 + 8) - 8) * 2, (2 / 2) * (sp(-1 + 8) - 8) * 2, -8.0 * 2]
@@ -281,15 +273,15 @@ def test_update_reference_copies_only_on_a_new_best():
 
 def test_family_defaults_table_and_overrides():
     fd = lambda *a: ppo.family_defaults(tyro.cli(ppo.Args, args=list(a)))  # noqa: E731
-    assert fd("--env", "hopper-medium-v2") == {"family_row": "medium", "family_env": "hopper", "update_epochs": 10, "t_end": 250_000,
+    assert fd("--env", "hopper-medium-v2") == {"family_row": "medium", "family_env": "hopper", "update_epochs": 10, "constraint_horizon": 250_000,
                                                "log_std_max": None, "reward_scaling": "none"}
     cap = math.log(0.05)
     assert fd("--env", "hopper-medium-expert-v2") == {"family_row": "medium-expert", "family_env": "hopper", "update_epochs": 5,
-                                                      "t_end": 500_000, "log_std_max": cap, "reward_scaling": "none"}
+                                                      "constraint_horizon": 500_000, "log_std_max": cap, "reward_scaling": "none"}
     assert fd("--env", "hopper-expert-v2")["log_std_max"] == cap and fd("--env", "walker2d-expert-v2")["log_std_max"] is None
     assert fd("--env", "walker2d-expert-v2")["update_epochs"] == 10
-    assert fd("--env", "hopper-expert-v2", "--update-epochs", "7", "--t-end", "1000")["update_epochs"] == 7
-    assert fd("--env", "hopper-expert-v2", "--t-end", "1000")["t_end"] == 1000
+    assert fd("--env", "hopper-expert-v2", "--update-epochs", "7", "--constraint-horizon", "1000")["update_epochs"] == 7
+    assert fd("--env", "hopper-expert-v2", "--constraint-horizon", "1000")["constraint_horizon"] == 1000
     assert fd("--env", "hopper-expert-v2", "--log-std-max", "-1")["log_std_max"] == -1.0
     assert fd("--dataset-id", "x/y-v0")["family_row"] == "other" and fd("--dataset-id", "x/y-v0")["reward_scaling"] == "none"
     # rewards of V: raw for hopper and walker2d, the running return-std for halfcheetah; the checkpoint's only when asked
@@ -328,15 +320,15 @@ def test_scale_budgets_scales_given_and_defaulted_steps(capsys):
     args = tyro.cli(ppo.Args, args=["--budget-scale", "0.5"])
     s = ppo.scale_budgets(args)
     assert {k: getattr(s, k) for k in ppo.BUDGET_STEPS} == {
-        "distill_steps": 2500, "reevaluate_steps": 500_000, "online_steps": 125_000, "t_end": 125_000,  # t_end: the table's 250k
+        "distill_steps": 2500, "reevaluate_steps": 500_000, "online_steps": 125_000, "constraint_horizon": 125_000,  # the table's 250k
         "eval_every": 1250, "log_every": 1024, "checkpoint_every": 10_240}
-    assert s.rollout_size == 2048 and s.stop_after is None and args.t_end is None and args.online_steps == 250_000  # args untouched
-    assert ppo.scale_budgets(tyro.cli(ppo.Args, args=["--budget-scale", "0.5", "--env", "hopper-expert-v2"])).t_end == 250_000
-    assert ppo.scale_budgets(tyro.cli(ppo.Args, args=["--budget-scale", "0.5", "--t-end", "1001", "--eval-every", "3"])).t_end == 501
+    assert s.rollout_size == 2048 and s.stop_after is None and args.constraint_horizon is None and args.online_steps == 250_000  # args untouched
+    assert ppo.scale_budgets(tyro.cli(ppo.Args, args=["--budget-scale", "0.5", "--env", "hopper-expert-v2"])).constraint_horizon == 250_000
+    assert ppo.scale_budgets(tyro.cli(ppo.Args, args=["--budget-scale", "0.5", "--constraint-horizon", "1001", "--eval-every", "3"])).constraint_horizon == 501
     tiny = ppo.scale_budgets(tyro.cli(ppo.Args, args=["--budget-scale", "0.001", "--online-steps", "4_096_000"]))
     assert (tiny.distill_steps, tiny.eval_every, tiny.log_every, tiny.online_steps) == (5, 3, 2, 4096)  # 2.5 rounds up; >= 1
     one = tyro.cli(ppo.Args, args=[])
-    assert {k: getattr(ppo.scale_budgets(one), k) for k in ppo.BUDGET_STEPS} == {**{k: getattr(one, k) for k in ppo.BUDGET_STEPS}, "t_end": 250_000,
+    assert {k: getattr(ppo.scale_budgets(one), k) for k in ppo.BUDGET_STEPS} == {**{k: getattr(one, k) for k in ppo.BUDGET_STEPS}, "constraint_horizon": 250_000,
                                                                                "checkpoint_every": 20_480}
     # the default checkpoint interval: at most a tenth of the (scaled) online steps
     assert ppo.scale_budgets(tyro.cli(ppo.Args, args=["--online-steps", "4096"])).checkpoint_every == 409
@@ -416,10 +408,12 @@ def test_o2ppo_from_every_actor_family(offline_checkpoints, tmp_path, family):
         phases = ["offline", "distilled", "online", "online", "online"]
     assert [e["phase"] for e in res["curve"]] == phases and [e["step"] for e in res["curve"]][-2:] == [128, 256]
     s = scalars(out)
-    for tag in ("losses/actor_loss", "losses/value_loss", "losses/ref_advantage", "losses/entropy", "reeval/value_loss", "eval/normalized_score"):
+    for tag in ("losses/actor_loss", "losses/value_loss", "losses/ref_advantage", "losses/entropy", "reevaluate/value_loss", "eval/normalized_score"):
         assert s[tag] and all(math.isfinite(x) for x in s[tag]), tag
     assert len(s["losses/actor_loss"]) == 4  # logged after every 64-step rollout
     assert s["charts/constraint_weight"][-1] == pytest.approx(1 - 256 / 250_000)
+    # charts/phase on the env-step axis, once per phase (not at every evaluation): all of them start at env step 0
+    assert phase_marks(out) == [(0, "offline"), *[(0, "distill")] * (family != "iql"), (0, "reevaluate"), (0, "online")]
     # final.pt is a checkpoint of the common format: loadable and evaluable
     final = ppo.load_checkpoint(out / "final.pt", env_name="hopper-medium-v2", obs_dim=11, act_dim=3)
     assert isinstance(ppo.actor_from_checkpoint(final), ppo.GaussianActor) and "vf" in final["critics"]
@@ -441,6 +435,7 @@ def test_ablations(offline_checkpoints, tmp_path, flags, mode):
     assert all(math.isfinite(x) for x in s["losses/value_loss"])
     if "--no-constraint" in flags:
         assert s["charts/constraint_weight"] == [0.0] * 4
+    assert phase_marks(out) == [(0, "offline"), *[(0, "reevaluate")] * ("--no-reevaluate" not in flags), (0, "online")]
 
 
 def test_resume_after_kill_and_longer_budget(offline_checkpoints, tmp_path, capsys):
@@ -457,6 +452,7 @@ def test_resume_after_kill_and_longer_budget(offline_checkpoints, tmp_path, caps
     longer = run(ck, tmp_path, "--online-steps", "384")
     assert longer["resumed_from"] == 256 and longer["curve"][: len(resumed["curve"])] == resumed["curve"]
     assert [e["step"] for e in longer["curve"]][-1] == 384
+    assert phase_marks(out) == [(0, "offline"), (0, "reevaluate"), (0, "online")]  # a resumed run marks no phase again
     # other settings in the same run folder: refused, nothing overwritten
     with pytest.raises(SystemExit) as e:
         run(ck, tmp_path, "--clip-coef", "0.3")
@@ -652,9 +648,9 @@ def test_update_gets_once_per_rollout_advantages_mixed_with_w_t(offline_checkpoi
     w_t = 1 - t / T_end (T_end 512: 0.875, then 0.75), normalised with eps 1e-5. With --family hopper-medium-expert the
     log-std cap log 0.05 applies to acting, to the update's distribution and to the reference."""
     ck = offline_checkpoints["iql"]
-    res, rec = spied_run(monkeypatch, ck, tmp_path, "--t-end", "512", "--reference", "offline", *(["--family", family] if family else []))
+    res, rec = spied_run(monkeypatch, ck, tmp_path, "--constraint-horizon", "512", "--reference", "offline", *(["--family", family] if family else []))
     cap = math.log(0.05) if family else None
-    assert res["log_std_max"] == cap and res["t_end"] == 512
+    assert res["log_std_max"] == cap and res["constraint_horizon"] == 512
     pi0 = ppo.actor_from_checkpoint(torch.load(ck, weights_only=True))
     if cap is not None:
         assert pi0.log_std.max() > cap, "the cap must bind for this test to say anything"
@@ -812,7 +808,7 @@ def test_budget_scale_halves_every_budget(offline_checkpoints, tmp_path, monkeyp
 
     monkeypatch.setattr(ppo.EnvPool, "step", step)
     monkeypatch.setattr(ppo, "atomic_save", atomic_save)
-    given = {"distill_steps": 40, "reevaluate_steps": 20, "online_steps": 256, "t_end": 512, "eval_every": 128, "log_every": 32,
+    given = {"distill_steps": 40, "reevaluate_steps": 20, "online_steps": 256, "constraint_horizon": 512, "eval_every": 128, "log_every": 32,
              "checkpoint_every": 128}
     flags = [x for k, v in given.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     res = ppo.main(tyro.cli(ppo.Args, args=["--env", "hopper-medium-v2", "--checkpoint", str(offline_checkpoints["cql"]), "--run-dir",
@@ -820,14 +816,12 @@ def test_budget_scale_halves_every_budget(offline_checkpoints, tmp_path, monkeyp
                                             "--eval-episodes", "1", "--device", "cpu", *flags, "--budget-scale", "0.5"]))
     half = {k: v // 2 for k, v in given.items()}
     assert calls == {"distill": 20, "reeval": 10, "ppo": 2 * 2, "env_steps": 128, "online_pt": 2}
-    assert res["online_steps_done"] == 128 and res["t_end"] == 256 and res["distillation"]["steps"] == 20 and res["reevaluation"]["steps"] == 10
+    assert res["online_steps_done"] == 128 and res["constraint_horizon"] == 256 and res["distillation"]["steps"] == 20 and res["reevaluation"]["steps"] == 10
     assert [e["step"] for e in res["curve"] if e["phase"] == "online"] == [0, 64, 128]
     out = tmp_path / "o2o_ppo/hopper-medium-v2/o2ppo_seed0"
     s = scalars(out)
     assert s["charts/constraint_weight"] == pytest.approx([1 - 64 / 256, 1 - 128 / 256])
-    acc = EventAccumulator(str(out))
-    acc.Reload()
-    assert [e.step for e in acc.Scalars("distill/loss")] == [16, 20]  # logged every 16 steps and at the end
+    assert scalar_steps(out)["distill/loss"] == [16, 20]  # logged every 16 steps and at the end
     budget = {"given": given, "effective": half}
     assert res["budget"] == budget and json.loads((out / "results.json").read_text())["budget"] == budget
     args_json = json.loads((out / "args.json").read_text())
@@ -987,6 +981,31 @@ def test_optimizer_state_moves_between_eager_and_compiled_runs():
     assert back.param_groups[0]["lr"] == 5e-5 and not torch.is_tensor(back.param_groups[0]["lr"])
 
 
+def test_track_mirrors_tensorboard_to_wandb_offline(offline_checkpoints, tmp_path, monkeypatch):
+    """--track in wandb's offline mode: the run finishes, wandb.finish() closed the wandb run, and the offline wandb run
+    next to the run folder holds the tensorboard scalars (synced) and the run's arguments; the curve is the untracked run's."""
+    wandb = pytest.importorskip("wandb")
+    wandb_offline(monkeypatch, tmp_path / "wandb_home")
+    res = run(offline_checkpoints["iql"], tmp_path / "runs", "--track", "--wandb-project-name", "o2o-test")
+    assert res["finished"] and wandb.run is None
+    out = Path(res["run_dir"])
+    _, history = wandb_offline_run(out)
+    for text in ("eval/normalized_score", "losses/actor_loss", "charts/phase", "o2o_ppo/hopper-medium-v2/o2ppo_seed0", "constraint_horizon"):
+        assert text.encode() in history, text
+    assert not (out / "wandb").exists()  # wandb's files stay out of the run folder
+    assert res["curve"] == run(offline_checkpoints["iql"], tmp_path / "plain")["curve"]
+
+
+def test_track_without_wandb_fails_before_anything(tmp_path, capsys, monkeypatch):
+    """--track with wandb not installed: one line on stderr and exit 2, before any dataset, checkpoint or folder is touched."""
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    with pytest.raises(SystemExit) as e:
+        ppo.main(tyro.cli(ppo.Args, args=["--track", "--run-dir", str(tmp_path / "runs")]))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--track needs wandb" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
 def test_cli_cudagraphs_on_cpu_fails_before_loading(monkeypatch, tmp_path, capsys):
     def no_loading(*a, **k):
         raise AssertionError("the dataset was touched before the flags were checked")
@@ -1016,7 +1035,7 @@ def test_speed_flags_end_to_end(offline_checkpoints, tmp_path, flags, family):
         assert (out / f).exists(), f
     assert res["online_steps_done"] == 256 and all(math.isfinite(e["normalized_score"]) for e in res["curve"])
     s = scalars(out)
-    phase_tags = ("distill/loss", "reeval/value_loss") if family == "bc_det" else ()
+    phase_tags = ("distill/loss", "reevaluate/value_loss") if family == "bc_det" else ()
     for tag in ("losses/actor_loss", "losses/value_loss", "losses/ref_advantage", "losses/entropy") + phase_tags:
         assert s[tag] and all(math.isfinite(x) for x in s[tag]), tag
     assert s["charts/learning_rate"][-1] < s["charts/learning_rate"][0]

@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -16,9 +17,7 @@ import gymnasium as gym
 import pytest
 import torch
 import tyro
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from conftest import assert_results_schema, load_script
+from conftest import PHASE_IDS, assert_results_schema, load_script, phase_marks, run_o2o, scalars
 
 o2o = load_script("o2o_sac")
 
@@ -27,14 +26,7 @@ TINY = ["--reevaluate-steps", "50", "--align-steps", "50", "--online-steps", "30
         "--checkpoint-every", "50", "--pre-sample-steps", "150", "--device", "cpu"]
 
 
-def run(ckpt: Path, run_dir: Path, *extra: str) -> dict:
-    return o2o.main(tyro.cli(o2o.Args, args=["--env", "hopper-medium-v2", "--checkpoint", str(ckpt), "--run-dir", str(run_dir), *TINY, *extra]))
-
-
-def scalars(run_dir: Path) -> dict[str, list[float]]:
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+run = functools.partial(run_o2o, o2o, TINY)  # run(ckpt, run_dir, *extra flags)
 
 
 # ---------------------------------------------------------------- pure math, hand-checked
@@ -107,6 +99,15 @@ def test_family_defaults_table_and_overrides():
     assert clip(env="hopper-expert-v2") is None and clip(env="hopper-medium-v2", reference="interval") is None
     assert clip(env="walker2d-expert-v2", reference="interval") is None
     assert clip(env="hopper-expert-v2", reference="interval", actor_grad_clip=0.0) is None and clip(env="hopper-medium-v2", actor_grad_clip=1.0) == 1.0
+    # --reference-interval: 1 (the official update_n, as O2TD3's), 10 on hopper's expert data (the official code, with the clip)
+    interval = lambda **kw: o2o.family_values(o2o.Args(**kw))["reference_interval"]  # noqa: E731
+    assert o2o.Args().reference_interval is None and interval(env="hopper-medium-v2") == interval(env="walker2d-expert-v2") == 1
+    assert interval(env="hopper-medium-expert-v2") == interval(env="hopper-expert-v2") == 10 and interval(env="hopper-expert-v2", reference_interval=3) == 3
+
+
+def test_phase_ids_one_table():
+    """charts/phase: the one table of the three scripts (the shared block "results"), the one the tests read."""
+    assert o2o.PHASE_IDS == PHASE_IDS
 
 
 # ---------------------------------------------------------------- diagnostics, hand-checked
@@ -228,6 +229,7 @@ def test_smoke_mode(name, smoke_runs):
     assert mode["reevaluate"] == ("--no-reevaluate" not in extra and not porl)
     assert mode["align"] == ("--no-align" not in extra and not porl)
     assert mode["constraint"] == ("--no-constraint" not in extra and not porl)
+    assert mode["critic_init"] == ("scratch" if porl else "offline")
     assert_results_schema(res, "o2o_sac")
     assert res["method"] == {"o2sac_cql": "ocr-cft", "iql_noreeval_interval_all": "no-reevaluate", "td3bc_noalign_offline_part": "no-align",
                              "bcdet_noconstraint_none": "no-constraint", "naive_cql": "naive", "porl_bc": "porl"}[name]
@@ -271,6 +273,10 @@ def test_smoke_mode(name, smoke_runs):
         assert max(sc["losses/lambda"]) > 0 and all(math.isfinite(v) for v in sc["losses/kl"])
     else:
         assert max(sc["losses/lambda"]) == 0.0
+    # charts/phase on the env-step axis: every phase before online learning at 0, then online from env step 0 (PORL:
+    # its pre-sample stage from 0, its fine-tuning where the stage ends, --pre-sample-steps 150)
+    marks = [(0, "offline"), *[(0, "distill")] * bool(res["distillation"]), *[(0, "reevaluate")] * mode["reevaluate"], *[(0, "align")] * mode["align"]]
+    assert phase_marks(d) == marks + ([(0, "pre_sample"), (150, "online")] if porl else [(0, "online")])
 
 
 def test_resume_after_kill_gives_the_same_curve(smoke_runs, offline_checkpoints, tmp_path):
@@ -281,6 +287,7 @@ def test_resume_after_kill_gives_the_same_curve(smoke_runs, offline_checkpoints,
     assert killed["stopped_at"] == 170 and not (Path(killed["run_dir"]) / "final.pt").exists()
     resumed = run(offline_checkpoints["cql"], tmp_path, "--run-name", "k")
     assert "online" in resumed["reused_phases"]
+    assert phase_marks(resumed["run_dir"]) == phase_marks(smoke_runs["o2sac_cql"][1])  # a resumed run marks no phase again
     assert resumed["curve"] == full["curve"]
     # a rerun with the same args and a longer budget continues from the final online state, prefix unchanged
     longer = run(offline_checkpoints["cql"], tmp_path, "--run-name", "k", "--online-steps", "400")
@@ -371,7 +378,7 @@ def test_default_checkpoint_interval_is_a_tenth_of_a_short_run(offline_checkpoin
 ALPHA0, EPS0, EPS_END = 0.2, 0.125, 2.0  # FAMILY_DEFAULTS["medium"]
 R_STEPS, A_STEPS, ONLINE, STARTS, UTD, CLIP, TIME_LIMIT = 20, 20, 60, 30, 3, 0.25, 12
 WIRING = ["--reevaluate-steps", str(R_STEPS), "--align-steps", str(A_STEPS), "--online-steps", str(ONLINE), "--learning-starts", str(STARTS),
-          "--utd", str(UTD), "--kl-horizon", str(ONLINE), "--eval-every", str(ONLINE), "--eval-episodes", "1", "--batch-size", "32",
+          "--utd", str(UTD), "--constraint-horizon", str(ONLINE), "--eval-every", str(ONLINE), "--eval-episodes", "1", "--batch-size", "32",
           "--log-every", "10", "--checkpoint-every", "1000", "--distill-steps", "10", "--device", "cpu"]
 
 
@@ -744,7 +751,7 @@ def test_budget_scale_halves_every_budget(offline_checkpoints, monkeypatch, tmp_
     sc = scalars(Path(res["run_dir"]))
     assert len(sc["reevaluate/qf_loss"]) == 2 and len(sc["losses/qf_loss"]) == 3  # log every 5: steps 5, 10; env steps 20, 25, 30
     assert res["budget_scale"] == 0.5 and res["budget"] == {"distill_steps": 5, "reevaluate_steps": R_STEPS // 2, "align_steps": A_STEPS // 2, "online_steps": on,
-                             "pre_sample_steps": 2500, "learning_starts": starts, "kl_horizon": horizon, "eval_every": on,
+                             "pre_sample_steps": 2500, "learning_starts": starts, "constraint_horizon": horizon, "eval_every": on,
                              "align_eval_every": 2, "checkpoint_every": 500, "log_every": 5, "stop_after": None,
                              "lambda_lr": pytest.approx(1e-4)}
     # args.json keeps the flags as given
@@ -754,7 +761,7 @@ def test_budget_scale_halves_every_budget(offline_checkpoints, monkeypatch, tmp_
 
 def test_budget_scale_rounds_and_keeps_zero():
     eff = o2o.resolve_budgets(o2o.Args(budget_scale=0.03, learning_starts=0, align_eval_every=0))
-    assert (eff.reevaluate_steps, eff.online_steps, eff.kl_horizon, eff.eval_every, eff.pre_sample_steps) == (15_000, 3_000, 3_000, 30, 150)
+    assert (eff.reevaluate_steps, eff.online_steps, eff.constraint_horizon, eff.eval_every, eff.pre_sample_steps) == (15_000, 3_000, 3_000, 30, 150)
     assert (eff.learning_starts, eff.align_eval_every, eff.stop_after) == (0, 0, None)  # 0 and None are not step counts
     assert eff.lambda_lr == pytest.approx(5e-5 / 0.03)
     assert o2o.resolve_budgets(o2o.Args(budget_scale=1e-6, learning_starts=0)).eval_every == 1  # at least 1
@@ -1008,6 +1015,16 @@ def test_cudagraph_update_equals_eager_gpu(phase, compile, same_random, float64)
     n_flags = len(ONLINE_FLAGS.get(phase, [()]))
     fast, _ = assert_same_updates(phase, {"cudagraphs": True, "compile": compile}, calls=8 * n_flags, device="cuda", atol=1e-7, rtol=1e-6)
     assert len(fast.graphs) == n_flags, "not every flag combination was captured as a CUDA graph"
+
+
+def test_track_without_wandb_fails_before_anything(tmp_path, capsys, monkeypatch):
+    """--track with wandb not installed: one line on stderr and exit 2, before any dataset, checkpoint or folder is touched."""
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    with pytest.raises(SystemExit) as e:
+        o2o.main(tyro.cli(o2o.Args, args=["--track", "--run-dir", str(tmp_path / "runs")]))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--track needs wandb" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
 
 
 def test_cli_cudagraphs_on_cpu_fails_fast(tmp_path, capsys):

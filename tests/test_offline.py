@@ -6,6 +6,7 @@ import json
 import math
 import os
 import stat
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import tyro
-from conftest import TINY_OFFLINE, load_script
+from conftest import TINY_OFFLINE, load_script, wandb_offline, wandb_offline_run
 
 op = load_script("offline_pretrain")
 
@@ -339,3 +340,24 @@ def test_nonfinite_loss_names_only_a_checkpoint_that_exists(tiny_dataset, tmp_pa
     path = tmp_path / "b" / "offline" / "bc" / "hopper-medium-v2" / "seed0" / "checkpoint.pt"
     assert f"the last good checkpoint is {path}" in err and path.is_file()
     assert torch.load(path, map_location="cpu", weights_only=True)["grad_steps"] == 30
+
+
+# ---------------------------------------------------------------- --track (Weights & Biases, CleanRL's convention)
+def test_track_without_wandb_fails_before_anything(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    expect_exit2(capsys, lambda: op.main(tyro.cli(op.Args, args=["--track", "--run-dir", str(tmp_path / "runs")])), "--track needs wandb")
+    assert not list(tmp_path.iterdir())
+
+
+def test_track_mirrors_tensorboard_to_wandb_offline(tiny_dataset, tmp_path, monkeypatch):
+    """--track in wandb's offline mode: the run finishes, wandb.finish() closed the wandb run, and the offline wandb run
+    next to the run folder holds the tensorboard scalars (synced) and the run's arguments; nothing changes in the run."""
+    wandb = pytest.importorskip("wandb")
+    wandb_offline(monkeypatch, tmp_path / "wandb_home")
+    res = run(tmp_path / "runs", "--track", "--wandb-project-name", "o2o-test")
+    out = Path(res["checkpoint"]).parent
+    assert json.loads((out / "results.json").read_text())["finished"] and wandb.run is None
+    _, history = wandb_offline_run(out)
+    for text in ("eval/normalized_score", "losses/qf_loss", "charts/SPS", "td3_bc/hopper-medium-v2/seed0", "td3_bc_alpha"):
+        assert text.encode() in history, text
+    assert not (out / "wandb").exists()  # wandb's files stay out of the run folder

@@ -20,9 +20,11 @@ BLOCK_RE = re.compile(r"^# --- shared: (?P<name>[\w-]+) ---\n.*?^# --- end share
 # which blocks each script must carry
 REQUIRED = {
     "make_dataset.py": {"utils", "networks", "dataset", "evaluation"},
-    "o2o_sac.py": {"utils", "networks", "accel", "dataset", "buffer", "evaluation", "checkpoint", "runfolder", "fqe-stop", "provenance", "results"},
-    "o2o_td3.py": {"utils", "networks", "accel", "dataset", "buffer", "evaluation", "checkpoint", "runfolder", "fqe-stop", "provenance", "results"},
-    "o2o_ppo.py": {"utils", "networks", "accel", "dataset", "buffer", "evaluation", "checkpoint", "runfolder", "provenance", "results"},
+    "o2o_sac.py": {"utils", "networks", "accel", "dataset", "buffer", "evaluation", "checkpoint", "runfolder", "fqe-stop", "provenance", "results",
+                   "tracking"},
+    "o2o_td3.py": {"utils", "networks", "accel", "dataset", "buffer", "evaluation", "checkpoint", "runfolder", "fqe-stop", "provenance", "results",
+                   "tracking"},
+    "o2o_ppo.py": {"utils", "networks", "accel", "dataset", "evaluation", "checkpoint", "runfolder", "provenance", "results", "tracking"},
 }
 
 
@@ -43,7 +45,7 @@ def canonical() -> dict[str, str]:
 
 
 def test_canonical_has_all_blocks():
-    assert set(blocks(CANONICAL)) == {"utils", "networks", "accel", "dataset", "buffer", "evaluation", "checkpoint", "provenance"}
+    assert set(blocks(CANONICAL)) == {"utils", "networks", "accel", "dataset", "buffer", "evaluation", "checkpoint", "provenance", "tracking"}
 
 
 @pytest.mark.parametrize("script", sorted(REQUIRED))
