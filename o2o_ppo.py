@@ -1642,7 +1642,7 @@ def family_defaults(args: Args) -> dict[str, Any]:
             "reward_scaling": pick("reward_scaling") if args.reward_scaling == "family" else args.reward_scaling}
 
 
-BUDGET_STEPS = ("distill_steps", "reevaluate_steps", "online_steps", "constraint_horizon", "eval_every", "log_every", "checkpoint_every")
+BUDGET_STEPS = ("reevaluate_steps", "online_steps", "constraint_horizon", "eval_every", "log_every", "checkpoint_every")
 
 
 def scaled_steps(n: int, scale: float) -> int:

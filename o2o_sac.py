@@ -1697,7 +1697,7 @@ def validate(args: Args) -> None:
 
 
 # the step counts --budget-scale multiplies (every budget and every schedule tied to one)
-BUDGET_FIELDS = ("distill_steps", "reevaluate_steps", "align_steps", "online_steps", "pre_sample_steps", "learning_starts", "constraint_horizon",
+BUDGET_FIELDS = ("reevaluate_steps", "align_steps", "online_steps", "pre_sample_steps", "learning_starts", "constraint_horizon",
                  "eval_every", "align_eval_every", "checkpoint_every", "log_every", "stop_after")
 
 

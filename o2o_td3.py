@@ -1042,7 +1042,7 @@ def with_mode_defaults(args: Args) -> Args:
 
 
 # Every step count --budget-scale multiplies (--checkpoint-every is scaled with --eval-every, see with_budget_scale).
-BUDGET_FIELDS = ("distill_steps", "reevaluate_steps", "align_steps", "online_steps", "learning_starts", "constraint_horizon", "eval_every",
+BUDGET_FIELDS = ("reevaluate_steps", "align_steps", "online_steps", "learning_starts", "constraint_horizon", "eval_every",
                  "log_every", "align_eval_every", "stop_after", "opt_collect_steps", "opt_pretrain_steps", "kappa_begin", "kappa_finish")
 
 

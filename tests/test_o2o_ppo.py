@@ -320,13 +320,14 @@ def test_scale_budgets_scales_given_and_defaulted_steps(capsys):
     args = tyro.cli(ppo.Args, args=["--budget-scale", "0.5"])
     s = ppo.scale_budgets(args)
     assert {k: getattr(s, k) for k in ppo.BUDGET_STEPS} == {
-        "distill_steps": 2500, "reevaluate_steps": 500_000, "online_steps": 125_000, "constraint_horizon": 125_000,  # the table's 250k
+        "reevaluate_steps": 500_000, "online_steps": 125_000, "constraint_horizon": 125_000,  # the table's 250k
         "eval_every": 1250, "log_every": 1024, "checkpoint_every": 10_240}
+    assert s.distill_steps == 5000  # distillation fits the offline actor: not scaled
     assert s.rollout_size == 2048 and s.stop_after is None and args.constraint_horizon is None and args.online_steps == 250_000  # args untouched
     assert ppo.scale_budgets(tyro.cli(ppo.Args, args=["--budget-scale", "0.5", "--env", "hopper-expert-v2"])).constraint_horizon == 250_000
     assert ppo.scale_budgets(tyro.cli(ppo.Args, args=["--budget-scale", "0.5", "--constraint-horizon", "1001", "--eval-every", "3"])).constraint_horizon == 501
     tiny = ppo.scale_budgets(tyro.cli(ppo.Args, args=["--budget-scale", "0.001", "--online-steps", "4_096_000"]))
-    assert (tiny.distill_steps, tiny.eval_every, tiny.log_every, tiny.online_steps) == (5, 3, 2, 4096)  # 2.5 rounds up; >= 1
+    assert (tiny.distill_steps, tiny.eval_every, tiny.log_every, tiny.online_steps) == (5000, 3, 2, 4096)  # 2.5 rounds up; >= 1
     one = tyro.cli(ppo.Args, args=[])
     assert {k: getattr(ppo.scale_budgets(one), k) for k in ppo.BUDGET_STEPS} == {**{k: getattr(one, k) for k in ppo.BUDGET_STEPS}, "constraint_horizon": 250_000,
                                                                                "checkpoint_every": 20_480}
@@ -808,20 +809,20 @@ def test_budget_scale_halves_every_budget(offline_checkpoints, tmp_path, monkeyp
 
     monkeypatch.setattr(ppo.EnvPool, "step", step)
     monkeypatch.setattr(ppo, "atomic_save", atomic_save)
-    given = {"distill_steps": 40, "reevaluate_steps": 20, "online_steps": 256, "constraint_horizon": 512, "eval_every": 128, "log_every": 32,
+    given = {"reevaluate_steps": 20, "online_steps": 256, "constraint_horizon": 512, "eval_every": 128, "log_every": 32,
              "checkpoint_every": 128}
     flags = [x for k, v in given.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     res = ppo.main(tyro.cli(ppo.Args, args=["--env", "hopper-medium-v2", "--checkpoint", str(offline_checkpoints["cql"]), "--run-dir",
                                             str(tmp_path), "--rollout-size", "64", "--minibatch-size", "32", "--update-epochs", "1",
-                                            "--eval-episodes", "1", "--device", "cpu", *flags, "--budget-scale", "0.5"]))
+                                            "--eval-episodes", "1", "--device", "cpu", "--distill-steps", "40", *flags, "--budget-scale", "0.5"]))
     half = {k: v // 2 for k, v in given.items()}
-    assert calls == {"distill": 20, "reeval": 10, "ppo": 2 * 2, "env_steps": 128, "online_pt": 2}
-    assert res["online_steps_done"] == 128 and res["constraint_horizon"] == 256 and res["distillation"]["steps"] == 20 and res["reevaluation"]["steps"] == 10
+    assert calls == {"distill": 40, "reeval": 10, "ppo": 2 * 2, "env_steps": 128, "online_pt": 2}
+    assert res["online_steps_done"] == 128 and res["constraint_horizon"] == 256 and res["distillation"]["steps"] == 40 and res["reevaluation"]["steps"] == 10
     assert [e["step"] for e in res["curve"] if e["phase"] == "online"] == [0, 64, 128]
     out = tmp_path / "o2o_ppo/hopper-medium-v2/o2ppo_seed0"
     s = scalars(out)
     assert s["charts/constraint_weight"] == pytest.approx([1 - 64 / 256, 1 - 128 / 256])
-    assert scalar_steps(out)["distill/loss"] == [16, 20]  # logged every 16 steps and at the end
+    assert scalar_steps(out)["distill/loss"] == [16, 32, 40]  # 40 steps (not scaled), logged every 16 and at the end
     budget = {"given": given, "effective": half}
     assert res["budget"] == budget and json.loads((out / "results.json").read_text())["budget"] == budget
     args_json = json.loads((out / "args.json").read_text())

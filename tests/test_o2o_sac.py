@@ -741,7 +741,7 @@ def test_budget_scale_halves_every_budget(offline_checkpoints, monkeypatch, tmp_
     on_calls, _ = spy_online(monkeypatch)
     res = wiring_run(offline_checkpoints["iql"], tmp_path, "--budget-scale", "0.5", "--align-eval-every", "4", "--early-evals", "0")
     on, starts, horizon = ONLINE // 2, STARTS // 2, ONLINE // 2
-    assert [len(counts[n]) for n in counts] == [5, R_STEPS // 2, A_STEPS // 2]
+    assert [len(counts[n]) for n in counts] == [10, R_STEPS // 2, A_STEPS // 2]  # distillation is not scaled
     assert len(on_calls) == (on - starts) * UTD
     for j, c in enumerate(on_calls):  # the KL threshold loosens over the halved horizon
         assert c["eps"] == pytest.approx(o2o.kl_threshold(starts + 1 + j // UTD, EPS0, EPS_END, horizon), rel=1e-6), j
@@ -750,7 +750,7 @@ def test_budget_scale_halves_every_budget(offline_checkpoints, monkeypatch, tmp_
     assert [p["step"] for p in res["curve"] if p["phase"] == "online"] == [0, on] and res["online_steps_done"] == on
     sc = scalars(Path(res["run_dir"]))
     assert len(sc["reevaluate/qf_loss"]) == 2 and len(sc["losses/qf_loss"]) == 3  # log every 5: steps 5, 10; env steps 20, 25, 30
-    assert res["budget_scale"] == 0.5 and res["budget"] == {"distill_steps": 5, "reevaluate_steps": R_STEPS // 2, "align_steps": A_STEPS // 2, "online_steps": on,
+    assert res["budget_scale"] == 0.5 and res["budget"] == {"reevaluate_steps": R_STEPS // 2, "align_steps": A_STEPS // 2, "online_steps": on,
                              "pre_sample_steps": 2500, "learning_starts": starts, "constraint_horizon": horizon, "eval_every": on,
                              "align_eval_every": 2, "checkpoint_every": 500, "log_every": 5, "stop_after": None,
                              "lambda_lr": pytest.approx(1e-4)}

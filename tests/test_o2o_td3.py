@@ -238,7 +238,7 @@ def test_budget_scale_resolution():
     given = A(budget_scale=0.03)
     a = td3.with_budget_scale(td3.with_mode_defaults(given))
     assert given.online_steps is None and given.align_eval_every is None and given.reevaluate_steps == 500_000  # never mutated
-    assert (a.distill_steps, a.reevaluate_steps, a.align_steps, a.online_steps, a.learning_starts) == (150, 15_000, 15_000, 3_000, 30)
+    assert (a.distill_steps, a.reevaluate_steps, a.align_steps, a.online_steps, a.learning_starts) == (5_000, 15_000, 15_000, 3_000, 30)  # distillation not scaled
     assert (a.constraint_horizon, a.eval_every, a.checkpoint_every, a.log_every, a.align_eval_every) == (3_000, 30, 300, 30, 1_500)
     assert a.lambda_lr == pytest.approx(5e-5 / 0.03) and a.stop_after is None
     o = td3.with_budget_scale(td3.with_mode_defaults(A(opt=True, budget_scale=0.03)))
@@ -1183,7 +1183,7 @@ def test_budget_scale_halves_every_budget_through_main(tmp_path, offline_checkpo
     """TINY's budgets doubled, run at --budget-scale 0.5: the TINY run's update counts, schedules and intervals."""
     calls = _count_calls(monkeypatch, ("distill_update", "reevaluate_update", "align_update", "o2td3_update"))
     res = run(offline_checkpoints["iql"], tmp_path, *BUDGETS_X2, "--budget-scale", "0.5")  # iql: its actor is distilled
-    assert [len(calls[n]) for n in ("distill_update", "reevaluate_update", "align_update")] == [20, 20, 20]
+    assert [len(calls[n]) for n in ("distill_update", "reevaluate_update", "align_update")] == [40, 20, 20]  # distillation not scaled
     d = td3.resolve_defaults(td3.Args())
     online_steps = range(10, 41)  # --learning-starts 10 of --online-steps 40, UTD 1
     assert [c[0] for c in calls["o2td3_update"]] == pytest.approx([td3.constraint_threshold(t, d["eps0"], d["eps_end"], 30) for t in online_steps],
@@ -1199,9 +1199,10 @@ def test_budget_scale_halves_every_budget_through_main(tmp_path, offline_checkpo
     saved = json.loads((out / "results.json").read_text())
     assert saved["budget_scale"] == 0.5
     eff = saved["effective_budgets"]
-    assert {k: eff[k] for k in ("distill_steps", "reevaluate_steps", "align_steps", "online_steps", "learning_starts", "constraint_horizon",
+    assert "distill_steps" not in eff  # distillation fits the offline actor: not scaled
+    assert {k: eff[k] for k in ("reevaluate_steps", "align_steps", "online_steps", "learning_starts", "constraint_horizon",
                                 "eval_every", "checkpoint_every", "log_every", "align_eval_every")} == {
-        "distill_steps": 20, "reevaluate_steps": 20, "align_steps": 20, "online_steps": 40, "learning_starts": 10, "constraint_horizon": 30,
+        "reevaluate_steps": 20, "align_steps": 20, "online_steps": 40, "learning_starts": 10, "constraint_horizon": 30,
         "eval_every": 20, "checkpoint_every": 20, "log_every": 10, "align_eval_every": 10}
     assert eff["lambda_lr"] == pytest.approx(1e-4) and eff["stop_after"] is None
     given = json.loads((out / "args.json").read_text())["args_given"]
