@@ -1391,8 +1391,10 @@ def check_allocations(buffers: Sequence[tuple[int, int, str, str]], device: torc
 
 
 # --- shared: provenance ---
+@functools.cache
 def software_versions() -> dict[str, str]:
-    """The versions a results.json was produced with (python, torch, gymnasium, mujoco, minari, numpy)."""
+    """The versions a results.json was produced with (python, torch, gymnasium, mujoco, minari, numpy); looked up
+    once per process (results.json is rewritten at every evaluation)."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
