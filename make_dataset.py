@@ -10,8 +10,15 @@ follows the D4RL recipe locally: train SAC on `<Env>-v5` keeping behaviour-polic
     medium-expert  medium + expert
 Datasets carry D4RL's ref_min_score / ref_max_score so normalised scores read on the usual 0-100 scale.
 
+AntMaze (`--env antmaze-<maze>-v2`): the hosted data (D4RL/antmaze/<maze>-v1) come from a maze-solving controller this
+script does not have; `--random-steps N` builds `local/antmaze/<maze>-v0`, a RANDOM-ACTION stand-in for tests and trials
+in the same Minari layout (Dict observations, sparse reward, the env and evaluation env specs of the hosted data), from the
+real gymnasium-robotics env; every --near-goal-every-th episode has its goal moved next to the ant's start, so some
+episodes reach it (see antmaze_random_episodes).
+
 Usage:
     python make_dataset.py --env hopper-medium-v2 --levels medium medium-replay
+    python make_dataset.py --env antmaze-umaze-v2 --random-steps 100000
     python make_dataset.py --env hopper-medium-v2 --policy benchmarks/behavior_policies/hopper/medium_policy.pt
     python make_dataset.py --env hopper-medium-replay-v2 --policy benchmarks/behavior_policies/hopper/snapshot_*.pt
 """
@@ -74,6 +81,14 @@ class Args:
     snapshot chain of a training run for medium-replay; the medium snapshot for medium-expert"""
     expert_policy: str | None = None
     """with --policy and medium-expert: the expert snapshot"""
+
+    # --- AntMaze random-action stand-in ---
+    random_steps: int | None = None
+    """AntMaze only (and required there): transitions of uniform random actions in local/antmaze/<maze>-v0"""
+    episode_steps: int | None = None
+    """AntMaze: steps per episode, each ended by a truncation (default: the env's time limit, 700 on umaze, else 1000)"""
+    near_goal_every: int = 2
+    """AntMaze: every this many episodes (the first included) the goal is moved to within 0.9 of the ant's start; 0 never"""
 
     # --- SAC training of the behaviour policy ---
     train_steps: int = 1_000_000
@@ -420,19 +435,85 @@ D4RL_REF_SCORES = {
     "halfcheetah": (-280.178953, 12135.0),
     "walker2d": (1.629008, 4592.3),
     "ant": (-325.6727, 3879.7),
+    "antmaze": (0.0, 1.0),  # D4RL's: an evaluation return is 1 for reaching the goal, else 0 (antmaze_eval_spec)
 }
 HOSTED_LEVELS = {"medium": ["medium-v0"], "expert": ["expert-v0"], "medium-expert": ["medium-v0", "expert-v0"]}
+# AntMaze, D4RL's second benchmark: `antmaze-<name>-v2` -> Minari's re-collection on gymnasium-robotics (the id, and the
+# env the data was collected on, continuing_task=True and reset_target=False: the episode never terminates, the goal
+# stays put, and the sparse reward 1{|xy - goal| <= 0.45} accumulates while the ant stays at the goal; 700 steps per
+# episode on umaze, 1000 on medium and large). Source: minari-dataset-generation-scripts, scripts/antmaze/.
+ANTMAZE_DATASETS = {
+    "umaze": ("D4RL/antmaze/umaze-v1", "AntMaze_UMaze-v4"),
+    "umaze-diverse": ("D4RL/antmaze/umaze-diverse-v1", "AntMaze_UMaze-v4"),
+    "medium-play": ("D4RL/antmaze/medium-play-v1", "AntMaze_Medium-v4"),
+    "medium-diverse": ("D4RL/antmaze/medium-diverse-v1", "AntMaze_Medium_Diverse_GR-v4"),
+    "large-play": ("D4RL/antmaze/large-play-v1", "AntMaze_Large-v4"),
+    "large-diverse": ("D4RL/antmaze/large-diverse-v1", "AntMaze_Large_Diverse_GR-v4"),
+}
+# the maze of antmaze-umaze (D4RL's U_MAZE_TEST, rows in gymnasium-robotics' order): start r bottom left, goal g top left
+ANTMAZE_UMAZE_MAP = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, "r", 0, 0, 1], [1, 1, 1, 1, 1]]
+# the mazes of Minari's AntMaze evaluation envs (eval_env_spec), by size. The umaze one is the MIRROR image of the maze
+# the umaze data were collected in (its gap is on the other side; Minari issue #304), so evaluation on umaze and
+# umaze-diverse uses ANTMAZE_UMAZE_MAP instead, D4RL's task: the data's maze, from r to g (see antmaze_eval_spec)
+ANTMAZE_EVAL_MAPS = {
+    "umaze": [[1, 1, 1, 1, 1], [1, 0, 0, "r", 1], [1, 0, 1, 1, 1], [1, 0, 0, "g", 1], [1, 1, 1, 1, 1]],
+    "medium": [[1, 1, 1, 1, 1, 1, 1, 1], [1, "r", 0, 1, 1, 0, 0, 1], [1, 0, 0, 1, 0, 0, 0, 1], [1, 1, 0, 0, 0, 1, 1, 1],
+               [1, 0, 0, 1, 0, 0, 0, 1], [1, 0, 1, 0, 0, 1, 0, 1], [1, 0, 0, 0, 1, 0, "g", 1], [1, 1, 1, 1, 1, 1, 1, 1]],
+    "large": [[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], [1, "r", 0, 0, 0, 1, 0, 0, 0, 0, 0, 1], [1, 0, 1, 1, 0, 1, 0, 1, 0, 1, 0, 1],
+              [1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1], [1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 0, 1], [1, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 1],
+              [1, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1], [1, 0, 0, 1, 0, 0, 0, 1, 0, "g", 0, 1], [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]],
+}
+# Dict (goal-env) observations are flattened in this order, the same in the dataset, online and in evaluation: for
+# AntMaze [achieved_goal (x, y), observation (the other 13 qpos and 14 qvel), desired_goal (x, y)], 31 numbers whose
+# first 29 are D4RL's AntMaze state (qpos, qvel)
+GOAL_OBS_KEYS = ("achieved_goal", "observation", "desired_goal")
 # no part may start with a dot: `..` would leave the store, and hidden folders are make_dataset.py's staging area
 DATASET_ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*-v\d+$")
 
 
 def parse_env_name(name: str) -> tuple[str, str]:
-    """`hopper-medium-replay-v2` -> ("hopper", "medium-replay"); unknown names exit 2 listing the known ones."""
+    """`hopper-medium-replay-v2` -> ("hopper", "medium-replay"), `antmaze-umaze-diverse-v2` -> ("antmaze", "umaze-diverse");
+    unknown names exit 2 listing the known ones."""
     m = re.fullmatch(r"([a-z0-9]+)-(.+)-v\d+", name)
+    if m is not None and m.group(1) == "antmaze" and m.group(2) in ANTMAZE_DATASETS:
+        return m.group(1), m.group(2)
     if m is None or m.group(1) not in D4RL_ENVS or m.group(2) not in D4RL_LEVELS:
-        known = ", ".join(f"{e}-{lvl}-v2" for e in D4RL_ENVS for lvl in D4RL_LEVELS)
+        known = ", ".join([f"{e}-{lvl}-v2" for e in D4RL_ENVS for lvl in D4RL_LEVELS] + [f"antmaze-{n}-v2" for n in ANTMAZE_DATASETS])
         fail(f"unknown env {name!r}; known: {known} (or pass any Minari id with --dataset-id)")
     return m.group(1), m.group(2)
+
+
+def flatten_obs(obs: Any) -> np.ndarray:
+    """One flat observation (or a batch, along the last axis) from a Box observation (returned as it is) or a goal-env
+    Dict observation (its GOAL_OBS_KEYS concatenated in that order). THE flattening of the dataset, of the online env
+    and of evaluation (make_env wraps Dict-observation envs in FlattenGoalObs, which calls this)."""
+    if not isinstance(obs, dict):
+        return obs
+    missing = [k for k in GOAL_OBS_KEYS if k not in obs]
+    if missing or len(obs) != len(GOAL_OBS_KEYS):
+        fail(f"Dict observations with keys {sorted(obs)} are not supported; only goal-env observations {', '.join(GOAL_OBS_KEYS)}")
+    return np.concatenate([np.asarray(obs[k]) for k in GOAL_OBS_KEYS], axis=-1)
+
+
+def is_antmaze_spec(env_spec: str) -> bool:
+    """Whether an env spec (JSON, or a plain id) is a gymnasium-robotics AntMaze env: the one test of the AntMaze family."""
+    env_id = json.loads(env_spec)["id"] if env_spec.lstrip().startswith("{") else env_spec
+    return env_id.startswith("AntMaze_")
+
+
+def antmaze_eval_spec(env_spec: str) -> str:
+    """The evaluation env of an AntMaze dataset, D4RL's protocol: the episode TERMINATES when the goal is reached
+    (continuing_task=False, reset_target=False: reward 1 on that step, 0 before), so an episode's return is 1 for a
+    success and 0 otherwise and the normalised score (reference returns 0 and 1) is 100 x the success rate; 700 steps
+    on umaze, 1000 on medium and large, as the spec says. Minari's mirrored umaze evaluation maze (ANTMAZE_EVAL_MAPS)
+    is replaced by the data's maze with D4RL's start and goal (ANTMAZE_UMAZE_MAP)."""
+    spec = json.loads(env_spec) if env_spec.lstrip().startswith("{") else json.loads(make_env(env_spec, flatten=False).spec.to_json())
+    kwargs = dict(spec.get("kwargs") or {})
+    if kwargs.get("maze_map") == ANTMAZE_EVAL_MAPS["umaze"]:
+        kwargs["maze_map"] = ANTMAZE_UMAZE_MAP
+    kwargs.update(continuing_task=False, reset_target=False)
+    spec["kwargs"] = kwargs
+    return json.dumps(spec)
 
 
 def minari_store(write: bool = False) -> Path:
@@ -468,6 +549,8 @@ def _build_command(dataset_id: str) -> str:
     m = re.fullmatch(r"local/([a-z0-9]+)/(.+)-v0", dataset_id)
     if m and m.group(1) in D4RL_ENVS and m.group(2) in D4RL_LEVELS:
         return f"python make_dataset.py --env {m.group(1)}-{m.group(2)}-v2"
+    if m and m.group(1) == "antmaze" and m.group(2) in ANTMAZE_DATASETS:
+        return f"python make_dataset.py --env antmaze-{m.group(2)}-v2 --random-steps 100000"
     return "make_dataset.py"
 
 
@@ -513,7 +596,10 @@ def resolve_dataset(env: str, dataset_id: str | None = None, no_download: bool =
             _download(dataset_id)
         return [dataset_id], dataset_id.startswith("local/")
     name, level = parse_env_name(env)
-    hosted = [f"mujoco/{name}/{v}" for v in HOSTED_LEVELS.get(level, [])]
+    if name == "antmaze":
+        hosted = [ANTMAZE_DATASETS[level][0]]
+    else:
+        hosted = [f"mujoco/{name}/{v}" for v in HOSTED_LEVELS.get(level, [])]
     if hosted and all(_dataset_exists(i) for i in hosted):
         return hosted, False
     local = f"local/{name}/{level}-v0"
@@ -524,6 +610,9 @@ def resolve_dataset(env: str, dataset_id: str | None = None, no_download: bool =
             if not _dataset_exists(i):
                 _download(i)
         return hosted, False
+    if name == "antmaze":  # make_dataset.py cannot rebuild the hosted data (a maze-solving controller), only a random stand-in
+        fail(f"no dataset for {env} (looked for {', '.join(hosted + [local])}); download it on a machine with network "
+             f"(minari download {hosted[0]}) into the Minari store, or build a random-action stand-in for trials: {_build_command(local)}")
     fail(f"no dataset for {env} (looked for {', '.join(hosted + [local])}); build it with: python make_dataset.py --env {env}")
 
 
@@ -550,7 +639,7 @@ def load_dataset(env: str, dataset_id: str | None = None, no_download: bool = Fa
         if not meta:
             meta = ds.storage.metadata
         for ep in episodes:
-            obs = np.asarray(ep.observations, dtype=np.float32)
+            obs = np.asarray(flatten_obs(ep.observations), dtype=np.float32)
             if obs.ndim != 2:
                 fail(f"dataset {i} has non-flat observations {obs.shape}; only Box observations are supported")
             n = len(ep.rewards)
@@ -571,13 +660,16 @@ def load_dataset(env: str, dataset_id: str | None = None, no_download: bool = Fa
     env_spec = meta.get("eval_env_spec") or meta.get("env_spec")
     if env_spec is None:
         fail(f"dataset {ids[0]} records no environment spec; it cannot be evaluated")
+    env_spec = env_spec if isinstance(env_spec, str) else json.dumps(env_spec)
     ref = (meta.get("ref_min_score"), meta.get("ref_max_score"))
-    if dataset_id is None and None in ref:
+    if is_antmaze_spec(env_spec):  # D4RL's protocol, whatever the metadata says: success rate x 100 (antmaze_eval_spec)
+        env_spec, ref = antmaze_eval_spec(env_spec), D4RL_REF_SCORES["antmaze"]
+    elif dataset_id is None and None in ref:
         ref = D4RL_REF_SCORES[parse_env_name(env)[0]]
     data.update(
         dataset_ids=ids,
         local_standin=local,
-        env_spec=env_spec if isinstance(env_spec, str) else json.dumps(env_spec),
+        env_spec=env_spec,
         ref_min_score=float(ref[0]) if ref[0] is not None else 0.0,
         ref_max_score=float(ref[1]) if ref[1] is not None else 1.0,
         episode_returns=np.asarray(returns, dtype=np.float32),
@@ -598,9 +690,37 @@ def normalized_score(ret: float | np.ndarray, ref_min: float, ref_max: float) ->
 
 
 # --- shared: evaluation ---
-def make_env(env_spec: str) -> gym.Env:
-    """An environment from the JSON spec a dataset (and every checkpoint) records, or from a plain env id."""
-    return gym.make(EnvSpec.from_json(env_spec) if env_spec.lstrip().startswith("{") else env_spec)
+class FlattenGoalObs(gym.ObservationWrapper):
+    """A goal env (Dict observations: achieved_goal, observation, desired_goal) seen as a Box env through flatten_obs."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        spaces = env.observation_space.spaces
+        low = np.concatenate([np.broadcast_to(spaces[k].low, spaces[k].shape) for k in GOAL_OBS_KEYS])
+        high = np.concatenate([np.broadcast_to(spaces[k].high, spaces[k].shape) for k in GOAL_OBS_KEYS])
+        self.observation_space = gym.spaces.Box(low, high, dtype=np.float64)
+
+    def observation(self, observation: dict) -> np.ndarray:
+        return flatten_obs(observation)
+
+
+def make_env(env_spec: str, flatten: bool = True) -> gym.Env:
+    """An environment from the JSON spec a dataset (and every checkpoint) records, or from a plain env id. Goal envs
+    (AntMaze) come with their Dict observations flattened as in the dataset (FlattenGoalObs), unless flatten=False."""
+    spec = EnvSpec.from_json(env_spec) if env_spec.lstrip().startswith("{") else env_spec
+    if not is_antmaze_spec(env_spec):
+        return gym.make(spec)
+    import contextlib
+    import io
+    import warnings
+
+    with contextlib.redirect_stderr(io.StringIO()):  # its import prints a notice about the Adroit envs
+        import gymnasium_robotics
+    gym.register_envs(gymnasium_robotics)
+    with warnings.catch_warnings():  # the datasets were collected on AntMaze_*-v4 on purpose: no "out of date" warning
+        warnings.filterwarnings("ignore", message=".*is out of date.*")
+        env = gym.make(spec)
+    return FlattenGoalObs(env) if flatten else env
 
 
 class Evaluator:
@@ -824,7 +944,8 @@ def _pause_hook(var: str) -> None:
         time.sleep(0.02)
 
 
-def write_dataset(dataset_id: str, episodes: list[dict], env_spec: str, ref: tuple[float, float], description: str, overwrite: bool) -> None:
+def write_dataset(dataset_id: str, episodes: list[dict], env_spec: str, ref: tuple[float, float], description: str, overwrite: bool,
+                  eval_env_spec: str | None = None) -> None:
     """Write `dataset_id` to the local Minari store; with overwrite, the store holds the old or the new dataset at every
     instant (see the comment above RUN_PREFIX), never neither and never a partial one."""
     _recover_store()
@@ -836,6 +957,7 @@ def write_dataset(dataset_id: str, episodes: list[dict], env_spec: str, ref: tup
         for i, ep in enumerate(episodes)
     ]
     spec = EnvSpec.from_json(env_spec)
+    eval_spec = EnvSpec.from_json(eval_env_spec) if eval_env_spec is not None else spec
     namespace = dataset_id.rpartition("/")[0]
     if namespace and namespace not in minari_namespace.list_local_namespaces():
         minari_namespace.create_namespace(namespace)  # in the real store: the build below happens in a staging store
@@ -850,7 +972,7 @@ def write_dataset(dataset_id: str, episodes: list[dict], env_spec: str, ref: tup
         with warnings.catch_warnings():  # minari nags about a missing code link and author e-mail
             warnings.simplefilter("ignore", UserWarning)
             minari.create_dataset_from_buffers(
-                dataset_id=dataset_id, buffer=buffers, env=spec, eval_env=spec, algorithm_name="SAC (make_dataset.py)",
+                dataset_id=dataset_id, buffer=buffers, env=spec, eval_env=eval_spec, algorithm_name="SAC (make_dataset.py)",
                 author="make_dataset.py", ref_min_score=ref[0], ref_max_score=ref[1], description=description, data_format="hdf5",
             )
         _pause_hook("MAKE_DATASET_PAUSE_BEFORE_SWAP")
@@ -981,9 +1103,109 @@ def replay_from_snapshots(paths: Sequence[str], env_spec: str, args: Args, devic
     return episodes
 
 
+# ---------------------------------------------------------------- AntMaze random-action stand-in
+def antmaze_specs(maze: str) -> tuple[str, str]:
+    """The env spec the hosted D4RL/antmaze/<maze>-v1 data were collected on and its evaluation env spec, as Minari's
+    generation script (minari-dataset-generation-scripts, scripts/antmaze/create_antmaze_dataset.py) makes them: the
+    registered env with continuing_task=True, reset_target=False (umaze: the maze with D4RL's start and goal), and
+    for evaluation the same with Minari's evaluation maze of that size (load_dataset turns it into D4RL's protocol)."""
+    env_id = ANTMAZE_DATASETS[maze][1]
+    make_env(env_id, flatten=False).close()  # imports gymnasium-robotics and registers its envs
+    spec = gym.spec(env_id)
+    kwargs = {**spec.kwargs, "continuing_task": True, "reset_target": False}
+    if maze == "umaze":
+        kwargs["maze_map"] = ANTMAZE_UMAZE_MAP
+    data_spec = EnvSpec.from_json(spec.to_json())
+    data_spec.kwargs = kwargs
+    eval_spec = EnvSpec.from_json(spec.to_json())
+    eval_spec.kwargs = {**kwargs, "maze_map": ANTMAZE_EVAL_MAPS[maze.split("-")[0]]}
+    return data_spec.to_json(), eval_spec.to_json()
+
+
+def antmaze_random_episodes(env_spec: str, n_steps: int, episode_steps: int | None, seed: int, near_goal_every: int) -> list[dict]:
+    """Episodes of uniform random actions in the real AntMaze env (Dict observations kept), `n_steps` transitions in all,
+    each episode ended by a truncation after `episode_steps` steps (or the env's time limit); no episode terminates (a
+    continuing task). Random actions never cross a maze, so every `near_goal_every`-th episode (the first included) gets
+    its goal moved to a uniform direction and distance in [0, 0.9) from the ant's start (the success radius is 0.45): the
+    ant starts at the goal or may stumble into it, and those episodes hold rewards of 1."""
+    env = make_env(env_spec, flatten=False)
+    rng = np.random.default_rng(seed)
+    low, high = env.action_space.low, env.action_space.high
+    limit = episode_steps or env.spec.max_episode_steps
+    episodes: list[dict] = []
+    steps = 0
+    bar = tqdm(total=n_steps, desc="antmaze random", unit="step", leave=False, disable=None)
+    while steps < n_steps:
+        obs, _ = env.reset(seed=seed + len(episodes))
+        if near_goal_every and len(episodes) % near_goal_every == 0:
+            maze = env.unwrapped
+            angle, dist = rng.uniform(0.0, 2.0 * np.pi), rng.uniform(0.0, 0.9)
+            maze.goal = obs["achieved_goal"] + dist * np.array([np.cos(angle), np.sin(angle)])
+            maze.update_target_site_pos()
+            obs = {**obs, "desired_goal": maze.goal.copy()}
+        b = dict(obs={k: [obs[k]] for k in GOAL_OBS_KEYS}, act=[], rew=[], term=[], trunc=[])
+        while steps < n_steps:
+            action = rng.uniform(low, high).astype(np.float32)
+            obs, r, term, trunc, _ = env.step(action)
+            for k in GOAL_OBS_KEYS:
+                b["obs"][k].append(obs[k])
+            b["act"].append(action), b["rew"].append(float(r)), b["term"].append(bool(term)), b["trunc"].append(bool(trunc))
+            steps += 1
+            bar.update(1)
+            if term or trunc or len(b["act"]) >= limit:
+                break
+        if not b["term"][-1]:
+            b["trunc"][-1] = True  # the episode's end (its length or the step budget) is a time limit, never a terminal state
+        episodes.append(dict(observations={k: np.asarray(v) for k, v in b["obs"].items()}, actions=np.asarray(b["act"], dtype=np.float32),
+                             rewards=np.asarray(b["rew"], dtype=np.float64), terminations=np.asarray(b["term"], dtype=bool),
+                             truncations=np.asarray(b["trunc"], dtype=bool)))
+    bar.close()
+    env.close()
+    return episodes
+
+
+def build_antmaze(args: Args, maze: str) -> dict:
+    """local/antmaze/<maze>-v0: the random-action stand-in (module docstring)."""
+    if args.levels:
+        fail("AntMaze has no --levels: --env antmaze-<maze>-v2 names the dataset")
+    if args.random_steps is None:
+        fail(f"make_dataset.py cannot rebuild the hosted {ANTMAZE_DATASETS[maze][0]} (a maze-solving controller); pass --random-steps N "
+             f"for a random-action stand-in, or download the hosted data (minari download {ANTMAZE_DATASETS[maze][0]})")
+    if args.random_steps <= 0:
+        fail(f"--random-steps must be positive, got {args.random_steps}")
+    if args.episode_steps is not None and args.episode_steps <= 0:
+        fail(f"--episode-steps must be positive, got {args.episode_steps}")
+    if args.near_goal_every < 0:
+        fail(f"--near-goal-every must be >= 0, got {args.near_goal_every}")
+    dataset_id = f"local/antmaze/{maze}-v0"
+    minari_store(write=True)
+    _recover_store()
+    if _dataset_exists(dataset_id) and not args.overwrite:
+        fail(f"dataset {dataset_id} already exists; pass --overwrite to replace it")
+    set_seed(args.seed)
+    t0 = time.time()
+    env_spec, eval_spec = antmaze_specs(maze)
+    eps = antmaze_random_episodes(env_spec, args.random_steps, args.episode_steps, args.seed, args.near_goal_every)
+    desc = (f"Locally built RANDOM-ACTION stand-in for {ANTMAZE_DATASETS[maze][0]} (not the hosted data: tests and trials only), on "
+            f"{ANTMAZE_DATASETS[maze][1]} with continuing_task=True, reset_target=False like the hosted data; uniform random actions; "
+            f"every {args.near_goal_every}-th episode has its goal moved within 0.9 of the ant's start (0: never). "
+            f"ref_min/max_score 0 and 1: D4RL's success rate.")
+    write_dataset(dataset_id, eps, env_spec, D4RL_REF_SCORES["antmaze"], desc, args.overwrite, eval_env_spec=eval_spec)
+    written = {maze: dict(dataset_id=dataset_id, episodes=len(eps), transitions=int(sum(len(e["rewards"]) for e in eps)),
+                          reward_sum=float(sum(e["rewards"].sum() for e in eps)),
+                          episodes_reaching_goal=int(sum(bool(e["rewards"].max() > 0) for e in eps)), behaviour="uniform random actions")}
+    result = dict(datasets=written, times={"collect_s": time.time() - t0}, snapshot_dir=None)
+    print(json.dumps(result, indent=2))
+    return result
+
+
 # ---------------------------------------------------------------- main
 def main(args: Args) -> dict:
     name, level = parse_env_name(args.env)
+    if name == "antmaze":
+        return build_antmaze(args, level)
+    if args.random_steps is not None or args.episode_steps is not None:
+        fail("--random-steps and --episode-steps build AntMaze stand-ins; for a MuJoCo random dataset pass --levels random --size N")
     levels = tuple(args.levels) or (level,)
     for lvl in levels:
         if lvl not in D4RL_LEVELS:

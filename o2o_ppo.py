@@ -213,10 +213,979 @@ PPO_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 ACTOR_HIDDEN = (256, 256)  # the Gaussian actor a non-Gaussian offline actor is distilled into
 VALUE_HIDDEN = (256, 256, 256)  # V: 3 x [Linear 256 -> tanh], Linear -> 1
 DETERMINISTIC_LOG_STD = math.log(0.2)  # distilled std of a deterministic actor: TD3's smoothing-noise scale
+
+
+def family_defaults(args: Args) -> dict[str, Any]:
+    """update_epochs, constraint_horizon, log_std_max and the reward handling: the explicit flag, else the PPO_FAMILY_DEFAULTS row of
+    the dataset's level (--family, else --env; a --dataset-id run: the "other" row), entry of its environment."""
+    if args.family is not None:
+        env, level = parse_family(args.family)
+    elif args.dataset_id is None:
+        env, level = parse_env_name(args.env)
+    else:
+        env, level = "*", "other"
+    row = PPO_FAMILY_DEFAULTS[level]
+    pick = lambda key: row[key].get(env, row[key]["*"])  # noqa: E731
+    return {"family_row": level, "family_env": env,
+            "update_epochs": args.update_epochs if args.update_epochs is not None else pick("update_epochs"),
+            "constraint_horizon": args.constraint_horizon if args.constraint_horizon is not None else row["constraint_horizon"],
+            "log_std_max": args.log_std_max if args.log_std_max is not None else pick("log_std_max"),
+            "reward_scaling": pick("reward_scaling") if args.reward_scaling == "family" else args.reward_scaling}
+
+
+# ==================== ALGO LOGIC ====================
+# ---------------------------------------------------------------- pure math (the paper: re-evaluation and constrained fine-tuning of O2PPO)
+def monte_carlo_returns(rewards: np.ndarray, ends: np.ndarray, gamma: float) -> np.ndarray:
+    """Discounted return G_t = r_t + gamma G_{t+1} of every transition, transitions stored episode after episode.
+    The return restarts at EVERY episode end (`ends`), a termination or a time limit alike (docs/algorithms.md, section 7)."""
+    r, end = np.asarray(rewards, dtype=np.float64).tolist(), np.asarray(ends).tolist()  # plain floats: a fast Python loop
+    out, g = [0.0] * len(r), 0.0
+    for t in range(len(r) - 1, -1, -1):
+        g = r[t] + (0.0 if end[t] else gamma * g)
+        out[t] = g
+    return np.asarray(out, dtype=np.float32)
+
+
+def running_discounted_returns(rewards: np.ndarray, ends: np.ndarray, gamma: float) -> np.ndarray:
+    """R_t = r_t + gamma R_{t-1}, restarted after every episode end, transitions stored episode after episode: the
+    backward-looking return whose running std PPO's reward scaling divides the rewards by (not the Monte-Carlo return)."""
+    r, end = np.asarray(rewards, dtype=np.float64).tolist(), np.asarray(ends).tolist()
+    out, g = [0.0] * len(r), 0.0
+    for t in range(len(r)):
+        g = r[t] + gamma * g
+        out[t] = g
+        if end[t]:
+            g = 0.0
+    return np.asarray(out, dtype=np.float64)
+
+
+class ReturnStd:
+    """Reward scaling by the running std of the discounted return ("dynamic" in the official O2PPO configs, the usual
+    PPO reward scaling): every training env accumulates R = gamma R + r (restarted after its episode ends), the
+    population std of all R seen so far is updated with it, and the reward is divided by std + 1e-8.
+
+    Started from the offline data (`from_offline`): V is re-evaluated on Monte-Carlo returns of the offline rewards
+    divided by that offline std, one constant, so the returns keep their relative sizes; online, the same statistic
+    goes on absorbing the online returns, and V's targets stay on the scale it was re-evaluated on. (The official
+    code instead divides each offline reward by the std reached at that point of one pass over the data.)"""
+
+    EPS = 1e-8
+
+    def __init__(self, gamma: float, count: float = 0.0, mean: float = 0.0, m2: float = 0.0):
+        self.gamma, self.count, self.mean, self.m2 = gamma, float(count), float(mean), float(m2)
+        self.ret: np.ndarray | None = None  # per training env; a resumed run restarts its episodes, so R starts at 0
+
+    @classmethod
+    def from_offline(cls, rewards: np.ndarray, ends: np.ndarray, gamma: float) -> "ReturnStd":
+        g = running_discounted_returns(rewards, ends, gamma)
+        return cls(gamma, len(g), float(g.mean()), float(((g - g.mean()) ** 2).sum()))
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.count) if self.count > 0 else 1.0
+
+    @property
+    def scale(self) -> float:
+        """What a reward is multiplied by now: 1 / (std + 1e-8)."""
+        return 1.0 / (self.std + self.EPS)
+
+    def update(self, x: np.ndarray) -> None:
+        """Merge a batch of returns into (count, mean, M2) (Chan et al.'s parallel form of Welford's update)."""
+        x = np.asarray(x, dtype=np.float64)
+        n, mean = len(x), float(x.mean())
+        delta, total = mean - self.mean, self.count + n
+        self.m2 += float(((x - mean) ** 2).sum()) + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.count = total
+
+    def __call__(self, rewards: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """Scaled rewards of a rollout (T, num_envs), in time order: row t is divided by the std after R_t joined it."""
+        rewards, ends = np.asarray(rewards, dtype=np.float64), np.asarray(ends)
+        if self.ret is None or self.ret.shape != rewards.shape[1:]:
+            self.ret = np.zeros(rewards.shape[1:])
+        out = np.empty_like(rewards)
+        for t in range(len(rewards)):
+            self.ret = self.gamma * self.ret + rewards[t]
+            self.update(self.ret)
+            out[t] = rewards[t] * self.scale
+            self.ret = np.where(ends[t] > 0, 0.0, self.ret)
+        return out.astype(np.float32)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+
+def gae(rewards: Tensor, values: Tensor, next_values: Tensor, terminations: Tensor, ends: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over a rollout; every input has shape (T, num_envs).
+
+    next_values[t] = V(s_{t+1}) of the TRUE successor (the final observation when the episode ended at t).
+    The bootstrap is masked by termination only (a time-limit end bootstraps from V of the final observation);
+    the GAE chain is cut at every end (termination or time limit): the next row belongs to a new episode.
+    Returns (advantages, value targets = advantages + values).
+    """
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        delta = rewards[t] + gamma * (1.0 - terminations[t]) * next_values[t] - values[t]
+        last = delta + gamma * lam * (1.0 - ends[t]) * last
+        adv[t] = last
+    return adv, adv + values
+
+
+def reference_advantage(actions: Tensor, ref_mean: Tensor, ref_std: Tensor, advantages: Tensor) -> Tensor:
+    """Auxiliary reference advantage of Constrained Fine-Tuning (O2PPO; docs/algorithms.md, section 5.2), one value per
+    sample, shape (B, 1) like A_hat:
+        z_j = (a_j - mu_ref_j) / sigma_ref_j,  g = 0.5 sum_j (1 - z_j^2),
+        A_ref = (2 / |A|) [softplus(g + 4|A|) - 4|A|] |std(A_hat)|
+    (close to (2/|A|) g near the reference mean, floored at -8 |std(A_hat)| far from it)."""
+    if advantages.dim() != 2 or advantages.shape[1] != 1 or advantages.shape[0] != actions.shape[0]:
+        raise ValueError(f"advantages must have shape (B, 1) with B = {actions.shape[0]}, got {tuple(advantages.shape)}")
+    n = actions.shape[-1]
+    z = (actions - ref_mean) / ref_std
+    g = 0.5 * (1.0 - z**2).sum(-1, keepdim=True)  # (B, 1): per sample, no (B, B) broadcast (docs/algorithms.md, section 7)
+    return (2.0 / n) * (F.softplus(g + 4.0 * n) - 4.0 * n) * advantages.std().abs()
+
+
+def constrained_advantages(advantages: Tensor, ref_advantages: Tensor, weight: Tensor | float) -> Tensor:
+    """A_hat <- (A_hat + w A_ref) / (1 + w), elementwise; both (B, 1)."""
+    if ref_advantages.shape != advantages.shape:
+        raise ValueError(f"A_ref {tuple(ref_advantages.shape)} and A_hat {tuple(advantages.shape)} must have one shape")
+    return (advantages + weight * ref_advantages) / (1.0 + weight)
+
+
+def constraint_weight(step: int, horizon: int) -> float:
+    """w_t = max(0, 1 - t / T_end), T_end = `horizon` (--constraint-horizon): the reference term fades out linearly over
+    the first T_end env steps."""
+    return max(0.0, 1.0 - step / horizon)
+
+
+def linear_lr(lr0: float, iteration: int, num_iterations: int) -> float:
+    """Learning rate decayed linearly to 0 over the online iterations (iteration counts from 0)."""
+    return lr0 * (1.0 - iteration / num_iterations)
+
+
+def early_eval_steps(total_steps: int, rollout_size: int, k: int) -> list[int]:
+    """Env steps (rollout ends) of the --early-evals extra evaluations: for each mark total/10 * j/k, j = 1..k, the last
+    rollout end at or before it; marks before the first rollout's end are dropped, marks inside one rollout share one
+    evaluation. All of them lie inside the first tenth, so a rollout no longer than total/10/k gives k of them."""
+    ends = {(total_steps * j) // (10 * k) // rollout_size * rollout_size for j in range(1, k + 1)} if k > 0 else set()
+    return sorted(e for e in ends if e > 0)
+
+
+def normalize_advantages(advantages: Tensor, eps: float = 1e-5) -> Tensor:
+    return (advantages - advantages.mean()) / (advantages.std() + eps)
+
+
+def rollout_advantages(advantages: Tensor, actions: Tensor, ref_mean: Tensor | None, ref_std: Tensor | None,
+                       weight: float) -> tuple[Tensor, Tensor | None]:
+    """The advantages PPO trains on, computed ONCE per rollout (as the official O2PPO; per minibatch, std(A_hat) and the
+    normalisation would be those of 128 samples): A_ref of the whole rollout (its |std(A_hat)| over all B samples), the
+    mixing A_hat <- (A_hat + w A_ref) / (1 + w), then normalisation with eps 1e-5. Without a reference (ref_mean None:
+    no constraint) only the normalisation. advantages (B, 1) -> (normalised (B, 1), A_ref (B, 1) or None)."""
+    a_ref = None
+    if ref_mean is not None:
+        a_ref = reference_advantage(actions, ref_mean, ref_std, advantages)
+        advantages = constrained_advantages(advantages, a_ref, weight)
+    return normalize_advantages(advantages), a_ref
+
+
+def capped_log_std(log_std: Tensor, log_std_max: float | None) -> Tensor:
+    """min(log sigma, cap): the official O2PPO caps the actor's and the reference's log-std at log 0.05 for hopper
+    medium-expert/expert (above the cap sigma stays at the cap, and log_std gets no gradient)."""
+    return log_std if log_std_max is None else log_std.clamp(max=log_std_max)
+
+
+def policy_dist(actor: GaussianActor, obs: Tensor, log_std_max: float | None) -> torch.distributions.Normal:
+    """pi(.|s) with the log-std cap (acting, PPO's ratio and entropy, and the reference all use this)."""
+    mu, log_std = actor(obs)
+    return torch.distributions.Normal(mu, capped_log_std(log_std, log_std_max).exp(), validate_args=False)  # validation syncs
+
+
+def ppo_clip_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_coef: float) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO's clipped surrogate mean[max(-A r, -A clip(r, 1 - c, 1 + c))], r = pi / pi_old; all (B,).
+    Also returns the approximate KL ((r - 1) - log r) and the clipped fraction (diagnostics)."""
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef)).mean()
+    with torch.no_grad():
+        approx_kl = ((ratio - 1.0) - log_ratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > clip_coef).float().mean()
+    return loss, approx_kl, clipfrac
+
+
+def distill_loss(mean: Tensor, log_std: Tensor, target: Tensor) -> Tensor:
+    """Negative log-likelihood of the offline actor's mean action under the Gaussian N(mean, exp(log_std)^2)."""
+    return -torch.distributions.Normal(mean, log_std.exp(), validate_args=False).log_prob(target).sum(-1).mean()  # validation syncs
+
+
+SATURATION = 0.99  # a mean-action component beyond this fraction of the action bound counts as saturated
+
+
+def value_stats(values: Tensor, returns: Tensor) -> dict[str, float]:
+    """V on a fixed set of dataset states against the offline Monte-Carlo returns of those states, both (B,):
+    mean and population std of V, mean error mean(V - G), mean absolute error, and mean(G)."""
+    err = values - returns
+    return {"v_mean": float(values.mean()), "v_std": float(values.std(correction=0)), "v_mean_error": float(err.mean()),
+            "v_mean_abs_error": float(err.abs().mean()), "mc_return_mean": float(returns.mean())}
+
+
+def actor_stats(mean: Tensor, log_std: Tensor, max_action: float) -> dict[str, float]:
+    """The Gaussian policy on a fixed set of states, mean and (capped) log_std (B, |A|): entropy sum_j [0.5 log(2 pi e)
+    + log sigma_j] averaged over states; after clipping the mean action to the box [-max_action, max_action], the mean
+    of |a| / max_action and the saturation, the fraction of components with |a| / max_action > 0.99."""
+    entropy = (0.5 * math.log(2.0 * math.pi * math.e) + log_std).sum(-1).mean()
+    a = mean.clamp(-max_action, max_action).abs() / max_action
+    return {"entropy": float(entropy), "mean_abs_action": float(a.mean()), "saturation": float((a > SATURATION).float().mean())}
+
+
+# ---------------------------------------------------------------- networks, rewards, rollouts
+def build_value(obs_dim: int) -> Critic:
+    """V(s): 3 x [Linear 256 -> tanh], Linear -> 1 (the official O2PPO value network), orthogonal init; returns shape (1, B)."""
+    return orthogonal_init_(Critic(obs_dim, 0, VALUE_HIDDEN, n=1, activation="tanh"))
+
+
+@torch.no_grad()
+def update_reference(actor_ref: nn.Module, actor: nn.Module, score: float, best: float) -> float:
+    """The reference update (docs/algorithms.md, section 5.2): pi_ref <- copy(pi) when an evaluation beats the best score
+    so far; returns the new best."""
+    if score > best:
+        actor_ref.load_state_dict(actor.state_dict())
+        return score
+    return best
+
+
+class RewardScaling:
+    """The rewards V learns from, offline Monte-Carlo returns and online rewards alike (--reward-scaling): an affine
+    transform (raw, or the checkpoint's reward_transform), or division by the running std of the discounted return
+    (ReturnStd: started from the offline data; a resumed run goes on from the statistic online.pt saved, `saved`).
+    A V learned here from scratch uses the family table's handling, not the offline method's transform, unless
+    --reward-scaling checkpoint asks for it."""
+
+    def __init__(self, mode: str, gamma: float, data: dict, ckpt: dict, saved: dict | None = None):
+        rt = ckpt["reward_transform"] if mode == "checkpoint" else {"scale": 1.0, "shift": 0.0}
+        self.mode, self.affine = mode, {"scale": float(rt["scale"]), "shift": float(rt["shift"])}
+        self.return_std = ReturnStd.from_offline(data["rewards"], data["ends"], gamma) if mode == "return-std" else None
+        self.offline_return_std = self.return_std.std if self.return_std is not None else None
+        if self.return_std is not None and saved is not None:  # the running statistic goes on from where the run stopped
+            self.return_std = ReturnStd(gamma, **saved)
+
+    def transform(self) -> dict[str, float]:
+        """The transform V's targets are on now (checkpoints record it): affine, or 1 / (std + eps) of the running return-std."""
+        return {"scale": self.return_std.scale, "shift": 0.0} if self.return_std is not None else dict(self.affine)
+
+    def offline(self, rewards: np.ndarray) -> np.ndarray:
+        """The offline rewards with the online handling (return-std: divided by the offline std, one constant)."""
+        return rewards * self.return_std.scale if self.return_std is not None else rewards * self.affine["scale"] + self.affine["shift"]
+
+    def __call__(self, rewards: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """The online rewards of a rollout (T, num_envs), in time order."""
+        return self.return_std(rewards, ends) if self.return_std is not None else rewards * self.affine["scale"] + self.affine["shift"]
+
+    def state_dict(self) -> dict[str, float] | None:
+        return self.return_std.state_dict() if self.return_std is not None else None
+
+
+@torch.no_grad()
+def collect_rollout(pool: EnvPool, actor: GaussianActor, vf: Critic, steps: int, obs_mean: Tensor, obs_std: Tensor,
+                    reward_fn: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, log_std_max: float | None = None,
+                    ) -> tuple[dict[str, Tensor], list[tuple[float, int]]]:
+    """`steps` steps of every env with a ~ pi(.|s); tensors of shape (steps, num_envs, ...) on the actor's device.
+    Actions are stored unclipped (their log-prob is the one PPO's ratio needs); the env gets them clipped.
+    `rewards` = reward_fn(raw rewards, ends) (the reward handling V learns from; raw when None), `raw_rewards` as given."""
+    device = obs_mean.device
+    keys = ("obs", "actions", "logprobs", "values", "successors")
+    rows: dict[str, list[Tensor]] = {k: [] for k in keys}
+    rewards, terms, truncs, finished = [], [], [], []
+    for _ in range(steps):
+        obs = (torch.as_tensor(pool.obs, device=device) - obs_mean) / obs_std
+        dist = policy_dist(actor, obs, log_std_max)
+        action = dist.sample()
+        successor, r, term, trunc, fin = pool.step(action.cpu().numpy())
+        rows["obs"].append(obs)
+        rows["actions"].append(action)
+        rows["logprobs"].append(dist.log_prob(action).sum(-1))
+        rows["values"].append(vf(obs)[0])
+        rows["successors"].append(torch.as_tensor(successor))
+        rewards.append(r)
+        terms.append(term)
+        truncs.append(trunc)
+        finished += fin
+    out = {k: torch.stack(v).to(device) for k, v in rows.items()}
+    out["successors"] = (out["successors"] - obs_mean) / obs_std
+    out["next_values"] = vf(out["successors"])[0]  # V of the true successor; only read where not terminated
+    raw, ends = np.stack(rewards), np.maximum(np.stack(terms), np.stack(truncs))
+    out["raw_rewards"] = torch.as_tensor(raw, device=device)
+    out["rewards"] = torch.as_tensor(reward_fn(raw, ends) if reward_fn is not None else raw, device=device)
+    # termination only: a time-limit end is not terminal, GAE bootstraps it from V(final obs)
+    out["terminations"] = torch.as_tensor(np.stack(terms), device=device)
+    out["ends"] = torch.as_tensor(ends, device=device)
+    return out, finished
+
+
+# ---------------------------------------------------------------- updates (one gradient step each; tensors in, tensors out)
+# Each phase wraps its update once: accel.update(functools.partial(update, <modules, optimizers>, <constants as keywords>)),
+# then calls it with the minibatch tensors only (a weight that changes over time is a 0-d device tensor). The bodies are
+# compile- and CUDA-graph-safe: one backward per update, no host reads, no Python side effects.
+def set_lr(accel: Accel, opt: torch.optim.Optimizer, lr: float) -> None:
+    """A schedule refills a tensor learning rate in place (a compiled update or a captured graph reads that tensor);
+    an eager run keeps a plain float."""
+    for g in opt.param_groups:
+        if accel.tensor_lr:
+            g["lr"].fill_(lr)
+        else:
+            g["lr"] = float(lr)
+
+
+def distill_update(student: GaussianActor, opt: torch.optim.Optimizer, obs: Tensor, target: Tensor) -> dict[str, Tensor]:
+    mean, log_std = student(obs)
+    loss = distill_loss(mean, log_std.detach(), target)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return {"distill/loss": loss.detach()}
+
+
+def reevaluate_update(vf: Critic, opt: torch.optim.Optimizer, obs: Tensor, returns: Tensor) -> dict[str, Tensor]:
+    """Regress V(s) on Monte-Carlo returns (Policy Re-evaluation, O2PPO; docs/algorithms.md, section 5.1)."""
+    loss = F.mse_loss(vf(obs)[0], returns)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return {"reevaluate/value_loss": loss.detach()}
+
+
+def online_update(actor: GaussianActor, vf: Critic, actor_opt: torch.optim.Optimizer, vf_opt: torch.optim.Optimizer,
+                  obs: Tensor, actions: Tensor, old_logp: Tensor, advantages: Tensor, returns: Tensor,
+                  clip_coef: float, ent_coef: float, max_grad_norm: float, log_std_max: float | None) -> dict[str, Tensor]:
+    """One PPO minibatch step on advantages (B,) already mixed and normalised for the whole rollout (rollout_advantages):
+    clipped surrogate + entropy bonus for the actor, 0.5 MSE to the GAE targets for V, gradient clipping."""
+    dist = policy_dist(actor, obs, log_std_max)
+    logp = dist.log_prob(actions).sum(-1)
+    pg_loss, approx_kl, clipfrac = ppo_clip_loss(logp, old_logp, advantages, clip_coef)
+    entropy = dist.entropy().sum(-1).mean()
+    actor_loss = pg_loss - ent_coef * entropy
+    v_loss = 0.5 * ((vf(obs)[0] - returns) ** 2).mean()
+    actor_opt.zero_grad(set_to_none=True)
+    vf_opt.zero_grad(set_to_none=True)
+    # one backward: the actor and V share no parameters, so each loss reaches only its own network
+    (actor_loss + v_loss).backward()
+    nn.utils.clip_grad_norm_(actor.parameters(), max_grad_norm)
+    nn.utils.clip_grad_norm_(vf.parameters(), max_grad_norm)
+    actor_opt.step()
+    vf_opt.step()
+    return {"losses/actor_loss": pg_loss.detach(), "losses/value_loss": v_loss.detach(), "losses/entropy": entropy.detach(),
+            "losses/approx_kl": approx_kl, "losses/clipfrac": clipfrac}
+
+
+# ---------------------------------------------------------------- phases
+def distill_actor(args: Args, teacher: nn.Module, obs_all: Tensor, writer: SummaryWriter, accel: Accel | None = None) -> tuple[GaussianActor, dict]:
+    """Distillation (docs/algorithms.md, section 5): a tanh-Gaussian or deterministic offline actor -> GaussianActor(256 x 2)
+    by maximum likelihood of
+    the offline mean action on dataset states. The state-independent log_std is held fixed during the fit (the ML
+    std of a deterministic target would collapse to the fitting error and leave PPO nothing to explore with)."""
+    device = obs_all.device
+    accel = accel or Accel(device)
+    student = GaussianActor(obs_all.shape[1], teacher.act(obs_all[:1]).shape[1], ACTOR_HIDDEN).to(device)
+    teacher.eval()
+    with torch.no_grad():
+        if args.distill_log_std is not None:
+            log_std = torch.full_like(student.log_std, args.distill_log_std)
+        elif isinstance(teacher, TanhGaussianActor):  # match its average per-dimension action std on dataset states
+            probe = obs_all[torch.randint(len(obs_all), (512,), device=device)]
+            samples = teacher.sample(probe.repeat_interleave(16, 0))[0].view(len(probe), 16, -1)
+            log_std = samples.std(1).mean(0).clamp_min(1e-3).log()
+        else:
+            log_std = torch.full_like(student.log_std, DETERMINISTIC_LOG_STD)
+        student.log_std.copy_(log_std)
+    opt = accel.adam(student.net.parameters(), args.distill_lr)
+    step_fn = accel.update(functools.partial(distill_update, student, opt))
+    metrics = Metrics(writer)
+    for step in tqdm(range(1, args.distill_steps + 1), desc="distill", disable=None):
+        obs = obs_all[torch.randint(len(obs_all), (args.distill_batch_size,), device=device)]
+        with torch.no_grad():
+            target = teacher.act(obs)
+        metrics.add(step_fn(obs, target))
+        if step % args.log_every == 0 or step == args.distill_steps:
+            metrics.flush(step, "distill")
+    with torch.no_grad():  # distillation error on (up to) 10k dataset states
+        probe = obs_all[: min(len(obs_all), 10_000)]
+        err = student(probe)[0] - teacher.act(probe)
+        info = {"teacher_family": teacher.family, "steps": args.distill_steps, "log_std": student.log_std.tolist(),
+                "mse": float((err**2).mean()), "max_abs_error": float(err.abs().max())}
+    writer.add_scalar("distill/action_mse", info["mse"], args.distill_steps)
+    writer.add_scalar("distill/max_abs_error", info["max_abs_error"], args.distill_steps)
+    return student, info
+
+
+def run_distillation(run: Run, teacher: nn.Module, obs_all: Tensor, key: dict) -> GaussianActor:
+    """Any offline actor -> the Gaussian family (docs/algorithms.md, section 5), reusing distilled.pt when it was made
+    with the same key; pi0 is evaluated and recorded as the curve's "distilled" point."""
+    t0 = time.time()
+    run.enter("distill")
+    saved = load_phase(run.out / "distilled.pt", key, run.args.no_resume)
+    if saved is not None:
+        pi0 = actor_from_checkpoint(saved, run.device)
+        run.distillation, ret, score = saved["distillation"], saved["eval_return"], saved["eval_normalized_score"]
+    else:
+        torch.manual_seed(run.args.seed + 1)  # every phase draws from its own seed: a reused phase leaves the next ones unchanged
+        pi0, run.distillation = distill_actor(run.args, teacher, obs_all, run.writer, run.accel)
+        ret, score = run.evaluate(pi0)
+        atomic_save(run.checkpoint(pi0, None, score, key, grad_steps=run.args.distill_steps, distillation=run.distillation, eval_return=ret),
+                    run.out / "distilled.pt")
+    run.record(0, ret, score, "distilled")
+    tqdm.write(f"distilled {teacher.family} -> gaussian: mse {run.distillation['mse']:.4g}, max abs error {run.distillation['max_abs_error']:.3g}")
+    run.phase_done("distill", t0)
+    return pi0
+
+
+def reevaluate_value(args: Args, vf: Critic, obs_all: Tensor, returns_all: Tensor, writer: SummaryWriter, accel: Accel | None = None) -> dict:
+    """Policy Re-evaluation (O2PPO; docs/algorithms.md, section 5.1): V(s) regressed on the offline Monte-Carlo returns,
+    `reevaluate_steps` steps of batch `reevaluate_batch_size`."""
+    device = obs_all.device
+    accel = accel or Accel(device)
+    opt = accel.adam(vf.parameters(), args.reevaluate_lr)
+    step_fn = accel.update(functools.partial(reevaluate_update, vf, opt))
+    metrics, loss = Metrics(writer), float("nan")
+    for step in tqdm(range(1, args.reevaluate_steps + 1), desc="re-evaluation", disable=None):
+        idx = torch.randint(len(obs_all), (args.reevaluate_batch_size,), device=device)
+        metrics.add(step_fn(obs_all[idx], returns_all[idx]))
+        if step % args.log_every == 0 or step == args.reevaluate_steps:
+            loss = metrics.flush(step, "reevaluate")["reevaluate/value_loss"]
+    with torch.no_grad():
+        probe = torch.arange(min(len(obs_all), 100_000), device=device)
+        v, g = vf(obs_all[probe])[0], returns_all[probe]
+        explained = float(1.0 - (g - v).var() / g.var().clamp_min(1e-8))
+    writer.add_scalar("reevaluate/explained_variance", explained, args.reevaluate_steps)
+    return {"steps": args.reevaluate_steps, "final_loss": loss, "explained_variance": explained}
+
+
+def run_reevaluation(run: Run, pi0: GaussianActor, vf: Critic, obs_all: Tensor, key: dict) -> None:
+    """Policy Re-evaluation (O2PPO; docs/algorithms.md, section 5.1) of `vf` in place, reusing reevaluated.pt when it
+    was made with the same key. The targets are the discounted Monte-Carlo returns of the offline rewards under the
+    online reward handling, restarted at every episode end (time limits too)."""
+    t0 = time.time()
+    run.enter("reevaluate")
+    saved = load_phase(run.out / "reevaluated.pt", key, run.args.no_resume)
+    if saved is not None:
+        vf.load_state_dict(saved["critics"]["vf"])
+        run.reevaluation = saved["reevaluation"]
+    else:
+        returns = monte_carlo_returns(run.rewards.offline(run.data["rewards"]), run.data["ends"], run.args.gamma)
+        run.reevaluation = reevaluate_value(run.args, vf, obs_all, torch.as_tensor(returns, device=run.device), run.writer, run.accel)
+        atomic_save(run.checkpoint(pi0, vf, run.curve[-1]["normalized_score"], key, grad_steps=run.args.reevaluate_steps,
+                                   reevaluation=run.reevaluation), run.out / "reevaluated.pt")
+    tqdm.write(f"re-evaluation: value loss {run.reevaluation['final_loss']:.4g}, explained variance {run.reevaluation['explained_variance']:.3f}")
+    run.phase_done("reevaluate", t0)
+
+
+def run_online(run: Run, pi0: GaussianActor | None, vf: Critic | None, resume: dict | None, online_key: dict, obs_mean: Tensor,
+               obs_std: Tensor) -> tuple[GaussianActor, GaussianActor, Critic, dict]:
+    """Online PPO (paper: Constrained Fine-Tuning, O2PPO; docs/algorithms.md, section 5.2) from pi0 and V, or from the
+    unfinished run's online.pt (`resume`): per rollout GAE, the reference advantage mixed in with the weight w_t and the
+    normalisation (once per rollout), then update_epochs epochs of minibatch updates; evaluations (which move pi_ref
+    under --reference best), logs and online.pt on their clocks. Returns actor, actor_ref, V and the loop's state
+    (global_step, iteration, best, start_score, resumed_from; finished: False when --stop-after stopped it)."""
+    args, device, accel = run.args, run.device, run.accel
+    update_epochs, horizon, log_std_max = (run.defaults[k] for k in ("update_epochs", "constraint_horizon", "log_std_max"))
+    if resume is None:
+        torch.manual_seed(args.seed + 3)
+        actor, actor_ref = copy.deepcopy(pi0).train(), copy.deepcopy(pi0).eval()
+        start = run.curve[-1]
+        st = {"global_step": 0, "iteration": 0, "best": start["normalized_score"], "start_score": start["normalized_score"], "resumed_from": None}
+        run.curve.append({"step": 0, "normalized_score": start["normalized_score"], "return": start["return"], "phase": "online"})  # where online starts
+        run.enter("online")
+    else:
+        actor, actor_ref, vf, st = run.restore(resume)
+        print(f"resuming {run.out / 'online.pt'} at env step {st['global_step']}")
+    actor.log_std.requires_grad_(True)
+    actor_ref.requires_grad_(False)
+    global_step, iteration, best = st["global_step"], st["iteration"], st["best"]
+    steps_per_env = args.rollout_size // args.num_envs
+    num_iterations = args.online_steps // args.rollout_size
+    actor_opt = accel.adam(actor.parameters(), args.actor_lr, eps=args.adam_eps)
+    vf_opt = accel.adam(vf.parameters(), args.critic_lr, eps=args.adam_eps)
+    if resume is not None:  # the optimizers and every RNG as online.pt saved them
+        accel.load_optimizer(actor_opt, resume["optimizers"]["actor"])
+        accel.load_optimizer(vf_opt, resume["optimizers"]["vf"])
+        set_rng_state(resume["rng"])
+    # built once: the modules and optimizers are bound, the constants are keywords; per call only the minibatch
+    update = accel.update(functools.partial(online_update, actor, vf, actor_opt, vf_opt, clip_coef=args.clip_coef,
+                                            ent_coef=args.ent_coef, max_grad_norm=args.max_grad_norm, log_std_max=log_std_max))
+    # a resumed run restarts its training episodes (simulator states are not saved); new seeds for new starts
+    pool = EnvPool(run.data["env_spec"], args.num_envs, args.seed + 1000 + global_step)
+    t_online = time.time() - run.wall.get("online", 0.0)
+    metrics = Metrics(run.writer)
+    next_log = (global_step // args.log_every + 1) * args.log_every
+    next_eval = (global_step // args.eval_every + 1) * args.eval_every
+    early = early_eval_steps(num_iterations * args.rollout_size, args.rollout_size, args.early_evals)  # extra evaluations in the first tenth
+    next_ckpt = (global_step // args.checkpoint_every + 1) * args.checkpoint_every
+    bar = tqdm(total=num_iterations * args.rollout_size, initial=global_step, desc=f"o2o_ppo {run.mode}", disable=None)
+    sps_t0, sps_step0 = time.time(), global_step
+    stopped = False
+    while iteration < num_iterations:
+        for opt, lr0 in ((actor_opt, args.actor_lr), (vf_opt, args.critic_lr)):
+            set_lr(accel, opt, linear_lr(lr0, iteration, num_iterations))
+        roll, finished = collect_rollout(pool, actor, vf, steps_per_env, obs_mean, obs_std, run.rewards, log_std_max)
+        global_step += args.rollout_size
+        iteration += 1
+        for ep_ret, ep_len in finished:
+            run.writer.add_scalar("charts/episodic_return", ep_ret, global_step)
+            run.writer.add_scalar("charts/episodic_length", ep_len, global_step)
+        advantages, returns = gae(roll["rewards"], roll["values"], roll["next_values"], roll["terminations"], roll["ends"], args.gamma, args.gae_lambda)
+        b_obs, b_actions = roll["obs"].reshape(args.rollout_size, -1), roll["actions"].reshape(args.rollout_size, -1)
+        b_logp, b_ret = roll["logprobs"].reshape(-1), returns.reshape(-1)
+        w = constraint_weight(global_step, horizon) if not args.no_constraint else 0.0
+        # once per rollout, as the official code: A_ref, mixing with w_t and normalisation over all rollout_size samples
+        with torch.no_grad():
+            ref_mean = ref_std = None
+            if not args.no_constraint:
+                ref = policy_dist(actor_ref, b_obs, log_std_max)
+                ref_mean, ref_std = ref.mean, ref.stddev
+            b_adv, a_ref = rollout_advantages(advantages.reshape(-1, 1), b_actions, ref_mean, ref_std, w)
+        b_adv = b_adv.squeeze(-1)
+        if a_ref is not None:
+            metrics.add({"losses/ref_advantage": a_ref.mean()})
+        for _ in range(update_epochs):
+            perm = torch.randperm(args.rollout_size, device=device)
+            # validate() makes --rollout-size a multiple of --minibatch-size: every minibatch has one shape (one graph)
+            for start in range(0, args.rollout_size, args.minibatch_size):
+                idx = perm[start : start + args.minibatch_size]
+                metrics.add(update(b_obs[idx], b_actions[idx], b_logp[idx], b_adv[idx], b_ret[idx]))
+        bar.update(args.rollout_size)
+        last = iteration == num_iterations
+        if global_step >= next_log or last:
+            metrics.flush(global_step, "online")
+            run.writer.add_scalar("charts/constraint_weight", w, global_step)
+            run.writer.add_scalar("charts/learning_rate", float(actor_opt.param_groups[0]["lr"]), global_step)
+            run.writer.add_scalar("charts/actor_std", float(capped_log_std(actor.log_std.detach(), log_std_max).exp().mean()), global_step)
+            run.writer.add_scalar("charts/SPS", (global_step - sps_step0) / max(time.time() - sps_t0, 1e-9), global_step)
+            next_log = (global_step // args.log_every + 1) * args.log_every
+        if global_step >= next_eval or global_step in early or last:
+            ret, score = run.evaluate(actor)
+            run.record(global_step, ret, score, "online")
+            run.diagnostics["evaluations"].append(run.diagnose("eval", global_step, actor, vf))
+            bar.set_postfix(score=f"{score:.1f}")
+            if args.reference == "best":  # an early evaluation too: every evaluation may move pi_ref
+                best = update_reference(actor_ref, actor, score, best)
+            next_eval = (global_step // args.eval_every + 1) * args.eval_every
+        stop = args.stop_after is not None and global_step >= args.stop_after and not last
+        if global_step >= next_ckpt or last or stop:
+            run.wall["online"] = time.time() - t_online
+            st.update(global_step=global_step, iteration=iteration, best=best)
+            atomic_save(run.checkpoint(
+                actor, vf, run.curve[-1]["normalized_score"], online_key, grad_steps=iteration * update_epochs * (args.rollout_size // args.minibatch_size),
+                env_steps=global_step, iteration=iteration, actor_ref=state_dict_cpu(actor_ref), best_score=best, start_score=st["start_score"],
+                curve=run.curve, wall_clock_s=run.wall, distillation=run.distillation, reevaluation=run.reevaluation,
+                optimizers={"actor": actor_opt.state_dict(), "vf": vf_opt.state_dict()}, return_std=run.rewards.state_dict(),
+                diagnostics=run.diagnostics, rng=rng_state()), run.out / "online.pt")
+            atomic_save(run.results(False, st), run.out / "results.json")  # progress so far
+            next_ckpt = (global_step // args.checkpoint_every + 1) * args.checkpoint_every
+        if stop:
+            stopped = True
+            break
+    bar.close()
+    pool.close()
+    run.wall["online"] = time.time() - t_online
+    st.update(global_step=global_step, iteration=iteration, best=best, finished=not stopped)
+    return actor, actor_ref, vf, st
+
+
+def main(args: Args) -> dict:
+    check_tracking(args)
+    validate(args)
+    given = args
+    args = scale_budgets(args)  # from here on every step budget is the effective one (times --budget-scale)
+    device = pick_device(args.device)
+    accel = Accel(device, args.compile, args.cudagraphs, args.bf16)  # bad combinations fail before any loading
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    env_name = args.env if args.dataset_id is None else args.dataset_id
+    env_key = args.env if args.dataset_id is None else args.dataset_id.replace("/", "_")
+    mode = mode_name(args)
+    out = Path(args.run_dir) / "o2o_ppo" / env_key / (args.run_name or f"{mode}_seed{args.seed}")
+    check_output_dir(out, "--run-dir")  # before the dataset is loaded: a bad folder fails in seconds
+    data = load_dataset(args.env, args.dataset_id, args.no_download)
+    ckpt_path = resolve_checkpoint(args)
+    ckpt = load_checkpoint(ckpt_path, env_name=env_name, obs_dim=data["obs_dim"], act_dim=data["act_dim"])
+    defaults = family_defaults(args)
+    digest = file_digest(ckpt_path)
+    online_key = phase_key(args, "online", digest, device, defaults["reward_scaling"])
+    # the run folder: a run of other settings is refused; an online.pt of the same settings is resumed
+    resume = check_run_folder(out, online_key, args)
+    # the dataset's states on the device, then the rollout and the batches of every phase, before any phase runs
+    obs_all = dataset_states(data, ckpt, device)
+    check_memory(args, data, device)
+
+    set_seed(args.seed)
+    obs_mean, obs_std = (torch.as_tensor(ckpt[k].numpy(), device=device) for k in ("obs_mean", "obs_std"))  # the actor was trained on these
+    rewards = RewardScaling(defaults["reward_scaling"], args.gamma, data, ckpt, resume["return_std"] if resume is not None else None)
+    prepare_run_folder(out, args)
+    atomic_save(json.loads(json.dumps(asdict(args))), out / "args.json")
+    tracker = start_tracking(args, asdict(given), out)  # before Run makes the SummaryWriter
+    run = Run(args, given, out, data, ckpt, ckpt_path, defaults, rewards, accel, obs_all)
+    print(f"o2o_ppo {mode} on {env_name} from {ckpt_path} ({ckpt['actor_family']} actor); epochs {defaults['update_epochs']}, constraint "
+          f"horizon {defaults['constraint_horizon']}, log-std cap {defaults['log_std_max']}, rewards {rewards.mode} (row "
+          f"{defaults['family_row']!r}, {defaults['family_env']!r} of PPO_FAMILY_DEFAULTS unless set by flags)")
+    if args.budget_scale != 1.0:
+        print(f"--budget-scale {args.budget_scale}: " + ", ".join(f"{k} {getattr(args, k)}" for k in BUDGET_STEPS))
+
+    pi0 = vf = None
+    if resume is None:  # (a resumed run continues its online phase: everything before it is in online.pt)
+        # --- the offline actor in, evaluated (the curve starts with its score at step 0)
+        t0 = time.time()
+        run.enter("offline")
+        teacher = actor_from_checkpoint(ckpt, device)
+        run.record(0, *run.evaluate(teacher), "offline")
+        run.phase_done("offline_eval", t0)
+        # --- any family -> Gaussian (docs/algorithms.md, section 5); a Gaussian actor is copied exactly
+        pi0 = teacher if isinstance(teacher, GaussianActor) else run_distillation(run, teacher, obs_all, phase_key(args, "distilled", digest, device))
+        # --- V: re-evaluated (paper: Policy Re-evaluation, O2PPO; docs/algorithms.md, section 5.1), or fresh (ablation)
+        torch.manual_seed(args.seed + 2)
+        vf = build_value(data["obs_dim"]).to(device)
+        run.diagnostics = {"states": len(run.probe_obs), "start": run.diagnose("start", 0, pi0, vf), "evaluations": []}
+        if not args.no_reevaluate:
+            run_reevaluation(run, pi0, vf, obs_all, phase_key(args, "reevaluated", digest, device, defaults["reward_scaling"]))
+        run.diagnostics["reevaluated"] = run.diagnose("reevaluated", 0, pi0, vf)  # the switch to online learning
+    # --- online PPO (paper: Constrained Fine-Tuning, O2PPO; docs/algorithms.md, section 5.2)
+    actor, actor_ref, vf, st = run_online(run, pi0, vf, resume, online_key, obs_mean, obs_std)
+
+    if st["finished"]:
+        run.diagnostics["end"] = run.diagnose("end", st["global_step"], actor, vf)
+    run.close()
+    finish_tracking(tracker)
+    result = run.results(st["finished"], st)
+    if not st["finished"]:  # as if killed: only online.pt (and what came before) is on disk
+        print(f"stopped after {st['global_step']} env steps (--stop-after); rerun the same command without it to resume")
+        return result
+    grad_steps = st["iteration"] * defaults["update_epochs"] * (args.rollout_size // args.minibatch_size)
+    atomic_save(run.checkpoint(actor, vf, run.curve[-1]["normalized_score"], online_key, grad_steps=grad_steps, env_steps=st["global_step"],
+                               actor_ref=state_dict_cpu(actor_ref), best_score=st["best"], curve=run.curve), out / "final.pt")
+    atomic_save(result, out / "results.json")
+    print(f"o2o_ppo ({result['method']}) on {env_name}: offline {result['offline_score']:.1f} -> start of online {result['online_start_score']:.1f} "
+          f"-> final {result['final_score']:.1f} (min over first tenth {result['min_first_tenth']:.1f}); outputs in {out}")
+    return result
+
+
+# ==================== INFRASTRUCTURE ====================
 CKPT_NAME = "o2o_ppo"
 CHECKPOINT_EVERY = 20_480  # the longest default interval of online.pt (env steps, before --budget-scale)
 RUN_NAME_RE = r"[A-Za-z0-9_-][A-Za-z0-9_.-]*"
 DIAG_STATES = 2048  # dataset states the phase-boundary diagnostics are computed on
+
+
+def mode_name(args: Args) -> str:
+    if args.no_reevaluate and args.no_constraint:
+        return "naive"
+    return "no_reevaluate" if args.no_reevaluate else "no_constraint" if args.no_constraint else "o2ppo"
+
+
+def parse_family(name: str) -> tuple[str, str]:
+    """--family `hopper-medium-expert` (a version suffix such as -v2 is allowed) -> ("hopper", "medium-expert")."""
+    m = re.fullmatch(r"([a-z0-9]+)-(.+?)(?:-v\d+)?", name)
+    if m is None or m.group(1) not in D4RL_ENVS or m.group(2) not in D4RL_LEVELS:
+        fail(f"unknown --family {name!r}; use <env>-<level> with env in {', '.join(D4RL_ENVS)} and level in {', '.join(D4RL_LEVELS)}")
+    return m.group(1), m.group(2)
+
+
+BUDGET_STEPS = ("reevaluate_steps", "online_steps", "constraint_horizon", "eval_every", "log_every", "checkpoint_every")
+
+
+def scaled_steps(n: int, scale: float) -> int:
+    """round(n * scale) (halves up), at least 1; a count of 0 (--reevaluate-steps 0 with --no-reevaluate) stays 0."""
+    return max(1, int(math.floor(n * scale + 0.5))) if n > 0 else n
+
+
+def scale_budgets(args: Args) -> Args:
+    """--budget-scale: a copy of args whose BUDGET_STEPS are the effective ones, given or defaulted (the constraint
+    horizon: the family table's when --constraint-horizon is not given; --checkpoint-every: CHECKPOINT_EVERY, at most a
+    tenth of the scaled online steps, at least 1) times the scale. Exits 2 when the online budget is less than one
+    rollout."""
+    horizon = args.constraint_horizon if args.constraint_horizon is not None else family_defaults(args)["constraint_horizon"]
+    given = {**{k: getattr(args, k) for k in BUDGET_STEPS}, "constraint_horizon": horizon}
+    scaled = {k: scaled_steps(v, args.budget_scale) if v is not None else None for k, v in given.items()}
+    if scaled["checkpoint_every"] is None:  # a killed short run keeps most of its online phase
+        scaled["checkpoint_every"] = min(scaled_steps(CHECKPOINT_EVERY, args.budget_scale), max(1, scaled["online_steps"] // 10))
+    if scaled["online_steps"] < args.rollout_size:
+        how = f" x --budget-scale {args.budget_scale} = {scaled['online_steps']}" if args.budget_scale != 1.0 else ""
+        least = args.rollout_size / args.online_steps
+        digits = 2 - math.floor(math.log10(least))  # rounded up to 3 significant digits: that scale fits
+        fix = "raise it" if args.budget_scale == 1.0 else \
+            f"raise --online-steps or --budget-scale (to at least {math.ceil(least * 10**digits) / 10**digits:g})"
+        fail(f"--online-steps {args.online_steps}{how} is less than one rollout (--rollout-size {args.rollout_size}); {fix}")
+    return dataclasses.replace(args, **scaled)
+
+
+def validate(args: Args) -> None:
+    for flag in ("distill_steps", "distill_batch_size", "reevaluate_batch_size", "online_steps", "num_envs", "rollout_size",
+                 "minibatch_size", "eval_every", "eval_episodes", "log_every"):
+        if getattr(args, flag) <= 0:
+            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    for flag in ("update_epochs", "constraint_horizon", "stop_after", "threads", "checkpoint_every"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if not (args.budget_scale > 0.0 and math.isfinite(args.budget_scale)):
+        fail(f"--budget-scale must be a positive number, got {args.budget_scale}")
+    if args.early_evals < 0:
+        fail(f"--early-evals must be >= 0 (0 = none), got {args.early_evals}")
+    if not args.no_reevaluate and args.reevaluate_steps <= 0:
+        fail(f"--reevaluate-steps must be positive, got {args.reevaluate_steps} (or pass --no-reevaluate)")
+    if args.rollout_size % args.num_envs:
+        fail(f"--rollout-size {args.rollout_size} must be a multiple of --num-envs {args.num_envs}")
+    if args.rollout_size % args.minibatch_size:
+        fail(f"--rollout-size {args.rollout_size} must be a multiple of --minibatch-size {args.minibatch_size}")
+    if not 0.0 < args.gamma <= 1.0 or not 0.0 <= args.gae_lambda <= 1.0:
+        fail("--gamma must lie in (0, 1] and --gae-lambda in [0, 1]")
+    for flag in ("actor_lr", "critic_lr", "reevaluate_lr", "distill_lr", "clip_coef", "max_grad_norm", "adam_eps"):
+        if not getattr(args, flag) > 0.0:
+            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.ent_coef < 0.0:
+        fail(f"--ent-coef must be >= 0, got {args.ent_coef}")
+    # no leading dot: `..` would leave <run_dir>/o2o_ppo/<env>/, and a hidden folder hides the run
+    if args.run_name is not None and not re.fullmatch(RUN_NAME_RE, args.run_name):
+        fail(f"--run-name {args.run_name!r} may hold only letters, digits, '_', '.', '-' and may not start with '.'")
+    if args.dataset_id is not None and not DATASET_ID_RE.match(args.dataset_id):
+        fail(f"malformed dataset id {args.dataset_id!r}; Minari ids look like namespace/name-v0 (no part may start with '.')")
+    if args.dataset_id is None:
+        parse_env_name(args.env)  # unknown names exit 2 listing the known ones
+    if args.family is not None:
+        parse_family(args.family)
+
+
+def resolve_checkpoint(args: Args) -> Path:
+    """--checkpoint, else the convention runs/offline/<algo>/<env>/seed<k>/checkpoint.pt; exit 2 naming the command that
+    trains it when it does not exist."""
+    if args.checkpoint is not None:
+        ckpt_path = Path(args.checkpoint)
+        if not ckpt_path.is_file():
+            fail(f"--checkpoint {ckpt_path} does not exist; pass the path of a checkpoint written by offline_pretrain.py")
+        return ckpt_path
+    env_key = args.env if args.dataset_id is None else args.dataset_id.replace("/", "_")
+    ckpt_path = Path(args.run_dir) / "offline" / args.offline_algo / env_key / f"seed{args.seed}" / "checkpoint.pt"
+    if not ckpt_path.is_file():
+        data_flag = f"--dataset-id {args.dataset_id}" if args.dataset_id is not None else f"--env {args.env}"
+        fail(f"no offline checkpoint at {ckpt_path}; train one with: python offline_pretrain.py --algo {args.offline_algo} "
+             f"{data_flag} --seed {args.seed}" + (f" --run-dir {args.run_dir}" if args.run_dir != "runs" else "") + " (or pass --checkpoint PATH)")
+    return ckpt_path
+
+
+def dataset_states(data: dict, ckpt: dict, device: torch.device) -> Tensor:
+    """The dataset's states, normalised with the checkpoint's statistics, on the device (exit 2 when they do not fit)."""
+    try:
+        obs_all_np = (data["observations"] - ckpt["obs_mean"].numpy()) / ckpt["obs_std"].numpy()
+        return torch.as_tensor(obs_all_np, device=device)
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        fail(f"the dataset's {len(data['rewards'])} transitions do not fit in the memory of {device}; use another --device or a smaller dataset")
+
+
+def check_memory(args: Args, data: dict, device: torch.device) -> None:
+    """A rollout and the batches of every phase fit on the device (check_allocations), before any phase runs."""
+    row = 2 * data["obs_dim"] + data["act_dim"] + 8  # a rollout's transition: obs, successor, action, log-prob, values, rewards, ends
+    check_allocations([(args.rollout_size, row, f"a rollout of --rollout-size {args.rollout_size}", "lower it")]
+                      + [(getattr(args, f), row, f"a batch of --{f.replace('_', '-')} {getattr(args, f)}", "lower it")
+                         for f in ("minibatch_size", "distill_batch_size", "reevaluate_batch_size")], device)
+
+
+def prepare_run_folder(out: Path, args: Args) -> None:
+    """--overwrite: an earlier run's outputs deleted; the folder created; --no-resume: a stale online state deleted (a
+    later run must not resume it either)."""
+    if args.overwrite:
+        clear_run_folder(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--run-dir: cannot create {out} ({e.strerror}); pass a folder you can write to")
+    if args.no_resume:
+        for name in ("online.pt", "final.pt", "results.json"):
+            (out / name).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- the run folder (the same rules in o2o_sac.py, o2o_td3.py, o2o_ppo.py)
+# A run folder is never taken over silently; what it holds is checked before anything is computed or written. A
+# finished run (final.pt) of other settings is refused unless --overwrite; an unfinished one (online.pt) of other
+# settings is refused unless --no-resume (its online phase starts afresh) or --overwrite; a run of the same settings
+# resumes (a finished one: extended to a larger --online-steps); a saved phase of other settings is recomputed with a
+# notice. The settings are the online key: every argument that changes what the run computes, and the offline
+# checkpoint's content.
+#
+# BUDGET_ARGS: args that do not change what a resumed online run computed up to where it stopped (a longer
+# --online-steps resumes and stretches the remaining learning-rate decay over the new budget; --compile and
+# --cudagraphs keep the math, --bf16 does not and stays in the key; so does --eval-every: evaluations move pi_ref)
+BUDGET_ARGS = ("online_steps", "stop_after", "log_every", "checkpoint_every", "no_resume", "overwrite", "run_dir", "run_name", "checkpoint",
+               "device", "compile", "cudagraphs", "threads", "track", "wandb_project_name", "wandb_entity")
+RUN_OUTPUTS = ("args.json", "results.json", "final.pt", "online.pt", "distilled.pt", "reevaluated.pt")
+PHASE_FORMAT = 2  # the layout of phase, online and final checkpoints (2: every RNG state, from the shared phases block)
+KEY_WORDS = {"offline_checkpoint": "another offline checkpoint (its content differs)", "phase_format": "an older format of the saved phases"}
+
+
+def phase_key(args: Args, phase: str, digest: str, device: torch.device, reward_mode: str | None = None) -> dict:
+    """What a saved phase depends on: the offline checkpoint's content (`digest`) and the arguments that change what it
+    computes. online: the run folder's settings (every argument but BUDGET_ARGS); distilled, reevaluated: the seed, the
+    device, --bf16 and the phase's own arguments (reevaluated: also the reward handling `reward_mode`)."""
+    a = json.loads(json.dumps(asdict(args)))
+    if phase == "online":
+        return {"offline_checkpoint": digest, "phase_format": PHASE_FORMAT, **{k: v for k, v in a.items() if k not in BUDGET_ARGS}}
+    base = {"offline_checkpoint": digest, "phase_format": PHASE_FORMAT, "seed": args.seed, "device": str(device), "bf16": args.bf16}
+    if phase == "distilled":
+        return {**base, **{k: a[k] for k in ("distill_steps", "distill_batch_size", "distill_lr", "distill_log_std")}}
+    return {**base, "reward_scaling": reward_mode, **{k: a[k] for k in ("reevaluate_steps", "reevaluate_batch_size", "reevaluate_lr", "gamma")}}
+
+
+class Run:
+    """Outputs of one run: folder, tensorboard, evaluation, curve, phase wall-clock, the phase-boundary diagnostics,
+    checkpoints and results.json."""
+
+    def __init__(self, args: Args, given: Args, out: Path, data: dict, ckpt: dict, ckpt_path: Path, defaults: dict, rewards: RewardScaling,
+                 accel: Accel, obs_all: Tensor):
+        self.args, self.given, self.out, self.data, self.ckpt, self.ckpt_path = args, given, out, data, ckpt, ckpt_path
+        self.defaults, self.rewards, self.accel, self.device = defaults, rewards, accel, obs_all.device
+        self.mode = mode_name(args)
+        self.env_name = args.env if args.dataset_id is None else args.dataset_id
+        self.evaluator = Evaluator(data["env_spec"], args.eval_episodes, args.seed + 100, ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy(), self.device)
+        self.writer = SummaryWriter(str(out))
+        self.writer.add_text("args", json.dumps(json.loads(json.dumps(asdict(args)))))
+        self.writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
+        self.curve: list[dict] = []
+        self.wall: dict[str, float] = {}
+        self.diagnostics: dict[str, Any] = {}
+        self.distillation: dict | None = None
+        self.reevaluation: dict | None = None
+        # diagnostics: V and the actor on DIAG_STATES dataset states drawn once from the run's seed (numpy's own generator:
+        # the runs' random streams are untouched), V against the offline Monte-Carlo returns of those states
+        probe = np.sort(np.random.default_rng(args.seed).choice(len(obs_all), min(DIAG_STATES, len(obs_all)), replace=False))
+        self.probe_obs = obs_all[torch.as_tensor(probe, device=self.device)]
+        self.mc_raw, self.mc_ones = (torch.as_tensor(monte_carlo_returns(r, data["ends"], args.gamma)[probe], device=self.device)
+                                     for r in (data["rewards"], np.ones_like(data["rewards"])))
+
+    def evaluate(self, actor: nn.Module) -> tuple[float, float]:
+        actor.eval()
+        returns = self.evaluator(actor.act)
+        actor.train()
+        ret = float(returns.mean())
+        return ret, float(normalized_score(ret, self.data["ref_min_score"], self.data["ref_max_score"]))
+
+    def record(self, step: int, ret: float, score: float, phase: str) -> None:
+        """One point of the curve, on tensorboard and the console too."""
+        self.curve.append({"step": step, "normalized_score": score, "return": ret, "phase": phase})
+        self.writer.add_scalar("eval/episodic_return", ret, step)
+        self.writer.add_scalar("eval/normalized_score", score, step)
+        tqdm.write(f"[{phase}] step {step}: return {ret:.1f}, normalized score {score:.1f}")
+
+    def enter(self, phase: str, env_step: int = 0) -> None:
+        """charts/phase of a phase this run starts (log_phase); a resumed online phase logs none again."""
+        log_phase(self.writer, phase, env_step)
+
+    def phase_done(self, name: str, t0: float) -> None:
+        self.wall[name] = time.time() - t0
+
+    @torch.no_grad()
+    def diagnose(self, tag: str, step: int, pi: GaussianActor, v: Critic) -> dict[str, float]:
+        """value_stats and actor_stats now; tensorboard diagnostics/<stat>/<tag> (an evaluation: diagnostics/<stat>)."""
+        rt = self.rewards.transform()  # the Monte-Carlo returns on the scale V learns now (affine in the rewards)
+        mu, log_std = pi(self.probe_obs)
+        stats = {**value_stats(v(self.probe_obs)[0], rt["scale"] * self.mc_raw + rt["shift"] * self.mc_ones),
+                 **actor_stats(mu, capped_log_std(log_std, self.defaults["log_std_max"]), pi.max_action)}
+        for k, val in stats.items():
+            self.writer.add_scalar(f"diagnostics/{k}" + (f"/{tag}" if tag != "eval" else ""), val, step)
+        return {"step": step, **stats}
+
+    def checkpoint(self, actor: nn.Module, vf: Critic | None, score: float, phase_key: dict, **extra: Any) -> dict:
+        """Same format as the offline checkpoints (load_checkpoint / actor_from_checkpoint read it), plus V and extras."""
+        ckpt, data = self.ckpt, self.data
+        return {
+            "format_version": CHECKPOINT_FORMAT, "algo": CKPT_NAME, "offline_algo": ckpt["algo"], "env_name": ckpt["env_name"],
+            "dataset_id": ckpt["dataset_id"], "local_standin": data["local_standin"], "env_spec": ckpt["env_spec"],
+            "obs_dim": ckpt["obs_dim"], "act_dim": ckpt["act_dim"], "max_action": ckpt["max_action"],
+            "actor_family": "gaussian", "actor_config": {"hidden": [m.out_features for m in actor.net if isinstance(m, nn.Linear)][:-1]},
+            "actor": state_dict_cpu(actor),
+            "critics": {"vf": state_dict_cpu(vf)} if vf is not None else None,
+            "critic_config": {"hidden": list(VALUE_HIDDEN), "layer_norm": False, "activation": "tanh"} if vf is not None else None,
+            "obs_mean": ckpt["obs_mean"], "obs_std": ckpt["obs_std"], "reward_transform": self.rewards.transform(),
+            "ref_min_score": data["ref_min_score"], "ref_max_score": data["ref_max_score"],
+            "args": asdict(self.args), "grad_steps": extra.pop("grad_steps", 0), "eval_normalized_score": score, "phase_key": phase_key, **extra,
+        }
+
+    def restore(self, saved: dict) -> tuple[GaussianActor, GaussianActor, Critic, dict]:
+        """The unfinished run of online.pt: its curve, wall-clock, diagnostics and phase summaries, its actor, reference
+        actor and V, and the online loop's state."""
+        self.curve, self.wall, self.diagnostics = saved["curve"], dict(saved["wall_clock_s"]), saved["diagnostics"]
+        self.distillation, self.reevaluation = saved["distillation"], saved["reevaluation"]
+        actor = actor_from_checkpoint(saved, self.device).train()
+        actor_ref = build_actor("gaussian", self.data["obs_dim"], self.data["act_dim"], saved["actor_config"]["hidden"], saved["max_action"])
+        actor_ref = actor_ref.to(self.device).eval()
+        actor_ref.load_state_dict(saved["actor_ref"])
+        vf = build_value(self.data["obs_dim"]).to(self.device)
+        vf.load_state_dict(saved["critics"]["vf"])
+        st = {"global_step": saved["env_steps"], "iteration": saved["iteration"], "best": saved["best_score"], "start_score": saved["start_score"],
+              "resumed_from": saved["env_steps"]}
+        return actor, actor_ref, vf, st
+
+    def results(self, finished: bool, st: dict) -> dict:
+        """results.json now; `st`: the online loop's state (run_online)."""
+        args, d, rw = self.args, self.defaults, self.rewards
+        total_steps = args.online_steps // args.rollout_size * args.rollout_size
+        return results_record(
+            script="o2o_ppo", algo="ppo", method=method_name(not args.no_reevaluate, None, not args.no_constraint),
+            mode={"name": self.mode, "reevaluate": not args.no_reevaluate, "constraint": not args.no_constraint, "reference": args.reference},
+            env=self.env_name, data=self.data, seed=args.seed, offline_algo=self.ckpt["algo"], offline_checkpoint=self.ckpt_path, curve=self.curve,
+            online_start_score=st["start_score"], online_steps=total_steps, online_steps_done=st["global_step"], budget_scale=args.budget_scale,
+            wall_clock_s=self.wall, finished=finished, run_dir=self.out, run_name=self.out.name, offline_actor_family=self.ckpt["actor_family"],
+            update_epochs=d["update_epochs"], constraint_horizon=d["constraint_horizon"], family_row=d["family_row"], family_env=d["family_env"],
+            log_std_max=d["log_std_max"], reward_transform=rw.transform(),
+            reward_scaling={"mode": rw.mode, "from": "family table" if args.reward_scaling == "family" else "--reward-scaling",
+                            "affine": rw.affine if rw.mode != "return-std" else None, "offline_return_std": rw.offline_return_std,
+                            "final_return_std": rw.return_std.std if rw.return_std is not None else None},
+            num_envs=args.num_envs, iterations=st["iteration"], resumed_from=st["resumed_from"], distillation=self.distillation,
+            reevaluation=self.reevaluation,
+            budget={"given": {k: getattr(self.given, k) for k in BUDGET_STEPS},  # constraint_horizon None: the family table's
+                    "effective": {k: getattr(args, k) for k in BUDGET_STEPS}},
+            diagnostics={**{k: self.diagnostics.get(k) for k in ("states", "start", "reevaluated", "end")},
+                         "early_evals": {"requested": args.early_evals, "steps": early_eval_steps(total_steps, args.rollout_size, args.early_evals)},
+                         "evaluations": self.diagnostics["evaluations"]})
+
+    def close(self) -> None:
+        self.writer.close()
+        self.evaluator.close()
+
+
+# ---------------------------------------------------------------- online environments
+class EnvPool:
+    """`n` training environments stepped one after another (no subprocesses: MuJoCo steps are cheap next to
+    the networks). An environment whose episode ends is reset in the SAME step: `step` returns the true
+    successor (the final observation) separately, and `self.obs` holds what to act on next (the reset one)."""
+
+    def __init__(self, env_spec: str, n: int, seed: int):
+        self.envs = [make_env(env_spec) for _ in range(n)]
+        self.obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(self.envs)]).astype(np.float32)
+        space = self.envs[0].action_space
+        self.low, self.high = space.low, space.high
+        self.episode_return = np.zeros(n)
+        self.episode_length = np.zeros(n, dtype=np.int64)
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[tuple[float, int]]]:
+        """-> (successor obs, rewards, terminations, truncations, [(return, length) of every finished episode])."""
+        n = len(self.envs)
+        successor = np.empty_like(self.obs)
+        rewards, terms, truncs = np.zeros(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.float32)
+        finished = []
+        for i, (env, a) in enumerate(zip(self.envs, np.clip(actions, self.low, self.high))):
+            obs, r, term, trunc, _ = env.step(a)
+            successor[i], rewards[i] = obs, r
+            # termination wins when both happen: the state is terminal, nothing to bootstrap
+            terms[i], truncs[i] = float(term), float(trunc and not term)
+            self.episode_return[i] += r
+            self.episode_length[i] += 1
+            if term or trunc:
+                finished.append((float(self.episode_return[i]), int(self.episode_length[i])))
+                self.episode_return[i], self.episode_length[i] = 0.0, 0
+                obs, _ = env.reset()
+            self.obs[i] = obs
+        return successor, rewards, terms, truncs, finished
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
 
 
 # --- shared: utils ---
@@ -645,19 +1614,85 @@ D4RL_REF_SCORES = {
     "halfcheetah": (-280.178953, 12135.0),
     "walker2d": (1.629008, 4592.3),
     "ant": (-325.6727, 3879.7),
+    "antmaze": (0.0, 1.0),  # D4RL's: an evaluation return is 1 for reaching the goal, else 0 (antmaze_eval_spec)
 }
 HOSTED_LEVELS = {"medium": ["medium-v0"], "expert": ["expert-v0"], "medium-expert": ["medium-v0", "expert-v0"]}
+# AntMaze, D4RL's second benchmark: `antmaze-<name>-v2` -> Minari's re-collection on gymnasium-robotics (the id, and the
+# env the data was collected on, continuing_task=True and reset_target=False: the episode never terminates, the goal
+# stays put, and the sparse reward 1{|xy - goal| <= 0.45} accumulates while the ant stays at the goal; 700 steps per
+# episode on umaze, 1000 on medium and large). Source: minari-dataset-generation-scripts, scripts/antmaze/.
+ANTMAZE_DATASETS = {
+    "umaze": ("D4RL/antmaze/umaze-v1", "AntMaze_UMaze-v4"),
+    "umaze-diverse": ("D4RL/antmaze/umaze-diverse-v1", "AntMaze_UMaze-v4"),
+    "medium-play": ("D4RL/antmaze/medium-play-v1", "AntMaze_Medium-v4"),
+    "medium-diverse": ("D4RL/antmaze/medium-diverse-v1", "AntMaze_Medium_Diverse_GR-v4"),
+    "large-play": ("D4RL/antmaze/large-play-v1", "AntMaze_Large-v4"),
+    "large-diverse": ("D4RL/antmaze/large-diverse-v1", "AntMaze_Large_Diverse_GR-v4"),
+}
+# the maze of antmaze-umaze (D4RL's U_MAZE_TEST, rows in gymnasium-robotics' order): start r bottom left, goal g top left
+ANTMAZE_UMAZE_MAP = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, "r", 0, 0, 1], [1, 1, 1, 1, 1]]
+# the mazes of Minari's AntMaze evaluation envs (eval_env_spec), by size. The umaze one is the MIRROR image of the maze
+# the umaze data were collected in (its gap is on the other side; Minari issue #304), so evaluation on umaze and
+# umaze-diverse uses ANTMAZE_UMAZE_MAP instead, D4RL's task: the data's maze, from r to g (see antmaze_eval_spec)
+ANTMAZE_EVAL_MAPS = {
+    "umaze": [[1, 1, 1, 1, 1], [1, 0, 0, "r", 1], [1, 0, 1, 1, 1], [1, 0, 0, "g", 1], [1, 1, 1, 1, 1]],
+    "medium": [[1, 1, 1, 1, 1, 1, 1, 1], [1, "r", 0, 1, 1, 0, 0, 1], [1, 0, 0, 1, 0, 0, 0, 1], [1, 1, 0, 0, 0, 1, 1, 1],
+               [1, 0, 0, 1, 0, 0, 0, 1], [1, 0, 1, 0, 0, 1, 0, 1], [1, 0, 0, 0, 1, 0, "g", 1], [1, 1, 1, 1, 1, 1, 1, 1]],
+    "large": [[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], [1, "r", 0, 0, 0, 1, 0, 0, 0, 0, 0, 1], [1, 0, 1, 1, 0, 1, 0, 1, 0, 1, 0, 1],
+              [1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1], [1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 0, 1], [1, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 1],
+              [1, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1], [1, 0, 0, 1, 0, 0, 0, 1, 0, "g", 0, 1], [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]],
+}
+# Dict (goal-env) observations are flattened in this order, the same in the dataset, online and in evaluation: for
+# AntMaze [achieved_goal (x, y), observation (the other 13 qpos and 14 qvel), desired_goal (x, y)], 31 numbers whose
+# first 29 are D4RL's AntMaze state (qpos, qvel)
+GOAL_OBS_KEYS = ("achieved_goal", "observation", "desired_goal")
 # no part may start with a dot: `..` would leave the store, and hidden folders are make_dataset.py's staging area
 DATASET_ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*-v\d+$")
 
 
 def parse_env_name(name: str) -> tuple[str, str]:
-    """`hopper-medium-replay-v2` -> ("hopper", "medium-replay"); unknown names exit 2 listing the known ones."""
+    """`hopper-medium-replay-v2` -> ("hopper", "medium-replay"), `antmaze-umaze-diverse-v2` -> ("antmaze", "umaze-diverse");
+    unknown names exit 2 listing the known ones."""
     m = re.fullmatch(r"([a-z0-9]+)-(.+)-v\d+", name)
+    if m is not None and m.group(1) == "antmaze" and m.group(2) in ANTMAZE_DATASETS:
+        return m.group(1), m.group(2)
     if m is None or m.group(1) not in D4RL_ENVS or m.group(2) not in D4RL_LEVELS:
-        known = ", ".join(f"{e}-{lvl}-v2" for e in D4RL_ENVS for lvl in D4RL_LEVELS)
+        known = ", ".join([f"{e}-{lvl}-v2" for e in D4RL_ENVS for lvl in D4RL_LEVELS] + [f"antmaze-{n}-v2" for n in ANTMAZE_DATASETS])
         fail(f"unknown env {name!r}; known: {known} (or pass any Minari id with --dataset-id)")
     return m.group(1), m.group(2)
+
+
+def flatten_obs(obs: Any) -> np.ndarray:
+    """One flat observation (or a batch, along the last axis) from a Box observation (returned as it is) or a goal-env
+    Dict observation (its GOAL_OBS_KEYS concatenated in that order). THE flattening of the dataset, of the online env
+    and of evaluation (make_env wraps Dict-observation envs in FlattenGoalObs, which calls this)."""
+    if not isinstance(obs, dict):
+        return obs
+    missing = [k for k in GOAL_OBS_KEYS if k not in obs]
+    if missing or len(obs) != len(GOAL_OBS_KEYS):
+        fail(f"Dict observations with keys {sorted(obs)} are not supported; only goal-env observations {', '.join(GOAL_OBS_KEYS)}")
+    return np.concatenate([np.asarray(obs[k]) for k in GOAL_OBS_KEYS], axis=-1)
+
+
+def is_antmaze_spec(env_spec: str) -> bool:
+    """Whether an env spec (JSON, or a plain id) is a gymnasium-robotics AntMaze env: the one test of the AntMaze family."""
+    env_id = json.loads(env_spec)["id"] if env_spec.lstrip().startswith("{") else env_spec
+    return env_id.startswith("AntMaze_")
+
+
+def antmaze_eval_spec(env_spec: str) -> str:
+    """The evaluation env of an AntMaze dataset, D4RL's protocol: the episode TERMINATES when the goal is reached
+    (continuing_task=False, reset_target=False: reward 1 on that step, 0 before), so an episode's return is 1 for a
+    success and 0 otherwise and the normalised score (reference returns 0 and 1) is 100 x the success rate; 700 steps
+    on umaze, 1000 on medium and large, as the spec says. Minari's mirrored umaze evaluation maze (ANTMAZE_EVAL_MAPS)
+    is replaced by the data's maze with D4RL's start and goal (ANTMAZE_UMAZE_MAP)."""
+    spec = json.loads(env_spec) if env_spec.lstrip().startswith("{") else json.loads(make_env(env_spec, flatten=False).spec.to_json())
+    kwargs = dict(spec.get("kwargs") or {})
+    if kwargs.get("maze_map") == ANTMAZE_EVAL_MAPS["umaze"]:
+        kwargs["maze_map"] = ANTMAZE_UMAZE_MAP
+    kwargs.update(continuing_task=False, reset_target=False)
+    spec["kwargs"] = kwargs
+    return json.dumps(spec)
 
 
 def minari_store(write: bool = False) -> Path:
@@ -693,6 +1728,8 @@ def _build_command(dataset_id: str) -> str:
     m = re.fullmatch(r"local/([a-z0-9]+)/(.+)-v0", dataset_id)
     if m and m.group(1) in D4RL_ENVS and m.group(2) in D4RL_LEVELS:
         return f"python make_dataset.py --env {m.group(1)}-{m.group(2)}-v2"
+    if m and m.group(1) == "antmaze" and m.group(2) in ANTMAZE_DATASETS:
+        return f"python make_dataset.py --env antmaze-{m.group(2)}-v2 --random-steps 100000"
     return "make_dataset.py"
 
 
@@ -738,7 +1775,10 @@ def resolve_dataset(env: str, dataset_id: str | None = None, no_download: bool =
             _download(dataset_id)
         return [dataset_id], dataset_id.startswith("local/")
     name, level = parse_env_name(env)
-    hosted = [f"mujoco/{name}/{v}" for v in HOSTED_LEVELS.get(level, [])]
+    if name == "antmaze":
+        hosted = [ANTMAZE_DATASETS[level][0]]
+    else:
+        hosted = [f"mujoco/{name}/{v}" for v in HOSTED_LEVELS.get(level, [])]
     if hosted and all(_dataset_exists(i) for i in hosted):
         return hosted, False
     local = f"local/{name}/{level}-v0"
@@ -749,6 +1789,9 @@ def resolve_dataset(env: str, dataset_id: str | None = None, no_download: bool =
             if not _dataset_exists(i):
                 _download(i)
         return hosted, False
+    if name == "antmaze":  # make_dataset.py cannot rebuild the hosted data (a maze-solving controller), only a random stand-in
+        fail(f"no dataset for {env} (looked for {', '.join(hosted + [local])}); download it on a machine with network "
+             f"(minari download {hosted[0]}) into the Minari store, or build a random-action stand-in for trials: {_build_command(local)}")
     fail(f"no dataset for {env} (looked for {', '.join(hosted + [local])}); build it with: python make_dataset.py --env {env}")
 
 
@@ -775,7 +1818,7 @@ def load_dataset(env: str, dataset_id: str | None = None, no_download: bool = Fa
         if not meta:
             meta = ds.storage.metadata
         for ep in episodes:
-            obs = np.asarray(ep.observations, dtype=np.float32)
+            obs = np.asarray(flatten_obs(ep.observations), dtype=np.float32)
             if obs.ndim != 2:
                 fail(f"dataset {i} has non-flat observations {obs.shape}; only Box observations are supported")
             n = len(ep.rewards)
@@ -796,13 +1839,16 @@ def load_dataset(env: str, dataset_id: str | None = None, no_download: bool = Fa
     env_spec = meta.get("eval_env_spec") or meta.get("env_spec")
     if env_spec is None:
         fail(f"dataset {ids[0]} records no environment spec; it cannot be evaluated")
+    env_spec = env_spec if isinstance(env_spec, str) else json.dumps(env_spec)
     ref = (meta.get("ref_min_score"), meta.get("ref_max_score"))
-    if dataset_id is None and None in ref:
+    if is_antmaze_spec(env_spec):  # D4RL's protocol, whatever the metadata says: success rate x 100 (antmaze_eval_spec)
+        env_spec, ref = antmaze_eval_spec(env_spec), D4RL_REF_SCORES["antmaze"]
+    elif dataset_id is None and None in ref:
         ref = D4RL_REF_SCORES[parse_env_name(env)[0]]
     data.update(
         dataset_ids=ids,
         local_standin=local,
-        env_spec=env_spec if isinstance(env_spec, str) else json.dumps(env_spec),
+        env_spec=env_spec,
         ref_min_score=float(ref[0]) if ref[0] is not None else 0.0,
         ref_max_score=float(ref[1]) if ref[1] is not None else 1.0,
         episode_returns=np.asarray(returns, dtype=np.float32),
@@ -823,9 +1869,37 @@ def normalized_score(ret: float | np.ndarray, ref_min: float, ref_max: float) ->
 
 
 # --- shared: evaluation ---
-def make_env(env_spec: str) -> gym.Env:
-    """An environment from the JSON spec a dataset (and every checkpoint) records, or from a plain env id."""
-    return gym.make(EnvSpec.from_json(env_spec) if env_spec.lstrip().startswith("{") else env_spec)
+class FlattenGoalObs(gym.ObservationWrapper):
+    """A goal env (Dict observations: achieved_goal, observation, desired_goal) seen as a Box env through flatten_obs."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        spaces = env.observation_space.spaces
+        low = np.concatenate([np.broadcast_to(spaces[k].low, spaces[k].shape) for k in GOAL_OBS_KEYS])
+        high = np.concatenate([np.broadcast_to(spaces[k].high, spaces[k].shape) for k in GOAL_OBS_KEYS])
+        self.observation_space = gym.spaces.Box(low, high, dtype=np.float64)
+
+    def observation(self, observation: dict) -> np.ndarray:
+        return flatten_obs(observation)
+
+
+def make_env(env_spec: str, flatten: bool = True) -> gym.Env:
+    """An environment from the JSON spec a dataset (and every checkpoint) records, or from a plain env id. Goal envs
+    (AntMaze) come with their Dict observations flattened as in the dataset (FlattenGoalObs), unless flatten=False."""
+    spec = EnvSpec.from_json(env_spec) if env_spec.lstrip().startswith("{") else env_spec
+    if not is_antmaze_spec(env_spec):
+        return gym.make(spec)
+    import contextlib
+    import io
+    import warnings
+
+    with contextlib.redirect_stderr(io.StringIO()):  # its import prints a notice about the Adroit envs
+        import gymnasium_robotics
+    gym.register_envs(gymnasium_robotics)
+    with warnings.catch_warnings():  # the datasets were collected on AntMaze_*-v4 on purpose: no "out of date" warning
+        warnings.filterwarnings("ignore", message=".*is out of date.*")
+        env = gym.make(spec)
+    return FlattenGoalObs(env) if flatten else env
 
 
 class Evaluator:
@@ -924,396 +1998,6 @@ def file_digest(path: Path) -> str:
 # --- end shared: checkpoint ---
 
 
-# ---------------------------------------------------------------- networks
-def build_value(obs_dim: int) -> Critic:
-    """V(s): 3 x [Linear 256 -> tanh], Linear -> 1 (the official O2PPO value network), orthogonal init; returns shape (1, B)."""
-    return orthogonal_init_(Critic(obs_dim, 0, VALUE_HIDDEN, n=1, activation="tanh"))
-
-
-# ---------------------------------------------------------------- pure math (the paper: re-evaluation and constrained fine-tuning of O2PPO)
-def monte_carlo_returns(rewards: np.ndarray, ends: np.ndarray, gamma: float) -> np.ndarray:
-    """Discounted return G_t = r_t + gamma G_{t+1} of every transition, transitions stored episode after episode.
-    The return restarts at EVERY episode end (`ends`), a termination or a time limit alike (docs/algorithms.md, section 7)."""
-    r, end = np.asarray(rewards, dtype=np.float64).tolist(), np.asarray(ends).tolist()  # plain floats: a fast Python loop
-    out, g = [0.0] * len(r), 0.0
-    for t in range(len(r) - 1, -1, -1):
-        g = r[t] + (0.0 if end[t] else gamma * g)
-        out[t] = g
-    return np.asarray(out, dtype=np.float32)
-
-
-def running_discounted_returns(rewards: np.ndarray, ends: np.ndarray, gamma: float) -> np.ndarray:
-    """R_t = r_t + gamma R_{t-1}, restarted after every episode end, transitions stored episode after episode: the
-    backward-looking return whose running std PPO's reward scaling divides the rewards by (not the Monte-Carlo return)."""
-    r, end = np.asarray(rewards, dtype=np.float64).tolist(), np.asarray(ends).tolist()
-    out, g = [0.0] * len(r), 0.0
-    for t in range(len(r)):
-        g = r[t] + gamma * g
-        out[t] = g
-        if end[t]:
-            g = 0.0
-    return np.asarray(out, dtype=np.float64)
-
-
-class ReturnStd:
-    """Reward scaling by the running std of the discounted return ("dynamic" in the official O2PPO configs, the usual
-    PPO reward scaling): every training env accumulates R = gamma R + r (restarted after its episode ends), the
-    population std of all R seen so far is updated with it, and the reward is divided by std + 1e-8.
-
-    Started from the offline data (`from_offline`): V is re-evaluated on Monte-Carlo returns of the offline rewards
-    divided by that offline std, one constant, so the returns keep their relative sizes; online, the same statistic
-    goes on absorbing the online returns, and V's targets stay on the scale it was re-evaluated on. (The official
-    code instead divides each offline reward by the std reached at that point of one pass over the data.)"""
-
-    EPS = 1e-8
-
-    def __init__(self, gamma: float, count: float = 0.0, mean: float = 0.0, m2: float = 0.0):
-        self.gamma, self.count, self.mean, self.m2 = gamma, float(count), float(mean), float(m2)
-        self.ret: np.ndarray | None = None  # per training env; a resumed run restarts its episodes, so R starts at 0
-
-    @classmethod
-    def from_offline(cls, rewards: np.ndarray, ends: np.ndarray, gamma: float) -> "ReturnStd":
-        g = running_discounted_returns(rewards, ends, gamma)
-        return cls(gamma, len(g), float(g.mean()), float(((g - g.mean()) ** 2).sum()))
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.m2 / self.count) if self.count > 0 else 1.0
-
-    @property
-    def scale(self) -> float:
-        """What a reward is multiplied by now: 1 / (std + 1e-8)."""
-        return 1.0 / (self.std + self.EPS)
-
-    def update(self, x: np.ndarray) -> None:
-        """Merge a batch of returns into (count, mean, M2) (Chan et al.'s parallel form of Welford's update)."""
-        x = np.asarray(x, dtype=np.float64)
-        n, mean = len(x), float(x.mean())
-        delta, total = mean - self.mean, self.count + n
-        self.m2 += float(((x - mean) ** 2).sum()) + delta**2 * self.count * n / total
-        self.mean += delta * n / total
-        self.count = total
-
-    def __call__(self, rewards: np.ndarray, ends: np.ndarray) -> np.ndarray:
-        """Scaled rewards of a rollout (T, num_envs), in time order: row t is divided by the std after R_t joined it."""
-        rewards, ends = np.asarray(rewards, dtype=np.float64), np.asarray(ends)
-        if self.ret is None or self.ret.shape != rewards.shape[1:]:
-            self.ret = np.zeros(rewards.shape[1:])
-        out = np.empty_like(rewards)
-        for t in range(len(rewards)):
-            self.ret = self.gamma * self.ret + rewards[t]
-            self.update(self.ret)
-            out[t] = rewards[t] * self.scale
-            self.ret = np.where(ends[t] > 0, 0.0, self.ret)
-        return out.astype(np.float32)
-
-    def state_dict(self) -> dict[str, float]:
-        return {"count": self.count, "mean": self.mean, "m2": self.m2}
-
-
-def gae(rewards: Tensor, values: Tensor, next_values: Tensor, terminations: Tensor, ends: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation over a rollout; every input has shape (T, num_envs).
-
-    next_values[t] = V(s_{t+1}) of the TRUE successor (the final observation when the episode ended at t).
-    The bootstrap is masked by termination only (a time-limit end bootstraps from V of the final observation);
-    the GAE chain is cut at every end (termination or time limit): the next row belongs to a new episode.
-    Returns (advantages, value targets = advantages + values).
-    """
-    adv = torch.zeros_like(rewards)
-    last = torch.zeros_like(rewards[0])
-    for t in reversed(range(rewards.shape[0])):
-        delta = rewards[t] + gamma * (1.0 - terminations[t]) * next_values[t] - values[t]
-        last = delta + gamma * lam * (1.0 - ends[t]) * last
-        adv[t] = last
-    return adv, adv + values
-
-
-def reference_advantage(actions: Tensor, ref_mean: Tensor, ref_std: Tensor, advantages: Tensor) -> Tensor:
-    """Auxiliary reference advantage of Constrained Fine-Tuning (O2PPO; docs/algorithms.md, section 5.2), one value per
-    sample, shape (B, 1) like A_hat:
-        z_j = (a_j - mu_ref_j) / sigma_ref_j,  g = 0.5 sum_j (1 - z_j^2),
-        A_ref = (2 / |A|) [softplus(g + 4|A|) - 4|A|] |std(A_hat)|
-    (close to (2/|A|) g near the reference mean, floored at -8 |std(A_hat)| far from it)."""
-    if advantages.dim() != 2 or advantages.shape[1] != 1 or advantages.shape[0] != actions.shape[0]:
-        raise ValueError(f"advantages must have shape (B, 1) with B = {actions.shape[0]}, got {tuple(advantages.shape)}")
-    n = actions.shape[-1]
-    z = (actions - ref_mean) / ref_std
-    g = 0.5 * (1.0 - z**2).sum(-1, keepdim=True)  # (B, 1): per sample, no (B, B) broadcast (docs/algorithms.md, section 7)
-    return (2.0 / n) * (F.softplus(g + 4.0 * n) - 4.0 * n) * advantages.std().abs()
-
-
-def constrained_advantages(advantages: Tensor, ref_advantages: Tensor, weight: Tensor | float) -> Tensor:
-    """A_hat <- (A_hat + w A_ref) / (1 + w), elementwise; both (B, 1)."""
-    if ref_advantages.shape != advantages.shape:
-        raise ValueError(f"A_ref {tuple(ref_advantages.shape)} and A_hat {tuple(advantages.shape)} must have one shape")
-    return (advantages + weight * ref_advantages) / (1.0 + weight)
-
-
-def constraint_weight(step: int, horizon: int) -> float:
-    """w_t = max(0, 1 - t / T_end), T_end = `horizon` (--constraint-horizon): the reference term fades out linearly over
-    the first T_end env steps."""
-    return max(0.0, 1.0 - step / horizon)
-
-
-def linear_lr(lr0: float, iteration: int, num_iterations: int) -> float:
-    """Learning rate decayed linearly to 0 over the online iterations (iteration counts from 0)."""
-    return lr0 * (1.0 - iteration / num_iterations)
-
-
-def early_eval_steps(total_steps: int, rollout_size: int, k: int) -> list[int]:
-    """Env steps (rollout ends) of the --early-evals extra evaluations: for each mark total/10 * j/k, j = 1..k, the last
-    rollout end at or before it; marks before the first rollout's end are dropped, marks inside one rollout share one
-    evaluation. All of them lie inside the first tenth, so a rollout no longer than total/10/k gives k of them."""
-    ends = {(total_steps * j) // (10 * k) // rollout_size * rollout_size for j in range(1, k + 1)} if k > 0 else set()
-    return sorted(e for e in ends if e > 0)
-
-
-SATURATION = 0.99  # a mean-action component beyond this fraction of the action bound counts as saturated
-
-
-def value_stats(values: Tensor, returns: Tensor) -> dict[str, float]:
-    """V on a fixed set of dataset states against the offline Monte-Carlo returns of those states, both (B,):
-    mean and population std of V, mean error mean(V - G), mean absolute error, and mean(G)."""
-    err = values - returns
-    return {"v_mean": float(values.mean()), "v_std": float(values.std(correction=0)), "v_mean_error": float(err.mean()),
-            "v_mean_abs_error": float(err.abs().mean()), "mc_return_mean": float(returns.mean())}
-
-
-def actor_stats(mean: Tensor, log_std: Tensor, max_action: float) -> dict[str, float]:
-    """The Gaussian policy on a fixed set of states, mean and (capped) log_std (B, |A|): entropy sum_j [0.5 log(2 pi e)
-    + log sigma_j] averaged over states; after clipping the mean action to the box [-max_action, max_action], the mean
-    of |a| / max_action and the saturation, the fraction of components with |a| / max_action > 0.99."""
-    entropy = (0.5 * math.log(2.0 * math.pi * math.e) + log_std).sum(-1).mean()
-    a = mean.clamp(-max_action, max_action).abs() / max_action
-    return {"entropy": float(entropy), "mean_abs_action": float(a.mean()), "saturation": float((a > SATURATION).float().mean())}
-
-
-@torch.no_grad()
-def update_reference(actor_ref: nn.Module, actor: nn.Module, score: float, best: float) -> float:
-    """The reference update (docs/algorithms.md, section 5.2): pi_ref <- copy(pi) when an evaluation beats the best score
-    so far; returns the new best."""
-    if score > best:
-        actor_ref.load_state_dict(actor.state_dict())
-        return score
-    return best
-
-
-def normalize_advantages(advantages: Tensor, eps: float = 1e-5) -> Tensor:
-    return (advantages - advantages.mean()) / (advantages.std() + eps)
-
-
-def rollout_advantages(advantages: Tensor, actions: Tensor, ref_mean: Tensor | None, ref_std: Tensor | None,
-                       weight: float) -> tuple[Tensor, Tensor | None]:
-    """The advantages PPO trains on, computed ONCE per rollout (as the official O2PPO; per minibatch, std(A_hat) and the
-    normalisation would be those of 128 samples): A_ref of the whole rollout (its |std(A_hat)| over all B samples), the
-    mixing A_hat <- (A_hat + w A_ref) / (1 + w), then normalisation with eps 1e-5. Without a reference (ref_mean None:
-    no constraint) only the normalisation. advantages (B, 1) -> (normalised (B, 1), A_ref (B, 1) or None)."""
-    a_ref = None
-    if ref_mean is not None:
-        a_ref = reference_advantage(actions, ref_mean, ref_std, advantages)
-        advantages = constrained_advantages(advantages, a_ref, weight)
-    return normalize_advantages(advantages), a_ref
-
-
-def capped_log_std(log_std: Tensor, log_std_max: float | None) -> Tensor:
-    """min(log sigma, cap): the official O2PPO caps the actor's and the reference's log-std at log 0.05 for hopper
-    medium-expert/expert (above the cap sigma stays at the cap, and log_std gets no gradient)."""
-    return log_std if log_std_max is None else log_std.clamp(max=log_std_max)
-
-
-def policy_dist(actor: GaussianActor, obs: Tensor, log_std_max: float | None) -> torch.distributions.Normal:
-    """pi(.|s) with the log-std cap (acting, PPO's ratio and entropy, and the reference all use this)."""
-    mu, log_std = actor(obs)
-    return torch.distributions.Normal(mu, capped_log_std(log_std, log_std_max).exp(), validate_args=False)  # validation syncs
-
-
-def ppo_clip_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_coef: float) -> tuple[Tensor, Tensor, Tensor]:
-    """PPO's clipped surrogate mean[max(-A r, -A clip(r, 1 - c, 1 + c))], r = pi / pi_old; all (B,).
-    Also returns the approximate KL ((r - 1) - log r) and the clipped fraction (diagnostics)."""
-    log_ratio = logp - old_logp
-    ratio = log_ratio.exp()
-    loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef)).mean()
-    with torch.no_grad():
-        approx_kl = ((ratio - 1.0) - log_ratio).mean()
-        clipfrac = ((ratio - 1.0).abs() > clip_coef).float().mean()
-    return loss, approx_kl, clipfrac
-
-
-def distill_loss(mean: Tensor, log_std: Tensor, target: Tensor) -> Tensor:
-    """Negative log-likelihood of the offline actor's mean action under the Gaussian N(mean, exp(log_std)^2)."""
-    return -torch.distributions.Normal(mean, log_std.exp(), validate_args=False).log_prob(target).sum(-1).mean()  # validation syncs
-
-
-# ---------------------------------------------------------------- updates (one gradient step each; tensors in, tensors out)
-# Each phase wraps its update once: accel.update(functools.partial(update, <modules, optimizers>, <constants as keywords>)),
-# then calls it with the minibatch tensors only (a weight that changes over time is a 0-d device tensor). The bodies are
-# compile- and CUDA-graph-safe: one backward per update, no host reads, no Python side effects.
-def set_lr(accel: Accel, opt: torch.optim.Optimizer, lr: float) -> None:
-    """A schedule refills a tensor learning rate in place (a compiled update or a captured graph reads that tensor);
-    an eager run keeps a plain float."""
-    for g in opt.param_groups:
-        if accel.tensor_lr:
-            g["lr"].fill_(lr)
-        else:
-            g["lr"] = float(lr)
-
-
-def distill_update(student: GaussianActor, opt: torch.optim.Optimizer, obs: Tensor, target: Tensor) -> dict[str, Tensor]:
-    mean, log_std = student(obs)
-    loss = distill_loss(mean, log_std.detach(), target)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return {"distill/loss": loss.detach()}
-
-
-def reeval_update(vf: Critic, opt: torch.optim.Optimizer, obs: Tensor, returns: Tensor) -> dict[str, Tensor]:
-    """Regress V(s) on Monte-Carlo returns (Policy Re-evaluation, O2PPO; docs/algorithms.md, section 5.1)."""
-    loss = F.mse_loss(vf(obs)[0], returns)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return {"reevaluate/value_loss": loss.detach()}
-
-
-def ppo_update(actor: GaussianActor, vf: Critic, actor_opt: torch.optim.Optimizer, vf_opt: torch.optim.Optimizer,
-               obs: Tensor, actions: Tensor, old_logp: Tensor, advantages: Tensor, returns: Tensor,
-               clip_coef: float, ent_coef: float, max_grad_norm: float, log_std_max: float | None) -> dict[str, Tensor]:
-    """One PPO minibatch step on advantages (B,) already mixed and normalised for the whole rollout (rollout_advantages):
-    clipped surrogate + entropy bonus for the actor, 0.5 MSE to the GAE targets for V, gradient clipping."""
-    dist = policy_dist(actor, obs, log_std_max)
-    logp = dist.log_prob(actions).sum(-1)
-    pg_loss, approx_kl, clipfrac = ppo_clip_loss(logp, old_logp, advantages, clip_coef)
-    entropy = dist.entropy().sum(-1).mean()
-    actor_loss = pg_loss - ent_coef * entropy
-    v_loss = 0.5 * ((vf(obs)[0] - returns) ** 2).mean()
-    actor_opt.zero_grad(set_to_none=True)
-    vf_opt.zero_grad(set_to_none=True)
-    # one backward: the actor and V share no parameters, so each loss reaches only its own network
-    (actor_loss + v_loss).backward()
-    nn.utils.clip_grad_norm_(actor.parameters(), max_grad_norm)
-    nn.utils.clip_grad_norm_(vf.parameters(), max_grad_norm)
-    actor_opt.step()
-    vf_opt.step()
-    return {"losses/actor_loss": pg_loss.detach(), "losses/value_loss": v_loss.detach(), "losses/entropy": entropy.detach(),
-            "losses/approx_kl": approx_kl, "losses/clipfrac": clipfrac}
-
-
-# ---------------------------------------------------------------- online environments
-class EnvPool:
-    """`n` training environments stepped one after another (no subprocesses: MuJoCo steps are cheap next to
-    the networks). An environment whose episode ends is reset in the SAME step: `step` returns the true
-    successor (the final observation) separately, and `self.obs` holds what to act on next (the reset one)."""
-
-    def __init__(self, env_spec: str, n: int, seed: int):
-        self.envs = [make_env(env_spec) for _ in range(n)]
-        self.obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(self.envs)]).astype(np.float32)
-        space = self.envs[0].action_space
-        self.low, self.high = space.low, space.high
-        self.episode_return = np.zeros(n)
-        self.episode_length = np.zeros(n, dtype=np.int64)
-
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[tuple[float, int]]]:
-        """-> (successor obs, rewards, terminations, truncations, [(return, length) of every finished episode])."""
-        n = len(self.envs)
-        successor = np.empty_like(self.obs)
-        rewards, terms, truncs = np.zeros(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.float32)
-        finished = []
-        for i, (env, a) in enumerate(zip(self.envs, np.clip(actions, self.low, self.high))):
-            obs, r, term, trunc, _ = env.step(a)
-            successor[i], rewards[i] = obs, r
-            # termination wins when both happen: the state is terminal, nothing to bootstrap
-            terms[i], truncs[i] = float(term), float(trunc and not term)
-            self.episode_return[i] += r
-            self.episode_length[i] += 1
-            if term or trunc:
-                finished.append((float(self.episode_return[i]), int(self.episode_length[i])))
-                self.episode_return[i], self.episode_length[i] = 0.0, 0
-                obs, _ = env.reset()
-            self.obs[i] = obs
-        return successor, rewards, terms, truncs, finished
-
-    def close(self) -> None:
-        for env in self.envs:
-            env.close()
-
-
-@torch.no_grad()
-def collect_rollout(pool: EnvPool, actor: GaussianActor, vf: Critic, steps: int, obs_mean: Tensor, obs_std: Tensor,
-                    reward_fn: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, log_std_max: float | None = None,
-                    ) -> tuple[dict[str, Tensor], list[tuple[float, int]]]:
-    """`steps` steps of every env with a ~ pi(.|s); tensors of shape (steps, num_envs, ...) on the actor's device.
-    Actions are stored unclipped (their log-prob is the one PPO's ratio needs); the env gets them clipped.
-    `rewards` = reward_fn(raw rewards, ends) (the reward handling V learns from; raw when None), `raw_rewards` as given."""
-    device = obs_mean.device
-    keys = ("obs", "actions", "logprobs", "values", "successors")
-    rows: dict[str, list[Tensor]] = {k: [] for k in keys}
-    rewards, terms, truncs, finished = [], [], [], []
-    for _ in range(steps):
-        obs = (torch.as_tensor(pool.obs, device=device) - obs_mean) / obs_std
-        dist = policy_dist(actor, obs, log_std_max)
-        action = dist.sample()
-        successor, r, term, trunc, fin = pool.step(action.cpu().numpy())
-        rows["obs"].append(obs)
-        rows["actions"].append(action)
-        rows["logprobs"].append(dist.log_prob(action).sum(-1))
-        rows["values"].append(vf(obs)[0])
-        rows["successors"].append(torch.as_tensor(successor))
-        rewards.append(r)
-        terms.append(term)
-        truncs.append(trunc)
-        finished += fin
-    out = {k: torch.stack(v).to(device) for k, v in rows.items()}
-    out["successors"] = (out["successors"] - obs_mean) / obs_std
-    out["next_values"] = vf(out["successors"])[0]  # V of the true successor; only read where not terminated
-    raw, ends = np.stack(rewards), np.maximum(np.stack(terms), np.stack(truncs))
-    out["raw_rewards"] = torch.as_tensor(raw, device=device)
-    out["rewards"] = torch.as_tensor(reward_fn(raw, ends) if reward_fn is not None else raw, device=device)
-    # termination only: a time-limit end is not terminal, GAE bootstraps it from V(final obs)
-    out["terminations"] = torch.as_tensor(np.stack(terms), device=device)
-    out["ends"] = torch.as_tensor(ends, device=device)
-    return out, finished
-
-
-# ---------------------------------------------------------------- phases
-def load_phase(path: Path, key: dict, no_resume: bool) -> dict | None:
-    """A saved phase checkpoint written with the same phase key, else None (then the phase is recomputed)."""
-    if no_resume or not path.is_file():
-        return None
-    saved = read_saved(path)
-    if saved_key(saved) is None:
-        print(f"NOTICE: {path} is unreadable; recomputing phase {path.stem}")
-        return None
-    if key_diff(saved_key(saved), key):
-        print(f"NOTICE: {path} was made with other arguments; recomputing phase {path.stem}")
-        return None
-    print(f"reusing {path} (pass --no-resume to recompute)")
-    return saved
-
-
-# ---------------------------------------------------------------- the run folder (the same rules in o2o_sac.py, o2o_td3.py, o2o_ppo.py)
-# A run folder is never taken over silently; what it holds is checked before anything is computed or written. A
-# finished run (final.pt) of other settings is refused unless --overwrite; an unfinished one (online.pt) of other
-# settings is refused unless --no-resume (its online phase starts afresh) or --overwrite; a run of the same settings
-# resumes (a finished one: extended to a larger --online-steps); a saved phase of other settings is recomputed with a
-# notice. The settings are the online key: every argument that changes what the run computes, and the offline
-# checkpoint's content.
-#
-# BUDGET_ARGS: args that do not change what a resumed online run computed up to where it stopped (a longer
-# --online-steps resumes and stretches the remaining learning-rate decay over the new budget; --compile and
-# --cudagraphs keep the math, --bf16 does not and stays in the key; so does --eval-every: evaluations move pi_ref)
-BUDGET_ARGS = ("online_steps", "stop_after", "log_every", "checkpoint_every", "no_resume", "overwrite", "run_dir", "run_name", "checkpoint",
-               "device", "compile", "cudagraphs", "threads", "track", "wandb_project_name", "wandb_entity")
-RUN_OUTPUTS = ("args.json", "results.json", "final.pt", "online.pt", "distilled.pt", "reevaluated.pt")
-KEY_WORDS = {"offline_checkpoint": "another offline checkpoint (its content differs)"}
-
-
-def saved_key(saved: dict | None) -> dict | None:
-    """The settings key a phase, online or final checkpoint of this script was written with (None: not recorded)."""
-    key = saved.get("phase_key") if isinstance(saved, dict) else None
-    return key if isinstance(key, dict) else None
-
-
 # --- shared: runfolder ---
 def key_diff(saved: dict | None, now: dict) -> list[str]:
     """`--flag saved (now given)` for every argument of the key `now` that differs from an earlier run's, a few words
@@ -1388,6 +2072,85 @@ def check_allocations(buffers: Sequence[tuple[int, int, str, str]], device: torc
             fail(f"{what} cannot be allocated on {device}; {fix}")
     del held
 # --- end shared: runfolder ---
+
+
+# --- shared: phases ---
+# A phase (distillation, re-evaluation, alignment, ...) is saved as `<out>/<phase>.pt` with the key of everything it
+# depends on (`phase_key`); a later run reuses it only when the key matches, and continues with the RNG states saved
+# with it, so a reused phase and a computed one lead to the same run.
+def rng_state() -> dict:
+    """Every RNG a run draws from: torch (CPU and every CUDA device), numpy's global generator, Python's random."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": json.dumps(np_state[1].tolist()), "numpy_pos": int(np_state[2]), "python": json.dumps(random.getstate())}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    np.random.set_state(("MT19937", np.array(json.loads(s["numpy"]), dtype=np.uint32), s["numpy_pos"], 0, 0.0))
+    st = json.loads(s["python"])
+    random.setstate((st[0], tuple(st[1]), st[2]))
+
+
+def saved_key(saved: dict | None) -> dict | None:
+    """The key a phase, online or final checkpoint of this script was written with (None: not recorded)."""
+    key = saved.get("phase_key") if isinstance(saved, dict) else None
+    return key if isinstance(key, dict) else None
+
+
+def load_phase(path: Path, key: dict, no_resume: bool) -> dict | None:
+    """A saved phase checkpoint written with the same key, else None (then the phase is recomputed)."""
+    if no_resume or not path.is_file():
+        return None
+    saved = read_saved(path)
+    if saved_key(saved) is None:
+        print(f"NOTICE: {path} is unreadable; recomputing phase {path.stem}")
+        return None
+    if key_diff(saved_key(saved), key):
+        print(f"NOTICE: {path} was made with other arguments; recomputing phase {path.stem}")
+        return None
+    print(f"reusing {path} (pass --no-resume to recompute)")
+    return saved
+
+
+class Metrics:
+    """Training scalars summed on the device and read with one host sync at log time (none in the hot loop); a
+    non-finite mean stops the run, and the checkpoints written so far stay valid."""
+
+    def __init__(self, writer: SummaryWriter, prefix: str = ""):
+        self.writer, self.prefix = writer, prefix
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, m: dict[str, Tensor | float]) -> None:
+        # always a new tensor: a CUDA-graph update returns static outputs that its next call overwrites
+        for k, v in m.items():
+            v = v.detach().float().reshape(()) if isinstance(v, Tensor) else torch.tensor(float(v))
+            if k in self.sums:
+                self.sums[k] = self.sums[k] + v.to(self.sums[k].device)
+                self.counts[k] += 1
+            else:
+                self.sums[k], self.counts[k] = v.clone(), 1
+
+    def flush(self, step: int, phase: str) -> dict[str, float]:
+        """Writes the means since the last flush at `step`; returns them."""
+        if not self.sums:
+            return {}
+        device = next(iter(self.sums.values())).device
+        totals = torch.stack([v.to(device) for v in self.sums.values()]).cpu().tolist()  # the one host sync
+        out = {}
+        for k, total in zip(self.sums, totals):
+            v = total / self.counts[k]
+            if not math.isfinite(v):
+                fail(f"non-finite {self.prefix}{k} at step {step} of phase {phase}; lower the learning rates or check the data "
+                     "(the checkpoints written so far stay valid)")
+            self.writer.add_scalar(self.prefix + k, v, step)
+            out[k] = v
+        self.sums, self.counts = {}, {}
+        return out
+# --- end shared: phases ---
 
 
 # --- shared: provenance ---
@@ -1522,541 +2285,6 @@ PHASE_IDS = {"offline": 0, "distill": 1, "reevaluate": 2, "align": 3, "opt_colle
 def log_phase(writer: SummaryWriter, phase: str, env_step: int) -> None:
     writer.add_scalar("charts/phase", PHASE_IDS[phase], env_step)
 # --- end shared: results ---
-
-
-def make_checkpoint(ckpt: dict, data: dict, args: Args, actor: nn.Module, vf: Critic | None, reward_transform: dict,
-                    score: float, phase_key: dict, **extra: Any) -> dict:
-    """Same format as the offline checkpoints (load_checkpoint / actor_from_checkpoint read it), plus V and extras."""
-    return {
-        "format_version": CHECKPOINT_FORMAT, "algo": CKPT_NAME, "offline_algo": ckpt["algo"], "env_name": ckpt["env_name"],
-        "dataset_id": ckpt["dataset_id"], "local_standin": data["local_standin"], "env_spec": ckpt["env_spec"],
-        "obs_dim": ckpt["obs_dim"], "act_dim": ckpt["act_dim"], "max_action": ckpt["max_action"],
-        "actor_family": "gaussian", "actor_config": {"hidden": [m.out_features for m in actor.net if isinstance(m, nn.Linear)][:-1]},
-        "actor": state_dict_cpu(actor),
-        "critics": {"vf": state_dict_cpu(vf)} if vf is not None else None,
-        "critic_config": {"hidden": list(VALUE_HIDDEN), "layer_norm": False, "activation": "tanh"} if vf is not None else None,
-        "obs_mean": ckpt["obs_mean"], "obs_std": ckpt["obs_std"], "reward_transform": reward_transform,
-        "ref_min_score": data["ref_min_score"], "ref_max_score": data["ref_max_score"],
-        "args": asdict(args), "grad_steps": extra.pop("grad_steps", 0), "eval_normalized_score": score, "phase_key": phase_key, **extra,
-    }
-
-
-def distill_actor(args: Args, teacher: nn.Module, obs_all: Tensor, writer: SummaryWriter, accel: Accel | None = None) -> tuple[GaussianActor, dict]:
-    """Distillation (docs/algorithms.md, section 5): a tanh-Gaussian or deterministic offline actor -> GaussianActor(256 x 2)
-    by maximum likelihood of
-    the offline mean action on dataset states. The state-independent log_std is held fixed during the fit (the ML
-    std of a deterministic target would collapse to the fitting error and leave PPO nothing to explore with)."""
-    device = obs_all.device
-    accel = accel or Accel(device)
-    student = GaussianActor(obs_all.shape[1], teacher.act(obs_all[:1]).shape[1], ACTOR_HIDDEN).to(device)
-    teacher.eval()
-    with torch.no_grad():
-        if args.distill_log_std is not None:
-            log_std = torch.full_like(student.log_std, args.distill_log_std)
-        elif isinstance(teacher, TanhGaussianActor):  # match its average per-dimension action std on dataset states
-            probe = obs_all[torch.randint(len(obs_all), (512,), device=device)]
-            samples = teacher.sample(probe.repeat_interleave(16, 0))[0].view(len(probe), 16, -1)
-            log_std = samples.std(1).mean(0).clamp_min(1e-3).log()
-        else:
-            log_std = torch.full_like(student.log_std, DETERMINISTIC_LOG_STD)
-        student.log_std.copy_(log_std)
-    opt = accel.adam(student.net.parameters(), args.distill_lr)
-    step_fn = accel.update(functools.partial(distill_update, student, opt))
-    loss_sum = torch.zeros((), device=device)
-    for step in tqdm(range(1, args.distill_steps + 1), desc="distill", disable=None):
-        obs = obs_all[torch.randint(len(obs_all), (args.distill_batch_size,), device=device)]
-        with torch.no_grad():
-            target = teacher.act(obs)
-        loss_sum += step_fn(obs, target)["distill/loss"]
-        if step % args.log_every == 0 or step == args.distill_steps:
-            n = args.log_every if step % args.log_every == 0 else step % args.log_every
-            loss = float(loss_sum) / n
-            if not math.isfinite(loss):
-                fail(f"non-finite distillation loss at step {step}; try a lower --distill-lr")
-            writer.add_scalar("distill/loss", loss, step)
-            loss_sum.zero_()
-    with torch.no_grad():  # distillation error on (up to) 10k dataset states
-        probe = obs_all[: min(len(obs_all), 10_000)]
-        err = student(probe)[0] - teacher.act(probe)
-        info = {"teacher_family": teacher.family, "steps": args.distill_steps, "log_std": student.log_std.tolist(),
-                "mse": float((err**2).mean()), "max_abs_error": float(err.abs().max())}
-    writer.add_scalar("distill/action_mse", info["mse"], args.distill_steps)
-    writer.add_scalar("distill/max_abs_error", info["max_abs_error"], args.distill_steps)
-    return student, info
-
-
-def reevaluate_value(args: Args, vf: Critic, obs_all: Tensor, returns_all: Tensor, writer: SummaryWriter, accel: Accel | None = None) -> dict:
-    """Policy Re-evaluation (O2PPO; docs/algorithms.md, section 5.1): V(s) regressed on the offline Monte-Carlo returns,
-    `reevaluate_steps` steps of batch `reevaluate_batch_size`."""
-    device = obs_all.device
-    accel = accel or Accel(device)
-    opt = accel.adam(vf.parameters(), args.reevaluate_lr)
-    step_fn = accel.update(functools.partial(reeval_update, vf, opt))
-    loss_sum, loss = torch.zeros((), device=device), float("nan")
-    for step in tqdm(range(1, args.reevaluate_steps + 1), desc="re-evaluation", disable=None):
-        idx = torch.randint(len(obs_all), (args.reevaluate_batch_size,), device=device)
-        loss_sum += step_fn(obs_all[idx], returns_all[idx])["reevaluate/value_loss"]
-        if step % args.log_every == 0 or step == args.reevaluate_steps:
-            n = args.log_every if step % args.log_every == 0 else step % args.log_every
-            loss = float(loss_sum) / n
-            if not math.isfinite(loss):
-                fail(f"non-finite value loss in re-evaluation at step {step}; try a lower --reevaluate-lr")
-            writer.add_scalar("reevaluate/value_loss", loss, step)
-            loss_sum.zero_()
-    with torch.no_grad():
-        probe = torch.arange(min(len(obs_all), 100_000), device=device)
-        v, g = vf(obs_all[probe])[0], returns_all[probe]
-        explained = float(1.0 - (g - v).var() / g.var().clamp_min(1e-8))
-    writer.add_scalar("reevaluate/explained_variance", explained, args.reevaluate_steps)
-    return {"steps": args.reevaluate_steps, "final_loss": loss, "explained_variance": explained}
-
-
-# ---------------------------------------------------------------- main
-def mode_name(args: Args) -> str:
-    if args.no_reevaluate and args.no_constraint:
-        return "naive"
-    return "no_reevaluate" if args.no_reevaluate else "no_constraint" if args.no_constraint else "o2ppo"
-
-
-def parse_family(name: str) -> tuple[str, str]:
-    """--family `hopper-medium-expert` (a version suffix such as -v2 is allowed) -> ("hopper", "medium-expert")."""
-    m = re.fullmatch(r"([a-z0-9]+)-(.+?)(?:-v\d+)?", name)
-    if m is None or m.group(1) not in D4RL_ENVS or m.group(2) not in D4RL_LEVELS:
-        fail(f"unknown --family {name!r}; use <env>-<level> with env in {', '.join(D4RL_ENVS)} and level in {', '.join(D4RL_LEVELS)}")
-    return m.group(1), m.group(2)
-
-
-def family_defaults(args: Args) -> dict[str, Any]:
-    """update_epochs, constraint_horizon, log_std_max and the reward handling: the explicit flag, else the PPO_FAMILY_DEFAULTS row of
-    the dataset's level (--family, else --env; a --dataset-id run: the "other" row), entry of its environment."""
-    if args.family is not None:
-        env, level = parse_family(args.family)
-    elif args.dataset_id is None:
-        env, level = parse_env_name(args.env)
-    else:
-        env, level = "*", "other"
-    row = PPO_FAMILY_DEFAULTS[level]
-    pick = lambda key: row[key].get(env, row[key]["*"])  # noqa: E731
-    return {"family_row": level, "family_env": env,
-            "update_epochs": args.update_epochs if args.update_epochs is not None else pick("update_epochs"),
-            "constraint_horizon": args.constraint_horizon if args.constraint_horizon is not None else row["constraint_horizon"],
-            "log_std_max": args.log_std_max if args.log_std_max is not None else pick("log_std_max"),
-            "reward_scaling": pick("reward_scaling") if args.reward_scaling == "family" else args.reward_scaling}
-
-
-BUDGET_STEPS = ("reevaluate_steps", "online_steps", "constraint_horizon", "eval_every", "log_every", "checkpoint_every")
-
-
-def scaled_steps(n: int, scale: float) -> int:
-    """round(n * scale) (halves up), at least 1; a count of 0 (--reevaluate-steps 0 with --no-reevaluate) stays 0."""
-    return max(1, int(math.floor(n * scale + 0.5))) if n > 0 else n
-
-
-def scale_budgets(args: Args) -> Args:
-    """--budget-scale: a copy of args whose BUDGET_STEPS are the effective ones, given or defaulted (the constraint
-    horizon: the family table's when --constraint-horizon is not given; --checkpoint-every: CHECKPOINT_EVERY, at most a
-    tenth of the scaled online steps, at least 1) times the scale. Exits 2 when the online budget is less than one
-    rollout."""
-    horizon = args.constraint_horizon if args.constraint_horizon is not None else family_defaults(args)["constraint_horizon"]
-    given = {**{k: getattr(args, k) for k in BUDGET_STEPS}, "constraint_horizon": horizon}
-    scaled = {k: scaled_steps(v, args.budget_scale) if v is not None else None for k, v in given.items()}
-    if scaled["checkpoint_every"] is None:  # a killed short run keeps most of its online phase
-        scaled["checkpoint_every"] = min(scaled_steps(CHECKPOINT_EVERY, args.budget_scale), max(1, scaled["online_steps"] // 10))
-    if scaled["online_steps"] < args.rollout_size:
-        how = f" x --budget-scale {args.budget_scale} = {scaled['online_steps']}" if args.budget_scale != 1.0 else ""
-        least = args.rollout_size / args.online_steps
-        digits = 2 - math.floor(math.log10(least))  # rounded up to 3 significant digits: that scale fits
-        fix = "raise it" if args.budget_scale == 1.0 else \
-            f"raise --online-steps or --budget-scale (to at least {math.ceil(least * 10**digits) / 10**digits:g})"
-        fail(f"--online-steps {args.online_steps}{how} is less than one rollout (--rollout-size {args.rollout_size}); {fix}")
-    return dataclasses.replace(args, **scaled)
-
-
-def validate(args: Args) -> None:
-    for flag in ("distill_steps", "distill_batch_size", "reevaluate_batch_size", "online_steps", "num_envs", "rollout_size",
-                 "minibatch_size", "eval_every", "eval_episodes", "log_every"):
-        if getattr(args, flag) <= 0:
-            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    for flag in ("update_epochs", "constraint_horizon", "stop_after", "threads", "checkpoint_every"):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if not (args.budget_scale > 0.0 and math.isfinite(args.budget_scale)):
-        fail(f"--budget-scale must be a positive number, got {args.budget_scale}")
-    if args.early_evals < 0:
-        fail(f"--early-evals must be >= 0 (0 = none), got {args.early_evals}")
-    if not args.no_reevaluate and args.reevaluate_steps <= 0:
-        fail(f"--reevaluate-steps must be positive, got {args.reevaluate_steps} (or pass --no-reevaluate)")
-    if args.rollout_size % args.num_envs:
-        fail(f"--rollout-size {args.rollout_size} must be a multiple of --num-envs {args.num_envs}")
-    if args.rollout_size % args.minibatch_size:
-        fail(f"--rollout-size {args.rollout_size} must be a multiple of --minibatch-size {args.minibatch_size}")
-    if not 0.0 < args.gamma <= 1.0 or not 0.0 <= args.gae_lambda <= 1.0:
-        fail("--gamma must lie in (0, 1] and --gae-lambda in [0, 1]")
-    for flag in ("actor_lr", "critic_lr", "reevaluate_lr", "distill_lr", "clip_coef", "max_grad_norm", "adam_eps"):
-        if not getattr(args, flag) > 0.0:
-            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.ent_coef < 0.0:
-        fail(f"--ent-coef must be >= 0, got {args.ent_coef}")
-    # no leading dot: `..` would leave <run_dir>/o2o_ppo/<env>/, and a hidden folder hides the run
-    if args.run_name is not None and not re.fullmatch(RUN_NAME_RE, args.run_name):
-        fail(f"--run-name {args.run_name!r} may hold only letters, digits, '_', '.', '-' and may not start with '.'")
-    if args.dataset_id is not None and not DATASET_ID_RE.match(args.dataset_id):
-        fail(f"malformed dataset id {args.dataset_id!r}; Minari ids look like namespace/name-v0 (no part may start with '.')")
-    if args.dataset_id is None:
-        parse_env_name(args.env)  # unknown names exit 2 listing the known ones
-    if args.family is not None:
-        parse_family(args.family)
-
-
-def main(args: Args) -> dict:
-    check_tracking(args)
-    validate(args)
-    given = args
-    args = scale_budgets(args)  # from here on every step budget is the effective one (times --budget-scale)
-    device = pick_device(args.device)
-    accel = Accel(device, args.compile, args.cudagraphs, args.bf16)  # bad combinations fail before any loading
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    env_name = args.env if args.dataset_id is None else args.dataset_id
-    env_key = args.env if args.dataset_id is None else args.dataset_id.replace("/", "_")
-    mode = mode_name(args)
-    run_name = args.run_name or f"{mode}_seed{args.seed}"
-    out = Path(args.run_dir) / "o2o_ppo" / env_key / run_name
-    check_output_dir(out, "--run-dir")  # before the dataset is loaded: a bad folder fails in seconds
-    data = load_dataset(args.env, args.dataset_id, args.no_download)
-    if args.checkpoint is not None:
-        ckpt_path = Path(args.checkpoint)
-        if not ckpt_path.is_file():
-            fail(f"--checkpoint {ckpt_path} does not exist; pass the path of a checkpoint written by offline_pretrain.py")
-    else:
-        ckpt_path = Path(args.run_dir) / "offline" / args.offline_algo / env_key / f"seed{args.seed}" / "checkpoint.pt"
-        if not ckpt_path.is_file():
-            data_flag = f"--dataset-id {args.dataset_id}" if args.dataset_id is not None else f"--env {args.env}"
-            fail(f"no offline checkpoint at {ckpt_path}; train one with: python offline_pretrain.py --algo {args.offline_algo} "
-                 f"{data_flag} --seed {args.seed}" + (f" --run-dir {args.run_dir}" if args.run_dir != "runs" else "") + " (or pass --checkpoint PATH)")
-    ckpt = load_checkpoint(ckpt_path, env_name=env_name, obs_dim=data["obs_dim"], act_dim=data["act_dim"])
-    defaults = family_defaults(args)
-    update_epochs, horizon, log_std_max = defaults["update_epochs"], defaults["constraint_horizon"], defaults["log_std_max"]
-    digest = file_digest(ckpt_path)
-    args_dict = json.loads(json.dumps(asdict(args)))
-    online_key = {"offline_checkpoint": digest, **{k: v for k, v in args_dict.items() if k not in BUDGET_ARGS}}
-    # the run folder: a run of other settings is refused; an online.pt of the same settings is resumed
-    online = check_run_folder(out, online_key, args)
-    # the dataset's states on the device, then the rollout and the batches of every phase, before any phase runs
-    try:
-        obs_all_np = (data["observations"] - ckpt["obs_mean"].numpy()) / ckpt["obs_std"].numpy()
-        obs_all = torch.as_tensor(obs_all_np, device=device)
-    except Exception as e:
-        if not out_of_memory(e):
-            raise
-        fail(f"the dataset's {len(data['rewards'])} transitions do not fit in the memory of {device}; use another --device or a smaller dataset")
-    row = 2 * data["obs_dim"] + data["act_dim"] + 8  # a rollout's transition: obs, successor, action, log-prob, values, rewards, ends
-    check_allocations([(args.rollout_size, row, f"a rollout of --rollout-size {args.rollout_size}", "lower it")]
-                      + [(getattr(args, f), row, f"a batch of --{f.replace('_', '-')} {getattr(args, f)}", "lower it")
-                         for f in ("minibatch_size", "distill_batch_size", "reevaluate_batch_size")], device)
-
-    set_seed(args.seed)
-    obs_mean_np, obs_std_np = ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy()  # the actor was trained on these
-    obs_mean = torch.as_tensor(obs_mean_np, device=device)
-    obs_std = torch.as_tensor(obs_std_np, device=device)
-    # Rewards V learns from (re-evaluation and online alike): a V learned here from scratch uses the family table's
-    # handling, not the offline method's transform, unless --reward-scaling checkpoint asks for it.
-    reward_mode = defaults["reward_scaling"]
-    rt = ckpt["reward_transform"] if reward_mode == "checkpoint" else {"scale": 1.0, "shift": 0.0}
-    affine = {"scale": float(rt["scale"]), "shift": float(rt["shift"])}
-    return_std = ReturnStd.from_offline(data["rewards"], data["ends"], args.gamma) if reward_mode == "return-std" else None
-    offline_return_std = return_std.std if return_std is not None else None
-    if return_std is not None and online is not None:  # the running statistic goes on from where the run stopped
-        return_std = ReturnStd(args.gamma, **online["return_std"])
-
-    def reward_transform() -> dict[str, float]:
-        """The transform V's targets are on now (checkpoints record it): affine, or 1 / (std + eps) of the running return-std."""
-        return {"scale": return_std.scale, "shift": 0.0} if return_std is not None else dict(affine)
-
-    def reward_fn(rewards: np.ndarray, ends: np.ndarray) -> np.ndarray:
-        return return_std(rewards, ends) if return_std is not None else rewards * affine["scale"] + affine["shift"]
-    evaluator = Evaluator(data["env_spec"], args.eval_episodes, args.seed + 100, obs_mean_np, obs_std_np, device)
-
-    def evaluate(actor: nn.Module) -> tuple[float, float]:
-        actor.eval()
-        returns = evaluator(actor.act)
-        actor.train()
-        ret = float(returns.mean())
-        return ret, float(normalized_score(ret, data["ref_min_score"], data["ref_max_score"]))
-
-    if args.overwrite:
-        clear_run_folder(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"--run-dir: cannot create {out} ({e.strerror}); pass a folder you can write to")
-    if args.no_resume:  # a stale online state must not be resumed by a later run either
-        for name in ("online.pt", "final.pt", "results.json"):
-            (out / name).unlink(missing_ok=True)
-    atomic_save(args_dict, out / "args.json")
-    tracker = start_tracking(args, asdict(given), out)
-    writer = SummaryWriter(str(out))
-    writer.add_text("args", json.dumps(args_dict))
-    writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
-    print(f"o2o_ppo {mode} on {env_name} from {ckpt_path} ({ckpt['actor_family']} actor); epochs {update_epochs}, constraint horizon {horizon}, "
-          f"log-std cap {log_std_max}, rewards {reward_mode} (row {defaults['family_row']!r}, {defaults['family_env']!r} of "
-          f"PPO_FAMILY_DEFAULTS unless set by flags)")
-    if args.budget_scale != 1.0:
-        print(f"--budget-scale {args.budget_scale}: " + ", ".join(f"{k} {getattr(args, k)}" for k in BUDGET_STEPS))
-    # diagnostics: V and the actor on DIAG_STATES dataset states drawn once from the run's seed (numpy's own generator:
-    # the runs' random streams are untouched), V against the offline Monte-Carlo returns of those states
-    probe_np = np.sort(np.random.default_rng(args.seed).choice(len(obs_all), min(DIAG_STATES, len(obs_all)), replace=False))
-    probe_obs = obs_all[torch.as_tensor(probe_np, device=device)]
-    mc_raw, mc_ones = (torch.as_tensor(monte_carlo_returns(r, data["ends"], args.gamma)[probe_np], device=device)
-                       for r in (data["rewards"], np.ones_like(data["rewards"])))
-
-    @torch.no_grad()
-    def diagnose(tag: str, step: int, pi: GaussianActor, v: Critic) -> dict[str, float]:
-        """value_stats and actor_stats now; tensorboard diagnostics/<stat>/<tag> (an evaluation: diagnostics/<stat>)."""
-        rt = reward_transform()  # the Monte-Carlo returns on the scale V learns now (affine in the rewards)
-        mu, log_std = pi(probe_obs)
-        stats = {**value_stats(v(probe_obs)[0], rt["scale"] * mc_raw + rt["shift"] * mc_ones),
-                 **actor_stats(mu, capped_log_std(log_std, log_std_max), pi.max_action)}
-        for k, val in stats.items():
-            writer.add_scalar(f"diagnostics/{k}" + (f"/{tag}" if tag != "eval" else ""), val, step)
-        return {"step": step, **stats}
-
-    wall: dict[str, float] = {}
-    distill_info = reeval_info = None
-
-    def log_eval(entry: dict) -> None:
-        writer.add_scalar("eval/episodic_return", entry["return"], entry["step"])
-        writer.add_scalar("eval/normalized_score", entry["normalized_score"], entry["step"])
-        tqdm.write(f"[{entry['phase']}] step {entry['step']}: return {entry['return']:.1f}, normalized score {entry['normalized_score']:.1f}")
-
-    if online is None:
-        # --- phase: offline actor in, evaluated (the curve starts with its score at step 0)
-        t0 = time.time()
-        log_phase(writer, "offline", 0)
-        teacher = actor_from_checkpoint(ckpt, device)
-        ret, score = evaluate(teacher)
-        curve = [{"step": 0, "normalized_score": score, "return": ret, "phase": "offline"}]
-        log_eval(curve[-1])
-        wall["offline_eval"] = time.time() - t0
-        base_key = {"offline_checkpoint": digest, "seed": args.seed, "device": str(device), "bf16": args.bf16}
-        # every phase draws from its own seed, so a reused phase checkpoint leaves later phases unchanged
-        # --- phase: any family -> Gaussian (docs/algorithms.md, section 5)
-        if isinstance(teacher, GaussianActor):
-            pi0 = teacher  # same family: weights copied exactly
-        else:
-            t0 = time.time()
-            log_phase(writer, "distill", 0)
-            key = {**base_key, **{k: args_dict[k] for k in ("distill_steps", "distill_batch_size", "distill_lr", "distill_log_std")}}
-            path = out / "distilled.pt"
-            saved = load_phase(path, key, args.no_resume)
-            if saved is not None:
-                pi0 = actor_from_checkpoint(saved, device)
-                distill_info, ret, score = saved["distillation"], saved["eval_return"], saved["eval_normalized_score"]
-            else:
-                torch.manual_seed(args.seed + 1)
-                pi0, distill_info = distill_actor(args, teacher, obs_all, writer, accel)
-                ret, score = evaluate(pi0)
-                atomic_save(make_checkpoint(ckpt, data, args, pi0, None, reward_transform(), score, key, grad_steps=args.distill_steps,
-                                            distillation=distill_info, eval_return=ret), path)
-            curve.append({"step": 0, "normalized_score": score, "return": ret, "phase": "distilled"})
-            log_eval(curve[-1])
-            tqdm.write(f"distilled {teacher.family} -> gaussian: mse {distill_info['mse']:.4g}, max abs error {distill_info['max_abs_error']:.3g}")
-            wall["distill"] = time.time() - t0
-        start_ret, start_score = curve[-1]["return"], curve[-1]["normalized_score"]
-        # --- phase: re-evaluation (paper: Policy Re-evaluation, O2PPO; docs/algorithms.md, section 5.1) or a fresh V (ablation)
-        torch.manual_seed(args.seed + 2)
-        vf = build_value(data["obs_dim"]).to(device)
-        diagnostics: dict[str, Any] = {"states": len(probe_np), "start": diagnose("start", 0, pi0, vf), "evaluations": []}
-        if not args.no_reevaluate:
-            t0 = time.time()
-            log_phase(writer, "reevaluate", 0)
-            key = {**base_key, "reward_scaling": reward_mode,
-                   **{k: args_dict[k] for k in ("reevaluate_steps", "reevaluate_batch_size", "reevaluate_lr", "gamma")}}
-            path = out / "reevaluated.pt"
-            saved = load_phase(path, key, args.no_resume)
-            if saved is not None:
-                vf.load_state_dict(saved["critics"]["vf"])
-                reeval_info = saved["reevaluation"]
-            else:
-                # the offline rewards get the online handling (return-std: divided by the offline std, one constant)
-                offline_rewards = data["rewards"] * return_std.scale if return_std is not None else data["rewards"] * affine["scale"] + affine["shift"]
-                returns_np = monte_carlo_returns(offline_rewards, data["ends"], args.gamma)  # restarts at time limits too
-                reeval_info = reevaluate_value(args, vf, obs_all, torch.as_tensor(returns_np, device=device), writer, accel)
-                atomic_save(make_checkpoint(ckpt, data, args, pi0, vf, reward_transform(), start_score, key, grad_steps=args.reevaluate_steps,
-                                            reevaluation=reeval_info), path)
-            tqdm.write(f"re-evaluation: value loss {reeval_info['final_loss']:.4g}, explained variance {reeval_info['explained_variance']:.3f}")
-            wall["reevaluate"] = time.time() - t0
-        # the switch to online learning (with --no-reevaluate: the fresh V again)
-        diagnostics["reevaluated"] = diagnose("reevaluated", 0, pi0, vf)
-        torch.manual_seed(args.seed + 3)
-        actor = copy.deepcopy(pi0).train()
-        actor.log_std.requires_grad_(True)
-        actor_ref = copy.deepcopy(pi0).eval()
-        best = start_score
-        curve.append({"step": 0, "normalized_score": start_score, "return": start_ret, "phase": "online"})  # where online starts
-        log_phase(writer, "online", 0)
-        global_step, iteration, resumed_from = 0, 0, None
-    else:
-        curve = online["curve"]
-        wall = dict(online["wall_clock_s"])
-        distill_info, reeval_info = online["distillation"], online["reevaluation"]
-        diagnostics = online["diagnostics"]
-        actor = actor_from_checkpoint(online, device).train()
-        actor_ref = build_actor("gaussian", data["obs_dim"], data["act_dim"], online["actor_config"]["hidden"], online["max_action"]).to(device).eval()
-        actor_ref.load_state_dict(online["actor_ref"])
-        vf = build_value(data["obs_dim"]).to(device)
-        vf.load_state_dict(online["critics"]["vf"])
-        best, start_score = online["best_score"], online["start_score"]
-        global_step, iteration = online["env_steps"], online["iteration"]
-        resumed_from = global_step
-        print(f"resuming {out / 'online.pt'} at env step {global_step}")
-
-    # --- phase: online PPO (paper: Constrained Fine-Tuning, O2PPO; docs/algorithms.md, section 5.2)
-    for p in actor_ref.parameters():
-        p.requires_grad_(False)
-    steps_per_env = args.rollout_size // args.num_envs
-    num_iterations = args.online_steps // args.rollout_size
-    actor_opt = accel.adam(actor.parameters(), args.actor_lr, eps=args.adam_eps)
-    vf_opt = accel.adam(vf.parameters(), args.critic_lr, eps=args.adam_eps)
-    if online is not None:
-        accel.load_optimizer(actor_opt, online["optimizers"]["actor"])
-        accel.load_optimizer(vf_opt, online["optimizers"]["vf"])
-        torch.set_rng_state(online["rng"]["torch"])
-        if online["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(online["rng"]["cuda"])
-    # built once: the modules and optimizers are bound, the constants are keywords; per call only the minibatch
-    ppo_step = accel.update(functools.partial(ppo_update, actor, vf, actor_opt, vf_opt, clip_coef=args.clip_coef,
-                                              ent_coef=args.ent_coef, max_grad_norm=args.max_grad_norm, log_std_max=log_std_max))
-    # a resumed run restarts its training episodes (simulator states are not saved); new seeds for new starts
-    pool = EnvPool(data["env_spec"], args.num_envs, args.seed + 1000 + global_step)
-    t_online = time.time() - wall.get("online", 0.0)
-
-    def save_online() -> None:
-        wall["online"] = time.time() - t_online
-        atomic_save(make_checkpoint(
-            ckpt, data, args, actor, vf, reward_transform(), curve[-1]["normalized_score"], online_key, grad_steps=iteration * update_epochs * (args.rollout_size // args.minibatch_size),
-            env_steps=global_step, iteration=iteration, actor_ref=state_dict_cpu(actor_ref), best_score=best, start_score=start_score,
-            curve=curve, wall_clock_s=wall, distillation=distill_info, reevaluation=reeval_info,
-            optimizers={"actor": actor_opt.state_dict(), "vf": vf_opt.state_dict()},
-            return_std=return_std.state_dict() if return_std is not None else None, diagnostics=diagnostics,
-            rng={"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}), out / "online.pt")
-
-    metrics: dict[str, Tensor] = {}
-    n_metric = 0
-    ref_adv_sum, n_ref = torch.zeros((), device=device), 0
-    next_log = (global_step // args.log_every + 1) * args.log_every
-    next_eval = (global_step // args.eval_every + 1) * args.eval_every
-    total_steps = num_iterations * args.rollout_size
-    early = early_eval_steps(total_steps, args.rollout_size, args.early_evals)  # extra evaluations in the first tenth
-    next_ckpt = (global_step // args.checkpoint_every + 1) * args.checkpoint_every
-    bar = tqdm(total=num_iterations * args.rollout_size, initial=global_step, desc=f"o2o_ppo {mode}", disable=None)
-    sps_t0, sps_step0 = time.time(), global_step
-    def results(finished: bool) -> dict:
-        return results_record(
-            script="o2o_ppo", algo="ppo", method=method_name(not args.no_reevaluate, None, not args.no_constraint),
-            mode={"name": mode, "reevaluate": not args.no_reevaluate, "constraint": not args.no_constraint, "reference": args.reference},
-            env=env_name, data=data, seed=args.seed, offline_algo=ckpt["algo"], offline_checkpoint=ckpt_path, curve=curve,
-            online_start_score=start_score, online_steps=total_steps, online_steps_done=global_step, budget_scale=args.budget_scale,
-            wall_clock_s=wall, finished=finished, run_dir=out, run_name=run_name, offline_actor_family=ckpt["actor_family"],
-            update_epochs=update_epochs, constraint_horizon=horizon, family_row=defaults["family_row"], family_env=defaults["family_env"],
-            log_std_max=log_std_max, reward_transform=reward_transform(),
-            reward_scaling={"mode": reward_mode, "from": "family table" if args.reward_scaling == "family" else "--reward-scaling",
-                            "affine": affine if reward_mode != "return-std" else None, "offline_return_std": offline_return_std,
-                            "final_return_std": return_std.std if return_std is not None else None},
-            num_envs=args.num_envs, iterations=iteration, resumed_from=resumed_from, distillation=distill_info, reevaluation=reeval_info,
-            budget={"given": {k: getattr(given, k) for k in BUDGET_STEPS},  # constraint_horizon None: the family table's
-                    "effective": {k: getattr(args, k) for k in BUDGET_STEPS}},
-            diagnostics={**{k: diagnostics.get(k) for k in ("states", "start", "reevaluated", "end")},
-                         "early_evals": {"requested": args.early_evals, "steps": early}, "evaluations": diagnostics["evaluations"]})
-
-    stopped = False
-    while iteration < num_iterations:
-        for opt, lr0 in ((actor_opt, args.actor_lr), (vf_opt, args.critic_lr)):
-            set_lr(accel, opt, linear_lr(lr0, iteration, num_iterations))
-        roll, finished = collect_rollout(pool, actor, vf, steps_per_env, obs_mean, obs_std, reward_fn, log_std_max)
-        global_step += args.rollout_size
-        iteration += 1
-        for ep_ret, ep_len in finished:
-            writer.add_scalar("charts/episodic_return", ep_ret, global_step)
-            writer.add_scalar("charts/episodic_length", ep_len, global_step)
-        advantages, returns = gae(roll["rewards"], roll["values"], roll["next_values"], roll["terminations"], roll["ends"], args.gamma, args.gae_lambda)
-        b_obs, b_actions = roll["obs"].reshape(args.rollout_size, -1), roll["actions"].reshape(args.rollout_size, -1)
-        b_logp, b_ret = roll["logprobs"].reshape(-1), returns.reshape(-1)
-        w = constraint_weight(global_step, horizon) if not args.no_constraint else 0.0
-        # once per rollout, as the official code: A_ref, mixing with w_t and normalisation over all rollout_size samples
-        with torch.no_grad():
-            ref_mean = ref_std = None
-            if not args.no_constraint:
-                ref = policy_dist(actor_ref, b_obs, log_std_max)
-                ref_mean, ref_std = ref.mean, ref.stddev
-            b_adv, a_ref = rollout_advantages(advantages.reshape(-1, 1), b_actions, ref_mean, ref_std, w)
-        b_adv = b_adv.squeeze(-1)
-        if a_ref is not None:
-            ref_adv_sum += a_ref.mean()
-            n_ref += 1
-        for _ in range(update_epochs):
-            perm = torch.randperm(args.rollout_size, device=device)
-            # validate() makes --rollout-size a multiple of --minibatch-size: every minibatch has one shape (one graph)
-            for start in range(0, args.rollout_size, args.minibatch_size):
-                idx = perm[start : start + args.minibatch_size]
-                m = ppo_step(b_obs[idx], b_actions[idx], b_logp[idx], b_adv[idx], b_ret[idx])
-                for k, v in m.items():  # accumulated on the device (a new tensor: a graph's outputs are overwritten); read at log time
-                    metrics[k] = metrics.get(k, 0.0) + v
-                n_metric += 1
-        bar.update(args.rollout_size)
-        last = iteration == num_iterations
-        if global_step >= next_log or last:
-            for k, v in metrics.items():
-                val = float(v) / n_metric
-                if not math.isfinite(val):
-                    fail(f"non-finite {k} in online PPO at env step {global_step}; the last good state is {out / 'online.pt'}")
-                writer.add_scalar(k, val, global_step)
-            if n_ref:
-                writer.add_scalar("losses/ref_advantage", float(ref_adv_sum) / n_ref, global_step)
-                ref_adv_sum.zero_()
-                n_ref = 0
-            writer.add_scalar("charts/constraint_weight", w, global_step)
-            writer.add_scalar("charts/learning_rate", float(actor_opt.param_groups[0]["lr"]), global_step)
-            writer.add_scalar("charts/actor_std", float(capped_log_std(actor.log_std.detach(), log_std_max).exp().mean()), global_step)
-            writer.add_scalar("charts/SPS", (global_step - sps_step0) / max(time.time() - sps_t0, 1e-9), global_step)
-            metrics, n_metric = {}, 0
-            next_log = (global_step // args.log_every + 1) * args.log_every
-        if global_step >= next_eval or global_step in early or last:
-            ret, score = evaluate(actor)
-            curve.append({"step": global_step, "normalized_score": score, "return": ret, "phase": "online"})
-            log_eval(curve[-1])
-            diagnostics["evaluations"].append(diagnose("eval", global_step, actor, vf))
-            bar.set_postfix(score=f"{score:.1f}")
-            if args.reference == "best":  # an early evaluation too: every evaluation may move pi_ref
-                best = update_reference(actor_ref, actor, score, best)
-            next_eval = (global_step // args.eval_every + 1) * args.eval_every
-        stop = args.stop_after is not None and global_step >= args.stop_after and not last
-        if global_step >= next_ckpt or last or stop:
-            save_online()
-            atomic_save(results(False), out / "results.json")  # progress so far
-            next_ckpt = (global_step // args.checkpoint_every + 1) * args.checkpoint_every
-        if stop:
-            stopped = True
-            break
-    bar.close()
-    pool.close()
-    evaluator.close()
-    wall["online"] = time.time() - t_online
-    if not stopped:
-        diagnostics["end"] = diagnose("end", global_step, actor, vf)
-    writer.close()
-    finish_tracking(tracker)
-    result = results(not stopped)
-    if stopped:  # as if killed: only online.pt (and what came before) is on disk
-        print(f"stopped after {global_step} env steps (--stop-after); rerun the same command without it to resume")
-        return result
-    atomic_save(make_checkpoint(ckpt, data, args, actor, vf, reward_transform(), curve[-1]["normalized_score"], online_key,
-                                grad_steps=iteration * update_epochs * (args.rollout_size // args.minibatch_size), env_steps=global_step,
-                                actor_ref=state_dict_cpu(actor_ref), best_score=best, curve=curve), out / "final.pt")
-    atomic_save(result, out / "results.json")
-    print(f"o2o_ppo ({result['method']}) on {env_name}: offline {result['offline_score']:.1f} -> start of online {result['online_start_score']:.1f} "
-          f"-> final {result['final_score']:.1f} (min over first tenth {result['min_first_tenth']:.1f}); outputs in {out}")
-    return result
 
 
 if __name__ == "__main__":

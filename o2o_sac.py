@@ -229,6 +229,1081 @@ class Args:
     """the Weights & Biases entity (team or user) of --track; default: wandb's default entity"""
 
 
+# ---------------------------------------------------------------- per-dataset-family defaults (the official O2SAC configs)
+# Keyed by the level parsed from --env; explicit --alpha0 / --eps0 / --eps-end / --actor-grad-clip / --reference-interval
+# override. "random" is not in the paper: it gets the medium values. interval_grad_clip: the actor's gradient-norm clip
+# with --reference interval (0 = none); reference_interval: the default --reference-interval (1 where a row has none);
+# a "<env>-<level>" row overrides its level's row for that environment only.
+FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
+    "medium": dict(alpha0=0.2, eps0=0.125, eps_end=2.0, interval_grad_clip=0.0),
+    "medium-replay": dict(alpha0=0.2, eps0=0.125, eps_end=2.0, interval_grad_clip=0.0),
+    "random": dict(alpha0=0.2, eps0=0.125, eps_end=2.0, interval_grad_clip=0.0),
+    "medium-expert": dict(alpha0=0.5, eps0=0.005, eps_end=0.125, interval_grad_clip=0.0),
+    "expert": dict(alpha0=0.5, eps0=0.005, eps_end=0.125, interval_grad_clip=0.0),
+    # the official code copies the reference every 10 evaluations on hopper's expert data, and clips the actor at 0.25
+    "hopper-medium-expert": dict(interval_grad_clip=0.25, reference_interval=10),
+    "hopper-expert": dict(interval_grad_clip=0.25, reference_interval=10),
+}
+
+
+def family_values(args: Args) -> dict[str, Any]:
+    """alpha0, eps0, eps_end, actor_grad_clip, reference_interval: explicit flags first, else the FAMILY_DEFAULTS row of
+    --env's level (and of its environment, where the table has one)."""
+    m = re.fullmatch(r"([a-z0-9]+)-(.+)-v\d+", args.env)
+    if args.dataset_id is None:
+        name, level = parse_env_name(args.env)  # unknown names exit 2 listing the known ones
+    else:  # any Minari id: the level of --env if it names one, else the values must be given
+        name, level = (m.group(1), m.group(2)) if m and m.group(2) in D4RL_LEVELS else ("", None)
+    row = {**FAMILY_DEFAULTS.get(level or "", {}), **FAMILY_DEFAULTS.get(f"{name}-{level}", {})}
+    vals: dict[str, Any] = {"level": level}
+    for k in ("alpha0", "eps0", "eps_end"):
+        v = getattr(args, k)
+        if v is None:
+            if level is None:
+                fail(f"--env {args.env} names no dataset level ({', '.join(D4RL_LEVELS)}); pass --alpha0, --eps0 and --eps-end")
+            v = row[k] / 4.0 if (k == "eps_end" and args.reference == "interval") else row[k]
+        vals[k] = float(v)
+    clip = args.actor_grad_clip
+    if clip is None:
+        clip = row.get("interval_grad_clip", 0.0) if args.reference == "interval" else 0.0
+    vals["actor_grad_clip"] = float(clip) if clip > 0 else None
+    vals["reference_interval"] = args.reference_interval if args.reference_interval is not None else int(row.get("reference_interval", 1))
+    return vals
+
+
+# ==================== ALGO LOGIC ====================
+# ---------------------------------------------------------------- pure math (the paper's O2SAC; docs/algorithms.md, section 3)
+# The constraint's threshold schedule and Lagrange loss are the shared block "constraint" at the bottom of the file.
+def fqe_target(rewards: Tensor, terminals: Tensor, next_q: Tensor, next_logp: Tensor, alpha: float | Tensor, gamma: float) -> Tensor:
+    """Soft TD target y = r + gamma (1 - d) [min_i Qbar_i(s', a') - alpha log pi(a'|s')] (paper: Policy Re-evaluation,
+    O2SAC; docs/algorithms.md, section 3.2); next_q is (n, B).
+    d = 1 only for a true termination: a time-limit end is bootstrapped."""
+    return rewards + gamma * (1.0 - terminals) * (next_q.min(0).values - alpha * next_logp)
+
+
+def constrained_target(rewards: Tensor, terminals: Tensor, next_q: Tensor, next_logp: Tensor, next_kl: Tensor, alpha: float | Tensor,
+                       lam: float | Tensor, gamma: float) -> Tensor:
+    """Critic target of constrained fine-tuning (paper: Constrained Fine-Tuning, O2SAC; docs/algorithms.md, section 3.5): the
+    soft target minus gamma (1 - d) lam (l' - lr')."""
+    return fqe_target(rewards, terminals, next_q, next_logp, alpha, gamma) - gamma * (1.0 - terminals) * lam * next_kl
+
+
+def alignment_targets(qbar_star: Tensor, qbar_an: Tensor, logp0_star: Tensor, logp0_an: Tensor, alpha0: float) -> tuple[Tensor, Tensor]:
+    """Value alignment (paper: Value Alignment, O2SAC; docs/algorithms.md, section 3.3). qbar_* are the frozen target
+    critics (n, B) at a* = tanh(mu0(s)) and at an ~ pi(.|s);
+    logp0_* are log pi0 at those actions. Returns Q* = min_i Qbar_i(s, a*) and
+    y = min(Q* - alpha0 (log pi0(a*|s) - log pi0(an|s)), min_i Qbar_i(s, an)): values are only pushed down."""
+    q_star = qbar_star.min(0).values
+    y = torch.minimum(q_star - alpha0 * (logp0_star - logp0_an), qbar_an.min(0).values)
+    return q_star, y
+
+
+def kl_estimate(logp: Tensor, logp_ref: Tensor, floor: float = -50.0) -> Tensor:
+    """One-sample KL(pi || pi_ref) at a ~ pi: D = log pi(a|s) - max(log pi_ref(a|s), floor)."""
+    return logp - logp_ref.clamp(min=floor)
+
+
+def sac_alpha_loss(log_alpha: Tensor, logp: Tensor, target_entropy: float) -> Tensor:
+    """Standard temperature auto-tuning: alpha rises while the entropy -log pi is below the target."""
+    return -(log_alpha * (logp.detach() + target_entropy)).mean()
+
+
+def early_eval_steps(online_steps: int, n: int) -> list[int]:
+    """The extra evaluations inside the first tenth of the online phase: floor(online_steps / 10 * k / n), k = 1..n,
+    at least step 1, without repeats (fewer than n when the first tenth has fewer than n env steps)."""
+    return sorted({max(1, online_steps * k // (10 * n)) for k in range(1, n + 1)})
+
+
+def reference_update_due(reference: str, score: float, best: float, scheduled: bool, n_scheduled: int, interval: int) -> bool:
+    """Whether an online evaluation copies pi into pi_ref (the reference update; docs/algorithms.md, section 3.5). best:
+    the score beats the best so far, at any
+    evaluation (the extra early ones are candidates too); interval: every `interval`-th evaluation of the --eval-every
+    schedule (n_scheduled counts those, this one included), so extra evaluations never shift the cadence; offline:
+    never."""
+    if reference == "best":
+        return score > best
+    return reference == "interval" and scheduled and n_scheduled % interval == 0
+
+
+# diagnostics at the phase boundaries: whether the hand-over between phases keeps the offline policy's behaviour (the
+# paper's claim of no drop at the switch): the critics' values, how they rank the actor's actions, and the actor itself
+def q_stats(q_data: Tensor, q_pi: Tensor) -> dict[str, float]:
+    """Mean and (population) std over states of min_i Q_i(s, a) at the dataset actions (q_data) and at the actor's
+    mode (q_pi), both of shape (n critics, B)."""
+    qd, qp = q_data.min(0).values, q_pi.min(0).values
+    return {"q_data_mean": float(qd.mean()), "q_data_std": float(qd.std(correction=0)),
+            "q_pi_mean": float(qp.mean()), "q_pi_std": float(qp.std(correction=0))}
+
+
+def policy_critic_agreement(q_mode: Tensor, q_samples: Tensor, logp0_samples: Tensor) -> dict[str, float]:
+    """q_mode (B,): min_i Q_i(s, mode of pi); q_samples and logp0_samples (K, B): min_i Q_i(s, a_k) and log pi0(a_k|s)
+    at K actions a_k ~ pi(.|s). mode_preferred: the fraction of (state, sample) pairs where Q(s, mode) >= Q(s, a_k)
+    (after alignment the actor's mode should rank first); logp0_q_corr: the Pearson correlation of log pi0(a_k|s)
+    and Q(s, a_k) over the K samples of each state, averaged over states (alignment aims at Q - alpha0 log pi0 flat in
+    a, i.e. a correlation near 1); a state where either is constant counts 0."""
+    x = logp0_samples - logp0_samples.mean(0)
+    y = q_samples - q_samples.mean(0)
+    denom = ((x * x).sum(0) * (y * y).sum(0)).sqrt()
+    corr = torch.where(denom > 0, (x * y).sum(0) / denom.clamp(min=1e-30), torch.zeros_like(denom))
+    return {"mode_preferred": float((q_mode.unsqueeze(0) >= q_samples).float().mean()), "logp0_q_corr": float(corr.mean())}
+
+
+def actor_stats(mode: Tensor, logp_samples: Tensor, max_action: float = 1.0) -> dict[str, float]:
+    """mode (B, |A|): the actor's deterministic actions; logp_samples (K, B): log pi(a_k|s) at a_k ~ pi. entropy: the
+    Monte-Carlo estimate -E[log pi(a|s)]; mean_abs_action: mean |mode| / max_action; saturation: the fraction of mode
+    components with |a| > 0.99 max_action (where tanh's Jacobian vanishes and the gradient dies)."""
+    m = mode.abs() / max_action
+    return {"entropy": float(-logp_samples.mean()), "mean_abs_action": float(m.mean()), "saturation": float((m > 0.99).float().mean())}
+
+
+# ---------------------------------------------------------------- networks and helpers
+ACTOR_HIDDEN = (256, 256, 256)
+CRITIC_HIDDEN = (256, 256, 256)
+DISTILL_LR = 3e-4
+
+
+def make_critic(obs_dim: int, act_dim: int) -> Critic:
+    """Twin critics, 3 x [Linear 256 -> LayerNorm -> ReLU] -> Linear, orthogonal init gain 1, zero bias."""
+    return orthogonal_init_(Critic(obs_dim, act_dim, CRITIC_HIDDEN, n=2, layer_norm=True))
+
+
+def frozen(module: nn.Module) -> nn.Module:
+    """A copy that never trains (pi0, pi_ref, target critics)."""
+    m = copy.deepcopy(module)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def distill_targets(teacher: nn.Module, obs: Tensor, noise_std: float, max_action: float = 1.0) -> Tensor:
+    """Actions whose likelihood the tanh-Gaussian student maximises (docs/algorithms.md, section 3.1): the offline actor's
+    own samples when
+    it is stochastic, its mean action plus N(0, noise_std^2) when it is deterministic, so the student inherits a
+    spread instead of collapsing onto the mean; kept inside the open action box where atanh is finite."""
+    if hasattr(teacher, "sample"):
+        a = teacher.sample(obs)[0]
+    else:
+        a = teacher.act(obs)
+        a = a + noise_std * torch.randn_like(a)
+    return a.clamp(-0.999 * max_action, 0.999 * max_action)
+
+
+def offline_trajectory_indices(data: dict, top_k: int) -> np.ndarray:
+    """Transition indices of the top_k offline episodes by return (--buffer-mode part)."""
+    ends = np.flatnonzero(data["ends"] > 0.5)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    order = np.argsort(-data["episode_returns"])[:top_k]
+    return np.concatenate([np.arange(starts[i], ends[i] + 1) for i in sorted(order)])
+
+
+def subset(data: dict, idx: np.ndarray) -> dict:
+    out = dict(data)
+    for k in ("observations", "actions", "rewards", "next_observations", "terminals", "ends"):
+        out[k] = data[k][idx]
+    return out
+
+
+DIAG_STATES, DIAG_SAMPLES = 2048, 8
+BOUNDARIES = ("start", "reevaluated", "aligned", "end")  # tensorboard step of diagnostics/* = the index here
+
+
+@torch.no_grad()
+def boundary_diagnostics(actor: TanhGaussianActor, pi0: TanhGaussianActor, qf: Critic, obs: Tensor, actions: Tensor,
+                         n_samples: int = DIAG_SAMPLES, seed: int = 0) -> dict[str, float]:
+    """q_stats, policy_critic_agreement and actor_stats on the states `obs` with their dataset `actions`. The action
+    samples come from a generator of their own, so a diagnostic never moves the run's random streams."""
+    g = torch.Generator(device=obs.device).manual_seed(seed)
+    mu, log_std = actor(obs)
+    u = mu.unsqueeze(0) + log_std.exp().unsqueeze(0) * torch.randn((n_samples, *mu.shape), generator=g, device=obs.device, dtype=mu.dtype)
+    a, logp = actor.max_action * torch.tanh(u), tanh_gaussian_log_prob(mu.unsqueeze(0), log_std.unsqueeze(0), u)
+    mode = actor.max_action * torch.tanh(mu)
+    obs_k = obs.unsqueeze(0).expand(n_samples, *obs.shape)
+    q_samples = qf(obs_k, a).min(0).values
+    q_mode = qf(obs, mode)
+    return {**q_stats(qf(obs, actions), q_mode), **policy_critic_agreement(q_mode.min(0).values, q_samples, pi0.log_prob(obs_k, a)),
+            **actor_stats(mode, logp, actor.max_action)}
+
+
+# ---------------------------------------------------------------- one gradient step per phase (tensors in, metrics out)
+def distill_update(student: TanhGaussianActor, opt: torch.optim.Optimizer, obs: Tensor, target_actions: Tensor,
+                   target_mode: Tensor | None = None) -> dict[str, Tensor]:
+    """Maximum likelihood of the offline actor's actions (distill_targets) under the tanh-Gaussian student
+    (docs/algorithms.md, section 3.1).
+    With target_mode (the offline actor's deterministic action), the student's mode is fitted to it explicitly: the
+    samples' likelihood then trains only the spread (mu detached), and mu maximises the likelihood of atanh(target
+    mode) under N(mu, std) with std detached, i.e. a squared error in pre-tanh space weighted by 1 / std^2. The
+    evaluated policy is tanh(mu); the plain fit leaves it where the samples' likelihood puts it, which for a teacher
+    that is not tanh-Gaussian (IQL's Gaussian clipped to the box, TD3+BC's action plus noise) is not the teacher's
+    action."""
+    mu, log_std = student(obs)
+    pre = torch.atanh((target_actions / student.max_action).clamp(-1.0 + 1e-6, 1.0 - 1e-6))
+    if target_mode is None:
+        loss = -tanh_gaussian_log_prob(mu, log_std, pre).mean()
+        metrics = {}
+    else:
+        spread = -tanh_gaussian_log_prob(mu.detach(), log_std, pre).mean()
+        mode_pre = torch.atanh((target_mode / student.max_action).clamp(-0.999, 0.999))
+        mode = (0.5 * ((mode_pre - mu) / log_std.detach().exp()) ** 2).sum(-1).mean()
+        loss = spread + mode
+        metrics = {"mode_mse": (student.max_action * torch.tanh(mu.detach()) - target_mode).pow(2).mean()}
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return {"loss": loss.detach(), **metrics}
+
+
+def reevaluate_update(pi0: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_opt: torch.optim.Optimizer, b: dict[str, Tensor], *,
+                      alpha0: float, gamma: float, tau: float) -> dict[str, Tensor]:
+    """Entropy-regularised FQE of the frozen pi0 (paper: Policy Re-evaluation, O2SAC; docs/algorithms.md, section 3.2);
+    a' is a reparameterised sample, not the mean."""
+    with torch.no_grad():
+        next_a, next_logp = pi0.sample(b["next_obs"])
+        y = fqe_target(b["rewards"], b["terminals"], qf_target(b["next_obs"], next_a), next_logp, alpha0, gamma)
+    q = qf(b["obs"], b["actions"])
+    qf_loss = ((q - y) ** 2).mean(-1).sum()
+    qf_opt.zero_grad(set_to_none=True)
+    qf_loss.backward()
+    qf_opt.step()
+    polyak_update(qf_target, qf, tau)
+    return {"qf_loss": qf_loss.detach(), "qf_values": q.mean().detach()}
+
+
+def align_update(pi0: TanhGaussianActor, actor: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_opt: torch.optim.Optimizer,
+                 actor_opt: torch.optim.Optimizer, b: dict[str, Tensor], *, alpha0: float, train_actor: bool = True) -> dict[str, Tensor]:
+    """Value alignment (paper: Value Alignment, O2SAC; docs/algorithms.md, section 3.3): targets frozen; the actor takes a
+    plain SAC step against the critics as they were before
+    this step (it reads them frozen), and the critic targets use the same sample an ~ pi, detached. train_actor=False
+    (--align-actor frozen): the actor loss is only reported, the actor is never stepped, so pi stays pi0."""
+    obs = b["obs"]
+    B = obs.shape[0]
+    an, logp_an = actor.sample(obs)
+    actor_loss = (alpha0 * logp_an - frozen_call(qf, obs, an).min(0).values).mean()
+    with torch.no_grad():
+        mu0, log_std0 = pi0(obs)
+        a_star = pi0.max_action * torch.tanh(mu0)
+        logp0_star = tanh_gaussian_log_prob(mu0, log_std0, mu0)  # log pi0 at its own mode tanh(mu0), exact
+        an = an.detach()
+        logp0_an = pi0.log_prob(obs, an)
+        qbar = qf_target(torch.cat([obs, obs]), torch.cat([a_star, an]))
+        q_star, y = alignment_targets(qbar[:, :B], qbar[:, B:], logp0_star, logp0_an, alpha0)
+    q = qf(torch.cat([obs, obs]), torch.cat([a_star, an]))  # both action sets in one fused call
+    qf_loss = ((q[:, :B] - q_star) ** 2).mean(-1).sum() + ((q[:, B:] - y) ** 2).mean(-1).sum()
+    actor_opt.zero_grad(set_to_none=True)
+    qf_opt.zero_grad(set_to_none=True)
+    (actor_loss + qf_loss if train_actor else qf_loss).backward()  # one backward: each loss reaches only its own parameters
+    if train_actor:
+        actor_opt.step()
+    qf_opt.step()
+    return {"qf_loss": qf_loss.detach(), "actor_loss": actor_loss.detach(), "q_star": q_star.mean().detach(),
+            "q_gap": (q[:, :B] - q[:, B:]).min(0).values.mean().detach()}
+
+
+def online_update(actor: TanhGaussianActor, actor_ref: TanhGaussianActor | None, qf: Critic, qf_target: Critic, log_alpha: Tensor,
+                  log_lam: Tensor, opts: dict[str, torch.optim.Optimizer], b: dict[str, Tensor], eps_t: Tensor, update_lam: bool,
+                  update_actor: bool, *, target_entropy: float, gamma: float, tau: float, kl_floor: float,
+                  actor_grad_clip: float | None = None) -> dict[str, Tensor]:
+    """One constrained SAC update (paper: Constrained Fine-Tuning, O2SAC; docs/algorithms.md, section 3.5); actor_ref None =
+    unconstrained. eps_t is the KL threshold (a 0-d tensor, so a
+    compiled or captured update reads its current value). Every loss comes from the same pre-update forward pass and
+    all go through ONE backward, each reaching only its own parameters: lam and alpha enter the actor loss and the
+    critic target detached, the actor reads the critics frozen, the Lagrange and temperature losses read detached
+    log-probs. Then steps: lam (update_lam), alpha and actor (update_actor; its gradient norm clipped at
+    actor_grad_clip when given), critics, Polyak."""
+    obs, next_obs = b["obs"], b["next_obs"]
+    constrained = actor_ref is not None
+    alpha = log_alpha.detach().exp().reshape(())  # log_alpha and log_lam have shape (1,); the metrics are 0-d
+    lam = log_lam.detach().exp().reshape(()) if constrained else torch.zeros((), device=obs.device)
+    pi_a, logp = actor.sample(obs)
+    kl = kl_estimate(logp, actor_ref.log_prob(obs, pi_a), kl_floor) if constrained else torch.zeros_like(logp)
+    actor_loss = (alpha * logp - frozen_call(qf, obs, pi_a).min(0).values + lam * kl).mean()
+    with torch.no_grad():
+        next_a, next_logp = actor.sample(next_obs)
+        next_kl = kl_estimate(next_logp, actor_ref.log_prob(next_obs, next_a), kl_floor) if constrained else torch.zeros_like(next_logp)
+        y = constrained_target(b["rewards"], b["terminals"], qf_target(next_obs, next_a), next_logp, next_kl, alpha, lam, gamma)
+    q = qf(obs, b["actions"])
+    qf_loss = ((q - y) ** 2).mean(-1).sum()
+    loss = qf_loss
+    if constrained and update_lam:
+        loss = loss + lagrange_loss(log_lam, kl, eps_t).sum()
+    if update_actor:
+        loss = loss + sac_alpha_loss(log_alpha, logp, target_entropy) + actor_loss
+
+    for opt in opts.values():
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if constrained and update_lam:
+        opts["lambda"].step()
+    if update_actor:
+        opts["alpha"].step()
+        if actor_grad_clip is not None:  # only the actor loss reaches the actor's parameters, so this is its own norm
+            torch.nn.utils.clip_grad_norm_(actor.parameters(), actor_grad_clip)
+        opts["actor"].step()
+    opts["qf"].step()
+    polyak_update(qf_target, qf, tau)
+    return {"losses/qf_loss": qf_loss.detach(), "losses/actor_loss": actor_loss.detach(), "losses/alpha": alpha,
+            "losses/lambda": lam, "losses/kl": kl.mean().detach(), "losses/qf_values": q.mean().detach(), "losses/entropy": -logp.mean().detach()}
+
+
+# ---------------------------------------------------------------- one function per phase
+# Each phase first looks for a saved checkpoint of itself made with the same key (Run.reuse): found, it restores what
+# the phase left and returns; else it runs, saves its checkpoint and returns. The target critics and the critic Adam
+# travel from re-evaluation through alignment into online fine-tuning, the actor Adam from alignment into online, as in
+# the official code.
+def run_distillation(run: Run, rb_offline: ReplayBuffer, accel: Accel) -> TanhGaussianActor:
+    """Phase 0 (docs/algorithms.md, section 3.1): the offline actor and its score; a tanh-Gaussian actor is pi0 as it is
+    (its own widths), any other family is distilled into a 3 x 256 one. Saved with the phase that follows it. Returns
+    pi0, frozen."""
+    args, ckpt, device = run.args, run.ckpt, run.device
+    t0 = time.time()
+    saved = run.reuse("aligned") or run.reuse("reevaluated")
+    log_phase(run.writer, "offline", 0)
+    if saved is not None:
+        o = saved["o2o"]
+        pi0 = TanhGaussianActor(ckpt["obs_dim"], ckpt["act_dim"], run.actor_hidden, ckpt["max_action"]).to(device)
+        pi0.load_state_dict(o["pi0"])
+        run.offline, run.distillation, run.diagnostics = (o["offline_return"], o["offline_score"]), o["distill"], dict(o["diagnostics"])
+        if run.distillation is not None:
+            log_phase(run.writer, "distill", 0)
+    else:
+        offline_actor = actor_from_checkpoint(ckpt, device)
+        run.offline = run.evaluate(offline_actor)
+        tqdm.write(f"offline {ckpt['algo']} actor ({ckpt['actor_family']}): return {run.offline[0]:.1f}, normalized score {run.offline[1]:.1f}")
+        if ckpt["actor_family"] == "tanh_gaussian":
+            pi0 = offline_actor
+        else:
+            log_phase(run.writer, "distill", 0)
+            pi0 = TanhGaussianActor(ckpt["obs_dim"], ckpt["act_dim"], run.actor_hidden, ckpt["max_action"]).to(device)
+            distill_step = accel.update(functools.partial(distill_update, pi0, accel.adam(pi0.parameters(), DISTILL_LR)))
+            met = Metrics(run.writer, "distill/")
+            for step in tqdm(range(args.distill_steps), desc="distill", disable=None):
+                obs = rb_offline.sample(args.batch_size)["obs"]
+                with torch.no_grad():
+                    target = distill_targets(offline_actor, obs, args.distill_noise, ckpt["max_action"])
+                    mode = offline_actor.act(obs) if args.distill_fit == "mode" else None
+                met.add(distill_step(obs, target, mode))
+                if (step + 1) % args.log_every == 0 or step + 1 == args.distill_steps:
+                    met.flush(step + 1, "distill")
+            with torch.no_grad():
+                idx = torch.randperm(rb_offline.size, device=device)[:10_000]
+                obs = rb_offline.data["obs"][idx]
+                mse = float(F.mse_loss(pi0.act(obs), offline_actor.act(obs)))
+            d_ret, d_score = run.evaluate(pi0)
+            run.distillation = {"from_family": ckpt["actor_family"], "steps": args.distill_steps, "action_mse": mse, "return": d_ret,
+                           "normalized_score": d_score}
+            run.writer.add_scalar("distill/action_mse", mse, args.distill_steps)
+            run.writer.add_scalar("distill/normalized_score", d_score, args.distill_steps)
+            tqdm.write(f"distilled {ckpt['actor_family']} -> tanh_gaussian: action MSE {mse:.4g}, normalized score {d_score:.1f}")
+    run.writer.add_scalar("eval/normalized_score", run.offline[1], 0)
+    run.record("offline", 0, *run.offline)
+    if run.distillation is not None:
+        run.record("distilled", 0, run.distillation["return"], run.distillation["normalized_score"])
+    run.phase_done("load_and_distill", t0)
+    return frozen(pi0)
+
+
+def run_reevaluation(run: Run, pi0: TanhGaussianActor, actor: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_opt: torch.optim.Optimizer,
+                     actor_opt: torch.optim.Optimizer, rb_offline: ReplayBuffer, accel: Accel) -> None:
+    """Phase 1 (paper: Policy Re-evaluation, O2SAC; docs/algorithms.md, section 3.2): entropy-regularised FQE of the
+    frozen pi0 into the critics, until Q on a fixed probe has converged (shared block fqe-stop) or for
+    --reevaluate-steps. A saved aligned.pt holds its outcome too."""
+    args = run.args
+    t0 = time.time()
+    log_phase(run.writer, "reevaluate", 0)
+    saved = run.reuse("aligned") or run.reuse("reevaluated")
+    if saved is not None:
+        run.reused.append("reevaluated")
+        run.reevaluation = saved["o2o"].get("reevaluation")
+        run.restore(saved, qf, qf_target, {"qf": qf_opt, "actor": actor_opt}, accel)
+        run.phase_done("reevaluate", t0)
+        return
+    reevaluate_step = accel.update(functools.partial(reevaluate_update, pi0, qf, qf_target, qf_opt, alpha0=run.fam["alpha0"], gamma=args.gamma,
+                                                     tau=args.reevaluate_tau))
+    met = Metrics(run.writer, "reevaluate/")
+    probe: list[float] = []  # mean target-critic value on the diagnostics' dataset (s, a) pairs (no randomness drawn)
+    bar = tqdm(range(args.reevaluate_steps), desc="re-evaluation", disable=None)
+    steps_done, converged = args.reevaluate_steps, False
+    for step in bar:
+        met.add(reevaluate_step(rb_offline.sample(args.batch_size)))
+        if (step + 1) % args.log_every == 0 or step + 1 == args.reevaluate_steps:
+            vals = met.flush(step + 1, "re-evaluation")
+            bar.set_postfix(qf_loss=f"{vals['qf_loss']:.3g}")
+        if (step + 1) % REEVAL_CHECK_EVERY == 0:
+            with torch.no_grad():
+                probe.append(float(qf_target(run.diag_obs, run.diag_actions).mean()))
+            gap = fqe_gap(probe)
+            run.writer.add_scalar("reevaluate/q_probe", probe[-1], step + 1)
+            if math.isfinite(gap):
+                run.writer.add_scalar("reevaluate/gap_estimate", gap, step + 1)
+            if fqe_converged(probe, args.reevaluate_tol):
+                steps_done, converged = step + 1, True
+                break
+    run.reevaluation = {"steps": steps_done, "cap": args.reevaluate_steps, "tau": args.reevaluate_tau, "tol": args.reevaluate_tol,
+                        "converged": converged, "check_every": REEVAL_CHECK_EVERY, "q_probe": probe}
+    tqdm.write(f"re-evaluation: {steps_done} steps" + (f", Q on the probe {probe[-1]:.1f}" if probe else "") + (" (converged)" if converged else ""))
+    run.diagnose("reevaluated", actor, pi0, qf)
+    run.save_phase("reevaluated", pi0, actor, qf, qf_target, steps_done, run.offline[1], {"optimizers": {"qf": qf_opt.state_dict()}})
+    run.phase_done("reevaluate", t0)
+
+
+def run_alignment(run: Run, pi0: TanhGaussianActor, actor: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_opt: torch.optim.Optimizer,
+                  actor_opt: torch.optim.Optimizer, rb_offline: ReplayBuffer, accel: Accel) -> tuple[float, float]:
+    """Phase 2 (paper: Value Alignment, O2SAC; docs/algorithms.md, section 3.3): targets frozen at the re-evaluation's
+    target critics; the actor keeps training (--align-actor train, the paper) or stays pi0 (frozen). Then Q -> Qbar, as
+    the official code. Returns the return and score of the actor online fine-tuning starts from."""
+    args = run.args
+    t0 = time.time()
+    log_phase(run.writer, "align", 0)
+    saved = run.reuse("aligned")
+    if saved is not None:
+        run.reused.append("aligned")
+        run.restore(saved, qf, qf_target, {"qf": qf_opt, "actor": actor_opt}, accel)
+        actor.load_state_dict(saved["actor"])
+        after = saved["o2o"]["after_align_return"], saved["o2o"]["after_align_score"]
+        run.curve.extend(p for p in saved["o2o"]["curve"] if p["phase"] == "align")
+    else:
+        align_step = accel.update(functools.partial(align_update, pi0, actor, qf, qf_target, qf_opt, actor_opt, alpha0=run.fam["alpha0"],
+                                                    train_actor=args.align_actor == "train"))
+        met = Metrics(run.writer, "align/")
+        bar = tqdm(range(args.align_steps), desc="alignment", disable=None)
+        for step in bar:
+            met.add(align_step(rb_offline.sample(args.batch_size)))
+            if (step + 1) % args.log_every == 0 or step + 1 == args.align_steps:
+                vals = met.flush(step + 1, "alignment")
+                bar.set_postfix(qf_loss=f"{vals['qf_loss']:.3g}", q_gap=f"{vals['q_gap']:.3g}")
+            if args.align_eval_every and (step + 1) % args.align_eval_every == 0:  # evaluation draws no training randomness
+                ret, score = run.evaluate(actor)
+                run.record("align", step + 1, ret, score)
+                run.writer.add_scalar("align/normalized_score", score, step + 1)
+                bar.set_postfix(score=f"{score:.1f}")
+        if args.align_eval_every and args.align_steps % args.align_eval_every == 0:  # the last one was of this actor
+            after = run.curve[-1]["return"], run.curve[-1]["normalized_score"]
+        else:
+            after = run.evaluate(actor)
+        run.diagnose("aligned", actor, pi0, qf)
+        run.save_phase("aligned", pi0, actor, qf, qf, args.align_steps, after[1],
+                       {"after_align_return": after[0], "after_align_score": after[1],
+                        "optimizers": {"qf": qf_opt.state_dict(), "actor": actor_opt.state_dict()}})
+    qf_target.load_state_dict(qf.state_dict())  # the official code copies Q -> Qbar after alignment
+    run.phase_done("align", t0)
+    return after
+
+
+def online_start(run: Run, pi0: TanhGaussianActor, actor: TanhGaussianActor, after: tuple[float, float] | None) -> dict:
+    """Start of online (docs/algorithms.md, section 3.4) from the return and score `after` alignment (None: no alignment,
+    pi0's): the curve's start point, pi_ref <- pi if alignment improved on pi0's score (else pi0), the temperature (naive
+    fine-tuning continues the checkpoint's learned one, CQL's; every other mode starts at alpha0), lambda_init. The
+    online phase's starting state, as online.pt keeps it."""
+    args, mode = run.args, run.mode
+    ret0, score0 = run.offline if run.distillation is None else (run.distillation["return"], run.distillation["normalized_score"])
+    ret, score = after or (ret0, score0)
+    tqdm.write(f"start of online: return {ret:.1f}, normalized score {score:.1f}")
+    if mode["align"]:
+        run.record("aligned", 0, ret, score)
+    run.record("online", 0, ret, score)  # where online starts
+    if args.reference != "offline" and score > score0:
+        actor_ref_sd, best = state_dict_cpu(actor), score
+    else:
+        actor_ref_sd, best = state_dict_cpu(pi0), score0
+    ckpt_log_alpha = (run.ckpt.get("train_state") or {}).get("log_alpha")
+    naive = not (mode["reevaluate"] or mode["align"] or mode["constraint"] or args.critic_init == "scratch")
+    alpha_from = "checkpoint" if naive and ckpt_log_alpha is not None else "alpha0"
+    log_alpha = float(ckpt_log_alpha) if alpha_from == "checkpoint" else math.log(run.fam["alpha0"])
+    # where the online phase's target critics come from (the official code copies Q -> Qbar only after alignment)
+    targets_from = ("aligned_critics" if mode["align"] else "reevaluation" if mode["reevaluate"]
+                    else "checkpoint" if run.critic["qf_target"] is not None else "critics_copy")
+    # n_evals counts the evaluations of the --eval-every schedule only (the cadence of --reference interval)
+    return {"t": 0, "best": best, "n_evals": 0, "env_rng": None, "after_align_score": score, "pi_ref": actor_ref_sd,
+            "start": {"alpha_from": alpha_from, "alpha": math.exp(log_alpha), "qf_target_from": targets_from},
+            "log_alpha": log_alpha, "log_lam": math.log(args.lambda_init), "optimizers": None, "online_rb": None}
+
+
+def run_online(run: Run, pi0: TanhGaussianActor, actor: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_opt: torch.optim.Optimizer,
+               actor_opt: torch.optim.Optimizer, rb_offline: ReplayBuffer, accel: Accel, start: dict | None) -> dict:
+    """Phase 3 (paper: Constrained Fine-Tuning, O2SAC; docs/algorithms.md, section 3.5; PORL: pre-sample stage then plain
+    SAC, section 6) from `start` (online_start), or from the online.pt of an unfinished run of the same settings. Writes
+    online.pt at episode ends every --checkpoint-every env steps and results.json at every evaluation. Returns the
+    final state: {"finished": False, "step"} when --stop-after stopped it."""
+    args, device, fam, mode, writer = run.args, run.device, run.fam, run.mode, run.writer
+    obs_dim, act_dim = run.ckpt["obs_dim"], run.ckpt["act_dim"]
+    reward_transform = run.critic["reward_transform"]
+    t_phase = time.time()
+    saved = run.online_state
+    if saved is not None:
+        o = saved["o2o"]
+        actor.load_state_dict(saved["actor"])
+        qf.load_state_dict(saved["critics"]["qf"])
+        qf_target.load_state_dict(saved["critics"]["qf_target"])
+        state = run.load_progress(o["run"])
+        start = {"pi_ref": o["pi_ref"], "log_alpha": float(o["log_alpha"]), "log_lam": float(o["log_lam"]), "optimizers": o["optimizers"],
+                 "online_rb": o["online_rb"]}
+        set_rng_state(o["rng"])
+        tqdm.write(f"resuming online fine-tuning from {run.out / 'online.pt'} at env step {state['t']}")
+    else:
+        assert start is not None
+        state = {k: start[k] for k in ("t", "best", "n_evals", "env_rng", "after_align_score", "start")}
+    actor_ref_sd = start["pi_ref"]
+    actor_ref = None
+    if mode["constraint"]:
+        actor_ref = frozen(actor)
+        actor_ref.load_state_dict(actor_ref_sd)
+    # shape (1,), not 0-d: compiled Adam skips 0-d float64 parameters (PyTorch 2.13)
+    log_alpha = torch.full((1,), start["log_alpha"], device=device, requires_grad=True)
+    log_lam = torch.full((1,), start["log_lam"], device=device, requires_grad=True)
+    opts = {"actor": actor_opt, "qf": qf_opt, "alpha": accel.adam([log_alpha], args.alpha_lr), "lambda": accel.adam([log_lam], args.lambda_lr)}
+    if start["optimizers"] is not None:
+        for k, opt in opts.items():
+            accel.load_optimizer(opt, start["optimizers"][k])
+    online_step = accel.update(functools.partial(online_update, actor, actor_ref, qf, qf_target, log_alpha, log_lam, opts,
+                                                 target_entropy=-float(act_dim), gamma=args.gamma, tau=args.tau, kl_floor=args.kl_floor,
+                                                 actor_grad_clip=fam["actor_grad_clip"]))
+    eps_t = accel.scalar(fam["eps0"])  # the KL threshold as a device tensor: refilled each env step, never recompiled
+    # replay (--buffer-mode; docs/algorithms.md, section 3.5): the offline part of all/part lives at the front of the
+    # online buffer and is never overwritten
+    data, (obs_mean, obs_std) = run.data, run.obs_stats
+    if mode["buffer_mode"] in ("all", "part"):
+        pre = data if mode["buffer_mode"] == "all" else subset(data, offline_trajectory_indices(data, args.part_trajectories))
+        n_pre = len(pre["rewards"])
+    else:
+        pre, n_pre = None, 0
+    rb_online = ReplayBuffer(obs_dim, act_dim, n_pre + max(args.online_steps, state["t"]), device)
+    if pre is not None:
+        rb_online.add((pre["observations"] - obs_mean) / obs_std, pre["actions"],
+                      pre["rewards"] * reward_transform["scale"] + reward_transform["shift"], (pre["next_observations"] - obs_mean) / obs_std,
+                      pre["terminals"])
+    online_rb = start["online_rb"]
+    if online_rb is not None and len(online_rb["rewards"]):
+        rb_online.add(online_rb["obs"], online_rb["actions"], online_rb["rewards"], online_rb["next_obs"], online_rb["terminals"])
+    half = args.batch_size // 2
+
+    def sample() -> dict[str, Tensor]:
+        if mode["buffer_mode"] != "half":
+            return rb_online.sample(args.batch_size)
+        on, off = rb_online.sample(half), rb_offline.sample(args.batch_size - half)
+        return {k: torch.cat([on[k], off[k]]) for k in on}
+
+    env = make_env(data["env_spec"])
+    obs, _ = env.reset(seed=args.seed)
+    if state["env_rng"] is not None:  # continue the episode-start sequence of the interrupted run
+        env.unwrapped.np_random.bit_generator.state = json.loads(state["env_rng"])
+        obs, _ = env.reset()
+    obs_mean_t = torch.as_tensor(obs_mean, device=device)
+    obs_std_t = torch.as_tensor(obs_std, device=device)
+    met = Metrics(writer)
+    ep_ret, ep_len = 0.0, 0
+    ckpt_t = state["t"]
+    sps_t0, sps_step0 = time.time(), state["t"]
+    score = run.curve[-1]["normalized_score"]
+
+    def final_o2o() -> dict:
+        return {"pi0": state_dict_cpu(pi0), "pi_ref": actor_ref_sd, "log_alpha": log_alpha.item(), "log_lam": log_lam.item(),
+                "critic_config": run.critic["config"], "reward_transform": reward_transform}
+
+    def save_online(env_rng: str | None) -> None:
+        state["env_rng"] = env_rng
+        o2o = {**final_o2o(), "run": run.progress(state), "online_rb": {k: v[n_pre:rb_online.size].cpu().clone() for k, v in rb_online.data.items()},
+               "rng": rng_state(), "optimizers": {k: opt.state_dict() for k, opt in opts.items()}}
+        run.save_checkpoint("online", actor, qf, qf_target, state["t"], score, o2o)
+
+    porl_pre = args.pre_sample_steps if args.critic_init == "scratch" else 0
+    early = set(early_eval_steps(args.online_steps, args.early_evals))
+    bar = tqdm(range(state["t"], args.online_steps), desc="online", initial=state["t"], total=args.online_steps, disable=None)
+    if state["t"] == 0:  # a resumed run logged its phases when it started them
+        log_phase(writer, "pre_sample" if porl_pre else "online", 0)
+    for _ in bar:
+        with torch.no_grad():
+            o_t = (torch.as_tensor(obs, dtype=torch.float32, device=device) - obs_mean_t) / obs_std_t
+            action = actor.sample(o_t.unsqueeze(0))[0][0].cpu().numpy()
+        next_obs, reward, term, trunc, _ = env.step(np.clip(action, env.action_space.low, env.action_space.high))
+        # store termination only: a time-limit truncation must still be bootstrapped
+        rb_online.add(o_t.unsqueeze(0), action[None], [reward * reward_transform["scale"] + reward_transform["shift"]],
+                      ((torch.as_tensor(next_obs, dtype=torch.float32, device=device) - obs_mean_t) / obs_std_t).unsqueeze(0), [float(term)])
+        obs = next_obs
+        ep_ret, ep_len = ep_ret + float(reward), ep_len + 1
+        state["t"] += 1
+        global_step = state["t"]
+        if porl_pre and global_step == porl_pre:  # PORL: the actor trains from the next env step on
+            log_phase(writer, "online", global_step)
+        if global_step > args.learning_starts:
+            eps_t.fill_(constraint_threshold(global_step, fam["eps0"], fam["eps_end"], args.constraint_horizon))
+            for k in range(args.utd):  # lam steps once per env step; PORL's actor stays frozen during the pre-sample stage
+                met.add(online_step(sample(), eps_t, update_lam=mode["constraint"] and k == 0, update_actor=global_step > porl_pre))
+        if global_step % args.log_every == 0 and met.sums:
+            met.flush(global_step, "online")
+            writer.add_scalar("charts/kl_threshold", constraint_threshold(global_step, fam["eps0"], fam["eps_end"], args.constraint_horizon), global_step)
+            writer.add_scalar("charts/SPS", (global_step - sps_step0) / max(time.time() - sps_t0, 1e-9), global_step)
+        scheduled = global_step % args.eval_every == 0 or global_step == args.online_steps
+        if scheduled or global_step in early:
+            ret, score = run.evaluate(actor)
+            state["n_evals"] += scheduled
+            run.record("pre_sample" if global_step <= porl_pre else "online", global_step, ret, score)
+            writer.add_scalar("eval/episodic_return", ret, global_step)
+            writer.add_scalar("eval/normalized_score", score, global_step)
+            # reference update (docs/algorithms.md, section 3.5)
+            if mode["constraint"] and reference_update_due(args.reference, score, state["best"], scheduled, state["n_evals"],
+                                                           fam["reference_interval"]):
+                actor_ref.load_state_dict(actor.state_dict())
+                actor_ref_sd = state_dict_cpu(actor)
+            state["best"] = max(state["best"], score)
+            bar.set_postfix(score=f"{score:.1f}")
+            tqdm.write(f"env step {global_step}: return {ret:.1f}, normalized score {score:.1f}")
+            atomic_save(run.results(state, False), run.out / "results.json")
+        if term or trunc:
+            writer.add_scalar("charts/episodic_return", ep_ret, global_step)
+            writer.add_scalar("charts/episodic_length", ep_len, global_step)
+            ep_ret, ep_len = 0.0, 0
+            # periodic checkpoint at episode boundaries, so a resumed run restarts exactly at an episode start
+            if global_step - ckpt_t >= args.checkpoint_every or global_step == args.online_steps:
+                save_online(json.dumps(env.unwrapped.np_random.bit_generator.state))
+                ckpt_t = global_step
+            obs, _ = env.reset()
+        if args.stop_after is not None and global_step >= args.stop_after and global_step < args.online_steps:
+            bar.close()
+            env.close()
+            return {"finished": False, "step": global_step}
+    bar.close()
+    env.close()
+    run.phase_done("online", t_phase)
+    run.diagnose("end", actor, pi0, qf)
+    if ckpt_t != state["t"] or not (run.out / "online.pt").exists():
+        save_online(None)  # mid-episode end: a longer rerun continues from here with a fresh episode
+    return {"finished": True, "step": state["t"], "score": score, "state": state, "o2o": {**final_o2o(), "curve": run.curve}}
+
+
+# ---------------------------------------------------------------- main
+def main(args: Args) -> dict:
+    check_tracking(args)
+    validate(args)
+    given, args = args, resolve_budgets(args)  # from here on, the step counts and the lambda lr of --budget-scale
+    device = pick_device(args.device)
+    accel = Accel(device, args.compile, args.cudagraphs, args.bf16)  # bad combinations fail before any loading
+    fam, mode = family_values(args), run_mode(args)
+    env_key = args.env if args.dataset_id is None else args.dataset_id.replace("/", "_")
+    out = Path(args.run_dir) / "o2o_sac" / env_key / (args.run_name or default_run_name(args, mode["buffer_mode"]))
+    check_output_dir(out, "--run-dir")  # before the dataset is loaded: a bad folder fails in seconds
+    data = load_dataset(args.env, args.dataset_id, args.no_download)
+    ckpt_path = resolve_checkpoint(args)
+    ckpt = load_checkpoint(ckpt_path, env_name=args.env if args.dataset_id is None else args.dataset_id, obs_dim=data["obs_dim"], act_dim=data["act_dim"])
+    # the run folder: a run of other settings is refused; an online.pt of the same settings skips every offline phase
+    online_state = check_run_folder(out, phase_key(args, "online", ckpt_path, ckpt), args)
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    set_seed(args.seed)
+    obs_dim, act_dim = data["obs_dim"], data["act_dim"]
+    obs_stats = ckpt["obs_mean"].numpy().astype(np.float32), ckpt["obs_std"].numpy().astype(np.float32)  # the actor's own statistics
+    critic = critic_source(args, ckpt, ckpt_path, obs_dim, act_dim)
+    rb_offline = offline_buffer(args, data, obs_stats, critic["reward_transform"], mode["buffer_mode"], online_state, device)
+    run = Run(args, given, out, data, ckpt, ckpt_path, fam, mode, critic, online_state, rb_offline, obs_stats, device)
+
+    # a tanh-Gaussian offline actor is copied exactly (its own widths); other families are distilled into 3 x 256
+    actor = TanhGaussianActor(obs_dim, act_dim, run.actor_hidden, ckpt["max_action"]).to(device)
+    if online_state is None:
+        pi0 = run_distillation(run, rb_offline, accel)
+    else:
+        pi0 = TanhGaussianActor(obs_dim, act_dim, run.actor_hidden, ckpt["max_action"]).to(device)
+        pi0.load_state_dict(online_state["o2o"]["pi0"])
+        pi0 = frozen(pi0)
+    actor.load_state_dict(pi0.state_dict())
+    qf, qf_target = make_critics(critic, obs_dim, act_dim, device)  # after distillation: pi0 is the same whichever critic a mode uses
+    qf_opt, actor_opt = accel.adam(qf.parameters(), args.critic_lr), accel.adam(actor.parameters(), args.actor_lr)
+    start = None
+    if online_state is None:  # a fresh online phase: the offline phases first, each reused when saved with the same key
+        if "start" not in run.diagnostics:  # (a reused phase brings the diagnostics of the boundaries before it)
+            run.diagnose("start", actor, pi0, qf)
+        if mode["reevaluate"]:
+            run_reevaluation(run, pi0, actor, qf, qf_target, qf_opt, actor_opt, rb_offline, accel)
+        after = run_alignment(run, pi0, actor, qf, qf_target, qf_opt, actor_opt, rb_offline, accel) if mode["align"] else None
+        start = online_start(run, pi0, actor, after)
+    end = run_online(run, pi0, actor, qf, qf_target, qf_opt, actor_opt, rb_offline, accel, start)
+    if not end["finished"]:  # --stop-after: as if killed, without final outputs
+        run.close()
+        return {"stopped_at": end["step"], "run_dir": str(out)}
+
+    run.save_checkpoint("final", actor, qf, qf_target, end["step"], end["score"], end["o2o"])
+    res = run.results(end["state"], True)
+    atomic_save(res, out / "results.json")
+    run.close()
+    print(f"o2o_sac on {args.env}: offline {res['offline_score']:.1f} -> start of online {res['online_start_score']:.1f} -> final "
+          f"{res['final_score']:.1f} (min over first tenth {res['min_first_tenth']:.1f}); outputs in {out}")
+    return res
+
+
+# ==================== INFRASTRUCTURE ====================
+# ---------------------------------------------------------------- arguments: validation, budgets, mode, run name
+RUN_NAME_RE = r"[A-Za-z0-9_-][A-Za-z0-9_.-]*"
+
+
+def validate(args: Args) -> None:
+    """Bad args exit 2 before anything is read or written."""
+    if args.distill_noise < 0:
+        fail(f"--distill-noise must be >= 0, got {args.distill_noise}")
+    if not (math.isfinite(args.budget_scale) and args.budget_scale > 0):
+        fail(f"--budget-scale must be a positive number, got {args.budget_scale}")
+    if args.early_evals < 0 or (args.align_eval_every is not None and args.align_eval_every < 0):
+        fail("--early-evals and --align-eval-every must be >= 0 (0 = none)")
+    positive = ["distill_steps", "online_steps", "utd", "batch_size", "eval_every", "eval_episodes", "log_every",
+                "part_trajectories", "constraint_horizon"]
+    if args.critic_init != "scratch":
+        if not args.no_reevaluate:
+            positive.append("reevaluate_steps")
+        if not args.no_align:
+            positive.append("align_steps")
+    positive += [flag for flag in ("threads", "checkpoint_every", "reference_interval") if getattr(args, flag) is not None]
+    for flag in positive:
+        if getattr(args, flag) <= 0:
+            hint = {"reevaluate_steps": " (or pass --no-reevaluate)", "align_steps": " (or pass --no-align)"}.get(flag, "")
+            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}{hint}")
+    for flag in ("reevaluate_steps", "align_steps", "learning_starts", "pre_sample_steps"):
+        if getattr(args, flag) < 0:
+            fail(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.learning_starts >= args.online_steps:
+        fail(f"--learning-starts {args.learning_starts} >= --online-steps {args.online_steps}: no update would ever run; lower it")
+    if args.critic_init == "scratch" and args.pre_sample_steps >= args.online_steps:
+        fail(f"--pre-sample-steps {args.pre_sample_steps} >= --online-steps {args.online_steps}: PORL would never fine-tune; lower it")
+    if args.stop_after is not None and not 0 < args.stop_after:
+        fail(f"--stop-after must be positive, got {args.stop_after}")
+    if not 0.0 < args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0 or not 0.0 < args.reevaluate_tau <= 1.0:
+        fail("--gamma, --tau and --reevaluate-tau must lie in (0, 1]")
+    if not (math.isfinite(args.reevaluate_tol) and args.reevaluate_tol >= 0):
+        fail(f"--reevaluate-tol must be >= 0 (0 = run every --reevaluate-steps), got {args.reevaluate_tol}")
+    for flag in ("critic_lr", "actor_lr", "alpha_lr", "lambda_lr", "lambda_init"):
+        if not getattr(args, flag) > 0:
+            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    for flag in ("alpha0", "eps0", "eps_end"):
+        v = getattr(args, flag)
+        if v is not None and not v > 0:
+            fail(f"--{flag.replace('_', '-')} must be positive, got {v}")
+    if args.actor_grad_clip is not None and not args.actor_grad_clip >= 0:
+        fail(f"--actor-grad-clip must be >= 0 (0 never clips), got {args.actor_grad_clip}")
+    if args.eps0 is not None and args.eps_end is not None and args.eps_end < args.eps0:
+        fail(f"--eps-end {args.eps_end} < --eps0 {args.eps0}: the KL threshold must loosen; swap them")
+    # no leading dot: `..` would leave <run_dir>/o2o_sac/<env>/, and a hidden folder hides the run
+    if args.run_name is not None and not re.fullmatch(RUN_NAME_RE, args.run_name):
+        fail(f"--run-name {args.run_name!r} may hold only letters, digits, '_', '.', '-' and may not start with '.'")
+    if args.dataset_id is not None and not DATASET_ID_RE.match(args.dataset_id):
+        fail(f"malformed dataset id {args.dataset_id!r}; Minari ids look like namespace/name-v0 (no part may start with '.')")
+
+
+CHECKPOINT_EVERY = 5_000  # the longest default interval of online.pt (env steps, before --budget-scale)
+# the step counts --budget-scale multiplies (every budget and every schedule tied to one)
+BUDGET_FIELDS = ("reevaluate_steps", "align_steps", "online_steps", "pre_sample_steps", "learning_starts", "constraint_horizon",
+                 "eval_every", "align_eval_every", "checkpoint_every", "log_every", "stop_after")
+
+
+def resolve_budgets(args: Args) -> Args:
+    """The effective args of a run (Args itself is never mutated): every step count in BUDGET_FIELDS given or defaulted
+    times --budget-scale F, rounded to an integer >= 1 (0 and None stay as they are), the Lagrange multiplier's learning
+    rate divided by F (Adam moves log lambda by about lr per step, so lr / F over F times the steps reaches as far as
+    the paper's protocol), the default --align-eval-every (align_steps // 10, at least 1) of the scaled budget, and the
+    default --checkpoint-every (CHECKPOINT_EVERY scaled, at most online_steps // 10, at least 1)."""
+    f = args.budget_scale
+
+    def scaled(v: int | None) -> int | None:
+        return v if not v else max(1, math.floor(v * f + 0.5))
+
+    eff = dataclasses.replace(args, **{k: scaled(getattr(args, k)) for k in BUDGET_FIELDS}, lambda_lr=args.lambda_lr / f)
+    if eff.align_eval_every is None:
+        eff = dataclasses.replace(eff, align_eval_every=max(1, eff.align_steps // 10))
+    if eff.checkpoint_every is None:  # at most a tenth of the online phase: a killed short run keeps most of it
+        eff = dataclasses.replace(eff, checkpoint_every=min(scaled(CHECKPOINT_EVERY), max(1, eff.online_steps // 10)))
+    note = f" after --budget-scale {f:g}" if f != 1.0 else ""
+    if eff.learning_starts >= eff.online_steps:
+        fail(f"--learning-starts {eff.learning_starts} >= --online-steps {eff.online_steps}{note}: no update would ever run; lower it")
+    if eff.critic_init == "scratch" and eff.pre_sample_steps >= eff.online_steps:
+        fail(f"--pre-sample-steps {eff.pre_sample_steps} >= --online-steps {eff.online_steps}{note}: PORL would never fine-tune; lower it")
+    return eff
+
+
+def run_mode(args: Args) -> dict[str, Any]:
+    """Which of OCR-CFT's parts run (results.json's "mode"): re-evaluation, alignment and the constraint unless switched
+    off (PORL, --critic-init scratch, runs none of them), and the replay of the online phase (--buffer-mode; default
+    half, none for PORL)."""
+    scratch = args.critic_init == "scratch"
+    align = not (args.no_align or scratch)
+    return {"reevaluate": not (args.no_reevaluate or scratch), "align": align, "align_actor": args.align_actor if align else None,
+            "constraint": not (args.no_constraint or scratch), "critic_init": args.critic_init, "reference": args.reference,
+            "buffer_mode": args.buffer_mode or ("none" if scratch else "half")}
+
+
+def default_run_name(args: Args, buffer_mode: str) -> str:
+    if args.critic_init == "scratch":
+        mode = "porl"
+    elif args.no_reevaluate and args.no_align and args.no_constraint:
+        mode = "naive"
+    else:
+        off = [n for n, f in (("noreeval", args.no_reevaluate), ("noalign", args.no_align), ("noconstraint", args.no_constraint)) if f]
+        mode = "-".join(["o2sac", *off])
+    if args.reference != "best":
+        mode += f"_ref-{args.reference}"
+    if buffer_mode != ("none" if args.critic_init == "scratch" else "half"):
+        mode += f"_buf-{buffer_mode}"
+    return f"{args.offline_algo if args.checkpoint is None else 'ckpt'}_{mode}_seed{args.seed}"
+
+
+# ---------------------------------------------------------------- inputs: offline checkpoint, critics, replay memory
+def resolve_checkpoint(args: Args) -> Path:
+    if args.checkpoint is not None:
+        path = Path(args.checkpoint)
+        if not path.is_file():
+            fail(f"--checkpoint {path} does not exist; pass the checkpoint.pt written by offline_pretrain.py")
+        return path
+    env_key = args.env if args.dataset_id is None else args.dataset_id.replace("/", "_")
+    path = Path(args.run_dir) / "offline" / args.offline_algo / env_key / f"seed{args.seed}" / "checkpoint.pt"
+    if not path.is_file():
+        cmd = f"python offline_pretrain.py --algo {args.offline_algo} --env {args.env} --seed {args.seed}"
+        if args.dataset_id is not None:
+            cmd += f" --dataset-id {args.dataset_id}"
+        if args.run_dir != "runs":
+            cmd += f" --run-dir {args.run_dir}"
+        fail(f"no offline checkpoint at {path}; train one with: {cmd} (or pass --checkpoint PATH)")
+    return path
+
+
+def critic_source(args: Args, ckpt: dict, ckpt_path: Path, obs_dim: int, act_dim: int) -> dict:
+    """Where the critics come from. --no-reevaluate keeps the checkpoint's critic when it has one, with its target
+    critics and its reward scale (keeping the critic means keeping the rewards it learned on); otherwise new LayerNorm
+    critics learn on raw rewards. A damaged checkpoint critic exits 2 here, before any phase."""
+    keep = args.no_reevaluate and args.critic_init != "scratch" and bool(ckpt.get("critics")) and "qf" in ckpt["critics"]
+    if not keep:
+        return {"config": {"hidden": list(CRITIC_HIDDEN), "layer_norm": True, "from": "new"}, "reward_transform": {"scale": 1.0, "shift": 0.0},
+                "handling": "raw", "qf": None, "qf_target": None}
+    cc = ckpt["critic_config"] or {}
+    config = {"hidden": list(cc.get("hidden", CRITIC_HIDDEN)), "layer_norm": bool(cc.get("layer_norm", False)), "from": "checkpoint"}
+    qf_target = ((ckpt.get("train_state") or {}).get("modules") or {}).get("qf_target")
+    try:  # a damaged critic stops here, before any phase, rather than with a traceback where the phase loads it
+        trial = Critic(obs_dim, act_dim, config["hidden"], n=2, layer_norm=config["layer_norm"])
+        for sd in (ckpt["critics"]["qf"], qf_target):
+            if sd is not None:
+                trial.load_state_dict(sd)
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        reason = " ".join(str(e).split())[:300] or type(e).__name__  # load_state_dict's message spans lines
+        fail(f"checkpoint {ckpt_path}: its critic weights do not match its critic_config ({reason}); the file is damaged or was "
+             f"edited; retrain it with offline_pretrain.py or pass another checkpoint")
+    return {"config": config, "reward_transform": dict(ckpt["reward_transform"]), "handling": "checkpoint", "qf": ckpt["critics"]["qf"],
+            "qf_target": qf_target}
+
+
+def make_critics(critic: dict, obs_dim: int, act_dim: int, device: torch.device) -> tuple[Critic, Critic]:
+    """The critics and their targets of critic_source: new ones (targets a copy), or the checkpoint's with its targets
+    (a copy of the critics when it has none)."""
+    if critic["config"]["from"] == "checkpoint":
+        qf = Critic(obs_dim, act_dim, critic["config"]["hidden"], n=2, layer_norm=critic["config"]["layer_norm"]).to(device)
+        qf.load_state_dict(critic["qf"])
+    else:
+        qf = make_critic(obs_dim, act_dim).to(device)
+    qf_target = frozen(qf)
+    if critic["qf_target"] is not None:
+        qf_target.load_state_dict(critic["qf_target"])
+    return qf, qf_target
+
+
+def offline_buffer(args: Args, data: dict, obs_stats: tuple[np.ndarray, np.ndarray], reward_transform: dict, buffer_mode: str,
+                   online_state: dict | None, device: torch.device) -> ReplayBuffer:
+    """The offline data on the device, normalised with the offline actor's statistics, rewards through the critics'
+    transform; then the online replay (with --buffer-mode all / part, the offline part first) and a batch are
+    allocated once, before any phase runs: a size no memory holds exits 2 with the flag to lower."""
+    try:
+        rb_offline = ReplayBuffer.from_dataset(data, *obs_stats, device, reward_transform["scale"], reward_transform["shift"])
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
+        fail(f"the dataset's {len(data['rewards'])} transitions do not fit in the memory of {device}; use another --device or a smaller dataset")
+    n_pre = {"all": len(data["rewards"]), "part": len(offline_trajectory_indices(data, args.part_trajectories))}.get(buffer_mode, 0)
+    capacity = n_pre + max(args.online_steps, online_state["o2o"]["run"]["t"] if online_state is not None else 0)
+    row = 2 * data["obs_dim"] + data["act_dim"] + 2  # obs, action, reward, next obs, terminal
+    check_allocations([
+        (capacity, row, f"--online-steps {args.online_steps}: a replay buffer of {capacity} transitions"
+         + (f" ({n_pre} of them offline data, --buffer-mode {buffer_mode})" if n_pre else ""),
+         "lower --online-steps" + (" or use --buffer-mode half" if n_pre else "")),
+        (args.batch_size, row, f"a batch of --batch-size {args.batch_size}", "lower it")], device)
+    return rb_offline
+
+
+def prepare_run_folder(out: Path, args: Args) -> None:
+    """--overwrite: an earlier run's outputs deleted; the folder created; --no-resume: a stale online state deleted (a
+    later run must not resume it either)."""
+    if args.overwrite:
+        clear_run_folder(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--run-dir: cannot create {out} ({e.strerror}); pass a folder you can write to")
+    if args.no_resume:
+        for name in ("online.pt", "final.pt", "results.json"):
+            (out / name).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- phase keys and checkpoints
+# args that never change what a phase computes (excluded when deciding whether a saved phase can be reused); the
+# speed flags compute the same math, so a run may be resumed with or without them
+NOT_STATE = {"no_resume", "overwrite", "stop_after", "log_every", "online_steps", "device", "threads", "run_dir", "run_name",
+             "checkpoint_every", "compile", "cudagraphs", "bf16", "budget_scale",  # the phase keys hold the scaled values themselves
+             "track", "wandb_project_name", "wandb_entity"}
+ONLINE_ONLY = {"no_constraint", "reference", "reference_interval", "buffer_mode", "part_trajectories", "eps0", "eps_end", "utd",
+               "learning_starts", "pre_sample_steps", "alpha_lr", "lambda_init", "lambda_lr", "constraint_horizon", "kl_floor", "eval_every",
+               "actor_grad_clip", "early_evals"}
+ALIGN_ONLY = {"no_align", "align_steps", "align_actor", "align_eval_every"}
+# bumped whenever what a saved phase holds or means changes, so older phase checkpoints are recomputed, never misread
+# (2: target critics and optimiser states carried across the phases; 3: the key at the top level, "phase_key")
+PHASE_FORMAT = 3
+
+
+def phase_key(args: Args, phase: str, ckpt_path: Path, ckpt: dict) -> dict:
+    """The args that determine what a phase computes; a saved phase is reused only when this matches."""
+    drop = set(NOT_STATE)
+    if phase in ("reevaluated", "aligned"):
+        drop |= ONLINE_ONLY
+    if phase == "reevaluated":
+        drop |= ALIGN_ONLY
+    key = {k: v for k, v in asdict(args).items() if k not in drop}
+    # the checkpoint's content, not its path: a checkpoint retrained at the same path invalidates every saved phase
+    key["offline_checkpoint"] = [file_digest(ckpt_path), ckpt["algo"]]
+    key["phase_format"] = PHASE_FORMAT
+    return key
+
+
+# ---------------------------------------------------------------- the run context
+class Run:
+    """Outputs of one run: folder, tensorboard, evaluator, curve, phase wall-clock, boundary diagnostics, the phases it
+    reused, and its phase checkpoints (reuse / save_phase / save_checkpoint) and results.json (results)."""
+
+    def __init__(self, args: Args, given: Args, out: Path, data: dict, ckpt: dict, ckpt_path: Path, fam: dict, mode: dict, critic: dict,
+                 online_state: dict | None, rb_offline: ReplayBuffer, obs_stats: tuple[np.ndarray, np.ndarray], device: torch.device):
+        self.args, self.out, self.data, self.ckpt, self.ckpt_path, self.device = args, out, data, ckpt, ckpt_path, device
+        self.fam, self.mode, self.critic, self.online_state, self.obs_stats = fam, mode, critic, online_state, obs_stats
+        self.actor_hidden = list(ckpt["actor_config"]["hidden"]) if ckpt["actor_family"] == "tanh_gaussian" else list(ACTOR_HIDDEN)
+        self.evaluator = Evaluator(data["env_spec"], args.eval_episodes, args.seed + 100, obs_stats[0], obs_stats[1], device)
+        # diagnostics: the same dataset states (and actions) at every phase boundary, drawn once from the run's seed with a
+        # generator of their own, so the training's random streams are the same with or without them
+        idx = torch.randperm(rb_offline.size, generator=torch.Generator().manual_seed(args.seed))[:DIAG_STATES].to(device)
+        self.diag_obs, self.diag_actions = rb_offline.data["obs"][idx], rb_offline.data["actions"][idx]
+        prepare_run_folder(out, args)
+        atomic_save(asdict(given), out / "args.json")
+        self.tracker = start_tracking(args, asdict(given), out)
+        self.writer = SummaryWriter(str(out))
+        self.writer.add_text("args", json.dumps(asdict(given)))
+        self.writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
+        self.curve: list[dict] = []
+        self.wall: dict[str, float] = {}
+        self.reused: list[str] = []
+        self.diagnostics: dict[str, dict[str, float]] = {}  # per phase boundary, kept in the phase checkpoints
+        self.offline: tuple[float, float] | None = None  # the offline actor's return and score
+        self.distillation: dict | None = None  # how distillation ended (run_distillation); None: no distillation
+        self.reevaluation: dict | None = None  # how re-evaluation ended (run_reevaluation); None: no re-evaluation
+        self.keys: dict[str, dict] = {}
+        self.saved: dict[str, dict | None] = {}  # phase -> its reusable checkpoint (reuse)
+
+    def evaluate(self, actor: nn.Module) -> tuple[float, float]:
+        returns = self.evaluator(actor.act)
+        return float(returns.mean()), float(normalized_score(returns.mean(), self.data["ref_min_score"], self.data["ref_max_score"]))
+
+    def record(self, phase: str, step: int, ret: float, score: float) -> None:
+        """One point of the curve (the shared block "results" says what each phase means)."""
+        self.curve.append({"step": step, "normalized_score": score, "return": ret, "phase": phase})
+
+    def diagnose(self, boundary: str, actor: TanhGaussianActor, pi0: TanhGaussianActor, qf: Critic) -> None:
+        self.diagnostics[boundary] = boundary_diagnostics(actor, pi0, qf, self.diag_obs, self.diag_actions, seed=self.args.seed)
+        for k, v in self.diagnostics[boundary].items():
+            self.writer.add_scalar(f"diagnostics/{k}", v, BOUNDARIES.index(boundary))
+
+    def phase_done(self, name: str, t0: float) -> None:
+        self.wall[name] = self.wall.get(name, 0.0) + time.time() - t0
+
+    def key(self, phase: str) -> dict:
+        """phase_key of reevaluated.pt, aligned.pt, or the online phase's (online.pt, final.pt); computed once."""
+        if phase not in self.keys:
+            self.keys[phase] = phase_key(self.args, phase, self.ckpt_path, self.ckpt)
+        return self.keys[phase]
+
+    def reuse(self, phase: str) -> dict | None:
+        """The saved checkpoint of `phase` (reevaluated, aligned) made with this run's key, when this run's mode has the
+        phase; None: the phase is computed. Read once per run."""
+        if phase not in self.saved:
+            on = self.mode[{"reevaluated": "reevaluate", "aligned": "align"}[phase]]
+            self.saved[phase] = load_phase(self.out / f"{phase}.pt", self.key(phase), self.args.no_resume) if on else None
+        return self.saved[phase]
+
+    def restore(self, saved: dict, qf: Critic, qf_target: Critic, opts: dict[str, torch.optim.Optimizer], accel: Accel) -> None:
+        """Critics, target critics, optimisers and RNG states as a phase checkpoint left them."""
+        qf.load_state_dict(saved["critics"]["qf"])
+        qf_target.load_state_dict(saved["critics"]["qf_target"])
+        for k, opt in opts.items():
+            if k in saved["o2o"]["optimizers"]:
+                accel.load_optimizer(opt, saved["o2o"]["optimizers"][k])
+        set_rng_state(saved["o2o"]["rng"])
+
+    def save_checkpoint(self, name: str, actor: TanhGaussianActor, qf: Critic, qf_target: Critic, step: int, score: float, o2o: dict) -> None:
+        """<out>/<name>.pt in the format of offline checkpoints (loadable by load_checkpoint and actor_from_checkpoint),
+        with the critics and the key of the settings it was made with (phase_key); the run state (pi0, reference actor,
+        Lagrange and temperature, optimisers, RNG, curve) under "o2o"."""
+        c, data = self.ckpt, self.data
+        atomic_save({
+            "format_version": CHECKPOINT_FORMAT, "algo": "o2o_sac", "env_name": c["env_name"], "dataset_id": c["dataset_id"],
+            "local_standin": data["local_standin"], "env_spec": c["env_spec"], "obs_dim": c["obs_dim"], "act_dim": c["act_dim"],
+            "max_action": c["max_action"], "actor_family": "tanh_gaussian",
+            "actor_config": {"hidden": [m.out_features for m in actor.net if isinstance(m, nn.Linear)]},
+            "actor": state_dict_cpu(actor), "critics": {"qf": state_dict_cpu(qf), "qf_target": state_dict_cpu(qf_target)},
+            "critic_config": o2o["critic_config"], "obs_mean": c["obs_mean"], "obs_std": c["obs_std"],
+            "reward_transform": o2o["reward_transform"], "ref_min_score": data["ref_min_score"], "ref_max_score": data["ref_max_score"],
+            "args": asdict(self.args), "grad_steps": step, "eval_normalized_score": score,
+            "phase_key": self.key(name if name in ("reevaluated", "aligned") else "online"), "o2o": o2o,
+        }, self.out / f"{name}.pt")
+
+    def save_phase(self, name: str, pi0: TanhGaussianActor, actor: TanhGaussianActor, qf: Critic, qf_target: Critic, step: int, score: float,
+                   extra: dict) -> None:
+        """reevaluated.pt / aligned.pt: the phase's networks with what the phases before it produced (pi0, the offline
+        and distilled scores, the re-evaluation's outcome), the curve and diagnostics so far, the RNG states."""
+        o2o = {"pi0": state_dict_cpu(pi0), "offline_return": self.offline[0], "offline_score": self.offline[1], "distill": self.distillation,
+               "critic_config": self.critic["config"], "reward_transform": self.critic["reward_transform"], "reevaluation": self.reevaluation,
+               "rng": rng_state(), "curve": self.curve, "diagnostics": self.diagnostics, **extra}
+        self.save_checkpoint(name, actor, qf, qf_target, step, score, o2o)
+
+    def progress(self, state: dict) -> dict:
+        """The online phase's progress as online.pt keeps it: `state` (run_online's counters) and what this run holds."""
+        return {**state, "curve": self.curve, "wall": self.wall, "reused": self.reused, "distill": self.distillation,
+                "diagnostics": self.diagnostics, "reevaluation": self.reevaluation}
+
+    def load_progress(self, saved: dict) -> dict:
+        """The inverse of progress, for a resumed online phase; returns run_online's counters."""
+        saved = dict(saved)
+        self.curve, self.wall, self.distillation = saved.pop("curve"), saved.pop("wall"), saved.pop("distill")
+        self.diagnostics, self.reevaluation = saved.pop("diagnostics"), saved.pop("reevaluation")
+        self.reused = sorted(set(saved.pop("reused")) | {"online"})
+        return saved
+
+    def results(self, state: dict, finished: bool) -> dict:
+        args, mode, c = self.args, self.mode, self.curve
+        return results_record(
+            script="o2o_sac", algo="sac", method=method_name(mode["reevaluate"], mode["align"], mode["constraint"], scratch=args.critic_init == "scratch"),
+            mode=mode, env=args.env, data=self.data, seed=args.seed, offline_algo=self.ckpt["algo"], offline_checkpoint=self.ckpt_path,
+            curve=c, online_start_score=state["after_align_score"], online_steps=args.online_steps, online_steps_done=state["t"],
+            budget_scale=args.budget_scale, wall_clock_s=self.wall, finished=finished, run_dir=self.out,
+            offline_actor_family=self.ckpt["actor_family"], critic=self.critic["config"],
+            budget={**{k: getattr(args, k) for k in BUDGET_FIELDS}, "lambda_lr": args.lambda_lr},
+            family_defaults=self.fam, reward_handling=self.critic["handling"], reward_transform=self.critic["reward_transform"],
+            online_start=state.get("start"), distillation=self.distillation, reevaluation=self.reevaluation, reused_phases=self.reused,
+            diagnostics={"states": int(self.diag_obs.shape[0]), "samples_per_state": DIAG_SAMPLES, "boundaries": self.diagnostics,
+                         "align_eval_every": args.align_eval_every if mode["align"] else None,
+                         "align_scores": [[p["step"], p["normalized_score"]] for p in c if p["phase"] == "align"],
+                         "early_eval_steps": early_eval_steps(args.online_steps, args.early_evals)})
+
+    def close(self) -> None:
+        self.writer.close()
+        finish_tracking(self.tracker)
+        self.evaluator.close()
+
+
+# the run folder (the same rules in o2o_sac.py, o2o_td3.py, o2o_ppo.py; the shared block "runfolder")
+# A run folder is never taken over silently; what it holds is checked before anything is computed or written. A
+# finished run (final.pt) of other settings is refused unless --overwrite; an unfinished one (online.pt) of other
+# settings is refused unless --no-resume (its online phase starts afresh) or --overwrite; a run of the same settings
+# resumes (a finished one: extended to a larger --online-steps); a saved phase of other settings is recomputed with a
+# notice. The settings are the online key: every argument that changes what the run computes, and the offline
+# checkpoint's content.
+RUN_OUTPUTS = ("args.json", "results.json", "final.pt", "online.pt", "reevaluated.pt", "aligned.pt")
+KEY_WORDS = {"offline_checkpoint": "another offline checkpoint (its content differs)", "phase_format": "an older format of the saved phases"}
+
+
 # --- shared: utils ---
 def fail(message: str) -> NoReturn:
     """Bad input: one line on stderr that names the fix, exit status 2, no traceback."""
@@ -655,19 +1730,85 @@ D4RL_REF_SCORES = {
     "halfcheetah": (-280.178953, 12135.0),
     "walker2d": (1.629008, 4592.3),
     "ant": (-325.6727, 3879.7),
+    "antmaze": (0.0, 1.0),  # D4RL's: an evaluation return is 1 for reaching the goal, else 0 (antmaze_eval_spec)
 }
 HOSTED_LEVELS = {"medium": ["medium-v0"], "expert": ["expert-v0"], "medium-expert": ["medium-v0", "expert-v0"]}
+# AntMaze, D4RL's second benchmark: `antmaze-<name>-v2` -> Minari's re-collection on gymnasium-robotics (the id, and the
+# env the data was collected on, continuing_task=True and reset_target=False: the episode never terminates, the goal
+# stays put, and the sparse reward 1{|xy - goal| <= 0.45} accumulates while the ant stays at the goal; 700 steps per
+# episode on umaze, 1000 on medium and large). Source: minari-dataset-generation-scripts, scripts/antmaze/.
+ANTMAZE_DATASETS = {
+    "umaze": ("D4RL/antmaze/umaze-v1", "AntMaze_UMaze-v4"),
+    "umaze-diverse": ("D4RL/antmaze/umaze-diverse-v1", "AntMaze_UMaze-v4"),
+    "medium-play": ("D4RL/antmaze/medium-play-v1", "AntMaze_Medium-v4"),
+    "medium-diverse": ("D4RL/antmaze/medium-diverse-v1", "AntMaze_Medium_Diverse_GR-v4"),
+    "large-play": ("D4RL/antmaze/large-play-v1", "AntMaze_Large-v4"),
+    "large-diverse": ("D4RL/antmaze/large-diverse-v1", "AntMaze_Large_Diverse_GR-v4"),
+}
+# the maze of antmaze-umaze (D4RL's U_MAZE_TEST, rows in gymnasium-robotics' order): start r bottom left, goal g top left
+ANTMAZE_UMAZE_MAP = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, "r", 0, 0, 1], [1, 1, 1, 1, 1]]
+# the mazes of Minari's AntMaze evaluation envs (eval_env_spec), by size. The umaze one is the MIRROR image of the maze
+# the umaze data were collected in (its gap is on the other side; Minari issue #304), so evaluation on umaze and
+# umaze-diverse uses ANTMAZE_UMAZE_MAP instead, D4RL's task: the data's maze, from r to g (see antmaze_eval_spec)
+ANTMAZE_EVAL_MAPS = {
+    "umaze": [[1, 1, 1, 1, 1], [1, 0, 0, "r", 1], [1, 0, 1, 1, 1], [1, 0, 0, "g", 1], [1, 1, 1, 1, 1]],
+    "medium": [[1, 1, 1, 1, 1, 1, 1, 1], [1, "r", 0, 1, 1, 0, 0, 1], [1, 0, 0, 1, 0, 0, 0, 1], [1, 1, 0, 0, 0, 1, 1, 1],
+               [1, 0, 0, 1, 0, 0, 0, 1], [1, 0, 1, 0, 0, 1, 0, 1], [1, 0, 0, 0, 1, 0, "g", 1], [1, 1, 1, 1, 1, 1, 1, 1]],
+    "large": [[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], [1, "r", 0, 0, 0, 1, 0, 0, 0, 0, 0, 1], [1, 0, 1, 1, 0, 1, 0, 1, 0, 1, 0, 1],
+              [1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1], [1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 0, 1], [1, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 1],
+              [1, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1], [1, 0, 0, 1, 0, 0, 0, 1, 0, "g", 0, 1], [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]],
+}
+# Dict (goal-env) observations are flattened in this order, the same in the dataset, online and in evaluation: for
+# AntMaze [achieved_goal (x, y), observation (the other 13 qpos and 14 qvel), desired_goal (x, y)], 31 numbers whose
+# first 29 are D4RL's AntMaze state (qpos, qvel)
+GOAL_OBS_KEYS = ("achieved_goal", "observation", "desired_goal")
 # no part may start with a dot: `..` would leave the store, and hidden folders are make_dataset.py's staging area
 DATASET_ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*-v\d+$")
 
 
 def parse_env_name(name: str) -> tuple[str, str]:
-    """`hopper-medium-replay-v2` -> ("hopper", "medium-replay"); unknown names exit 2 listing the known ones."""
+    """`hopper-medium-replay-v2` -> ("hopper", "medium-replay"), `antmaze-umaze-diverse-v2` -> ("antmaze", "umaze-diverse");
+    unknown names exit 2 listing the known ones."""
     m = re.fullmatch(r"([a-z0-9]+)-(.+)-v\d+", name)
+    if m is not None and m.group(1) == "antmaze" and m.group(2) in ANTMAZE_DATASETS:
+        return m.group(1), m.group(2)
     if m is None or m.group(1) not in D4RL_ENVS or m.group(2) not in D4RL_LEVELS:
-        known = ", ".join(f"{e}-{lvl}-v2" for e in D4RL_ENVS for lvl in D4RL_LEVELS)
+        known = ", ".join([f"{e}-{lvl}-v2" for e in D4RL_ENVS for lvl in D4RL_LEVELS] + [f"antmaze-{n}-v2" for n in ANTMAZE_DATASETS])
         fail(f"unknown env {name!r}; known: {known} (or pass any Minari id with --dataset-id)")
     return m.group(1), m.group(2)
+
+
+def flatten_obs(obs: Any) -> np.ndarray:
+    """One flat observation (or a batch, along the last axis) from a Box observation (returned as it is) or a goal-env
+    Dict observation (its GOAL_OBS_KEYS concatenated in that order). THE flattening of the dataset, of the online env
+    and of evaluation (make_env wraps Dict-observation envs in FlattenGoalObs, which calls this)."""
+    if not isinstance(obs, dict):
+        return obs
+    missing = [k for k in GOAL_OBS_KEYS if k not in obs]
+    if missing or len(obs) != len(GOAL_OBS_KEYS):
+        fail(f"Dict observations with keys {sorted(obs)} are not supported; only goal-env observations {', '.join(GOAL_OBS_KEYS)}")
+    return np.concatenate([np.asarray(obs[k]) for k in GOAL_OBS_KEYS], axis=-1)
+
+
+def is_antmaze_spec(env_spec: str) -> bool:
+    """Whether an env spec (JSON, or a plain id) is a gymnasium-robotics AntMaze env: the one test of the AntMaze family."""
+    env_id = json.loads(env_spec)["id"] if env_spec.lstrip().startswith("{") else env_spec
+    return env_id.startswith("AntMaze_")
+
+
+def antmaze_eval_spec(env_spec: str) -> str:
+    """The evaluation env of an AntMaze dataset, D4RL's protocol: the episode TERMINATES when the goal is reached
+    (continuing_task=False, reset_target=False: reward 1 on that step, 0 before), so an episode's return is 1 for a
+    success and 0 otherwise and the normalised score (reference returns 0 and 1) is 100 x the success rate; 700 steps
+    on umaze, 1000 on medium and large, as the spec says. Minari's mirrored umaze evaluation maze (ANTMAZE_EVAL_MAPS)
+    is replaced by the data's maze with D4RL's start and goal (ANTMAZE_UMAZE_MAP)."""
+    spec = json.loads(env_spec) if env_spec.lstrip().startswith("{") else json.loads(make_env(env_spec, flatten=False).spec.to_json())
+    kwargs = dict(spec.get("kwargs") or {})
+    if kwargs.get("maze_map") == ANTMAZE_EVAL_MAPS["umaze"]:
+        kwargs["maze_map"] = ANTMAZE_UMAZE_MAP
+    kwargs.update(continuing_task=False, reset_target=False)
+    spec["kwargs"] = kwargs
+    return json.dumps(spec)
 
 
 def minari_store(write: bool = False) -> Path:
@@ -703,6 +1844,8 @@ def _build_command(dataset_id: str) -> str:
     m = re.fullmatch(r"local/([a-z0-9]+)/(.+)-v0", dataset_id)
     if m and m.group(1) in D4RL_ENVS and m.group(2) in D4RL_LEVELS:
         return f"python make_dataset.py --env {m.group(1)}-{m.group(2)}-v2"
+    if m and m.group(1) == "antmaze" and m.group(2) in ANTMAZE_DATASETS:
+        return f"python make_dataset.py --env antmaze-{m.group(2)}-v2 --random-steps 100000"
     return "make_dataset.py"
 
 
@@ -748,7 +1891,10 @@ def resolve_dataset(env: str, dataset_id: str | None = None, no_download: bool =
             _download(dataset_id)
         return [dataset_id], dataset_id.startswith("local/")
     name, level = parse_env_name(env)
-    hosted = [f"mujoco/{name}/{v}" for v in HOSTED_LEVELS.get(level, [])]
+    if name == "antmaze":
+        hosted = [ANTMAZE_DATASETS[level][0]]
+    else:
+        hosted = [f"mujoco/{name}/{v}" for v in HOSTED_LEVELS.get(level, [])]
     if hosted and all(_dataset_exists(i) for i in hosted):
         return hosted, False
     local = f"local/{name}/{level}-v0"
@@ -759,6 +1905,9 @@ def resolve_dataset(env: str, dataset_id: str | None = None, no_download: bool =
             if not _dataset_exists(i):
                 _download(i)
         return hosted, False
+    if name == "antmaze":  # make_dataset.py cannot rebuild the hosted data (a maze-solving controller), only a random stand-in
+        fail(f"no dataset for {env} (looked for {', '.join(hosted + [local])}); download it on a machine with network "
+             f"(minari download {hosted[0]}) into the Minari store, or build a random-action stand-in for trials: {_build_command(local)}")
     fail(f"no dataset for {env} (looked for {', '.join(hosted + [local])}); build it with: python make_dataset.py --env {env}")
 
 
@@ -785,7 +1934,7 @@ def load_dataset(env: str, dataset_id: str | None = None, no_download: bool = Fa
         if not meta:
             meta = ds.storage.metadata
         for ep in episodes:
-            obs = np.asarray(ep.observations, dtype=np.float32)
+            obs = np.asarray(flatten_obs(ep.observations), dtype=np.float32)
             if obs.ndim != 2:
                 fail(f"dataset {i} has non-flat observations {obs.shape}; only Box observations are supported")
             n = len(ep.rewards)
@@ -806,13 +1955,16 @@ def load_dataset(env: str, dataset_id: str | None = None, no_download: bool = Fa
     env_spec = meta.get("eval_env_spec") or meta.get("env_spec")
     if env_spec is None:
         fail(f"dataset {ids[0]} records no environment spec; it cannot be evaluated")
+    env_spec = env_spec if isinstance(env_spec, str) else json.dumps(env_spec)
     ref = (meta.get("ref_min_score"), meta.get("ref_max_score"))
-    if dataset_id is None and None in ref:
+    if is_antmaze_spec(env_spec):  # D4RL's protocol, whatever the metadata says: success rate x 100 (antmaze_eval_spec)
+        env_spec, ref = antmaze_eval_spec(env_spec), D4RL_REF_SCORES["antmaze"]
+    elif dataset_id is None and None in ref:
         ref = D4RL_REF_SCORES[parse_env_name(env)[0]]
     data.update(
         dataset_ids=ids,
         local_standin=local,
-        env_spec=env_spec if isinstance(env_spec, str) else json.dumps(env_spec),
+        env_spec=env_spec,
         ref_min_score=float(ref[0]) if ref[0] is not None else 0.0,
         ref_max_score=float(ref[1]) if ref[1] is not None else 1.0,
         episode_returns=np.asarray(returns, dtype=np.float32),
@@ -871,9 +2023,37 @@ class ReplayBuffer:
 
 
 # --- shared: evaluation ---
-def make_env(env_spec: str) -> gym.Env:
-    """An environment from the JSON spec a dataset (and every checkpoint) records, or from a plain env id."""
-    return gym.make(EnvSpec.from_json(env_spec) if env_spec.lstrip().startswith("{") else env_spec)
+class FlattenGoalObs(gym.ObservationWrapper):
+    """A goal env (Dict observations: achieved_goal, observation, desired_goal) seen as a Box env through flatten_obs."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        spaces = env.observation_space.spaces
+        low = np.concatenate([np.broadcast_to(spaces[k].low, spaces[k].shape) for k in GOAL_OBS_KEYS])
+        high = np.concatenate([np.broadcast_to(spaces[k].high, spaces[k].shape) for k in GOAL_OBS_KEYS])
+        self.observation_space = gym.spaces.Box(low, high, dtype=np.float64)
+
+    def observation(self, observation: dict) -> np.ndarray:
+        return flatten_obs(observation)
+
+
+def make_env(env_spec: str, flatten: bool = True) -> gym.Env:
+    """An environment from the JSON spec a dataset (and every checkpoint) records, or from a plain env id. Goal envs
+    (AntMaze) come with their Dict observations flattened as in the dataset (FlattenGoalObs), unless flatten=False."""
+    spec = EnvSpec.from_json(env_spec) if env_spec.lstrip().startswith("{") else env_spec
+    if not is_antmaze_spec(env_spec):
+        return gym.make(spec)
+    import contextlib
+    import io
+    import warnings
+
+    with contextlib.redirect_stderr(io.StringIO()):  # its import prints a notice about the Adroit envs
+        import gymnasium_robotics
+    gym.register_envs(gymnasium_robotics)
+    with warnings.catch_warnings():  # the datasets were collected on AntMaze_*-v4 on purpose: no "out of date" warning
+        warnings.filterwarnings("ignore", message=".*is out of date.*")
+        env = gym.make(spec)
+    return FlattenGoalObs(env) if flatten else env
 
 
 class Evaluator:
@@ -972,441 +2152,6 @@ def file_digest(path: Path) -> str:
 # --- end shared: checkpoint ---
 
 
-# ---------------------------------------------------------------- per-dataset-family defaults (the official O2SAC configs)
-# Keyed by the level parsed from --env; explicit --alpha0 / --eps0 / --eps-end / --actor-grad-clip / --reference-interval
-# override. "random" is not in the paper: it gets the medium values. interval_grad_clip: the actor's gradient-norm clip
-# with --reference interval (0 = none); reference_interval: the default --reference-interval (1 where a row has none);
-# a "<env>-<level>" row overrides its level's row for that environment only.
-FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
-    "medium": dict(alpha0=0.2, eps0=0.125, eps_end=2.0, interval_grad_clip=0.0),
-    "medium-replay": dict(alpha0=0.2, eps0=0.125, eps_end=2.0, interval_grad_clip=0.0),
-    "random": dict(alpha0=0.2, eps0=0.125, eps_end=2.0, interval_grad_clip=0.0),
-    "medium-expert": dict(alpha0=0.5, eps0=0.005, eps_end=0.125, interval_grad_clip=0.0),
-    "expert": dict(alpha0=0.5, eps0=0.005, eps_end=0.125, interval_grad_clip=0.0),
-    # the official code copies the reference every 10 evaluations on hopper's expert data, and clips the actor at 0.25
-    "hopper-medium-expert": dict(interval_grad_clip=0.25, reference_interval=10),
-    "hopper-expert": dict(interval_grad_clip=0.25, reference_interval=10),
-}
-ACTOR_HIDDEN = (256, 256, 256)
-CRITIC_HIDDEN = (256, 256, 256)
-DISTILL_LR = 3e-4
-CHECKPOINT_EVERY = 5_000  # the longest default interval of online.pt (env steps, before --budget-scale)
-RUN_NAME_RE = r"[A-Za-z0-9_-][A-Za-z0-9_.-]*"
-# args that never change what a phase computes (excluded when deciding whether a saved phase can be reused); the
-# speed flags compute the same math, so a run may be resumed with or without them
-NOT_STATE = {"no_resume", "overwrite", "stop_after", "log_every", "online_steps", "device", "threads", "run_dir", "run_name",
-             "checkpoint_every", "compile", "cudagraphs", "bf16", "budget_scale",  # the phase keys hold the scaled values themselves
-             "track", "wandb_project_name", "wandb_entity"}
-ONLINE_ONLY = {"no_constraint", "reference", "reference_interval", "buffer_mode", "part_trajectories", "eps0", "eps_end", "utd",
-               "learning_starts", "pre_sample_steps", "alpha_lr", "lambda_init", "lambda_lr", "constraint_horizon", "kl_floor", "eval_every",
-               "actor_grad_clip", "early_evals"}
-ALIGN_ONLY = {"no_align", "align_steps", "align_actor", "align_eval_every"}
-# bumped whenever what a saved phase holds or means changes, so older phase checkpoints are recomputed, never misread
-# (2: target critics and optimiser states carried across the phases)
-PHASE_FORMAT = 2
-
-
-def family_values(args: Args) -> dict[str, Any]:
-    """alpha0, eps0, eps_end, actor_grad_clip, reference_interval: explicit flags first, else the FAMILY_DEFAULTS row of
-    --env's level (and of its environment, where the table has one)."""
-    m = re.fullmatch(r"([a-z0-9]+)-(.+)-v\d+", args.env)
-    if args.dataset_id is None:
-        name, level = parse_env_name(args.env)  # unknown names exit 2 listing the known ones
-    else:  # any Minari id: the level of --env if it names one, else the values must be given
-        name, level = (m.group(1), m.group(2)) if m and m.group(2) in D4RL_LEVELS else ("", None)
-    row = {**FAMILY_DEFAULTS.get(level or "", {}), **FAMILY_DEFAULTS.get(f"{name}-{level}", {})}
-    vals: dict[str, Any] = {"level": level}
-    for k in ("alpha0", "eps0", "eps_end"):
-        v = getattr(args, k)
-        if v is None:
-            if level is None:
-                fail(f"--env {args.env} names no dataset level ({', '.join(D4RL_LEVELS)}); pass --alpha0, --eps0 and --eps-end")
-            v = row[k] / 4.0 if (k == "eps_end" and args.reference == "interval") else row[k]
-        vals[k] = float(v)
-    clip = args.actor_grad_clip
-    if clip is None:
-        clip = row.get("interval_grad_clip", 0.0) if args.reference == "interval" else 0.0
-    vals["actor_grad_clip"] = float(clip) if clip > 0 else None
-    vals["reference_interval"] = args.reference_interval if args.reference_interval is not None else int(row.get("reference_interval", 1))
-    return vals
-
-
-# ---------------------------------------------------------------- pure math (the paper's O2SAC; docs/algorithms.md, section 3)
-def fqe_target(rewards: Tensor, terminals: Tensor, next_q: Tensor, next_logp: Tensor, alpha: float | Tensor, gamma: float) -> Tensor:
-    """Soft TD target y = r + gamma (1 - d) [min_i Qbar_i(s', a') - alpha log pi(a'|s')] (paper: Policy Re-evaluation,
-    O2SAC; docs/algorithms.md, section 3.2); next_q is (n, B).
-    d = 1 only for a true termination: a time-limit end is bootstrapped."""
-    return rewards + gamma * (1.0 - terminals) * (next_q.min(0).values - alpha * next_logp)
-
-
-def constrained_target(rewards: Tensor, terminals: Tensor, next_q: Tensor, next_logp: Tensor, next_kl: Tensor, alpha: float | Tensor,
-                       lam: float | Tensor, gamma: float) -> Tensor:
-    """Critic target of constrained fine-tuning (paper: Constrained Fine-Tuning, O2SAC; docs/algorithms.md, section 3.5): the
-    soft target minus gamma (1 - d) lam (l' - lr')."""
-    return fqe_target(rewards, terminals, next_q, next_logp, alpha, gamma) - gamma * (1.0 - terminals) * lam * next_kl
-
-
-def alignment_targets(qbar_star: Tensor, qbar_an: Tensor, logp0_star: Tensor, logp0_an: Tensor, alpha0: float) -> tuple[Tensor, Tensor]:
-    """Value alignment (paper: Value Alignment, O2SAC; docs/algorithms.md, section 3.3). qbar_* are the frozen target
-    critics (n, B) at a* = tanh(mu0(s)) and at an ~ pi(.|s);
-    logp0_* are log pi0 at those actions. Returns Q* = min_i Qbar_i(s, a*) and
-    y = min(Q* - alpha0 (log pi0(a*|s) - log pi0(an|s)), min_i Qbar_i(s, an)): values are only pushed down."""
-    q_star = qbar_star.min(0).values
-    y = torch.minimum(q_star - alpha0 * (logp0_star - logp0_an), qbar_an.min(0).values)
-    return q_star, y
-
-
-def kl_estimate(logp: Tensor, logp_ref: Tensor, floor: float = -50.0) -> Tensor:
-    """One-sample KL(pi || pi_ref) at a ~ pi: D = log pi(a|s) - max(log pi_ref(a|s), floor)."""
-    return logp - logp_ref.clamp(min=floor)
-
-
-def kl_threshold(t: int | float, eps0: float, eps_end: float, horizon: int) -> float:
-    """eps_t = min(eps_end, eps0 + (eps_end - eps0) t / horizon): the threshold LOOSENS with env steps t."""
-    return min(eps_end, eps0 + (eps_end - eps0) * t / horizon)
-
-
-def lagrange_loss(log_lam: Tensor, kl: Tensor, eps: float | Tensor) -> Tensor:
-    """lam * c.detach() with u_k = eps - D_k, c = mean_k w(u_k) u_k, w = 0.7 where u < 0 (violated) else 0.3.
-    Violations make c < 0, so gradient descent on this loss raises lam."""
-    u = eps - kl.detach()
-    c = (torch.where(u < 0, 0.7, 0.3) * u).mean()
-    return log_lam.exp() * c.detach()
-
-
-def sac_alpha_loss(log_alpha: Tensor, logp: Tensor, target_entropy: float) -> Tensor:
-    """Standard temperature auto-tuning: alpha rises while the entropy -log pi is below the target."""
-    return -(log_alpha * (logp.detach() + target_entropy)).mean()
-
-
-# ---------------------------------------------------------------- networks
-def make_critic(obs_dim: int, act_dim: int) -> Critic:
-    """Twin critics, 3 x [Linear 256 -> LayerNorm -> ReLU] -> Linear, orthogonal init gain 1, zero bias."""
-    return orthogonal_init_(Critic(obs_dim, act_dim, CRITIC_HIDDEN, n=2, layer_norm=True))
-
-
-def frozen(module: nn.Module) -> nn.Module:
-    """A copy that never trains (pi0, pi_ref, target critics)."""
-    m = copy.deepcopy(module)
-    for p in m.parameters():
-        p.requires_grad_(False)
-    return m
-
-
-# ---------------------------------------------------------------- one gradient step per phase (tensors in, metrics out)
-def distill_targets(teacher: nn.Module, obs: Tensor, noise_std: float, max_action: float = 1.0) -> Tensor:
-    """Actions whose likelihood the tanh-Gaussian student maximises (docs/algorithms.md, section 3.1): the offline actor's
-    own samples when
-    it is stochastic, its mean action plus N(0, noise_std^2) when it is deterministic, so the student inherits a
-    spread instead of collapsing onto the mean; kept inside the open action box where atanh is finite."""
-    if hasattr(teacher, "sample"):
-        a = teacher.sample(obs)[0]
-    else:
-        a = teacher.act(obs)
-        a = a + noise_std * torch.randn_like(a)
-    return a.clamp(-0.999 * max_action, 0.999 * max_action)
-
-
-def distill_update(student: TanhGaussianActor, opt: torch.optim.Optimizer, obs: Tensor, target_actions: Tensor,
-                   target_mode: Tensor | None = None) -> dict[str, Tensor]:
-    """Maximum likelihood of the offline actor's actions (distill_targets) under the tanh-Gaussian student
-    (docs/algorithms.md, section 3.1).
-    With target_mode (the offline actor's deterministic action), the student's mode is fitted to it explicitly: the
-    samples' likelihood then trains only the spread (mu detached), and mu maximises the likelihood of atanh(target
-    mode) under N(mu, std) with std detached, i.e. a squared error in pre-tanh space weighted by 1 / std^2. The
-    evaluated policy is tanh(mu); the plain fit leaves it where the samples' likelihood puts it, which for a teacher
-    that is not tanh-Gaussian (IQL's Gaussian clipped to the box, TD3+BC's action plus noise) is not the teacher's
-    action."""
-    mu, log_std = student(obs)
-    pre = torch.atanh((target_actions / student.max_action).clamp(-1.0 + 1e-6, 1.0 - 1e-6))
-    if target_mode is None:
-        loss = -tanh_gaussian_log_prob(mu, log_std, pre).mean()
-        metrics = {}
-    else:
-        spread = -tanh_gaussian_log_prob(mu.detach(), log_std, pre).mean()
-        mode_pre = torch.atanh((target_mode / student.max_action).clamp(-0.999, 0.999))
-        mode = (0.5 * ((mode_pre - mu) / log_std.detach().exp()) ** 2).sum(-1).mean()
-        loss = spread + mode
-        metrics = {"mode_mse": (student.max_action * torch.tanh(mu.detach()) - target_mode).pow(2).mean()}
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return {"loss": loss.detach(), **metrics}
-
-
-def reevaluate_update(pi0: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_opt: torch.optim.Optimizer, b: dict[str, Tensor], *,
-                      alpha0: float, gamma: float, tau: float) -> dict[str, Tensor]:
-    """Entropy-regularised FQE of the frozen pi0 (paper: Policy Re-evaluation, O2SAC; docs/algorithms.md, section 3.2);
-    a' is a reparameterised sample, not the mean."""
-    with torch.no_grad():
-        next_a, next_logp = pi0.sample(b["next_obs"])
-        y = fqe_target(b["rewards"], b["terminals"], qf_target(b["next_obs"], next_a), next_logp, alpha0, gamma)
-    q = qf(b["obs"], b["actions"])
-    qf_loss = ((q - y) ** 2).mean(-1).sum()
-    qf_opt.zero_grad(set_to_none=True)
-    qf_loss.backward()
-    qf_opt.step()
-    polyak_update(qf_target, qf, tau)
-    return {"qf_loss": qf_loss.detach(), "qf_values": q.mean().detach()}
-
-
-# --- shared: fqe-stop ---
-REEVAL_CHECK_EVERY = 1000  # re-evaluation steps between two readings of Q on the fixed probe (the stopping rule's clock)
-
-
-def fqe_gap(history: Sequence[float]) -> float:
-    """Distance from the last probe value to the limit the values are heading for, by Aitken's extrapolation of the
-    last three readings: with changes d1 then d2 and ratio r = d2 / d1, a geometric approach has |d2| r / (1 - r) left.
-    inf while fewer than three readings exist or the changes are not shrinking (r >= 1); |d2| once they alternate in
-    sign (r <= 0: the values wander around their limit)."""
-    if len(history) < 3:
-        return math.inf
-    d1, d2 = history[-2] - history[-3], history[-1] - history[-2]
-    if d1 == 0.0:
-        return abs(d2) if d2 != 0.0 else 0.0
-    r = d2 / d1
-    if r >= 1.0:
-        return math.inf
-    if r <= 0.0:
-        return abs(d2)
-    return abs(d2) * r / (1.0 - r)
-
-
-def fqe_converged(history: Sequence[float], tol: float) -> bool:
-    """The re-evaluation stopping rule: the extrapolated gap is below tol times the size of the values (tol 0: never)."""
-    return tol > 0 and fqe_gap(history) <= tol * max(abs(history[-1]), 1.0)
-# --- end shared: fqe-stop ---
-
-
-def align_update(pi0: TanhGaussianActor, actor: TanhGaussianActor, qf: Critic, qf_target: Critic, qf_opt: torch.optim.Optimizer,
-                 actor_opt: torch.optim.Optimizer, b: dict[str, Tensor], *, alpha0: float, train_actor: bool = True) -> dict[str, Tensor]:
-    """Value alignment (paper: Value Alignment, O2SAC; docs/algorithms.md, section 3.3): targets frozen; the actor takes a
-    plain SAC step against the critics as they were before
-    this step (it reads them frozen), and the critic targets use the same sample an ~ pi, detached. train_actor=False
-    (--align-actor frozen): the actor loss is only reported, the actor is never stepped, so pi stays pi0."""
-    obs = b["obs"]
-    B = obs.shape[0]
-    an, logp_an = actor.sample(obs)
-    actor_loss = (alpha0 * logp_an - frozen_call(qf, obs, an).min(0).values).mean()
-    with torch.no_grad():
-        mu0, log_std0 = pi0(obs)
-        a_star = pi0.max_action * torch.tanh(mu0)
-        logp0_star = tanh_gaussian_log_prob(mu0, log_std0, mu0)  # log pi0 at its own mode tanh(mu0), exact
-        an = an.detach()
-        logp0_an = pi0.log_prob(obs, an)
-        qbar = qf_target(torch.cat([obs, obs]), torch.cat([a_star, an]))
-        q_star, y = alignment_targets(qbar[:, :B], qbar[:, B:], logp0_star, logp0_an, alpha0)
-    q = qf(torch.cat([obs, obs]), torch.cat([a_star, an]))  # both action sets in one fused call
-    qf_loss = ((q[:, :B] - q_star) ** 2).mean(-1).sum() + ((q[:, B:] - y) ** 2).mean(-1).sum()
-    actor_opt.zero_grad(set_to_none=True)
-    qf_opt.zero_grad(set_to_none=True)
-    (actor_loss + qf_loss if train_actor else qf_loss).backward()  # one backward: each loss reaches only its own parameters
-    if train_actor:
-        actor_opt.step()
-    qf_opt.step()
-    return {"qf_loss": qf_loss.detach(), "actor_loss": actor_loss.detach(), "q_star": q_star.mean().detach(),
-            "q_gap": (q[:, :B] - q[:, B:]).min(0).values.mean().detach()}
-
-
-def online_update(actor: TanhGaussianActor, pi_ref: TanhGaussianActor | None, qf: Critic, qf_target: Critic, log_alpha: Tensor,
-                  log_lam: Tensor, opts: dict[str, torch.optim.Optimizer], b: dict[str, Tensor], eps_t: Tensor, update_lam: bool,
-                  update_actor: bool, *, target_entropy: float, gamma: float, tau: float, kl_floor: float,
-                  actor_grad_clip: float | None = None) -> dict[str, Tensor]:
-    """One constrained SAC update (paper: Constrained Fine-Tuning, O2SAC; docs/algorithms.md, section 3.5); pi_ref None =
-    unconstrained. eps_t is the KL threshold (a 0-d tensor, so a
-    compiled or captured update reads its current value). Every loss comes from the same pre-update forward pass and
-    all go through ONE backward, each reaching only its own parameters: lam and alpha enter the actor loss and the
-    critic target detached, the actor reads the critics frozen, the Lagrange and temperature losses read detached
-    log-probs. Then steps: lam (update_lam), alpha and actor (update_actor; its gradient norm clipped at
-    actor_grad_clip when given), critics, Polyak."""
-    obs, next_obs = b["obs"], b["next_obs"]
-    constrained = pi_ref is not None
-    alpha = log_alpha.detach().exp().reshape(())  # log_alpha and log_lam have shape (1,); the metrics are 0-d
-    lam = log_lam.detach().exp().reshape(()) if constrained else torch.zeros((), device=obs.device)
-    pi_a, logp = actor.sample(obs)
-    kl = kl_estimate(logp, pi_ref.log_prob(obs, pi_a), kl_floor) if constrained else torch.zeros_like(logp)
-    actor_loss = (alpha * logp - frozen_call(qf, obs, pi_a).min(0).values + lam * kl).mean()
-    with torch.no_grad():
-        next_a, next_logp = actor.sample(next_obs)
-        next_kl = kl_estimate(next_logp, pi_ref.log_prob(next_obs, next_a), kl_floor) if constrained else torch.zeros_like(next_logp)
-        y = constrained_target(b["rewards"], b["terminals"], qf_target(next_obs, next_a), next_logp, next_kl, alpha, lam, gamma)
-    q = qf(obs, b["actions"])
-    qf_loss = ((q - y) ** 2).mean(-1).sum()
-    loss = qf_loss
-    if constrained and update_lam:
-        loss = loss + lagrange_loss(log_lam, kl, eps_t).sum()
-    if update_actor:
-        loss = loss + sac_alpha_loss(log_alpha, logp, target_entropy) + actor_loss
-
-    for opt in opts.values():
-        opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if constrained and update_lam:
-        opts["lambda"].step()
-    if update_actor:
-        opts["alpha"].step()
-        if actor_grad_clip is not None:  # only the actor loss reaches the actor's parameters, so this is its own norm
-            torch.nn.utils.clip_grad_norm_(actor.parameters(), actor_grad_clip)
-        opts["actor"].step()
-    opts["qf"].step()
-    polyak_update(qf_target, qf, tau)
-    return {"losses/qf_loss": qf_loss.detach(), "losses/actor_loss": actor_loss.detach(), "losses/alpha": alpha,
-            "losses/lambda": lam, "losses/kl": kl.mean().detach(), "losses/qf_values": q.mean().detach(), "losses/entropy": -logp.mean().detach()}
-
-
-# ---------------------------------------------------------------- diagnostics at the phase boundaries
-# Whether the hand-over between phases keeps the offline policy's behaviour (the paper's claim of no drop at the switch):
-# the critics' values, how they rank the actor's actions, and the actor itself, on a fixed set of dataset states.
-DIAG_STATES, DIAG_SAMPLES = 2048, 8
-BOUNDARIES = ("start", "reevaluated", "aligned", "end")  # tensorboard step of diagnostics/* = the index here
-
-
-def q_stats(q_data: Tensor, q_pi: Tensor) -> dict[str, float]:
-    """Mean and (population) std over states of min_i Q_i(s, a) at the dataset actions (q_data) and at the actor's
-    mode (q_pi), both of shape (n critics, B)."""
-    qd, qp = q_data.min(0).values, q_pi.min(0).values
-    return {"q_data_mean": float(qd.mean()), "q_data_std": float(qd.std(correction=0)),
-            "q_pi_mean": float(qp.mean()), "q_pi_std": float(qp.std(correction=0))}
-
-
-def policy_critic_agreement(q_mode: Tensor, q_samples: Tensor, logp0_samples: Tensor) -> dict[str, float]:
-    """q_mode (B,): min_i Q_i(s, mode of pi); q_samples and logp0_samples (K, B): min_i Q_i(s, a_k) and log pi0(a_k|s)
-    at K actions a_k ~ pi(.|s). mode_preferred: the fraction of (state, sample) pairs where Q(s, mode) >= Q(s, a_k)
-    (after alignment the actor's mode should rank first); logp0_q_corr: the Pearson correlation of log pi0(a_k|s)
-    and Q(s, a_k) over the K samples of each state, averaged over states (alignment aims at Q - alpha0 log pi0 flat in
-    a, i.e. a correlation near 1); a state where either is constant counts 0."""
-    x = logp0_samples - logp0_samples.mean(0)
-    y = q_samples - q_samples.mean(0)
-    denom = ((x * x).sum(0) * (y * y).sum(0)).sqrt()
-    corr = torch.where(denom > 0, (x * y).sum(0) / denom.clamp(min=1e-30), torch.zeros_like(denom))
-    return {"mode_preferred": float((q_mode.unsqueeze(0) >= q_samples).float().mean()), "logp0_q_corr": float(corr.mean())}
-
-
-def actor_stats(mode: Tensor, logp_samples: Tensor, max_action: float = 1.0) -> dict[str, float]:
-    """mode (B, |A|): the actor's deterministic actions; logp_samples (K, B): log pi(a_k|s) at a_k ~ pi. entropy: the
-    Monte-Carlo estimate -E[log pi(a|s)]; mean_abs_action: mean |mode| / max_action; saturation: the fraction of mode
-    components with |a| > 0.99 max_action (where tanh's Jacobian vanishes and the gradient dies)."""
-    m = mode.abs() / max_action
-    return {"entropy": float(-logp_samples.mean()), "mean_abs_action": float(m.mean()), "saturation": float((m > 0.99).float().mean())}
-
-
-@torch.no_grad()
-def boundary_diagnostics(actor: TanhGaussianActor, pi0: TanhGaussianActor, qf: Critic, obs: Tensor, actions: Tensor,
-                         n_samples: int = DIAG_SAMPLES, seed: int = 0) -> dict[str, float]:
-    """q_stats, policy_critic_agreement and actor_stats on the states `obs` with their dataset `actions`. The action
-    samples come from a generator of their own, so a diagnostic never moves the run's random streams."""
-    g = torch.Generator(device=obs.device).manual_seed(seed)
-    mu, log_std = actor(obs)
-    u = mu.unsqueeze(0) + log_std.exp().unsqueeze(0) * torch.randn((n_samples, *mu.shape), generator=g, device=obs.device, dtype=mu.dtype)
-    a, logp = actor.max_action * torch.tanh(u), tanh_gaussian_log_prob(mu.unsqueeze(0), log_std.unsqueeze(0), u)
-    mode = actor.max_action * torch.tanh(mu)
-    obs_k = obs.unsqueeze(0).expand(n_samples, *obs.shape)
-    q_samples = qf(obs_k, a).min(0).values
-    q_mode = qf(obs, mode)
-    return {**q_stats(qf(obs, actions), q_mode), **policy_critic_agreement(q_mode.min(0).values, q_samples, pi0.log_prob(obs_k, a)),
-            **actor_stats(mode, logp, actor.max_action)}
-
-
-def early_eval_steps(online_steps: int, n: int) -> list[int]:
-    """The extra evaluations inside the first tenth of the online phase: floor(online_steps / 10 * k / n), k = 1..n,
-    at least step 1, without repeats (fewer than n when the first tenth has fewer than n env steps)."""
-    return sorted({max(1, online_steps * k // (10 * n)) for k in range(1, n + 1)})
-
-
-def reference_update_due(reference: str, score: float, best: float, scheduled: bool, n_scheduled: int, interval: int) -> bool:
-    """Whether an online evaluation copies pi into pi_ref (the reference update; docs/algorithms.md, section 3.5). best:
-    the score beats the best so far, at any
-    evaluation (the extra early ones are candidates too); interval: every `interval`-th evaluation of the --eval-every
-    schedule (n_scheduled counts those, this one included), so extra evaluations never shift the cadence; offline:
-    never."""
-    if reference == "best":
-        return score > best
-    return reference == "interval" and scheduled and n_scheduled % interval == 0
-
-
-# ---------------------------------------------------------------- helpers of main
-class Metrics:
-    """Device-tensor sums, read (one host sync) only at log time; non-finite values stop the run."""
-
-    def __init__(self, writer: SummaryWriter, prefix: str = ""):
-        self.writer, self.prefix, self.sums, self.count = writer, prefix, {}, 0
-
-    def add(self, m: dict[str, Tensor]) -> None:
-        for k, v in m.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += 1
-
-    def flush(self, step: int, phase: str) -> dict[str, float]:
-        out = {}
-        for k, v in self.sums.items():
-            val = float(v) / max(self.count, 1)
-            if not math.isfinite(val):  # the phase checkpoints and online.pt written so far stay valid
-                fail(f"non-finite {self.prefix}{k} in phase {phase} at step {step}; lower the learning rates or check the data")
-            self.writer.add_scalar(self.prefix + k, val, step)
-            out[k] = val
-        self.sums, self.count = {}, 0
-        return out
-
-
-def phase_key(args: Args, phase: str, ckpt_path: Path, ckpt: dict) -> dict:
-    """The args that determine what a phase computes; a saved phase is reused only when this matches."""
-    drop = set(NOT_STATE)
-    if phase in ("reevaluated", "aligned"):
-        drop |= ONLINE_ONLY
-    if phase == "reevaluated":
-        drop |= ALIGN_ONLY
-    key = {k: v for k, v in asdict(args).items() if k not in drop}
-    # the checkpoint's content, not its path: a checkpoint retrained at the same path invalidates every saved phase
-    key["offline_checkpoint"] = [file_digest(ckpt_path), ckpt["algo"]]
-    key["phase_format"] = PHASE_FORMAT
-    return key
-
-
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": json.dumps(np.random.get_state()[1].tolist()), "numpy_pos": int(np.random.get_state()[2]), "python": json.dumps(random.getstate())}
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    np.random.set_state(("MT19937", np.array(json.loads(s["numpy"]), dtype=np.uint32), s["numpy_pos"], 0, 0.0))
-    st = json.loads(s["python"])
-    random.setstate((st[0], tuple(st[1]), st[2]))
-
-
-def load_phase(path: Path, key: dict, no_resume: bool) -> dict | None:
-    """A saved phase checkpoint written with the same phase key, else None (then the phase is recomputed)."""
-    if no_resume or not path.is_file():
-        return None
-    saved = read_saved(path)
-    if saved is None:
-        print(f"NOTICE: {path} is unreadable; recomputing phase {path.stem}")
-        return None
-    if key_diff(saved_key(saved), key):
-        print(f"NOTICE: {path} was made with other arguments; recomputing phase {path.stem}")
-        return None
-    return saved
-
-
-# ---------------------------------------------------------------- the run folder (the same rules in o2o_sac.py, o2o_td3.py, o2o_ppo.py)
-# A run folder is never taken over silently; what it holds is checked before anything is computed or written. A
-# finished run (final.pt) of other settings is refused unless --overwrite; an unfinished one (online.pt) of other
-# settings is refused unless --no-resume (its online phase starts afresh) or --overwrite; a run of the same settings
-# resumes (a finished one: extended to a larger --online-steps); a saved phase of other settings is recomputed with a
-# notice. The settings are the online key: every argument that changes what the run computes, and the offline
-# checkpoint's content.
-RUN_OUTPUTS = ("args.json", "results.json", "final.pt", "online.pt", "reevaluated.pt", "aligned.pt")
-KEY_WORDS = {"offline_checkpoint": "another offline checkpoint (its content differs)", "phase_format": "an older format of the saved phases"}
-
-
-def saved_key(saved: dict | None) -> dict | None:
-    """The settings key a phase, online or final checkpoint of this script was written with (None: not recorded)."""
-    key = saved.get("o2o", {}).get("key") if isinstance(saved, dict) and isinstance(saved.get("o2o"), dict) else None
-    return key if isinstance(key, dict) else None
-
-
 # --- shared: runfolder ---
 def key_diff(saved: dict | None, now: dict) -> list[str]:
     """`--flag saved (now given)` for every argument of the key `now` that differs from an earlier run's, a few words
@@ -1481,6 +2226,34 @@ def check_allocations(buffers: Sequence[tuple[int, int, str, str]], device: torc
             fail(f"{what} cannot be allocated on {device}; {fix}")
     del held
 # --- end shared: runfolder ---
+
+
+# --- shared: fqe-stop ---
+REEVAL_CHECK_EVERY = 1000  # re-evaluation steps between two readings of Q on the fixed probe (the stopping rule's clock)
+
+
+def fqe_gap(history: Sequence[float]) -> float:
+    """Distance from the last probe value to the limit the values are heading for, by Aitken's extrapolation of the
+    last three readings: with changes d1 then d2 and ratio r = d2 / d1, a geometric approach has |d2| r / (1 - r) left.
+    inf while fewer than three readings exist or the changes are not shrinking (r >= 1); |d2| once they alternate in
+    sign (r <= 0: the values wander around their limit)."""
+    if len(history) < 3:
+        return math.inf
+    d1, d2 = history[-2] - history[-3], history[-1] - history[-2]
+    if d1 == 0.0:
+        return abs(d2) if d2 != 0.0 else 0.0
+    r = d2 / d1
+    if r >= 1.0:
+        return math.inf
+    if r <= 0.0:
+        return abs(d2)
+    return abs(d2) * r / (1.0 - r)
+
+
+def fqe_converged(history: Sequence[float], tol: float) -> bool:
+    """The re-evaluation stopping rule: the extrapolated gap is below tol times the size of the values (tol 0: never)."""
+    return tol > 0 and fqe_gap(history) <= tol * max(abs(history[-1]), 1.0)
+# --- end shared: fqe-stop ---
 
 
 # --- shared: provenance ---
@@ -1617,617 +2390,101 @@ def log_phase(writer: SummaryWriter, phase: str, env_step: int) -> None:
 # --- end shared: results ---
 
 
-def offline_trajectory_indices(data: dict, top_k: int) -> np.ndarray:
-    """Transition indices of the top_k offline episodes by return (--buffer-mode part)."""
-    ends = np.flatnonzero(data["ends"] > 0.5)
-    starts = np.concatenate([[0], ends[:-1] + 1])
-    order = np.argsort(-data["episode_returns"])[:top_k]
-    return np.concatenate([np.arange(starts[i], ends[i] + 1) for i in sorted(order)])
+# --- shared: phases ---
+# A phase (distillation, re-evaluation, alignment, ...) is saved as `<out>/<phase>.pt` with the key of everything it
+# depends on (`phase_key`); a later run reuses it only when the key matches, and continues with the RNG states saved
+# with it, so a reused phase and a computed one lead to the same run.
+def rng_state() -> dict:
+    """Every RNG a run draws from: torch (CPU and every CUDA device), numpy's global generator, Python's random."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": json.dumps(np_state[1].tolist()), "numpy_pos": int(np_state[2]), "python": json.dumps(random.getstate())}
 
 
-def subset(data: dict, idx: np.ndarray) -> dict:
-    out = dict(data)
-    for k in ("observations", "actions", "rewards", "next_observations", "terminals", "ends"):
-        out[k] = data[k][idx]
-    return out
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    np.random.set_state(("MT19937", np.array(json.loads(s["numpy"]), dtype=np.uint32), s["numpy_pos"], 0, 0.0))
+    st = json.loads(s["python"])
+    random.setstate((st[0], tuple(st[1]), st[2]))
 
 
-def default_run_name(args: Args, buffer_mode: str) -> str:
-    if args.critic_init == "scratch":
-        mode = "porl"
-    elif args.no_reevaluate and args.no_align and args.no_constraint:
-        mode = "naive"
-    else:
-        off = [n for n, f in (("noreeval", args.no_reevaluate), ("noalign", args.no_align), ("noconstraint", args.no_constraint)) if f]
-        mode = "-".join(["o2sac", *off])
-    if args.reference != "best":
-        mode += f"_ref-{args.reference}"
-    if buffer_mode != ("none" if args.critic_init == "scratch" else "half"):
-        mode += f"_buf-{buffer_mode}"
-    return f"{args.offline_algo if args.checkpoint is None else 'ckpt'}_{mode}_seed{args.seed}"
+def saved_key(saved: dict | None) -> dict | None:
+    """The key a phase, online or final checkpoint of this script was written with (None: not recorded)."""
+    key = saved.get("phase_key") if isinstance(saved, dict) else None
+    return key if isinstance(key, dict) else None
 
 
-def validate(args: Args) -> None:
-    """Bad args exit 2 before anything is read or written."""
-    if args.distill_noise < 0:
-        fail(f"--distill-noise must be >= 0, got {args.distill_noise}")
-    if not (math.isfinite(args.budget_scale) and args.budget_scale > 0):
-        fail(f"--budget-scale must be a positive number, got {args.budget_scale}")
-    if args.early_evals < 0 or (args.align_eval_every is not None and args.align_eval_every < 0):
-        fail("--early-evals and --align-eval-every must be >= 0 (0 = none)")
-    positive = ["distill_steps", "online_steps", "utd", "batch_size", "eval_every", "eval_episodes", "log_every",
-                "part_trajectories", "constraint_horizon"]
-    if args.critic_init != "scratch":
-        if not args.no_reevaluate:
-            positive.append("reevaluate_steps")
-        if not args.no_align:
-            positive.append("align_steps")
-    positive += [flag for flag in ("threads", "checkpoint_every", "reference_interval") if getattr(args, flag) is not None]
-    for flag in positive:
-        if getattr(args, flag) <= 0:
-            hint = {"reevaluate_steps": " (or pass --no-reevaluate)", "align_steps": " (or pass --no-align)"}.get(flag, "")
-            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}{hint}")
-    for flag in ("reevaluate_steps", "align_steps", "learning_starts", "pre_sample_steps"):
-        if getattr(args, flag) < 0:
-            fail(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
-    if args.learning_starts >= args.online_steps:
-        fail(f"--learning-starts {args.learning_starts} >= --online-steps {args.online_steps}: no update would ever run; lower it")
-    if args.critic_init == "scratch" and args.pre_sample_steps >= args.online_steps:
-        fail(f"--pre-sample-steps {args.pre_sample_steps} >= --online-steps {args.online_steps}: PORL would never fine-tune; lower it")
-    if args.stop_after is not None and not 0 < args.stop_after:
-        fail(f"--stop-after must be positive, got {args.stop_after}")
-    if not 0.0 < args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0 or not 0.0 < args.reevaluate_tau <= 1.0:
-        fail("--gamma, --tau and --reevaluate-tau must lie in (0, 1]")
-    if not (math.isfinite(args.reevaluate_tol) and args.reevaluate_tol >= 0):
-        fail(f"--reevaluate-tol must be >= 0 (0 = run every --reevaluate-steps), got {args.reevaluate_tol}")
-    for flag in ("critic_lr", "actor_lr", "alpha_lr", "lambda_lr", "lambda_init"):
-        if not getattr(args, flag) > 0:
-            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    for flag in ("alpha0", "eps0", "eps_end"):
-        v = getattr(args, flag)
-        if v is not None and not v > 0:
-            fail(f"--{flag.replace('_', '-')} must be positive, got {v}")
-    if args.actor_grad_clip is not None and not args.actor_grad_clip >= 0:
-        fail(f"--actor-grad-clip must be >= 0 (0 never clips), got {args.actor_grad_clip}")
-    if args.eps0 is not None and args.eps_end is not None and args.eps_end < args.eps0:
-        fail(f"--eps-end {args.eps_end} < --eps0 {args.eps0}: the KL threshold must loosen; swap them")
-    # no leading dot: `..` would leave <run_dir>/o2o_sac/<env>/, and a hidden folder hides the run
-    if args.run_name is not None and not re.fullmatch(RUN_NAME_RE, args.run_name):
-        fail(f"--run-name {args.run_name!r} may hold only letters, digits, '_', '.', '-' and may not start with '.'")
-    if args.dataset_id is not None and not DATASET_ID_RE.match(args.dataset_id):
-        fail(f"malformed dataset id {args.dataset_id!r}; Minari ids look like namespace/name-v0 (no part may start with '.')")
+def load_phase(path: Path, key: dict, no_resume: bool) -> dict | None:
+    """A saved phase checkpoint written with the same key, else None (then the phase is recomputed)."""
+    if no_resume or not path.is_file():
+        return None
+    saved = read_saved(path)
+    if saved_key(saved) is None:
+        print(f"NOTICE: {path} is unreadable; recomputing phase {path.stem}")
+        return None
+    if key_diff(saved_key(saved), key):
+        print(f"NOTICE: {path} was made with other arguments; recomputing phase {path.stem}")
+        return None
+    print(f"reusing {path} (pass --no-resume to recompute)")
+    return saved
 
 
-# the step counts --budget-scale multiplies (every budget and every schedule tied to one)
-BUDGET_FIELDS = ("reevaluate_steps", "align_steps", "online_steps", "pre_sample_steps", "learning_starts", "constraint_horizon",
-                 "eval_every", "align_eval_every", "checkpoint_every", "log_every", "stop_after")
+class Metrics:
+    """Training scalars summed on the device and read with one host sync at log time (none in the hot loop); a
+    non-finite mean stops the run, and the checkpoints written so far stay valid."""
 
+    def __init__(self, writer: SummaryWriter, prefix: str = ""):
+        self.writer, self.prefix = writer, prefix
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
 
-def resolve_budgets(args: Args) -> Args:
-    """The effective args of a run (Args itself is never mutated): every step count in BUDGET_FIELDS given or defaulted
-    times --budget-scale F, rounded to an integer >= 1 (0 and None stay as they are), the Lagrange multiplier's learning
-    rate divided by F (Adam moves log lambda by about lr per step, so lr / F over F times the steps reaches as far as
-    the paper's protocol), the default --align-eval-every (align_steps // 10, at least 1) of the scaled budget, and the
-    default --checkpoint-every (CHECKPOINT_EVERY scaled, at most online_steps // 10, at least 1)."""
-    f = args.budget_scale
-
-    def scaled(v: int | None) -> int | None:
-        return v if not v else max(1, math.floor(v * f + 0.5))
-
-    eff = dataclasses.replace(args, **{k: scaled(getattr(args, k)) for k in BUDGET_FIELDS}, lambda_lr=args.lambda_lr / f)
-    if eff.align_eval_every is None:
-        eff = dataclasses.replace(eff, align_eval_every=max(1, eff.align_steps // 10))
-    if eff.checkpoint_every is None:  # at most a tenth of the online phase: a killed short run keeps most of it
-        eff = dataclasses.replace(eff, checkpoint_every=min(scaled(CHECKPOINT_EVERY), max(1, eff.online_steps // 10)))
-    note = f" after --budget-scale {f:g}" if f != 1.0 else ""
-    if eff.learning_starts >= eff.online_steps:
-        fail(f"--learning-starts {eff.learning_starts} >= --online-steps {eff.online_steps}{note}: no update would ever run; lower it")
-    if eff.critic_init == "scratch" and eff.pre_sample_steps >= eff.online_steps:
-        fail(f"--pre-sample-steps {eff.pre_sample_steps} >= --online-steps {eff.online_steps}{note}: PORL would never fine-tune; lower it")
-    return eff
-
-
-def resolve_checkpoint(args: Args) -> Path:
-    if args.checkpoint is not None:
-        path = Path(args.checkpoint)
-        if not path.is_file():
-            fail(f"--checkpoint {path} does not exist; pass the checkpoint.pt written by offline_pretrain.py")
-        return path
-    env_key = args.env if args.dataset_id is None else args.dataset_id.replace("/", "_")
-    path = Path(args.run_dir) / "offline" / args.offline_algo / env_key / f"seed{args.seed}" / "checkpoint.pt"
-    if not path.is_file():
-        cmd = f"python offline_pretrain.py --algo {args.offline_algo} --env {args.env} --seed {args.seed}"
-        if args.dataset_id is not None:
-            cmd += f" --dataset-id {args.dataset_id}"
-        if args.run_dir != "runs":
-            cmd += f" --run-dir {args.run_dir}"
-        fail(f"no offline checkpoint at {path}; train one with: {cmd} (or pass --checkpoint PATH)")
-    return path
-
-
-def make_phase_checkpoint(args: Args, ckpt: dict, data: dict, actor: TanhGaussianActor, qf: Critic, qf_target: Critic, step: int,
-                          score: float, o2o: dict) -> dict:
-    """Same format as offline checkpoints (loadable by load_checkpoint and actor_from_checkpoint), with the critics;
-    run state (pi0, reference actor, Lagrange and temperature, optimisers, RNG, curve) under "o2o"."""
-    return {
-        "format_version": CHECKPOINT_FORMAT, "algo": "o2o_sac", "env_name": ckpt["env_name"], "dataset_id": ckpt["dataset_id"],
-        "local_standin": data["local_standin"], "env_spec": ckpt["env_spec"], "obs_dim": ckpt["obs_dim"], "act_dim": ckpt["act_dim"],
-        "max_action": ckpt["max_action"], "actor_family": "tanh_gaussian", "actor_config": {"hidden": [m.out_features for m in actor.net if isinstance(m, nn.Linear)]},
-        "actor": state_dict_cpu(actor), "critics": {"qf": state_dict_cpu(qf), "qf_target": state_dict_cpu(qf_target)},
-        "critic_config": o2o["critic_config"], "obs_mean": ckpt["obs_mean"], "obs_std": ckpt["obs_std"],
-        "reward_transform": o2o["reward_transform"], "ref_min_score": data["ref_min_score"], "ref_max_score": data["ref_max_score"],
-        "args": asdict(args), "grad_steps": step, "eval_normalized_score": score, "o2o": o2o,
-    }
-
-
-# ---------------------------------------------------------------- main
-def main(args: Args) -> dict:
-    check_tracking(args)
-    validate(args)
-    given, args = args, resolve_budgets(args)  # from here on, the step counts and the lambda lr of --budget-scale
-    device = pick_device(args.device)
-    accel = Accel(device, args.compile, args.cudagraphs, args.bf16)  # bad combinations fail before any loading
-    fam = family_values(args)
-    scratch = args.critic_init == "scratch"
-    reevaluate, align, constrain = not (args.no_reevaluate or scratch), not (args.no_align or scratch), not (args.no_constraint or scratch)
-    buffer_mode = args.buffer_mode or ("none" if scratch else "half")
-    env_key = args.env if args.dataset_id is None else args.dataset_id.replace("/", "_")
-    out = Path(args.run_dir) / "o2o_sac" / env_key / (args.run_name or default_run_name(args, buffer_mode))
-    check_output_dir(out, "--run-dir")  # before the dataset is loaded: a bad folder fails in seconds
-    data = load_dataset(args.env, args.dataset_id, args.no_download)
-    ckpt_path = resolve_checkpoint(args)
-    ckpt = load_checkpoint(ckpt_path, env_name=args.env if args.dataset_id is None else args.dataset_id, obs_dim=data["obs_dim"], act_dim=data["act_dim"])
-    # ---- the run folder: a run of other settings is refused; an online.pt of the same args skips every offline phase
-    online_key = phase_key(args, "online", ckpt_path, ckpt)
-    online_state = check_run_folder(out, online_key, args)
-
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    set_seed(args.seed)
-    obs_dim, act_dim = data["obs_dim"], data["act_dim"]
-    obs_mean, obs_std = ckpt["obs_mean"].numpy().astype(np.float32), ckpt["obs_std"].numpy().astype(np.float32)  # the actor's own stats
-    # Keeping the checkpoint's critic means keeping its reward scale; new critics learn on raw rewards.
-    keep_critic = args.no_reevaluate and not scratch and bool(ckpt.get("critics")) and "qf" in ckpt["critics"]
-    reward_transform = dict(ckpt["reward_transform"]) if keep_critic else {"scale": 1.0, "shift": 0.0}
-    reward_handling = "checkpoint" if keep_critic else "raw"
-    naive = not (reevaluate or align or constrain or scratch)
-    ckpt_qf_target = ((ckpt.get("train_state") or {}).get("modules") or {}).get("qf_target") if keep_critic else None
-    # where the online phase's target critics come from (the official code copies Q -> Qbar only after alignment)
-    targets_from = "aligned_critics" if align else "reevaluation" if reevaluate else "checkpoint" if ckpt_qf_target is not None else "critics_copy"
-    if keep_critic:
-        cc = ckpt["critic_config"] or {}
-        critic_config = {"hidden": list(cc.get("hidden", CRITIC_HIDDEN)), "layer_norm": bool(cc.get("layer_norm", False)), "from": "checkpoint"}
-        try:  # a damaged critic stops here, before any phase, rather than with a traceback where the phase loads it
-            trial = Critic(obs_dim, act_dim, critic_config["hidden"], n=2, layer_norm=critic_config["layer_norm"])
-            for sd in (ckpt["critics"]["qf"], ckpt_qf_target):
-                if sd is not None:
-                    trial.load_state_dict(sd)
-        except (RuntimeError, KeyError, TypeError, ValueError) as e:
-            reason = " ".join(str(e).split())[:300] or type(e).__name__  # load_state_dict's message spans lines
-            fail(f"checkpoint {ckpt_path}: its critic weights do not match its critic_config ({reason}); the file is damaged or was "
-                 f"edited; retrain it with offline_pretrain.py or pass another checkpoint")
-    else:
-        critic_config = {"hidden": list(CRITIC_HIDDEN), "layer_norm": True, "from": "new"}
-    try:
-        rb_off = ReplayBuffer.from_dataset(data, obs_mean, obs_std, device, reward_transform["scale"], reward_transform["shift"])
-    except Exception as e:
-        if not out_of_memory(e):
-            raise
-        fail(f"the dataset's {len(data['rewards'])} transitions do not fit in the memory of {device}; use another --device or a smaller dataset")
-    # the online replay (with --buffer-mode all / part, the offline part first) and a batch, before any phase runs
-    n_pre = {"all": len(data["rewards"]), "part": len(offline_trajectory_indices(data, args.part_trajectories))}.get(buffer_mode, 0)
-    capacity = n_pre + max(args.online_steps, online_state["o2o"]["run"]["t"] if online_state is not None else 0)
-    row = 2 * obs_dim + act_dim + 2  # obs, action, reward, next obs, terminal
-    check_allocations([
-        (capacity, row, f"--online-steps {args.online_steps}: a replay buffer of {capacity} transitions"
-         + (f" ({n_pre} of them offline data, --buffer-mode {buffer_mode})" if n_pre else ""),
-         "lower --online-steps" + (" or use --buffer-mode half" if n_pre else "")),
-        (args.batch_size, row, f"a batch of --batch-size {args.batch_size}", "lower it")], device)
-    evaluator = Evaluator(data["env_spec"], args.eval_episodes, args.seed + 100, obs_mean, obs_std, device)
-    ref_min, ref_max = data["ref_min_score"], data["ref_max_score"]
-
-    def evaluate(actor: nn.Module) -> tuple[float, float]:
-        returns = evaluator(actor.act)
-        return float(returns.mean()), float(normalized_score(returns.mean(), ref_min, ref_max))
-
-    # diagnostics: the same dataset states (and actions) at every phase boundary, drawn once from the run's seed with a
-    # generator of their own, so the training's random streams are the same with or without them
-    diag_idx = torch.randperm(rb_off.size, generator=torch.Generator().manual_seed(args.seed))[:DIAG_STATES].to(device)
-    diag_obs, diag_actions = rb_off.data["obs"][diag_idx], rb_off.data["actions"][diag_idx]
-
-    def diagnose(diag: dict, boundary: str, actor: TanhGaussianActor, pi0: TanhGaussianActor, qf: Critic) -> None:
-        diag[boundary] = boundary_diagnostics(actor, pi0, qf, diag_obs, diag_actions, seed=args.seed)
-        for k, v in diag[boundary].items():
-            writer.add_scalar(f"diagnostics/{k}", v, BOUNDARIES.index(boundary))
-
-    if args.overwrite:
-        clear_run_folder(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"--run-dir: cannot create {out} ({e.strerror}); pass a folder you can write to")
-    if args.no_resume:  # a stale online state must not be resumed by a later run either
-        for name in ("online.pt", "final.pt", "results.json"):
-            (out / name).unlink(missing_ok=True)
-    atomic_save(asdict(given), out / "args.json")
-    tracker = start_tracking(args, asdict(given), out)
-    writer = SummaryWriter(str(out))
-    writer.add_text("args", json.dumps(asdict(given)))
-    writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
-    alpha0 = fam["alpha0"]
-    reeval_tau = args.reevaluate_tau
-    wall: dict[str, float] = {}
-    reused: list[str] = []
-
-    def build_qf() -> Critic:
-        if critic_config["from"] == "checkpoint":
-            return Critic(obs_dim, act_dim, critic_config["hidden"], n=2, layer_norm=critic_config["layer_norm"]).to(device)
-        return make_critic(obs_dim, act_dim).to(device)
-
-    # a tanh-Gaussian offline actor is copied exactly (its own widths); other families are distilled into 3 x 256
-    actor_hidden = list(ckpt["actor_config"]["hidden"]) if ckpt["actor_family"] == "tanh_gaussian" else list(ACTOR_HIDDEN)
-    actor = TanhGaussianActor(obs_dim, act_dim, actor_hidden, ckpt["max_action"]).to(device)
-    if online_state is None:
-        # ---- phase 0: the offline actor, its score, distillation into a tanh-Gaussian when needed (docs/algorithms.md,
-        # section 3.1)
-        t0 = time.time()
-        log_phase(writer, "offline", 0)
-        reeval_key = phase_key(args, "reevaluated", ckpt_path, ckpt)
-        aligned_key = phase_key(args, "aligned", ckpt_path, ckpt)
-        saved_re = load_phase(out / "reevaluated.pt", reeval_key, args.no_resume) if reevaluate else None
-        saved_al = load_phase(out / "aligned.pt", aligned_key, args.no_resume) if align else None
-        start = saved_al or saved_re
-        if start is not None:
-            o = start["o2o"]
-            offline_ret, offline_score, distill = o["offline_return"], o["offline_score"], o["distill"]
-            pi0 = TanhGaussianActor(obs_dim, act_dim, actor_hidden, ckpt["max_action"]).to(device)
-            pi0.load_state_dict(o["pi0"])
-            if distill is not None:  # reused with the phase that followed it
-                log_phase(writer, "distill", 0)
-        else:
-            offline_actor = actor_from_checkpoint(ckpt, device)
-            offline_ret, offline_score = evaluate(offline_actor)
-            tqdm.write(f"offline {ckpt['algo']} actor ({ckpt['actor_family']}): return {offline_ret:.1f}, normalized score {offline_score:.1f}")
-            distill = None
-            if ckpt["actor_family"] == "tanh_gaussian":
-                pi0 = offline_actor
+    def add(self, m: dict[str, Tensor | float]) -> None:
+        # always a new tensor: a CUDA-graph update returns static outputs that its next call overwrites
+        for k, v in m.items():
+            v = v.detach().float().reshape(()) if isinstance(v, Tensor) else torch.tensor(float(v))
+            if k in self.sums:
+                self.sums[k] = self.sums[k] + v.to(self.sums[k].device)
+                self.counts[k] += 1
             else:
-                log_phase(writer, "distill", 0)
-                pi0 = TanhGaussianActor(obs_dim, act_dim, actor_hidden, ckpt["max_action"]).to(device)
-                distill_step = accel.update(functools.partial(distill_update, pi0, accel.adam(pi0.parameters(), DISTILL_LR)))
-                met = Metrics(writer, "distill/")
-                for step in tqdm(range(args.distill_steps), desc="distill", disable=None):
-                    obs = rb_off.sample(args.batch_size)["obs"]
-                    with torch.no_grad():
-                        target = distill_targets(offline_actor, obs, args.distill_noise, ckpt["max_action"])
-                        mode = offline_actor.act(obs) if args.distill_fit == "mode" else None
-                    met.add(distill_step(obs, target, mode))
-                    if (step + 1) % args.log_every == 0 or step + 1 == args.distill_steps:
-                        met.flush(step + 1, "distill")
-                with torch.no_grad():
-                    idx = torch.randperm(rb_off.size, device=device)[:10_000]
-                    obs = rb_off.data["obs"][idx]
-                    mse = float(F.mse_loss(pi0.act(obs), offline_actor.act(obs)))
-                d_ret, d_score = evaluate(pi0)
-                distill = {"from_family": ckpt["actor_family"], "steps": args.distill_steps, "action_mse": mse, "return": d_ret, "normalized_score": d_score}
-                writer.add_scalar("distill/action_mse", mse, args.distill_steps)
-                writer.add_scalar("distill/normalized_score", d_score, args.distill_steps)
-                tqdm.write(f"distilled {ckpt['actor_family']} -> tanh_gaussian: action MSE {mse:.4g}, normalized score {d_score:.1f}")
-        pi0 = frozen(pi0)
-        actor.load_state_dict(pi0.state_dict())
-        writer.add_scalar("eval/normalized_score", offline_score, 0)
-        curve = [{"step": 0, "normalized_score": offline_score, "return": offline_ret, "phase": "offline"}]
-        if distill is not None:
-            curve.append({"step": 0, "normalized_score": distill["normalized_score"], "return": distill["return"], "phase": "distilled"})
-        base_o2o = {"pi0": state_dict_cpu(pi0), "offline_return": offline_ret, "offline_score": offline_score, "distill": distill,
-                    "critic_config": critic_config, "reward_transform": reward_transform}
-        wall["load_and_distill"] = time.time() - t0
+                self.sums[k], self.counts[k] = v.clone(), 1
 
-        # ---- phase 1: re-evaluation (paper: Policy Re-evaluation, O2SAC; docs/algorithms.md, section 3.2): FQE of the
-        # frozen pi0 into new LayerNorm critics
-        qf = build_qf()  # built after distillation, so pi0 is the same whichever critic a mode uses
-        if keep_critic:
-            qf.load_state_dict(ckpt["critics"]["qf"])
-        # As the official code, the target critics and the critic Adam travel from re-evaluation through alignment into
-        # online fine-tuning, the actor Adam from alignment into online; a kept checkpoint critic brings its targets.
-        qf_target = frozen(qf)
-        if ckpt_qf_target is not None:
-            qf_target.load_state_dict(ckpt_qf_target)
-        qf_opt, actor_opt = accel.adam(qf.parameters(), args.critic_lr), accel.adam(actor.parameters(), args.actor_lr)
-        diag = dict(start["o2o"]["diagnostics"]) if start is not None else {}  # per phase boundary, kept in the phase checkpoints
-        if "start" not in diag:
-            diagnose(diag, "start", actor, pi0, qf)
+    def flush(self, step: int, phase: str) -> dict[str, float]:
+        """Writes the means since the last flush at `step`; returns them."""
+        if not self.sums:
+            return {}
+        device = next(iter(self.sums.values())).device
+        totals = torch.stack([v.to(device) for v in self.sums.values()]).cpu().tolist()  # the one host sync
+        out = {}
+        for k, total in zip(self.sums, totals):
+            v = total / self.counts[k]
+            if not math.isfinite(v):
+                fail(f"non-finite {self.prefix}{k} at step {step} of phase {phase}; lower the learning rates or check the data "
+                     "(the checkpoints written so far stay valid)")
+            self.writer.add_scalar(self.prefix + k, v, step)
+            out[k] = v
+        self.sums, self.counts = {}, {}
+        return out
+# --- end shared: phases ---
 
-        def restore(saved: dict) -> None:
-            """Critics, target critics and optimisers as a phase checkpoint left them."""
-            qf.load_state_dict(saved["critics"]["qf"])
-            qf_target.load_state_dict(saved["critics"]["qf_target"])
-            for k, opt in (("qf", qf_opt), ("actor", actor_opt)):
-                if k in saved["o2o"]["optimizers"]:
-                    accel.load_optimizer(opt, saved["o2o"]["optimizers"][k])
 
-        if reevaluate:
-            t0 = time.time()
-            log_phase(writer, "reevaluate", 0)
-            if start is not None:
-                reused.append("reevaluated")
-                base_o2o["reevaluation"] = start["o2o"].get("reevaluation")
-                set_rng_state(start["o2o"]["rng"])
-                if saved_al is None:  # alignment is recomputed from the re-evaluation's end state
-                    restore(saved_re)
-            else:
-                reevaluate_step = accel.update(functools.partial(reevaluate_update, pi0, qf, qf_target, qf_opt, alpha0=alpha0, gamma=args.gamma,
-                                                                 tau=reeval_tau))
-                met = Metrics(writer, "reevaluate/")
-                probe: list[float] = []  # mean target-critic value on the diagnostics' dataset (s, a) pairs (no randomness drawn)
-                bar = tqdm(range(args.reevaluate_steps), desc="re-evaluation", disable=None)
-                steps_done, converged = args.reevaluate_steps, False
-                for step in bar:
-                    met.add(reevaluate_step(rb_off.sample(args.batch_size)))
-                    if (step + 1) % args.log_every == 0 or step + 1 == args.reevaluate_steps:
-                        vals = met.flush(step + 1, "re-evaluation")
-                        bar.set_postfix(qf_loss=f"{vals['qf_loss']:.3g}")
-                    if (step + 1) % REEVAL_CHECK_EVERY == 0:
-                        with torch.no_grad():
-                            probe.append(float(qf_target(diag_obs, diag_actions).mean()))
-                        gap = fqe_gap(probe)
-                        writer.add_scalar("reevaluate/q_probe", probe[-1], step + 1)
-                        if math.isfinite(gap):
-                            writer.add_scalar("reevaluate/gap_estimate", gap, step + 1)
-                        if fqe_converged(probe, args.reevaluate_tol):
-                            steps_done, converged = step + 1, True
-                            break
-                reeval_info = {"steps": steps_done, "cap": args.reevaluate_steps, "tau": reeval_tau, "tol": args.reevaluate_tol,
-                               "converged": converged,
-                               "check_every": REEVAL_CHECK_EVERY, "q_probe": probe}
-                tqdm.write(f"re-evaluation: {steps_done} steps" + (f", Q on the probe {probe[-1]:.1f}" if probe else "")
-                           + (" (converged)" if reeval_info["converged"] else ""))
-                base_o2o["reevaluation"] = reeval_info
-                diagnose(diag, "reevaluated", actor, pi0, qf)
-                atomic_save(make_phase_checkpoint(args, ckpt, data, actor, qf, qf_target, steps_done, offline_score,
-                                                  {**base_o2o, "key": reeval_key, "rng": rng_state(), "curve": curve, "diagnostics": diag,
-                                                   "optimizers": {"qf": qf_opt.state_dict()}}), out / "reevaluated.pt")
-            wall["reevaluate"] = time.time() - t0
+# --- shared: constraint ---
+# The Lagrangian constraint of Constrained Fine-Tuning (O2SAC and O2TD3): a deviation D from the reference policy
+# (O2SAC: the one-sample KL estimate; O2TD3: the squared action distance) must stay under a threshold that loosens
+# with online env steps; the multiplier lambda = exp(log_lambda) is learned by an asymmetric (expectile-like) loss.
+def constraint_threshold(t: int | float, eps0: float, eps_end: float, horizon: int) -> float:
+    """eps_t = min(eps_end, eps0 + (eps_end - eps0) t / horizon): the threshold LOOSENS with env steps t."""
+    return min(eps_end, eps0 + (eps_end - eps0) * t / horizon)
 
-        # ---- phase 2: value alignment (paper: Value Alignment, O2SAC; docs/algorithms.md, section 3.3): targets frozen at
-        # the re-evaluation's target critics; the actor keeps training (--align-actor train, the paper) or stays pi0 (frozen)
-        if align:
-            t0 = time.time()
-            log_phase(writer, "align", 0)
-            if saved_al is not None:
-                reused.append("aligned")
-                restore(saved_al)
-                actor.load_state_dict(saved_al["actor"])
-                set_rng_state(saved_al["o2o"]["rng"])
-                after_ret, after_score = saved_al["o2o"]["after_align_return"], saved_al["o2o"]["after_align_score"]
-                curve.extend(p for p in saved_al["o2o"]["curve"] if p["phase"] == "align")
-            else:
-                align_step = accel.update(functools.partial(align_update, pi0, actor, qf, qf_target, qf_opt, actor_opt, alpha0=alpha0,
-                                                            train_actor=args.align_actor == "train"))
-                met = Metrics(writer, "align/")
-                bar = tqdm(range(args.align_steps), desc="alignment", disable=None)
-                for step in bar:
-                    met.add(align_step(rb_off.sample(args.batch_size)))
-                    if (step + 1) % args.log_every == 0 or step + 1 == args.align_steps:
-                        vals = met.flush(step + 1, "alignment")
-                        bar.set_postfix(qf_loss=f"{vals['qf_loss']:.3g}", q_gap=f"{vals['q_gap']:.3g}")
-                    if args.align_eval_every and (step + 1) % args.align_eval_every == 0:  # evaluation draws no training randomness
-                        ret, score = evaluate(actor)
-                        curve.append({"step": step + 1, "normalized_score": score, "return": ret, "phase": "align"})
-                        writer.add_scalar("align/normalized_score", score, step + 1)
-                        bar.set_postfix(score=f"{score:.1f}")
-                if args.align_eval_every and args.align_steps % args.align_eval_every == 0:  # the last one was of this actor
-                    after_ret, after_score = curve[-1]["return"], curve[-1]["normalized_score"]
-                else:
-                    after_ret, after_score = evaluate(actor)
-                diagnose(diag, "aligned", actor, pi0, qf)
-                atomic_save(make_phase_checkpoint(args, ckpt, data, actor, qf, qf, args.align_steps, after_score,
-                                                  {**base_o2o, "key": aligned_key, "rng": rng_state(), "curve": curve, "diagnostics": diag,
-                                                   "after_align_return": after_ret, "after_align_score": after_score,
-                                                   "optimizers": {"qf": qf_opt.state_dict(), "actor": actor_opt.state_dict()}}), out / "aligned.pt")
-            qf_target.load_state_dict(qf.state_dict())  # the official code copies Q -> Qbar after alignment
-            wall["align"] = time.time() - t0
-        else:
-            after_ret, after_score = (offline_ret, offline_score) if distill is None else (distill["return"], distill["normalized_score"])
-        # ---- start of online (docs/algorithms.md, section 3.4): pi_ref <- pi if alignment improved on the offline score
-        tqdm.write(f"start of online: return {after_ret:.1f}, normalized score {after_score:.1f}")
-        if align:
-            curve.append({"step": 0, "normalized_score": after_score, "return": after_ret, "phase": "aligned"})
-        curve.append({"step": 0, "normalized_score": after_score, "return": after_ret, "phase": "online"})  # where online starts
-        start_score = offline_score if distill is None else distill["normalized_score"]
-        if args.reference != "offline" and after_score > start_score:
-            pi_ref_sd, best = state_dict_cpu(actor), after_score
-        else:
-            pi_ref_sd, best = state_dict_cpu(pi0), start_score
-        # naive fine-tuning continues the checkpoint's learned temperature (CQL's); every other mode starts at alpha0
-        ckpt_log_alpha = (ckpt.get("train_state") or {}).get("log_alpha")
-        alpha_from = "checkpoint" if naive and ckpt_log_alpha is not None else "alpha0"
-        log_alpha_init = float(ckpt_log_alpha) if alpha_from == "checkpoint" else math.log(alpha0)
-        start_state = {"alpha_from": alpha_from, "alpha": math.exp(log_alpha_init), "qf_target_from": targets_from}
-        # n_evals counts the evaluations of the --eval-every schedule only (the cadence of --reference interval)
-        run = {"t": 0, "best": best, "n_evals": 0, "env_rng": None, "curve": curve, "wall": wall, "reused": reused,
-               "after_align_score": after_score, "distill": distill, "start": start_state, "diagnostics": diag,
-               "reevaluation": base_o2o.get("reevaluation")}
-        opt_states = None
-        log_lam_init = math.log(args.lambda_init)
-        online_rb = None
-    else:
-        o = online_state["o2o"]
-        pi0 = TanhGaussianActor(obs_dim, act_dim, actor_hidden, ckpt["max_action"]).to(device)
-        pi0.load_state_dict(o["pi0"])
-        pi0 = frozen(pi0)
-        actor.load_state_dict(online_state["actor"])
-        qf = build_qf()
-        qf.load_state_dict(online_state["critics"]["qf"])
-        qf_target = frozen(qf)
-        qf_target.load_state_dict(online_state["critics"]["qf_target"])
-        qf_opt, actor_opt = accel.adam(qf.parameters(), args.critic_lr), accel.adam(actor.parameters(), args.actor_lr)
-        pi_ref_sd = o["pi_ref"]
-        run = o["run"]
-        run["reused"] = sorted(set(run["reused"]) | {"online"})
-        opt_states = o["optimizers"]
-        log_alpha_init, log_lam_init = float(o["log_alpha"]), float(o["log_lam"])
-        online_rb = o["online_rb"]
-        set_rng_state(o["rng"])
-        tqdm.write(f"resuming online fine-tuning from {out / 'online.pt'} at env step {run['t']}")
 
-    # ---- phase 3: online fine-tuning (paper: Constrained Fine-Tuning, O2SAC; docs/algorithms.md, section 3.5; PORL:
-    # pre-sample stage then plain SAC, section 6)
-    t_phase = time.time()
-    pi_ref = None
-    if constrain:
-        pi_ref = frozen(actor)
-        pi_ref.load_state_dict(pi_ref_sd)
-    # shape (1,), not 0-d: compiled Adam skips 0-d float64 parameters (PyTorch 2.13)
-    log_alpha = torch.full((1,), log_alpha_init, device=device, requires_grad=True)
-    log_lam = torch.full((1,), log_lam_init, device=device, requires_grad=True)
-    opts = {"actor": actor_opt, "qf": qf_opt, "alpha": accel.adam([log_alpha], args.alpha_lr), "lambda": accel.adam([log_lam], args.lambda_lr)}
-    if opt_states is not None:
-        for k, opt in opts.items():
-            accel.load_optimizer(opt, opt_states[k])
-    target_entropy = -float(act_dim)
-    online_step = accel.update(functools.partial(online_update, actor, pi_ref, qf, qf_target, log_alpha, log_lam, opts,
-                                                 target_entropy=target_entropy, gamma=args.gamma, tau=args.tau, kl_floor=args.kl_floor,
-                                                 actor_grad_clip=fam["actor_grad_clip"]))
-    eps_t = accel.scalar(fam["eps0"])  # the KL threshold as a device tensor: refilled each env step, never recompiled
-    # replay (--buffer-mode; docs/algorithms.md, section 3.5): the offline part of all/part lives at the front of the
-    # online buffer and is never overwritten
-    if buffer_mode in ("all", "part"):
-        pre = data if buffer_mode == "all" else subset(data, offline_trajectory_indices(data, args.part_trajectories))
-        n_pre = len(pre["rewards"])
-    else:
-        pre, n_pre = None, 0
-    rb = ReplayBuffer(obs_dim, act_dim, n_pre + max(args.online_steps, run["t"]), device)
-    if pre is not None:
-        rb.add((pre["observations"] - obs_mean) / obs_std, pre["actions"], pre["rewards"] * reward_transform["scale"] + reward_transform["shift"],
-               (pre["next_observations"] - obs_mean) / obs_std, pre["terminals"])
-    if online_rb is not None and len(online_rb["rewards"]):
-        rb.add(online_rb["obs"], online_rb["actions"], online_rb["rewards"], online_rb["next_obs"], online_rb["terminals"])
-    half = args.batch_size // 2
-
-    def sample() -> dict[str, Tensor]:
-        if buffer_mode != "half":
-            return rb.sample(args.batch_size)
-        on, off = rb.sample(half), rb_off.sample(args.batch_size - half)
-        return {k: torch.cat([on[k], off[k]]) for k in on}
-
-    env = make_env(data["env_spec"])
-    obs, _ = env.reset(seed=args.seed)
-    if run["env_rng"] is not None:  # continue the episode-start sequence of the interrupted run
-        env.unwrapped.np_random.bit_generator.state = json.loads(run["env_rng"])
-        obs, _ = env.reset()
-    obs_mean_t = torch.as_tensor(obs_mean, device=device)
-    obs_std_t = torch.as_tensor(obs_std, device=device)
-    fam_eps_end = fam["eps_end"]
-    met = Metrics(writer)
-    ep_ret, ep_len = 0.0, 0
-    ckpt_t = run["t"]
-    sps_t0, sps_step0 = time.time(), run["t"]
-    score = run["curve"][-1]["normalized_score"]
-
-    def save_online(env_rng: str | None) -> None:
-        online = {k: v[n_pre:rb.size].cpu().clone() for k, v in rb.data.items()}
-        run["env_rng"] = env_rng
-        o2o = {"key": online_key, "pi0": state_dict_cpu(pi0), "pi_ref": pi_ref_sd, "run": run, "online_rb": online, "rng": rng_state(),
-               "optimizers": {k: opt.state_dict() for k, opt in opts.items()}, "log_alpha": log_alpha.item(), "log_lam": log_lam.item(),
-               "critic_config": critic_config, "reward_transform": reward_transform}
-        atomic_save(make_phase_checkpoint(args, ckpt, data, actor, qf, qf_target, run["t"], score, o2o), out / "online.pt")
-
-    def results(finished: bool) -> dict:
-        c = run["curve"]
-        return results_record(
-            script="o2o_sac", algo="sac", method=method_name(reevaluate, align, constrain, scratch=scratch),
-            mode={"reevaluate": reevaluate, "align": align, "align_actor": args.align_actor if align else None, "constraint": constrain,
-                  "critic_init": args.critic_init, "reference": args.reference, "buffer_mode": buffer_mode},
-            env=args.env, data=data, seed=args.seed, offline_algo=ckpt["algo"], offline_checkpoint=ckpt_path, curve=c,
-            online_start_score=run["after_align_score"], online_steps=args.online_steps, online_steps_done=run["t"],
-            budget_scale=args.budget_scale, wall_clock_s=run["wall"], finished=finished, run_dir=out,
-            offline_actor_family=ckpt["actor_family"], critic=critic_config,
-            budget={**{k: getattr(args, k) for k in BUDGET_FIELDS}, "lambda_lr": args.lambda_lr},
-            family_defaults=fam, reward_handling=reward_handling, reward_transform=reward_transform, online_start=run.get("start"),
-            distillation=run["distill"], reevaluation=run.get("reevaluation"), reused_phases=run["reused"],
-            diagnostics={"states": int(diag_obs.shape[0]), "samples_per_state": DIAG_SAMPLES, "boundaries": run["diagnostics"],
-                         "align_eval_every": args.align_eval_every if align else None,
-                         "align_scores": [[p["step"], p["normalized_score"]] for p in c if p["phase"] == "align"],
-                         "early_eval_steps": sorted(early)})
-
-    porl_pre = args.pre_sample_steps if scratch else 0
-    early = set(early_eval_steps(args.online_steps, args.early_evals))
-    bar = tqdm(range(run["t"], args.online_steps), desc="online", initial=run["t"], total=args.online_steps, disable=None)
-    if run["t"] == 0:  # a resumed run logged its phases when it started them
-        log_phase(writer, "pre_sample" if porl_pre else "online", 0)
-    for _ in bar:
-        with torch.no_grad():
-            o_t = (torch.as_tensor(obs, dtype=torch.float32, device=device) - obs_mean_t) / obs_std_t
-            action = actor.sample(o_t.unsqueeze(0))[0][0].cpu().numpy()
-        next_obs, reward, term, trunc, _ = env.step(np.clip(action, env.action_space.low, env.action_space.high))
-        # store termination only: a time-limit truncation must still be bootstrapped
-        rb.add(o_t.unsqueeze(0), action[None], [reward * reward_transform["scale"] + reward_transform["shift"]],
-               ((torch.as_tensor(next_obs, dtype=torch.float32, device=device) - obs_mean_t) / obs_std_t).unsqueeze(0), [float(term)])
-        obs = next_obs
-        ep_ret, ep_len = ep_ret + float(reward), ep_len + 1
-        run["t"] += 1
-        t = run["t"]
-        if porl_pre and t == porl_pre:  # PORL: the actor trains from the next env step on
-            log_phase(writer, "online", t)
-        if t > args.learning_starts:
-            eps_t.fill_(kl_threshold(t, fam["eps0"], fam_eps_end, args.constraint_horizon))
-            for k in range(args.utd):  # lam steps once per env step; PORL's actor stays frozen during the pre-sample stage
-                met.add(online_step(sample(), eps_t, update_lam=constrain and k == 0, update_actor=t > porl_pre))
-        if t % args.log_every == 0 and met.count:
-            met.flush(t, "online")
-            writer.add_scalar("charts/kl_threshold", kl_threshold(t, fam["eps0"], fam_eps_end, args.constraint_horizon), t)
-            writer.add_scalar("charts/SPS", (t - sps_step0) / max(time.time() - sps_t0, 1e-9), t)
-        scheduled = t % args.eval_every == 0 or t == args.online_steps
-        if scheduled or t in early:
-            ret, score = evaluate(actor)
-            run["n_evals"] += scheduled
-            phase = "pre_sample" if t <= porl_pre else "online"
-            run["curve"].append({"step": t, "normalized_score": score, "return": ret, "phase": phase})
-            writer.add_scalar("eval/episodic_return", ret, t)
-            writer.add_scalar("eval/normalized_score", score, t)
-            # reference update (docs/algorithms.md, section 3.5)
-            if constrain and reference_update_due(args.reference, score, run["best"], scheduled, run["n_evals"], fam["reference_interval"]):
-                pi_ref.load_state_dict(actor.state_dict())
-                pi_ref_sd = state_dict_cpu(actor)
-            run["best"] = max(run["best"], score)
-            bar.set_postfix(score=f"{score:.1f}")
-            tqdm.write(f"env step {t}: return {ret:.1f}, normalized score {score:.1f}")
-            atomic_save(results(False), out / "results.json")
-        if term or trunc:
-            writer.add_scalar("charts/episodic_return", ep_ret, t)
-            writer.add_scalar("charts/episodic_length", ep_len, t)
-            ep_ret, ep_len = 0.0, 0
-            # periodic checkpoint at episode boundaries, so a resumed run restarts exactly at an episode start
-            if t - ckpt_t >= args.checkpoint_every or t == args.online_steps:
-                save_online(json.dumps(env.unwrapped.np_random.bit_generator.state))
-                ckpt_t = t
-            obs, _ = env.reset()
-        if args.stop_after is not None and t >= args.stop_after and t < args.online_steps:
-            bar.close()
-            writer.close()
-            finish_tracking(tracker)
-            env.close()
-            evaluator.close()
-            return {"stopped_at": t, "run_dir": str(out)}
-    bar.close()
-    run["wall"]["online"] = run["wall"].get("online", 0.0) + time.time() - t_phase
-    diagnose(run["diagnostics"], "end", actor, pi0, qf)
-    if ckpt_t != run["t"] or not (out / "online.pt").exists():
-        save_online(None)  # mid-episode end: a longer rerun continues from here with a fresh episode
-    atomic_save(make_phase_checkpoint(args, ckpt, data, actor, qf, qf_target, run["t"], score,
-                                      {"key": online_key, "pi0": state_dict_cpu(pi0), "pi_ref": pi_ref_sd, "log_alpha": log_alpha.item(),
-                                       "log_lam": log_lam.item(), "critic_config": critic_config, "reward_transform": reward_transform,
-                                       "curve": run["curve"]}), out / "final.pt")
-    res = results(True)
-    atomic_save(res, out / "results.json")
-    writer.close()
-    finish_tracking(tracker)
-    env.close()
-    evaluator.close()
-    print(f"o2o_sac on {args.env}: offline {res['offline_score']:.1f} -> start of online {res['online_start_score']:.1f} -> final "
-          f"{res['final_score']:.1f} (min over first tenth {res['min_first_tenth']:.1f}); outputs in {out}")
-    return res
+def lagrange_loss(log_lam: Tensor, deviation: Tensor, threshold: float | Tensor, tau: float = 0.7) -> Tensor:
+    """lam * c with c = mean w(u) u, u = eps - D, w = tau where u < 0 (violated) else 1 - tau (linear, not squared).
+    Violations make c < 0, so gradient descent on this loss raises lam; c is detached."""
+    u = threshold - deviation.detach()
+    c = (torch.where(u < 0, tau, 1.0 - tau) * u).mean()
+    return log_lam.exp() * c.detach()
+# --- end shared: constraint ---
 
 
 if __name__ == "__main__":

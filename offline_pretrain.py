@@ -92,24 +92,43 @@ class Args:
     """evaluation episodes (deterministic actions, separate env)"""
     log_every: int = 1_000
     """log losses to tensorboard every this many gradient steps"""
+    normalize_states: bool | None = None
+    """normalise observations by the dataset's mean and std (default: from FAMILY_DEFAULTS: yes, except CQL on AntMaze)"""
+    reward: str | None = None
+    """the rewards the critics learn on: `SCALE,SHIFT` (r * SCALE + SHIFT, e.g. `10,-5`) or `return-range` (r x 1000 / (max -
+    min episode return)); default from FAMILY_DEFAULTS (MuJoCo: IQL return-range, others 1,0; AntMaze: CQL 10,-5, IQL and
+    TD3+BC 1,-1)"""
 
     # --- CQL ---
-    cql_alpha: float = 10.0
-    """weight of the conservative penalty"""
+    cql_alpha: float | None = None
+    """weight of the conservative penalty (default: from FAMILY_DEFAULTS, 10 on MuJoCo, 5 on AntMaze)"""
+    cql_lagrange: bool | None = None
+    """CQL-Lagrange: the penalty's weight is cql_alpha x alpha', alpha' learned so that the penalty (the Q gap between
+    sampled and dataset actions) stays at --cql-target-action-gap (default: from FAMILY_DEFAULTS, on for AntMaze)"""
+    cql_target_action_gap: float = 0.8
+    """with --cql-lagrange: the target of the conservative penalty"""
+    cql_max_target_backup: bool | None = None
+    """TD target from the max over --cql-n-actions next-state policy actions of the twin-min target Q instead of one
+    sampled action (default: from FAMILY_DEFAULTS, on for AntMaze)"""
+    cql_clip_diff_min: float | None = None
+    """clip each state's penalty term (logsumexp - Q(s, a_data)) from below at this value; -inf never clips (default:
+    from FAMILY_DEFAULTS, -200 on AntMaze)"""
+    cql_critic_layers: int | None = None
+    """hidden layers (of 256) of CQL's critics (default: from FAMILY_DEFAULTS, 3 on MuJoCo, 5 on AntMaze)"""
     cql_n_actions: int = 10
     """sampled actions per state (uniform, current policy, next-state policy) in the penalty"""
     cql_temp: float = 1.0
     """temperature of the logsumexp"""
-    cql_actor_lr: float = 3e-5
-    """actor learning rate"""
+    cql_actor_lr: float | None = None
+    """actor learning rate (default: from FAMILY_DEFAULTS, 3e-5 on MuJoCo, 1e-4 on AntMaze)"""
     cql_critic_lr: float = 3e-4
     """critic and temperature learning rate"""
 
     # --- IQL ---
-    iql_expectile: float = 0.7
-    """expectile of the value regression"""
-    iql_beta: float = 3.0
-    """inverse temperature of the advantage weights"""
+    iql_expectile: float | None = None
+    """expectile of the value regression (default: from FAMILY_DEFAULTS, 0.7 on MuJoCo, 0.9 on AntMaze)"""
+    iql_beta: float | None = None
+    """inverse temperature of the advantage weights (default: from FAMILY_DEFAULTS, 3 on MuJoCo, 10 on AntMaze)"""
     iql_lr: float = 3e-4
     """learning rate of actor (cosine schedule), critics and value"""
 
@@ -569,19 +588,85 @@ D4RL_REF_SCORES = {
     "halfcheetah": (-280.178953, 12135.0),
     "walker2d": (1.629008, 4592.3),
     "ant": (-325.6727, 3879.7),
+    "antmaze": (0.0, 1.0),  # D4RL's: an evaluation return is 1 for reaching the goal, else 0 (antmaze_eval_spec)
 }
 HOSTED_LEVELS = {"medium": ["medium-v0"], "expert": ["expert-v0"], "medium-expert": ["medium-v0", "expert-v0"]}
+# AntMaze, D4RL's second benchmark: `antmaze-<name>-v2` -> Minari's re-collection on gymnasium-robotics (the id, and the
+# env the data was collected on, continuing_task=True and reset_target=False: the episode never terminates, the goal
+# stays put, and the sparse reward 1{|xy - goal| <= 0.45} accumulates while the ant stays at the goal; 700 steps per
+# episode on umaze, 1000 on medium and large). Source: minari-dataset-generation-scripts, scripts/antmaze/.
+ANTMAZE_DATASETS = {
+    "umaze": ("D4RL/antmaze/umaze-v1", "AntMaze_UMaze-v4"),
+    "umaze-diverse": ("D4RL/antmaze/umaze-diverse-v1", "AntMaze_UMaze-v4"),
+    "medium-play": ("D4RL/antmaze/medium-play-v1", "AntMaze_Medium-v4"),
+    "medium-diverse": ("D4RL/antmaze/medium-diverse-v1", "AntMaze_Medium_Diverse_GR-v4"),
+    "large-play": ("D4RL/antmaze/large-play-v1", "AntMaze_Large-v4"),
+    "large-diverse": ("D4RL/antmaze/large-diverse-v1", "AntMaze_Large_Diverse_GR-v4"),
+}
+# the maze of antmaze-umaze (D4RL's U_MAZE_TEST, rows in gymnasium-robotics' order): start r bottom left, goal g top left
+ANTMAZE_UMAZE_MAP = [[1, 1, 1, 1, 1], [1, "g", 0, 0, 1], [1, 1, 1, 0, 1], [1, "r", 0, 0, 1], [1, 1, 1, 1, 1]]
+# the mazes of Minari's AntMaze evaluation envs (eval_env_spec), by size. The umaze one is the MIRROR image of the maze
+# the umaze data were collected in (its gap is on the other side; Minari issue #304), so evaluation on umaze and
+# umaze-diverse uses ANTMAZE_UMAZE_MAP instead, D4RL's task: the data's maze, from r to g (see antmaze_eval_spec)
+ANTMAZE_EVAL_MAPS = {
+    "umaze": [[1, 1, 1, 1, 1], [1, 0, 0, "r", 1], [1, 0, 1, 1, 1], [1, 0, 0, "g", 1], [1, 1, 1, 1, 1]],
+    "medium": [[1, 1, 1, 1, 1, 1, 1, 1], [1, "r", 0, 1, 1, 0, 0, 1], [1, 0, 0, 1, 0, 0, 0, 1], [1, 1, 0, 0, 0, 1, 1, 1],
+               [1, 0, 0, 1, 0, 0, 0, 1], [1, 0, 1, 0, 0, 1, 0, 1], [1, 0, 0, 0, 1, 0, "g", 1], [1, 1, 1, 1, 1, 1, 1, 1]],
+    "large": [[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], [1, "r", 0, 0, 0, 1, 0, 0, 0, 0, 0, 1], [1, 0, 1, 1, 0, 1, 0, 1, 0, 1, 0, 1],
+              [1, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1], [1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 0, 1], [1, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 1],
+              [1, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1, 1], [1, 0, 0, 1, 0, 0, 0, 1, 0, "g", 0, 1], [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]],
+}
+# Dict (goal-env) observations are flattened in this order, the same in the dataset, online and in evaluation: for
+# AntMaze [achieved_goal (x, y), observation (the other 13 qpos and 14 qvel), desired_goal (x, y)], 31 numbers whose
+# first 29 are D4RL's AntMaze state (qpos, qvel)
+GOAL_OBS_KEYS = ("achieved_goal", "observation", "desired_goal")
 # no part may start with a dot: `..` would leave the store, and hidden folders are make_dataset.py's staging area
 DATASET_ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*-v\d+$")
 
 
 def parse_env_name(name: str) -> tuple[str, str]:
-    """`hopper-medium-replay-v2` -> ("hopper", "medium-replay"); unknown names exit 2 listing the known ones."""
+    """`hopper-medium-replay-v2` -> ("hopper", "medium-replay"), `antmaze-umaze-diverse-v2` -> ("antmaze", "umaze-diverse");
+    unknown names exit 2 listing the known ones."""
     m = re.fullmatch(r"([a-z0-9]+)-(.+)-v\d+", name)
+    if m is not None and m.group(1) == "antmaze" and m.group(2) in ANTMAZE_DATASETS:
+        return m.group(1), m.group(2)
     if m is None or m.group(1) not in D4RL_ENVS or m.group(2) not in D4RL_LEVELS:
-        known = ", ".join(f"{e}-{lvl}-v2" for e in D4RL_ENVS for lvl in D4RL_LEVELS)
+        known = ", ".join([f"{e}-{lvl}-v2" for e in D4RL_ENVS for lvl in D4RL_LEVELS] + [f"antmaze-{n}-v2" for n in ANTMAZE_DATASETS])
         fail(f"unknown env {name!r}; known: {known} (or pass any Minari id with --dataset-id)")
     return m.group(1), m.group(2)
+
+
+def flatten_obs(obs: Any) -> np.ndarray:
+    """One flat observation (or a batch, along the last axis) from a Box observation (returned as it is) or a goal-env
+    Dict observation (its GOAL_OBS_KEYS concatenated in that order). THE flattening of the dataset, of the online env
+    and of evaluation (make_env wraps Dict-observation envs in FlattenGoalObs, which calls this)."""
+    if not isinstance(obs, dict):
+        return obs
+    missing = [k for k in GOAL_OBS_KEYS if k not in obs]
+    if missing or len(obs) != len(GOAL_OBS_KEYS):
+        fail(f"Dict observations with keys {sorted(obs)} are not supported; only goal-env observations {', '.join(GOAL_OBS_KEYS)}")
+    return np.concatenate([np.asarray(obs[k]) for k in GOAL_OBS_KEYS], axis=-1)
+
+
+def is_antmaze_spec(env_spec: str) -> bool:
+    """Whether an env spec (JSON, or a plain id) is a gymnasium-robotics AntMaze env: the one test of the AntMaze family."""
+    env_id = json.loads(env_spec)["id"] if env_spec.lstrip().startswith("{") else env_spec
+    return env_id.startswith("AntMaze_")
+
+
+def antmaze_eval_spec(env_spec: str) -> str:
+    """The evaluation env of an AntMaze dataset, D4RL's protocol: the episode TERMINATES when the goal is reached
+    (continuing_task=False, reset_target=False: reward 1 on that step, 0 before), so an episode's return is 1 for a
+    success and 0 otherwise and the normalised score (reference returns 0 and 1) is 100 x the success rate; 700 steps
+    on umaze, 1000 on medium and large, as the spec says. Minari's mirrored umaze evaluation maze (ANTMAZE_EVAL_MAPS)
+    is replaced by the data's maze with D4RL's start and goal (ANTMAZE_UMAZE_MAP)."""
+    spec = json.loads(env_spec) if env_spec.lstrip().startswith("{") else json.loads(make_env(env_spec, flatten=False).spec.to_json())
+    kwargs = dict(spec.get("kwargs") or {})
+    if kwargs.get("maze_map") == ANTMAZE_EVAL_MAPS["umaze"]:
+        kwargs["maze_map"] = ANTMAZE_UMAZE_MAP
+    kwargs.update(continuing_task=False, reset_target=False)
+    spec["kwargs"] = kwargs
+    return json.dumps(spec)
 
 
 def minari_store(write: bool = False) -> Path:
@@ -617,6 +702,8 @@ def _build_command(dataset_id: str) -> str:
     m = re.fullmatch(r"local/([a-z0-9]+)/(.+)-v0", dataset_id)
     if m and m.group(1) in D4RL_ENVS and m.group(2) in D4RL_LEVELS:
         return f"python make_dataset.py --env {m.group(1)}-{m.group(2)}-v2"
+    if m and m.group(1) == "antmaze" and m.group(2) in ANTMAZE_DATASETS:
+        return f"python make_dataset.py --env antmaze-{m.group(2)}-v2 --random-steps 100000"
     return "make_dataset.py"
 
 
@@ -662,7 +749,10 @@ def resolve_dataset(env: str, dataset_id: str | None = None, no_download: bool =
             _download(dataset_id)
         return [dataset_id], dataset_id.startswith("local/")
     name, level = parse_env_name(env)
-    hosted = [f"mujoco/{name}/{v}" for v in HOSTED_LEVELS.get(level, [])]
+    if name == "antmaze":
+        hosted = [ANTMAZE_DATASETS[level][0]]
+    else:
+        hosted = [f"mujoco/{name}/{v}" for v in HOSTED_LEVELS.get(level, [])]
     if hosted and all(_dataset_exists(i) for i in hosted):
         return hosted, False
     local = f"local/{name}/{level}-v0"
@@ -673,6 +763,9 @@ def resolve_dataset(env: str, dataset_id: str | None = None, no_download: bool =
             if not _dataset_exists(i):
                 _download(i)
         return hosted, False
+    if name == "antmaze":  # make_dataset.py cannot rebuild the hosted data (a maze-solving controller), only a random stand-in
+        fail(f"no dataset for {env} (looked for {', '.join(hosted + [local])}); download it on a machine with network "
+             f"(minari download {hosted[0]}) into the Minari store, or build a random-action stand-in for trials: {_build_command(local)}")
     fail(f"no dataset for {env} (looked for {', '.join(hosted + [local])}); build it with: python make_dataset.py --env {env}")
 
 
@@ -699,7 +792,7 @@ def load_dataset(env: str, dataset_id: str | None = None, no_download: bool = Fa
         if not meta:
             meta = ds.storage.metadata
         for ep in episodes:
-            obs = np.asarray(ep.observations, dtype=np.float32)
+            obs = np.asarray(flatten_obs(ep.observations), dtype=np.float32)
             if obs.ndim != 2:
                 fail(f"dataset {i} has non-flat observations {obs.shape}; only Box observations are supported")
             n = len(ep.rewards)
@@ -720,13 +813,16 @@ def load_dataset(env: str, dataset_id: str | None = None, no_download: bool = Fa
     env_spec = meta.get("eval_env_spec") or meta.get("env_spec")
     if env_spec is None:
         fail(f"dataset {ids[0]} records no environment spec; it cannot be evaluated")
+    env_spec = env_spec if isinstance(env_spec, str) else json.dumps(env_spec)
     ref = (meta.get("ref_min_score"), meta.get("ref_max_score"))
-    if dataset_id is None and None in ref:
+    if is_antmaze_spec(env_spec):  # D4RL's protocol, whatever the metadata says: success rate x 100 (antmaze_eval_spec)
+        env_spec, ref = antmaze_eval_spec(env_spec), D4RL_REF_SCORES["antmaze"]
+    elif dataset_id is None and None in ref:
         ref = D4RL_REF_SCORES[parse_env_name(env)[0]]
     data.update(
         dataset_ids=ids,
         local_standin=local,
-        env_spec=env_spec if isinstance(env_spec, str) else json.dumps(env_spec),
+        env_spec=env_spec,
         ref_min_score=float(ref[0]) if ref[0] is not None else 0.0,
         ref_max_score=float(ref[1]) if ref[1] is not None else 1.0,
         episode_returns=np.asarray(returns, dtype=np.float32),
@@ -785,9 +881,37 @@ class ReplayBuffer:
 
 
 # --- shared: evaluation ---
-def make_env(env_spec: str) -> gym.Env:
-    """An environment from the JSON spec a dataset (and every checkpoint) records, or from a plain env id."""
-    return gym.make(EnvSpec.from_json(env_spec) if env_spec.lstrip().startswith("{") else env_spec)
+class FlattenGoalObs(gym.ObservationWrapper):
+    """A goal env (Dict observations: achieved_goal, observation, desired_goal) seen as a Box env through flatten_obs."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        spaces = env.observation_space.spaces
+        low = np.concatenate([np.broadcast_to(spaces[k].low, spaces[k].shape) for k in GOAL_OBS_KEYS])
+        high = np.concatenate([np.broadcast_to(spaces[k].high, spaces[k].shape) for k in GOAL_OBS_KEYS])
+        self.observation_space = gym.spaces.Box(low, high, dtype=np.float64)
+
+    def observation(self, observation: dict) -> np.ndarray:
+        return flatten_obs(observation)
+
+
+def make_env(env_spec: str, flatten: bool = True) -> gym.Env:
+    """An environment from the JSON spec a dataset (and every checkpoint) records, or from a plain env id. Goal envs
+    (AntMaze) come with their Dict observations flattened as in the dataset (FlattenGoalObs), unless flatten=False."""
+    spec = EnvSpec.from_json(env_spec) if env_spec.lstrip().startswith("{") else env_spec
+    if not is_antmaze_spec(env_spec):
+        return gym.make(spec)
+    import contextlib
+    import io
+    import warnings
+
+    with contextlib.redirect_stderr(io.StringIO()):  # its import prints a notice about the Adroit envs
+        import gymnasium_robotics
+    gym.register_envs(gymnasium_robotics)
+    with warnings.catch_warnings():  # the datasets were collected on AntMaze_*-v4 on purpose: no "out of date" warning
+        warnings.filterwarnings("ignore", message=".*is out of date.*")
+        env = gym.make(spec)
+    return FlattenGoalObs(env) if flatten else env
 
 
 class Evaluator:
@@ -966,21 +1090,99 @@ ALGO_TABLE: dict[str, dict[str, Any]] = {
 }
 
 
+# ---------------------------------------------------------------- per-dataset-family values
+# The values that differ between the MuJoCo locomotion datasets and AntMaze (the official OCR-CFT offline configs, which
+# follow CORL's), filled into every Args field left at None; explicit flags override. The family is "antmaze" when the
+# dataset's env is a gymnasium-robotics AntMaze (is_antmaze_spec), else "mujoco". `normalize_states` and `reward` are
+# per method; `reward` is `SCALE,SHIFT` (r * SCALE + SHIFT) or `return-range` (r x 1000 / (max - min episode return)).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mujoco": dict(cql_alpha=10.0, cql_lagrange=False, cql_max_target_backup=False, cql_clip_diff_min=float("-inf"), cql_critic_layers=3,
+                   cql_actor_lr=3e-5, iql_beta=3.0, iql_expectile=0.7,
+                   normalize_states=dict(cql=True, iql=True, td3_bc=True, bc=True),
+                   reward=dict(cql="1,0", iql="return-range", td3_bc="1,0", bc="1,0")),
+    "antmaze": dict(cql_alpha=5.0, cql_lagrange=True, cql_max_target_backup=True, cql_clip_diff_min=-200.0, cql_critic_layers=5,
+                    cql_actor_lr=1e-4, iql_beta=10.0, iql_expectile=0.9,
+                    normalize_states=dict(cql=False, iql=True, td3_bc=True, bc=True),
+                    reward=dict(cql="10,-5", iql="1,-1", td3_bc="1,-1", bc="1,0")),
+}
+FAMILY_ARGS = ("cql_alpha", "cql_lagrange", "cql_max_target_backup", "cql_clip_diff_min", "cql_critic_layers", "cql_actor_lr", "iql_beta",
+               "iql_expectile", "normalize_states", "reward")
+
+
+def dataset_family(data: dict) -> str:
+    """The FAMILY_DEFAULTS row of a loaded dataset."""
+    return "antmaze" if is_antmaze_spec(data["env_spec"]) else "mujoco"
+
+
+def family_filled(args: dict, family: str) -> dict:
+    """`args` (asdict of Args, or a checkpoint's saved args) with every family value it leaves at None, or lacks,
+    taken from FAMILY_DEFAULTS[family] for its --algo."""
+    row, algo = FAMILY_DEFAULTS[family], args.get("algo", "iql")
+    out = dict(args)
+    for k in FAMILY_ARGS:
+        if out.get(k) is None:
+            out[k] = row[k][algo] if isinstance(row[k], dict) else row[k]
+    return out
+
+
+def with_family(args: Args, family: str = "mujoco") -> Args:
+    """`args` with the family values it leaves at None filled from FAMILY_DEFAULTS[family]. main() fills them from the
+    dataset's family before anything is built; a learner made from Args directly (benchmarks, tests) gets the MuJoCo
+    values for whatever is still None."""
+    if all(getattr(args, k) is not None for k in FAMILY_ARGS):
+        return args
+    return Args(**family_filled(asdict(args), family))
+
+
+def parse_reward(spec: str) -> tuple[float, float] | None:
+    """--reward `SCALE,SHIFT` -> (scale, shift); `return-range` -> None; anything else exits 2."""
+    if spec == "return-range":
+        return None
+    try:
+        scale, shift = (float(x) for x in spec.split(","))
+    except ValueError:
+        fail(f"--reward {spec!r}: pass SCALE,SHIFT (e.g. 10,-5 for r * 10 - 5) or return-range")
+    if not (math.isfinite(scale) and math.isfinite(shift)):
+        fail(f"--reward {spec!r}: SCALE and SHIFT must be finite numbers")
+    return scale, shift
+
+
 # ---------------------------------------------------------------- pure loss pieces
 def td_target(rewards: Tensor, terminals: Tensor, next_value: Tensor, gamma: float) -> Tensor:
     """y = r + gamma (1 - d) V'; d is 1 only for a true termination (a time-limit end bootstraps)."""
     return rewards + gamma * (1.0 - terminals) * next_value
 
 
-def cql_penalty(q_data: Tensor, q_rand: Tensor, q_pi: Tensor, q_next_pi: Tensor, logp_pi: Tensor, logp_next_pi: Tensor, act_dim: int, temp: float = 1.0) -> Tensor:
+def cql_penalty(q_data: Tensor, q_rand: Tensor, q_pi: Tensor, q_next_pi: Tensor, logp_pi: Tensor, logp_next_pi: Tensor, act_dim: int, temp: float = 1.0,
+                clip_diff_min: float = float("-inf")) -> Tensor:
     """CQL(H) with importance sampling, one value per critic: mean_s[temp logsumexp_j(Q(s,a_j)/temp) - Q(s,a_data)].
 
     q_data (n, B); q_rand, q_pi, q_next_pi (n, B, N) at uniform actions, pi(.|s) and pi(.|s') actions; each
     sample is divided by its sampling density: 0.5^|A| for uniform on [-1, 1]^|A|, pi for the policy ones.
+    clip_diff_min (finite): each state's term is clipped from below before the mean (CORL's cql_clip_diff_min).
     """
     log_uniform = act_dim * math.log(0.5)
     cat = torch.cat([q_rand - log_uniform, q_next_pi - logp_next_pi, q_pi - logp_pi], dim=-1)
-    return (temp * torch.logsumexp(cat / temp, dim=-1) - q_data).mean(-1)
+    diff = temp * torch.logsumexp(cat / temp, dim=-1) - q_data
+    if clip_diff_min > float("-inf"):
+        diff = diff.clamp(min=clip_diff_min)
+    return diff.mean(-1)
+
+
+def cql_lagrange_losses(penalty: Tensor, log_alpha_prime: Tensor, cql_alpha: float, target_gap: float) -> tuple[Tensor, Tensor, Tensor]:
+    """CQL-Lagrange (CORL's form), for penalty (n,) one value per critic: alpha' = clamp(exp(log alpha'), 0, 1e6);
+    the critics minimise sum alpha' cql_alpha (penalty - gap) (alpha' held fixed); alpha' minimises the mean over critics
+    of -alpha' cql_alpha (penalty - gap) (penalty held fixed), so alpha' grows while the penalty is above the gap and
+    shrinks below it. Returns (critic term, alpha' loss, alpha')."""
+    alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6)
+    critic_term = (alpha_prime.detach() * cql_alpha * (penalty - target_gap)).sum()
+    alpha_prime_loss = -(alpha_prime * cql_alpha * (penalty.detach() - target_gap)).mean()
+    return critic_term, alpha_prime_loss, alpha_prime.detach()
+
+
+def max_target_backup(q_target: Tensor) -> Tensor:
+    """q_target (n, B, N): twin-min over the n critics of N next-state actions each, then the max over the N actions."""
+    return q_target.min(0).values.max(-1).values
 
 
 def expectile_loss(diff: Tensor, expectile: float) -> Tensor:
@@ -1002,15 +1204,16 @@ def td3_bc_actor_loss(q: Tensor, pi: Tensor, data_actions: Tensor, alpha: float)
 # ---------------------------------------------------------------- learners: one update = one gradient step
 class CQL:
     def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device, accel: Accel | None = None):
-        accel = accel or Accel(device)
+        accel, args = accel or Accel(device), with_family(args)
         cfg = ALGO_TABLE["cql"]
         self.args, self.act_dim = args, act_dim
         self.actor = TanhGaussianActor(obs_dim, act_dim, cfg["actor_hidden"]).to(device)
         with torch.no_grad():  # small last layer: the initial policy is near uniform
             self.actor.head.weight.uniform_(-1e-3, 1e-3)
             self.actor.head.bias.zero_()
-        self.qf = Critic(obs_dim, act_dim, cfg["critic_hidden"], n=2).to(device)
-        self.qf_target = Critic(obs_dim, act_dim, cfg["critic_hidden"], n=2).to(device)
+        hidden = critic_hidden_of(args)
+        self.qf = Critic(obs_dim, act_dim, hidden, n=2).to(device)
+        self.qf_target = Critic(obs_dim, act_dim, hidden, n=2).to(device)
         self.qf_target.load_state_dict(self.qf.state_dict())
         # shape (1,), not 0-d: compiled Adam skips 0-d float64 parameters (PyTorch 2.13), which the float64
         # compile-equals-eager test would otherwise trip over
@@ -1021,6 +1224,9 @@ class CQL:
             "qf": accel.adam(self.qf.parameters(), args.cql_critic_lr),
             "alpha": accel.adam([self.log_alpha], args.cql_critic_lr),
         }
+        if args.cql_lagrange:  # log alpha' starts at 1.0 and learns at the critic's rate, as in CORL
+            self.log_alpha_prime = nn.Parameter(torch.ones(1, device=device))
+            self.opts["alpha_prime"] = accel.adam([self.log_alpha_prime], args.cql_critic_lr)
         self.step_fn = accel.update(self.gradient_step)
 
     def modules(self) -> dict[str, nn.Module]:
@@ -1037,13 +1243,19 @@ class CQL:
         alpha = self.log_alpha.exp().detach()
         actor_loss = (alpha * logp - frozen_call(self.qf, obs, pi).min(0).values).mean()
 
+        B, N = obs.shape[0], a.cql_n_actions
         with torch.no_grad():
-            next_a, _ = self.actor.sample(next_obs)
-            y = td_target(b["rewards"], b["terminals"], self.qf_target(next_obs, next_a).min(0).values, a.gamma)
+            if a.cql_max_target_backup:  # the best of N next-state policy actions (CORL's cql_max_target_backup)
+                next_rep = next_obs.repeat_interleave(N, 0)
+                next_a, _ = self.actor.sample(next_rep)
+                next_q = max_target_backup(self.qf_target(next_rep, next_a).view(2, B, N))
+            else:
+                next_a, _ = self.actor.sample(next_obs)
+                next_q = self.qf_target(next_obs, next_a).min(0).values
+            y = td_target(b["rewards"], b["terminals"], next_q, a.gamma)
         q_data = self.qf(obs, b["actions"])
         td_loss = ((q_data - y) ** 2).mean(-1).sum()
         # conservative penalty on N actions per state from three proposals
-        B, N = obs.shape[0], a.cql_n_actions
         obs_rep, next_rep = obs.repeat_interleave(N, 0), next_obs.repeat_interleave(N, 0)
         rand_a = torch.empty(B * N, self.act_dim, device=obs.device).uniform_(-1.0, 1.0)
         with torch.no_grad():
@@ -1052,8 +1264,16 @@ class CQL:
         q_rand = self.qf(obs_rep, rand_a).view(2, B, N)
         q_pi = self.qf(obs_rep, pi_a).view(2, B, N)
         q_next_pi = self.qf(obs_rep, next_pi_a).view(2, B, N)
-        penalty = cql_penalty(q_data, q_rand, q_pi, q_next_pi, logp_pi.view(B, N), logp_next.view(B, N), self.act_dim, a.cql_temp)
-        qf_loss = td_loss + a.cql_alpha * penalty.sum()
+        penalty = cql_penalty(q_data, q_rand, q_pi, q_next_pi, logp_pi.view(B, N), logp_next.view(B, N), self.act_dim, a.cql_temp,
+                              a.cql_clip_diff_min)
+        extra: dict[str, Tensor] = {}
+        if a.cql_lagrange:
+            term, alpha_prime_loss, alpha_prime = cql_lagrange_losses(penalty, self.log_alpha_prime, a.cql_alpha, a.cql_target_action_gap)
+            qf_loss = td_loss + term
+            alpha_loss = alpha_loss + alpha_prime_loss  # one backward: alpha' is a parameter of its own
+            extra["losses/alpha_prime"] = alpha_prime[0]
+        else:
+            qf_loss = td_loss + a.cql_alpha * penalty.sum()
 
         for opt in self.opts.values():
             opt.zero_grad(set_to_none=True)
@@ -1063,12 +1283,12 @@ class CQL:
             opt.step()
         polyak_update(self.qf_target, self.qf, a.tau)
         return {"losses/qf_loss": td_loss.detach(), "losses/cql_penalty": penalty.mean().detach(), "losses/actor_loss": actor_loss.detach(),
-                "losses/alpha": alpha, "losses/qf_values": q_data.mean().detach()}
+                "losses/alpha": alpha, "losses/qf_values": q_data.mean().detach(), **extra}
 
 
 class IQL:
     def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device, accel: Accel | None = None):
-        accel = accel or Accel(device)
+        accel, args = accel or Accel(device), with_family(args)
         cfg = ALGO_TABLE["iql"]
         self.args = args
         self.actor = GaussianActor(obs_dim, act_dim, cfg["actor_hidden"]).to(device)
@@ -1127,7 +1347,7 @@ class IQL:
 
 class TD3BC:
     def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device, accel: Accel | None = None):
-        accel = accel or Accel(device)
+        accel, args = accel or Accel(device), with_family(args)
         cfg = ALGO_TABLE["td3_bc"]
         self.args = args
         self.actor = DeterministicActor(obs_dim, act_dim, cfg["actor_hidden"]).to(device)
@@ -1172,7 +1392,7 @@ class TD3BC:
 
 class BC:
     def __init__(self, args: Args, obs_dim: int, act_dim: int, device: torch.device, accel: Accel | None = None):
-        accel = accel or Accel(device)
+        accel, args = accel or Accel(device), with_family(args)
         self.args = args
         self.actor = build_actor(args.bc_family, obs_dim, act_dim, ALGO_TABLE["bc"]["actor_hidden"]).to(device)
         self.opts = {"actor": accel.adam(self.actor.parameters(), args.bc_lr)}
@@ -1199,18 +1419,27 @@ LEARNERS = {"cql": CQL, "iql": IQL, "td3_bc": TD3BC, "bc": BC}
 
 
 # ---------------------------------------------------------------- checkpoint
-def reward_transform_for(algo: str, data: dict) -> dict[str, float]:
-    """IQL rescales rewards by 1000 / (max - min episode return) as in its paper; the others keep them."""
-    if algo == "iql":
+def critic_hidden_of(args: Args) -> tuple[int, ...] | None:
+    """The critics' hidden sizes: ALGO_TABLE's, CQL's with --cql-critic-layers layers of 256."""
+    hidden = ALGO_TABLE[args.algo]["critic_hidden"]
+    return (256,) * args.cql_critic_layers if args.algo == "cql" else hidden
+
+
+def reward_transform_for(args: Args, data: dict) -> dict[str, float]:
+    """The critics learn on r * scale + shift, from --reward (filled from FAMILY_DEFAULTS): `return-range` is IQL's MuJoCo
+    rule, 1000 / (max - min episode return); AntMaze's 10r - 5 (CQL) and r - 1 (IQL, TD3+BC) make the sparse reward
+    a cost of every step that has not reached the goal."""
+    affine = parse_reward(args.reward)
+    if affine is None:
         r = data["episode_returns"]
         return {"scale": float(1000.0 / max(float(r.max() - r.min()), 1e-6)), "shift": 0.0}
-    return {"scale": 1.0, "shift": 0.0}
+    return {"scale": affine[0], "shift": affine[1]}
 
 
 def make_checkpoint(args: Args, learner: Any, data: dict, obs_mean: np.ndarray, obs_std: np.ndarray, reward_transform: dict, step: int, score: float, history: list) -> dict:
     actor = learner.actor
     critics = {k: state_dict_cpu(m) for k, m in learner.modules().items() if k in ("qf", "vf")}
-    critic_hidden = ALGO_TABLE[args.algo]["critic_hidden"]
+    critic_hidden = critic_hidden_of(args)
     return {
         "format_version": CHECKPOINT_FORMAT, "algo": args.algo, "env_name": args.env if args.dataset_id is None else args.dataset_id,
         "dataset_id": ",".join(data["dataset_ids"]), "local_standin": data["local_standin"], "env_spec": data["env_spec"],
@@ -1224,6 +1453,7 @@ def make_checkpoint(args: Args, learner: Any, data: dict, obs_mean: np.ndarray, 
             "modules": {k: state_dict_cpu(m) for k, m in learner.modules().items()},
             "optimizers": {k: o.state_dict() for k, o in learner.opts.items()},
             "log_alpha": learner.log_alpha.detach().cpu() if hasattr(learner, "log_alpha") else None,
+            **({"log_alpha_prime": learner.log_alpha_prime.detach().cpu()} if hasattr(learner, "log_alpha_prime") else {}),
             "actor_sched": None,  # kept for the format: IQL's schedule is recomputed from the step (IQL.set_actor_lr)
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                     "numpy": json.dumps(np.random.get_state()[1].tolist()), "numpy_pos": int(np.random.get_state()[2])},
@@ -1243,6 +1473,9 @@ def restore(learner: Any, ckpt: dict, args: Args, accel: Accel, path: Path) -> N
         if ts["log_alpha"] is not None:
             with torch.no_grad():
                 learner.log_alpha.copy_(ts["log_alpha"])
+        if hasattr(learner, "log_alpha_prime"):
+            with torch.no_grad():
+                learner.log_alpha_prime.copy_(ts["log_alpha_prime"])
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         reason = " ".join(str(e).split())[:300] or type(e).__name__  # load_state_dict's message spans lines
         fail(f"--resume: the training state in {path} does not match its declared dims (obs {ckpt['obs_dim']}, act {ckpt['act_dim']}) "
@@ -1269,14 +1502,23 @@ def validate(args: Args) -> None:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if not 0.0 < args.gamma <= 1.0 or not 0.0 < args.tau <= 1.0:
         fail("--gamma and --tau must lie in (0, 1]")
+    # None = from FAMILY_DEFAULTS (filled once the dataset is loaded; those values are valid)
     for flag in LEARNING_RATES + ("cql_temp",):  # `not x > 0` also catches NaN
-        if not getattr(args, flag) > 0.0 or not math.isfinite(getattr(args, flag)):
+        if getattr(args, flag) is not None and (not getattr(args, flag) > 0.0 or not math.isfinite(getattr(args, flag))):
             fail(f"--{flag.replace('_', '-')} must be a positive finite number, got {getattr(args, flag)}")
     for flag in ("cql_alpha", "iql_beta", "td3_bc_alpha", "policy_noise", "noise_clip"):
-        if not getattr(args, flag) >= 0.0 or not math.isfinite(getattr(args, flag)):
+        if getattr(args, flag) is not None and (not getattr(args, flag) >= 0.0 or not math.isfinite(getattr(args, flag))):
             fail(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {getattr(args, flag)}")
-    if not 0.0 < args.iql_expectile < 1.0:
+    if args.iql_expectile is not None and not 0.0 < args.iql_expectile < 1.0:
         fail(f"--iql-expectile must lie in (0, 1), got {args.iql_expectile}")
+    if args.cql_critic_layers is not None and args.cql_critic_layers <= 0:
+        fail(f"--cql-critic-layers must be positive, got {args.cql_critic_layers}")
+    if args.cql_clip_diff_min is not None and (math.isnan(args.cql_clip_diff_min) or args.cql_clip_diff_min == float("inf")):
+        fail(f"--cql-clip-diff-min must be a number below +inf (-inf: no clip), got {args.cql_clip_diff_min}")
+    if not math.isfinite(args.cql_target_action_gap):
+        fail(f"--cql-target-action-gap must be a finite number, got {args.cql_target_action_gap}")
+    if args.reward is not None:
+        parse_reward(args.reward)
     if args.resume and args.overwrite:
         fail("--resume continues the run in the output folder and --overwrite deletes it; pass one of them")
     # no leading dot: `..` would leave <run_dir>/offline/<algo>/<env>/, and a hidden folder hides the run
@@ -1292,14 +1534,16 @@ RUN_ARGS = ("run_dir", "run_name", "resume", "overwrite", "device", "threads", "
             "log_every", "eval_every", "eval_episodes", "track", "wandb_project_name", "wandb_entity")
 # the arguments of one method only: they do not change a run of another method
 METHOD_ARGS = {"cql": ("cql_",), "iql": ("iql_",), "td3_bc": ("td3_bc_", "policy_noise", "noise_clip", "policy_freq"), "bc": ("bc_",)}
-UNUSED_BY = {"bc": ("gamma", "tau")}  # BC has no critic and no target network
+UNUSED_BY = {"bc": ("gamma", "tau", "reward")}  # BC has no critic and no target network
 
 
 def training_settings(args: dict) -> dict:
     """The settings of `args` (asdict of Args, or a checkpoint's saved args) that change what a run trains; a field
-    missing from an older checkpoint counts as its default."""
+    missing from an older checkpoint counts as its default, a family value (FAMILY_DEFAULTS) as the MuJoCo one: the
+    only family before AntMaze."""
     defaults = asdict(Args())
     algo = args.get("algo", defaults["algo"])
+    args = {**{k: v for k, v in family_filled({"algo": algo}, "mujoco").items() if k not in args}, **args}
     others = tuple(p for a, prefixes in METHOD_ARGS.items() if a != algo for p in prefixes)
     unused = UNUSED_BY.get(algo, ()) + (("env",) if args.get("dataset_id") is not None else ())  # --dataset-id overrides --env
     return {k: args.get(k, d) for k, d in defaults.items() if k not in RUN_ARGS and not k.startswith(others) and k not in unused}
@@ -1355,6 +1599,8 @@ def main(args: Args) -> dict:
     out = Path(args.run_dir) / "offline" / args.algo / env_key / (args.run_name or f"seed{args.seed}")
     check_output_dir(out, "--run-dir")  # before the dataset is loaded: a bad folder fails in seconds
     data = load_dataset(args.env, args.dataset_id, args.no_download)
+    family = dataset_family(data)
+    args = with_family(args, family)  # every None (from the family table) now holds its value
     ckpt_path = out / "checkpoint.pt"
     ckpt = None
     if args.resume:
@@ -1373,8 +1619,11 @@ def main(args: Args) -> dict:
         refuse_existing_run(out, ckpt_path, args)
 
     set_seed(args.seed)
-    obs_mean, obs_std = obs_stats(data["observations"])
-    reward_transform = reward_transform_for(args.algo, data)
+    if args.normalize_states:
+        obs_mean, obs_std = obs_stats(data["observations"])
+    else:  # identity, kept in the checkpoint like any other normalisation
+        obs_mean, obs_std = np.zeros(data["obs_dim"], np.float32), np.ones(data["obs_dim"], np.float32)
+    reward_transform = reward_transform_for(args, data)
     try:
         rb = ReplayBuffer.from_dataset(data, obs_mean, obs_std, device, reward_transform["scale"], reward_transform["shift"])
     except Exception as e:
@@ -1418,7 +1667,7 @@ def main(args: Args) -> dict:
     tracker = start_tracking(args, asdict(args), out)
     writer = SummaryWriter(str(out), purge_step=start if ckpt is not None else None)
     writer.add_text("args", json.dumps(asdict(args)))
-    writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
+    writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']}, family {family})")
     metrics: dict[str, list] = {}  # name -> [device sum, count]
     score = history[-1][2] if history else float("nan")
     saved_step = start if ckpt is not None else None  # the step of the checkpoint at ckpt_path that belongs to this run
@@ -1460,7 +1709,7 @@ def main(args: Args) -> dict:
     evaluator.close()
     # the o2o scripts' results.json schema where it applies (README, "results.json"); curve: [step, return, score] rows
     result = {"schema_version": 1, "script": "offline_pretrain", "algo": args.algo, "env": args.env, "seed": args.seed,
-              "dataset_ids": data["dataset_ids"], "local_standin": data["local_standin"], "checkpoint": str(ckpt_path),
+              "dataset_ids": data["dataset_ids"], "local_standin": data["local_standin"], "family": family, "checkpoint": str(ckpt_path),
               "grad_steps": args.total_steps, "eval_normalized_score": score, "eval_history": history,
               "wall_clock_s": time.time() - t0, "finished": True, "versions": software_versions(), "git_commit": git_commit()}
     atomic_save(result, out / "results.json")

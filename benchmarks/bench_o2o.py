@@ -148,29 +148,28 @@ def measure_sac(mod: ModuleType, device: torch.device, a: Args, seconds: float, 
 
 
 def measure_td3(mod: ModuleType, device: torch.device, a: Args, seconds: float, accel) -> dict[str, dict[str, float]]:
-    """o2o_td3.py: reevaluate_update, align_update, o2td3_update (constrained / naive; actor and Lagrange step on every
+    """o2o_td3.py: reevaluate_update, align_update, online_update (constrained / naive; actor and Lagrange step on every
     policy_freq-th update), opt_pretrain_update (one meta step), opt_finetune_update."""
     ta = mod.Args()
     batches = random_batches(a.obs_dim, a.act_dim, a.batch_size, device)
-    ag = mod.Agent()
-    ag.actor0 = mod.DeterministicActor(a.obs_dim, a.act_dim, mod.ACTOR_HIDDEN).to(device).requires_grad_(False)
-    for n in ("actor", "actor_target", "actor_ref"):
-        setattr(ag, n, mod.DeterministicActor(a.obs_dim, a.act_dim, mod.ACTOR_HIDDEN).to(device))
-    for n in ("qf", "qf_target", "qf_on", "qf_on_target"):
-        setattr(ag, n, mod.new_critic(a.obs_dim, a.act_dim).to(device))
-    ag.qf_opt = accel.adam(ag.qf.parameters(), ta.critic_lr)
-    ag.qf_on_opt = accel.adam(ag.qf_on.parameters(), ta.critic_lr)
-    ag.actor_opt = accel.adam(ag.actor.parameters(), ta.actor_lr)
-    ag.log_lam = torch.nn.Parameter(torch.zeros(1, device=device))
-    ag.lam_opt = accel.adam([ag.log_lam], ta.lambda_lr)
+    actor = lambda: mod.DeterministicActor(a.obs_dim, a.act_dim, mod.ACTOR_HIDDEN).to(device)  # noqa: E731
+    pi0, pi, pi_target, pi_ref = actor().requires_grad_(False), actor(), actor(), actor()
+    qf, qf_target, qf_on, qf_on_target = (mod.new_critic(a.obs_dim, a.act_dim).to(device) for _ in range(4))
+    qf_opt = accel.adam(qf.parameters(), ta.critic_lr)
+    qf_on_opt = accel.adam(qf_on.parameters(), ta.critic_lr)
+    actor_opt = accel.adam(pi.parameters(), ta.actor_lr)
+    log_lam = torch.nn.Parameter(torch.zeros(1, device=device))
+    lam_opt = accel.adam([log_lam], ta.lambda_lr)
     const = mod.td3_constants(ta)
-    reeval = accel.update(functools.partial(mod.reevaluate_update, ag, **const))
-    align = accel.update(functools.partial(mod.align_update, ag, policy_noise=ta.policy_noise, noise_clip=ta.noise_clip,
-                                           beta=ta.align_beta, max_distance=ta.align_max_distance))
-    constrained = accel.update(functools.partial(mod.o2td3_update, ag, constraint=True, lagrange_tau=ta.lagrange_tau, **const))
-    naive = accel.update(functools.partial(mod.o2td3_update, ag, constraint=False, lagrange_tau=ta.lagrange_tau, **const))
-    pretrain = accel.update(functools.partial(mod.opt_pretrain_update, ag, inner_lr=ta.opt_inner_lr, **const))
-    finetune = accel.update(functools.partial(mod.opt_finetune_update, ag, **const))
+    reeval = accel.update(functools.partial(mod.reevaluate_update, pi0, qf, qf_target, qf_opt, **const))
+    align = accel.update(functools.partial(mod.align_update, pi0, pi, qf, qf_target, qf_opt, actor_opt, policy_noise=ta.policy_noise,
+                                           noise_clip=ta.noise_clip, beta=ta.align_beta, max_distance=ta.align_max_distance))
+    online = (pi, pi_target, pi_ref, qf, qf_target, qf_opt, actor_opt, log_lam, lam_opt)
+    constrained = accel.update(functools.partial(mod.online_update, *online, constraint=True, lagrange_tau=ta.lagrange_tau, **const))
+    naive = accel.update(functools.partial(mod.online_update, *online, constraint=False, lagrange_tau=ta.lagrange_tau, **const))
+    pretrain = accel.update(functools.partial(mod.opt_pretrain_update, pi, qf_on, qf_on_target, qf_on_opt, inner_lr=ta.opt_inner_lr, **const))
+    finetune = accel.update(functools.partial(mod.opt_finetune_update, pi, pi_target, qf, qf_target, qf_on, qf_on_target, qf_opt, qf_on_opt,
+                                              actor_opt, **const))
     threshold, kappa = accel.scalar(0.01), accel.scalar(0.5)
     b = lambda i: batches[i % len(batches)]  # noqa: E731
     x = lambda i: (b(i)["obs"], b(i)["actions"], b(i)["rewards"], b(i)["next_obs"], b(i)["terminals"])  # noqa: E731
@@ -188,7 +187,7 @@ def measure_td3(mod: ModuleType, device: torch.device, a: Args, seconds: float, 
 
 
 def measure_ppo(mod: ModuleType, device: torch.device, a: Args, seconds: float, accel) -> dict[str, dict[str, float]]:
-    """o2o_ppo.py: reeval_update (V on Monte-Carlo returns, batch 512) and ppo_update (one minibatch of 128, with and
+    """o2o_ppo.py: reevaluate_update (V on Monte-Carlo returns, batch 512) and online_update (one minibatch of 128, with and
     without the reference-advantage constraint); one PPO iteration of the paper is 10 epochs x 16 minibatches."""
     pa = mod.Args()
     actor = mod.GaussianActor(a.obs_dim, a.act_dim, (256, 256)).to(device)
@@ -203,9 +202,9 @@ def measure_ppo(mod: ModuleType, device: torch.device, a: Args, seconds: float, 
     obs512, ret512 = torch.randn(8, 512, a.obs_dim, device=device), torch.randn(8, 512, device=device)
     w = accel.scalar(0.9)
     const = dict(clip_coef=pa.clip_coef, ent_coef=pa.ent_coef, max_grad_norm=pa.max_grad_norm)
-    reeval = accel.update(functools.partial(mod.reeval_update, vf, ropt))
-    constrained = accel.update(functools.partial(mod.ppo_update, actor, vf, ref, aopt, vopt, constraint=True, **const))
-    unconstrained = accel.update(functools.partial(mod.ppo_update, actor, vf, ref, aopt, vopt, constraint=False, **const))
+    reeval = accel.update(functools.partial(mod.reevaluate_update, vf, ropt))
+    constrained = accel.update(functools.partial(mod.online_update, actor, vf, ref, aopt, vopt, constraint=True, **const))
+    unconstrained = accel.update(functools.partial(mod.online_update, actor, vf, ref, aopt, vopt, constraint=False, **const))
     per = seconds / 3
     return {
         "reevaluate": time_steps(lambda i: reeval(obs512[i % 8], ret512[i % 8]), per, device),

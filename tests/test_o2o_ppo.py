@@ -234,7 +234,7 @@ def test_log_std_cap_in_the_policy_distribution():
     assert actor.log_std.grad[0] == 0.0 and actor.log_std.grad[1] != 0.0  # above the cap: no gradient
 
 
-def test_ppo_update_trains_on_the_advantages_as_given():
+def test_online_update_trains_on_the_advantages_as_given():
     """The update takes the rollout's already-normalised advantages: no second (per-minibatch) normalisation. At ratio 1
     (old_logp = the current log-prob) the clipped surrogate is -mean(A)."""
     torch.manual_seed(0)
@@ -244,8 +244,8 @@ def test_ppo_update_trains_on_the_advantages_as_given():
     adv = torch.linspace(0.5, 2.0, 8)  # mean 1.25: a per-minibatch normalisation would give 0
     with torch.no_grad():
         old_logp = ppo.policy_dist(actor, obs, math.log(0.5)).log_prob(actions).sum(-1)
-    m = ppo.ppo_update(actor, vf, aopt, vopt, obs, actions, old_logp, adv, torch.zeros(8), clip_coef=0.2, ent_coef=0.0,
-                       max_grad_norm=0.5, log_std_max=math.log(0.5))
+    m = ppo.online_update(actor, vf, aopt, vopt, obs, actions, old_logp, adv, torch.zeros(8), clip_coef=0.2, ent_coef=0.0,
+                          max_grad_norm=0.5, log_std_max=math.log(0.5))
     assert float(m["losses/actor_loss"]) == pytest.approx(-1.25, abs=1e-6) and float(m["losses/approx_kl"]) == pytest.approx(0.0, abs=1e-7)
     assert float(m["losses/entropy"]) == pytest.approx(2 * 0.5 * math.log(2 * math.pi * math.e * 0.25), rel=1e-6)
 
@@ -589,8 +589,8 @@ def spied_run(monkeypatch, ckpt: Path, run_dir: Path, *extra: str, time_limit: i
     spy("collect_rollout", lambda a, out: rec["rollouts"].append({k: v.clone() for k, v in out[0].items()}))
     spy("gae", lambda a, out: rec["gae"].append([x.clone() for x in a[:5]]))  # rewards, values, next_values, terminations, ends
     spy("reevaluate_value", lambda a, out: rec.__setitem__("reeval_returns", a[3].clone()))
-    # main binds ppo_update (a partial) when the online phase starts: obs, actions, old_logp, advantages, returns
-    spy("ppo_update", lambda a, out: (rec["updates"].append([x.detach().clone() for x in a[4:9]]),
+    # run_online binds online_update (a partial) when the online phase starts: obs, actions, old_logp, advantages, returns
+    spy("online_update", lambda a, out: (rec["updates"].append([x.detach().clone() for x in a[4:9]]),
                                       rec["update_out"].append({k: v.clone() for k, v in out.items()})))
     res = ppo.main(tyro.cli(ppo.Args, args=["--env", "hopper-medium-v2", "--checkpoint", str(ckpt), "--run-dir", str(run_dir), *FAST, *extra]))
     return res, rec
@@ -795,7 +795,7 @@ def test_budget_scale_halves_every_budget(offline_checkpoints, tmp_path, monkeyp
 
         monkeypatch.setattr(ppo, name, wrapper)
 
-    for name, key in (("distill_update", "distill"), ("reeval_update", "reeval"), ("ppo_update", "ppo")):
+    for name, key in (("distill_update", "distill"), ("reevaluate_update", "reeval"), ("online_update", "ppo")):
         count(name, key)
     pool_step, save = ppo.EnvPool.step, ppo.atomic_save
 
@@ -879,12 +879,12 @@ def phase_update(phase: str, accel, device: torch.device):
     if phase == "reeval":
         vf = ppo.build_value(OBS).to(device)
         opt = accel.adam(vf.parameters(), 1e-3)
-        return accel.update(functools.partial(ppo.reeval_update, vf, opt)), {"vf": vf}, [opt]
+        return accel.update(functools.partial(ppo.reevaluate_update, vf, opt)), {"vf": vf}, [opt]
     actor, vf = ppo.GaussianActor(OBS, ACT, (64, 64)).to(device), ppo.build_value(OBS).to(device)
     aopt, vopt = accel.adam(actor.parameters(), 1e-3, eps=1e-5), accel.adam(vf.parameters(), 1e-3, eps=1e-5)
     # the cap binds (log_std starts at 0 > log 0.5): sigma fixed at 0.5, no gradient to log_std
     cap = math.log(0.5) if phase == "ppo_log_std_cap" else None
-    update = accel.update(functools.partial(ppo.ppo_update, actor, vf, aopt, vopt, clip_coef=0.2, ent_coef=0.01,
+    update = accel.update(functools.partial(ppo.online_update, actor, vf, aopt, vopt, clip_coef=0.2, ent_coef=0.01,
                                             max_grad_norm=0.5, log_std_max=cap))
     return update, {"actor": actor, "vf": vf}, [aopt, vopt]
 

@@ -51,11 +51,11 @@ def test_kl_estimate_floor():
     torch.testing.assert_close(o2o.kl_estimate(torch.tensor([0.0, -1.0]), torch.tensor([-2.0, -100.0]), -50.0), torch.tensor([2.0, 49.0]))
 
 
-def test_kl_threshold_loosens():
-    assert o2o.kl_threshold(0, 0.125, 2.0, 100_000) == 0.125
-    assert o2o.kl_threshold(50_000, 0.125, 2.0, 100_000) == pytest.approx(1.0625)
-    assert o2o.kl_threshold(100_000, 0.125, 2.0, 100_000) == 2.0
-    assert o2o.kl_threshold(300_000, 0.125, 2.0, 100_000) == 2.0
+def test_constraint_threshold_loosens():
+    assert o2o.constraint_threshold(0, 0.125, 2.0, 100_000) == 0.125
+    assert o2o.constraint_threshold(50_000, 0.125, 2.0, 100_000) == pytest.approx(1.0625)
+    assert o2o.constraint_threshold(100_000, 0.125, 2.0, 100_000) == 2.0
+    assert o2o.constraint_threshold(300_000, 0.125, 2.0, 100_000) == 2.0
 
 
 def test_lagrange_loss_value_and_sign():
@@ -353,7 +353,7 @@ def test_run_folder_of_other_settings_refused_then_overwritten(offline_checkpoin
     assert res["reused_phases"] == [] and res["finished"]
     events = {p.name for p in d.glob("events.out.tfevents.*")}
     assert len(events) == 1 and not events & old_events  # the old logs are gone, not mixed with the new ones
-    assert torch.load(d / "final.pt", weights_only=True)["o2o"]["key"]["gamma"] == 0.98
+    assert torch.load(d / "final.pt", weights_only=True)["phase_key"]["gamma"] == 0.98
     assert "online" in run(ck, tmp_path, *short, "--gamma", "0.98")["reused_phases"]  # the new run, finished: resumed
 
 
@@ -550,7 +550,7 @@ def test_wiring_of_every_phase(offline_checkpoints, short_episodes, online_adds,
         t = STARTS + 1 + j // UTD
         assert c["update_lam"] == (j % UTD == 0), j
         assert (c["log_lam_after"] != c["log_lam"]) == c["update_lam"], j
-        assert c["eps"] == pytest.approx(o2o.kl_threshold(t, EPS0, EPS_END, ONLINE), rel=1e-6), j
+        assert c["eps"] == pytest.approx(o2o.constraint_threshold(t, EPS0, EPS_END, ONLINE), rel=1e-6), j
     assert on_calls[-1]["eps"] > on_calls[0]["eps"] + 0.5
     # --actor-grad-clip reaches the update: the actor's gradient norm never exceeds it, and it did bind
     assert {c["clip"] for c in on_calls} == {CLIP} and len(norms) == len(on_calls)
@@ -744,7 +744,7 @@ def test_budget_scale_halves_every_budget(offline_checkpoints, monkeypatch, tmp_
     assert [len(counts[n]) for n in counts] == [10, R_STEPS // 2, A_STEPS // 2]  # distillation is not scaled
     assert len(on_calls) == (on - starts) * UTD
     for j, c in enumerate(on_calls):  # the KL threshold loosens over the halved horizon
-        assert c["eps"] == pytest.approx(o2o.kl_threshold(starts + 1 + j // UTD, EPS0, EPS_END, horizon), rel=1e-6), j
+        assert c["eps"] == pytest.approx(o2o.constraint_threshold(starts + 1 + j // UTD, EPS0, EPS_END, horizon), rel=1e-6), j
     assert on_calls[0]["lambda_lr"] == pytest.approx(5e-5 / 0.5)
     assert [p["step"] for p in res["curve"] if p["phase"] == "align"] == [2, 4, 6, 8, 10]
     assert [p["step"] for p in res["curve"] if p["phase"] == "online"] == [0, on] and res["online_steps_done"] == on

@@ -9,6 +9,7 @@ import math
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -258,12 +259,31 @@ def test_budget_scale_resolution():
 
 
 # ---------------------------------------------------------------- behaviour on synthetic data (no env)
+def _align(ag, obs, **kw):
+    """align_update with the networks of `ag` (a namespace holding them under the script's names)."""
+    return td3.align_update(ag.pi0, ag.actor, ag.qf, ag.qf_target, ag.qf_opt, ag.actor_opt, obs, **kw)
+
+
+def _online(ag, *inputs, **kw):
+    return td3.online_update(ag.actor, ag.actor_target, ag.actor_ref, ag.qf, ag.qf_target, ag.qf_opt, ag.actor_opt, ag.log_lam, ag.lam_opt,
+                             *inputs, **kw)
+
+
+def _pretrain(ag, *inputs, **kw):
+    return td3.opt_pretrain_update(ag.actor, ag.qf_on, ag.qf_on_target, ag.qf_on_opt, *inputs, **kw)
+
+
+def _finetune(ag, *inputs, **kw):
+    return td3.opt_finetune_update(ag.actor, ag.actor_target, ag.qf, ag.qf_target, ag.qf_on, ag.qf_on_target, ag.qf_opt, ag.qf_on_opt,
+                                   ag.actor_opt, *inputs, **kw)
+
+
 def _synthetic_agent(seed: int = 0):
     torch.manual_seed(seed)
-    ag = td3.Agent()
-    ag.actor0 = td3.DeterministicActor(3, 2, (16, 16)).requires_grad_(False)
+    ag = SimpleNamespace()
+    ag.pi0 = td3.DeterministicActor(3, 2, (16, 16)).requires_grad_(False)
     ag.actor = td3.DeterministicActor(3, 2, (16, 16))
-    ag.actor.load_state_dict(ag.actor0.state_dict())
+    ag.actor.load_state_dict(ag.pi0.state_dict())
     ag.actor_target = td3.DeterministicActor(3, 2, (16, 16))
     ag.actor_target.load_state_dict(ag.actor.state_dict())
     ag.qf = td3.orthogonal_init_(td3.Critic(3, 2, (32, 32), n=2, layer_norm=True))
@@ -278,7 +298,7 @@ def _prefers_offline_action(ag, obs):
     """Fraction of states where min_i Q_i(s, a_off) >= min_i Q_i(s, a) for a smoothed perturbation a of a_off."""
     torch.manual_seed(1)
     with torch.no_grad():
-        a_off = ag.actor0(obs)
+        a_off = ag.pi0(obs)
         perturbed = td3.smoothed_action(a_off, 0.2 * torch.randn_like(a_off), 0.5)
         return (ag.qf(obs, a_off).min(0).values >= ag.qf(obs, perturbed).min(0).values).float().mean().item()
 
@@ -297,8 +317,8 @@ def test_alignment_makes_critic_prefer_offline_action():
     before = _prefers_offline_action(ag, obs)
     a = td3.Args()
     for _ in range(200):
-        td3.align_update(ag, obs[torch.randint(128, (64,))], policy_noise=a.policy_noise, noise_clip=a.noise_clip, beta=a.align_beta,
-                         max_distance=a.align_max_distance)
+        _align(ag, obs[torch.randint(128, (64,))], policy_noise=a.policy_noise, noise_clip=a.noise_clip, beta=a.align_beta,
+               max_distance=a.align_max_distance)
     after = _prefers_offline_action(ag, obs)
     assert before < 0.75 and after > 0.9
 
@@ -311,8 +331,8 @@ def test_lagrange_multiplier_rises_when_constraint_violated():
     b = {"obs": torch.randn(32, 3), "actions": torch.rand(32, 2) * 2 - 1, "rewards": torch.randn(32), "next_obs": torch.randn(32, 3), "terminals": torch.zeros(32)}
     args = td3.Args()
     for _ in range(10):
-        m = td3.o2td3_update(ag, b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"], T(1e-6), True, constraint=True,
-                             lagrange_tau=args.lagrange_tau, **td3.td3_constants(args))
+        m = _online(ag, b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"], T(1e-6), True, constraint=True,
+                    lagrange_tau=args.lagrange_tau, **td3.td3_constants(args))
     assert ag.log_lam.item() > 0.05
     assert all(torch.isfinite(v).all() for v in m.values())
 
@@ -347,11 +367,11 @@ def test_o2td3_critic_target_penalises_current_vs_reference_actor():
         m_next = ((ag.actor(b["next_obs"]) - ag.actor_ref(b["next_obs"])) ** 2).mean()
         y = b["rewards"] + args.gamma * (1 - b["terminals"]) * (ag.qf_target(b["next_obs"], next_a).min(0).values - lam * m_next)
         expected = ((ag.qf(b["obs"], b["actions"]) - y) ** 2).mean(-1).sum().item()
-        for other in (ag.actor_target, ag.actor0):  # the penalty must tell these apart from pi
+        for other in (ag.actor_target, ag.pi0):  # the penalty must tell these apart from pi
             assert abs(((other(b["next_obs"]) - ag.actor_ref(b["next_obs"])) ** 2).mean() - m_next) > 1e-3
     torch.manual_seed(7)
-    m = td3.o2td3_update(ag, b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"], T(0.01), False, constraint=True,
-                         lagrange_tau=args.lagrange_tau, **td3.td3_constants(args))
+    m = _online(ag, b["obs"], b["actions"], b["rewards"], b["next_obs"], b["terminals"], T(0.01), False, constraint=True,
+                lagrange_tau=args.lagrange_tau, **td3.td3_constants(args))
     assert m["losses/qf_loss"].item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -359,9 +379,9 @@ def test_o2td3_lambda_and_actor_step_only_with_the_delayed_update():
     ag = _distinct_actors(_synthetic_agent())
     b, args = _batch3(), td3.Args()
     lam0, actor0 = ag.log_lam.detach().clone(), [p.detach().clone() for p in ag.actor.parameters()]
-    td3.o2td3_update(ag, *b.values(), T(1e-6), False, constraint=True, lagrange_tau=args.lagrange_tau, **td3.td3_constants(args))
+    _online(ag, *b.values(), T(1e-6), False, constraint=True, lagrange_tau=args.lagrange_tau, **td3.td3_constants(args))
     assert torch.equal(ag.log_lam, lam0) and all(torch.equal(p, q) for p, q in zip(ag.actor.parameters(), actor0))
-    td3.o2td3_update(ag, *b.values(), T(1e-6), True, constraint=True, lagrange_tau=args.lagrange_tau, **td3.td3_constants(args))
+    _online(ag, *b.values(), T(1e-6), True, constraint=True, lagrange_tau=args.lagrange_tau, **td3.td3_constants(args))
     assert ag.log_lam.item() > lam0.item()  # violated: lambda rises, on the delayed step only
 
 
@@ -372,7 +392,7 @@ def test_align_update_matches_hand_computed_loss_and_keeps_targets():
     obs, args = torch.randn(32, 3), td3.Args()
     target_before = [p.detach().clone() for p in ag.qf_target.parameters()]
     with torch.no_grad():
-        a_off, pi = ag.actor0(obs), ag.actor(obs)
+        a_off, pi = ag.pi0(obs), ag.actor(obs)
         torch.manual_seed(3)
         at = td3.smoothed_action(pi, torch.randn(32, 2) * args.policy_noise, args.noise_clip)
         q_star = ag.qf_target(obs, a_off).min(0).values
@@ -383,8 +403,8 @@ def test_align_update_matches_hand_computed_loss_and_keeps_targets():
         anchor = ((ag.qf(obs, a_off) - q_star) ** 2).mean(-1).sum()
         assert anchor.item() > 1e-3 * shrunk.item()  # the anchor term is not negligible here
     torch.manual_seed(3)
-    m = td3.align_update(ag, obs, policy_noise=args.policy_noise, noise_clip=args.noise_clip, beta=args.align_beta,
-                         max_distance=args.align_max_distance)
+    m = _align(ag, obs, policy_noise=args.policy_noise, noise_clip=args.noise_clip, beta=args.align_beta,
+               max_distance=args.align_max_distance)
     assert m["align/qf_loss"].item() == pytest.approx((shrunk + anchor).item(), rel=1e-5)
     assert all(torch.equal(p, q) for p, q in zip(ag.qf_target.parameters(), target_before))
 
@@ -411,7 +431,7 @@ def test_opt_finetune_q_off_sees_the_checkpoint_transform_q_on_raw():
         l_off = ((ag.qf(b["obs"], b["actions"]) - y_off) ** 2).mean(-1).sum().item()
         l_on = ((ag.qf_on(b["obs"], b["actions"]) - y_on) ** 2).mean(-1).sum().item()
     torch.manual_seed(4)
-    m = td3.opt_finetune_update(ag, *b.values(), T(0.5), False, off_reward_scale=7.0, off_reward_shift=-3.0, **td3.td3_constants(args))
+    m = _finetune(ag, *b.values(), T(0.5), False, off_reward_scale=7.0, off_reward_shift=-3.0, **td3.td3_constants(args))
     assert m["losses/qf_loss"].item() == pytest.approx(l_off, rel=1e-5)
     assert m["losses/qf_on_loss"].item() == pytest.approx(l_on, rel=1e-5)
 
@@ -421,9 +441,9 @@ def test_opt_pretrain_targets_move_only_when_asked():
     const = dict(inner_lr=3e-4, **td3.td3_constants(td3.Args()))
     flat = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])  # noqa: E731
     before = flat(ag.qf_on_target)
-    td3.opt_pretrain_update(ag, _batch3(seed=1), _batch3(seed=2), False, **const)
+    _pretrain(ag, _batch3(seed=1), _batch3(seed=2), False, **const)
     assert torch.equal(flat(ag.qf_on_target), before) and not torch.equal(flat(ag.qf_on), before)
-    td3.opt_pretrain_update(ag, _batch3(seed=1), _batch3(seed=2), True, **const)
+    _pretrain(ag, _batch3(seed=1), _batch3(seed=2), True, **const)
     assert not torch.equal(flat(ag.qf_on_target), before)
 
 
@@ -568,7 +588,7 @@ def test_default_o2td3_reaches_every_phase(tmp_path, offline_checkpoints):
     # a deterministic TD3+BC actor is copied exactly into pi0
     final = torch.load(out / "final.pt", weights_only=True)
     src = torch.load(offline_checkpoints["td3_bc"], weights_only=True)
-    assert all(torch.equal(final["train_state"]["modules"]["actor0"][k], v) for k, v in src["actor"].items())
+    assert all(torch.equal(final["train_state"]["modules"]["pi0"][k], v) for k, v in src["actor"].items())
     assert final["lagrange"] is not None and final["reference_actor"] is not None
 
 
@@ -634,8 +654,8 @@ def test_reference_modes(tmp_path, offline_checkpoints, mode):
     res = run(offline_checkpoints["td3_bc"], tmp_path, "--reference", mode, "--no-reevaluate", "--align-steps", "5")
     check_outputs(res, ["aligned"])
     final = torch.load(Path(res["run_dir"]) / "final.pt", weights_only=True)
-    ref, actor0 = final["reference_actor"], final["train_state"]["modules"]["actor0"]
-    same = all(torch.equal(ref[k], actor0[k]) for k in ref)
+    ref, pi0 = final["reference_actor"], final["train_state"]["modules"]["pi0"]
+    same = all(torch.equal(ref[k], pi0[k]) for k in ref)
     if mode == "offline":
         assert same
     else:  # copied from pi after every evaluation: no longer the offline actor
@@ -849,41 +869,42 @@ def _trace(tmp_path: Path, ckpt: Path, *flags: str) -> dict:
             return add(self, obs, actions, rewards, next_obs, terminals)
 
         mp.setattr(td3.OnlineReplay, "add", spy_add)
-        reeval, align, o2td3 = td3.reevaluate_update, td3.align_update, td3.o2td3_update
+        reeval, align, o2td3 = td3.reevaluate_update, td3.align_update, td3.online_update
         pretrain, finetune, balanced = td3.opt_pretrain_update, td3.opt_finetune_update, td3.balanced_replay_update
 
-        def spy_reeval(ag, obs, actions, rewards, *rest, **kw):
+        def spy_reeval(pi0, qf, qf_target, qf_opt, obs, actions, rewards, *rest, **kw):
             rec["reeval"].append(rewards.clone())
-            return reeval(ag, obs, actions, rewards, *rest, **kw)
+            return reeval(pi0, qf, qf_target, qf_opt, obs, actions, rewards, *rest, **kw)
 
-        def spy_align(ag, obs, **kw):
-            rec["align_targets"].append(_flat(ag.qf_target))
-            return align(ag, obs, **kw)
+        def spy_align(pi0, actor, qf, qf_target, qf_opt, actor_opt, obs, **kw):
+            rec["align_targets"].append(_flat(qf_target))
+            return align(pi0, actor, qf, qf_target, qf_opt, actor_opt, obs, **kw)
 
-        def spy_o2td3(ag, obs, actions, rewards, next_obs, terminals, threshold, update_actor, **kw):
-            lam = ag.log_lam.item()
-            out = o2td3(ag, obs, actions, rewards, next_obs, terminals, threshold, update_actor, **kw)
-            rec["o2td3"].append({"flag": update_actor, "threshold": threshold.item(), "lam_before": lam, "lam_after": ag.log_lam.item(),
+        def spy_o2td3(*nets_and_inputs, **kw):
+            log_lam, (rewards, threshold, update_actor) = nets_and_inputs[7], (nets_and_inputs[i] for i in (11, 14, 15))
+            lam = log_lam.item()
+            out = o2td3(*nets_and_inputs, **kw)
+            rec["o2td3"].append({"flag": update_actor, "threshold": threshold.item(), "lam_before": lam, "lam_after": log_lam.item(),
                                  "rewards": rewards.clone()})
             return out
 
-        def spy_pretrain(ag, off, on, update_targets=True, **kw):
-            before = _flat(ag.qf_on_target)
-            out = pretrain(ag, off, on, update_targets, **kw)
-            rec["pretrain"].append({"flag": update_targets, "moved": not torch.equal(before, _flat(ag.qf_on_target)),
+        def spy_pretrain(actor, qf_on, qf_on_target, qf_on_opt, off, on, update_targets=True, **kw):
+            before = _flat(qf_on_target)
+            out = pretrain(actor, qf_on, qf_on_target, qf_on_opt, off, on, update_targets, **kw)
+            rec["pretrain"].append({"flag": update_targets, "moved": not torch.equal(before, _flat(qf_on_target)),
                                     "off_rewards": off["rewards"].clone(), "on_rewards": on["rewards"].clone()})
             return out
 
-        def spy_finetune(ag, obs, actions, rewards, *rest, **kw):
-            rec["finetune"].append({"rewards": rewards.clone(), "kw": kw})
-            return finetune(ag, obs, actions, rewards, *rest, **kw)
+        def spy_finetune(*nets_and_inputs, **kw):
+            rec["finetune"].append({"rewards": nets_and_inputs[11].clone(), "kw": kw})
+            return finetune(*nets_and_inputs, **kw)
 
         def spy_balanced(*a, **kw):
             rec["balanced"] += 1
             rec["temperature"] = kw["temperature"]
             return balanced(*a, **kw)
 
-        for name, fn in (("reevaluate_update", spy_reeval), ("align_update", spy_align), ("o2td3_update", spy_o2td3),
+        for name, fn in (("reevaluate_update", spy_reeval), ("align_update", spy_align), ("online_update", spy_o2td3),
                          ("opt_pretrain_update", spy_pretrain), ("opt_finetune_update", spy_finetune), ("balanced_replay_update", spy_balanced)):
             mp.setattr(td3, name, fn)
         rec["res"] = run(ckpt, tmp_path, *flags)
@@ -1034,7 +1055,7 @@ def test_opt_default_budget_through_main(tmp_path, offline_checkpoints, monkeypa
         raise Stop
 
     monkeypatch.setattr(td3, "run_opt", stop)
-    monkeypatch.setattr(td3, "run_o2td3_online", stop)
+    monkeypatch.setattr(td3, "run_online", stop)
     tiny = [x for i, x in enumerate(TINY) if "--online-steps" not in TINY[max(i - 1, 0): i + 1]]
     for flags, budget in ((["--opt"], 300_000), (["--no-reevaluate", "--no-align"], 100_000)):
         with pytest.raises(Stop):
@@ -1090,8 +1111,8 @@ def test_align_actor_frozen_keeps_pi0(tmp_path, offline_checkpoints):
         reevaluated = torch.load(out / "reevaluated.pt", weights_only=True)["train_state"]
         m = aligned["modules"]
         states[mode] = {
-            "actor_is_pi0": all(torch.equal(m["actor"][k], v) for k, v in m["actor0"].items()),
-            "target_is_pi0": all(torch.equal(m["actor_target"][k], v) for k, v in m["actor0"].items()),
+            "actor_is_pi0": all(torch.equal(m["actor"][k], v) for k, v in m["pi0"].items()),
+            "target_is_pi0": all(torch.equal(m["actor_target"][k], v) for k, v in m["pi0"].items()),
             "critic_moved": any(not torch.equal(m["qf"][k], v) for k, v in reevaluated["modules"]["qf"].items()),
             "actor_adam": bool(aligned["optimizers"]["actor_opt"]["state"]),
         }
@@ -1121,20 +1142,20 @@ def test_reevaluation_stops_once_converged(tmp_path, offline_checkpoints, monkey
         return tuple(pairs)
 
     re_tau, probe_values, on_tau = [], [], []
-    reeval, o2td3 = td3.reevaluate_update, td3.o2td3_update
+    reeval, o2td3 = td3.reevaluate_update, td3.online_update
 
-    def spy_reeval(ag, *a, **kw):  # records the value the probe must read after this step
-        out = reeval(ag, *a, **kw)
+    def spy_reeval(pi0, qf, qf_target, *a, **kw):  # records the value the probe must read after this step
+        out = reeval(pi0, qf, qf_target, *a, **kw)
         re_tau.append(kw["tau"])
         with torch.no_grad():
-            probe_values.append(float(ag.qf_target(*pairs).mean()))  # both target critics, every probe state
+            probe_values.append(float(qf_target(*pairs).mean()))  # both target critics, every probe state
         return out
 
     def spy_o2td3(*a, **kw):
         on_tau.append(kw["tau"])
         return o2td3(*a, **kw)
 
-    for name, fn in (("diagnostic_batch", spy_batch), ("reevaluate_update", spy_reeval), ("o2td3_update", spy_o2td3)):
+    for name, fn in (("diagnostic_batch", spy_batch), ("reevaluate_update", spy_reeval), ("online_update", spy_o2td3)):
         monkeypatch.setattr(td3, name, fn)
     res = run(offline_checkpoints["td3_bc"], tmp_path, "--reevaluate-tol", str(tol))  # TINY: --reevaluate-steps 20
     steps, a = 12 if tol else 20, td3.Args()
@@ -1181,12 +1202,12 @@ BUDGETS_X2 = ["--distill-steps", "40", "--reevaluate-steps", "40", "--align-step
 
 def test_budget_scale_halves_every_budget_through_main(tmp_path, offline_checkpoints, monkeypatch):
     """TINY's budgets doubled, run at --budget-scale 0.5: the TINY run's update counts, schedules and intervals."""
-    calls = _count_calls(monkeypatch, ("distill_update", "reevaluate_update", "align_update", "o2td3_update"))
+    calls = _count_calls(monkeypatch, ("distill_update", "reevaluate_update", "align_update", "online_update"))
     res = run(offline_checkpoints["iql"], tmp_path, *BUDGETS_X2, "--budget-scale", "0.5")  # iql: its actor is distilled
     assert [len(calls[n]) for n in ("distill_update", "reevaluate_update", "align_update")] == [40, 20, 20]  # distillation not scaled
     d = td3.resolve_defaults(td3.Args())
     online_steps = range(10, 41)  # --learning-starts 10 of --online-steps 40, UTD 1
-    assert [c[0] for c in calls["o2td3_update"]] == pytest.approx([td3.constraint_threshold(t, d["eps0"], d["eps_end"], 30) for t in online_steps],
+    assert [c[0] for c in calls["online_update"]] == pytest.approx([td3.constraint_threshold(t, d["eps0"], d["eps_end"], 30) for t in online_steps],
                                                                   rel=1e-6)  # the threshold horizon is 30 env steps
     assert [c["step"] for c in res["curve"] if c["phase"] == "online"] == [0, 20, 40]
     assert [c["step"] for c in res["curve"] if c["phase"] == "align"] == [10, 20]
@@ -1325,12 +1346,12 @@ def _batch(seed: int, device: str = "cpu") -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in b.items()}
 
 
-def _full_agent(accel) -> td3.Agent:
+def _full_agent(accel) -> SimpleNamespace:
     """Every network and optimizer any phase uses, small; the same weights for the same seed."""
     torch.manual_seed(0)
     dev = accel.device
-    ag = td3.Agent()
-    ag.actor0 = td3.DeterministicActor(OBS, ACT, (16, 16)).to(dev).requires_grad_(False)
+    ag = SimpleNamespace()
+    ag.pi0 = td3.DeterministicActor(OBS, ACT, (16, 16)).to(dev).requires_grad_(False)
     ag.actor = td3.DeterministicActor(OBS, ACT, (16, 16)).to(dev)
     ag.actor_target = td3.DeterministicActor(OBS, ACT, (16, 16)).to(dev)
     ag.actor_target.load_state_dict(ag.actor.state_dict())
@@ -1349,20 +1370,20 @@ def _full_agent(accel) -> td3.Agent:
     return ag
 
 
-def _phase_update(accel, ag: td3.Agent, phase: str):
+def _phase_update(accel, ag: SimpleNamespace, phase: str):
     """The phase's Update, bound exactly as main() binds it."""
     a, c = td3.Args(), td3.td3_constants(td3.Args())
     fn = {
         "distill": lambda: functools.partial(td3.distill_update, ag.actor, ag.actor_opt),
-        "reevaluate": lambda: functools.partial(td3.reevaluate_update, ag, **{**c, "tau": a.reevaluate_tau}),
-        "align": lambda: functools.partial(td3.align_update, ag, policy_noise=a.policy_noise, noise_clip=a.noise_clip, beta=a.align_beta,
+        "reevaluate": lambda: functools.partial(td3.reevaluate_update, ag.pi0, ag.qf, ag.qf_target, ag.qf_opt, **{**c, "tau": a.reevaluate_tau}),
+        "align": lambda: functools.partial(_align, ag, policy_noise=a.policy_noise, noise_clip=a.noise_clip, beta=a.align_beta,
                                            max_distance=a.align_max_distance),
-        "align_frozen": lambda: functools.partial(td3.align_update, ag, policy_noise=a.policy_noise, noise_clip=a.noise_clip,
+        "align_frozen": lambda: functools.partial(_align, ag, policy_noise=a.policy_noise, noise_clip=a.noise_clip,
                                                   beta=a.align_beta, max_distance=a.align_max_distance, train_actor=False),
-        "o2td3": lambda: functools.partial(td3.o2td3_update, ag, constraint=True, lagrange_tau=a.lagrange_tau, **c),
-        "naive": lambda: functools.partial(td3.o2td3_update, ag, constraint=False, lagrange_tau=a.lagrange_tau, **c),
-        "opt_pretrain": lambda: functools.partial(td3.opt_pretrain_update, ag, inner_lr=0.1, **c),
-        "opt_finetune": lambda: functools.partial(td3.opt_finetune_update, ag, off_reward_scale=2.0, off_reward_shift=-1.0, **c),
+        "o2td3": lambda: functools.partial(_online, ag, constraint=True, lagrange_tau=a.lagrange_tau, **c),
+        "naive": lambda: functools.partial(_online, ag, constraint=False, lagrange_tau=a.lagrange_tau, **c),
+        "opt_pretrain": lambda: functools.partial(_pretrain, ag, inner_lr=0.1, **c),
+        "opt_finetune": lambda: functools.partial(_finetune, ag, off_reward_scale=2.0, off_reward_shift=-1.0, **c),
     }[phase]()
     return accel.update(fn)
 
@@ -1385,8 +1406,9 @@ def _phase_inputs(phase: str, step: int, device: str = "cpu") -> tuple:
     }[phase]()
 
 
-def _state(ag: td3.Agent) -> dict[str, torch.Tensor]:
-    out = {f"{name}.{pn}": p.detach().clone() for name, m in ag.modules().items() for pn, p in m.named_parameters()}
+def _state(ag: SimpleNamespace) -> dict[str, torch.Tensor]:
+    modules = {name: m for name, m in vars(ag).items() if isinstance(m, torch.nn.Module)}
+    out = {f"{name}.{pn}": p.detach().clone() for name, m in modules.items() for pn, p in m.named_parameters()}
     out["log_lam"] = ag.log_lam.detach().clone()
     return out
 
