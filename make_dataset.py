@@ -735,10 +735,12 @@ class Evaluator:
         self.device = device
         space = self.envs[0].action_space
         self.low, self.high = space.low, space.high
+        self.seconds = 0.0  # wall-clock of every evaluation so far (results.json: evaluation_s, evaluation_share)
 
     @torch.no_grad()
     def __call__(self, act: Callable[[Tensor], Tensor]) -> np.ndarray:
         """Undiscounted returns of one episode per environment; `act` maps normalised observations to actions."""
+        t0 = time.time()
         obs = np.stack([env.reset(seed=self.seed + i)[0] for i, env in enumerate(self.envs)])
         returns = np.zeros(len(self.envs))
         alive = list(range(len(self.envs)))
@@ -750,6 +752,7 @@ class Evaluator:
                 returns[j] += r
                 if term or trunc:
                     alive.remove(j)
+        self.seconds += time.time() - t0
         return returns
 
     def close(self) -> None:

@@ -160,8 +160,9 @@ class Args:
     eval_every: int = 2_500
     """evaluate every this many env steps (at the end of the rollout that crosses the mark); --reference best moves
     pi_ref only at evaluations, so this is part of the algorithm (2500 as the official code)"""
-    eval_episodes: int = 10
-    """evaluation episodes (deterministic actions, separate envs)"""
+    eval_episodes: int | None = None
+    """evaluation episodes (deterministic actions, separate envs stepped together); default from PPO_FAMILY_DEFAULTS (10;
+    100 on AntMaze, as the official configs)"""
     early_evals: int = 5
     """extra evaluations inside the first tenth of the online steps (0 = none): one at the last rollout end at or before
     each mark total/10 * k/K, k = 1..K. Marks before the first rollout's end get none and marks inside one rollout share
@@ -199,16 +200,23 @@ class Args:
 # --constraint-horizon, --log-std-max and --reward-scaling override. Rows: level -> constraint_horizon (T_end), and per
 # environment ("*" = any other): PPO epochs,
 # the log-std cap of actor and reference (None = none) and the reward handling of V (see --reward-scaling).
-# A --dataset-id run without --family uses the "other" row.
+# A --dataset-id run without --family uses the "other" row; every AntMaze maze the "antmaze" row (the official AntMaze
+# configs: raw 0/1 rewards, 100 evaluation episodes, 250k steps as every family: --online-steps' default).
 RAW_EXCEPT_HALFCHEETAH = {"halfcheetah": "return-std", "*": "none"}  # official: raw rewards, "dynamic" scaling for halfcheetah
 HOPPER_STD_CAP = {"hopper": math.log(0.05), "*": None}
 PPO_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "random": dict(constraint_horizon=250_000, update_epochs={"*": 10}, log_std_max={"*": None}, reward_scaling=RAW_EXCEPT_HALFCHEETAH),
-    "medium": dict(constraint_horizon=250_000, update_epochs={"*": 10}, log_std_max={"*": None}, reward_scaling=RAW_EXCEPT_HALFCHEETAH),
-    "medium-replay": dict(constraint_horizon=250_000, update_epochs={"*": 10}, log_std_max={"*": None}, reward_scaling=RAW_EXCEPT_HALFCHEETAH),
-    "medium-expert": dict(constraint_horizon=500_000, update_epochs={"hopper": 5, "*": 10}, log_std_max=HOPPER_STD_CAP, reward_scaling=RAW_EXCEPT_HALFCHEETAH),
-    "expert": dict(constraint_horizon=500_000, update_epochs={"hopper": 5, "*": 10}, log_std_max=HOPPER_STD_CAP, reward_scaling=RAW_EXCEPT_HALFCHEETAH),
-    "other": dict(constraint_horizon=250_000, update_epochs={"*": 10}, log_std_max={"*": None}, reward_scaling={"*": "none"}),
+    "random": dict(constraint_horizon=250_000, update_epochs={"*": 10}, log_std_max={"*": None}, reward_scaling=RAW_EXCEPT_HALFCHEETAH,
+                   eval_episodes=10),
+    "medium": dict(constraint_horizon=250_000, update_epochs={"*": 10}, log_std_max={"*": None}, reward_scaling=RAW_EXCEPT_HALFCHEETAH,
+                   eval_episodes=10),
+    "medium-replay": dict(constraint_horizon=250_000, update_epochs={"*": 10}, log_std_max={"*": None}, reward_scaling=RAW_EXCEPT_HALFCHEETAH,
+                          eval_episodes=10),
+    "medium-expert": dict(constraint_horizon=500_000, update_epochs={"hopper": 5, "*": 10}, log_std_max=HOPPER_STD_CAP, reward_scaling=RAW_EXCEPT_HALFCHEETAH,
+                          eval_episodes=10),
+    "expert": dict(constraint_horizon=500_000, update_epochs={"hopper": 5, "*": 10}, log_std_max=HOPPER_STD_CAP, reward_scaling=RAW_EXCEPT_HALFCHEETAH,
+                   eval_episodes=10),
+    "other": dict(constraint_horizon=250_000, update_epochs={"*": 10}, log_std_max={"*": None}, reward_scaling={"*": "none"}, eval_episodes=10),
+    "antmaze": dict(constraint_horizon=250_000, update_epochs={"*": 10}, log_std_max={"*": None}, reward_scaling={"*": "none"}, eval_episodes=100),
 }
 ACTOR_HIDDEN = (256, 256)  # the Gaussian actor a non-Gaussian offline actor is distilled into
 VALUE_HIDDEN = (256, 256, 256)  # V: 3 x [Linear 256 -> tanh], Linear -> 1
@@ -216,21 +224,33 @@ DETERMINISTIC_LOG_STD = math.log(0.2)  # distilled std of a deterministic actor:
 
 
 def family_defaults(args: Args) -> dict[str, Any]:
-    """update_epochs, constraint_horizon, log_std_max and the reward handling: the explicit flag, else the PPO_FAMILY_DEFAULTS row of
-    the dataset's level (--family, else --env; a --dataset-id run: the "other" row), entry of its environment."""
+    """update_epochs, constraint_horizon, log_std_max, the reward handling and eval_episodes: the explicit flag, else the
+    PPO_FAMILY_DEFAULTS row of the dataset's level (--family, else --env; a --dataset-id run: the "other" row; any
+    AntMaze maze: the "antmaze" row), entry of its environment."""
     if args.family is not None:
         env, level = parse_family(args.family)
     elif args.dataset_id is None:
         env, level = parse_env_name(args.env)
     else:
         env, level = "*", "other"
+    if env == "antmaze":
+        level = "antmaze"
     row = PPO_FAMILY_DEFAULTS[level]
     pick = lambda key: row[key].get(env, row[key]["*"])  # noqa: E731
     return {"family_row": level, "family_env": env,
             "update_epochs": args.update_epochs if args.update_epochs is not None else pick("update_epochs"),
             "constraint_horizon": args.constraint_horizon if args.constraint_horizon is not None else row["constraint_horizon"],
             "log_std_max": args.log_std_max if args.log_std_max is not None else pick("log_std_max"),
-            "reward_scaling": pick("reward_scaling") if args.reward_scaling == "family" else args.reward_scaling}
+            "reward_scaling": pick("reward_scaling") if args.reward_scaling == "family" else args.reward_scaling,
+            "eval_episodes": args.eval_episodes if args.eval_episodes is not None else row["eval_episodes"]}
+
+
+def with_family(args: Args) -> Args:
+    """A copy of args with the family values the run's budgets and evaluators read from args (eval_episodes) filled in
+    from family_defaults when left at None; Args itself is never mutated."""
+    if args.eval_episodes is not None:
+        return args
+    return dataclasses.replace(args, eval_episodes=family_defaults(args)["eval_episodes"])
 
 
 # ==================== ALGO LOGIC ====================
@@ -777,7 +797,7 @@ def run_online(run: Run, pi0: GaussianActor | None, vf: Critic | None, resume: d
                 env_steps=global_step, iteration=iteration, actor_ref=state_dict_cpu(actor_ref), best_score=best, start_score=st["start_score"],
                 curve=run.curve, wall_clock_s=run.wall, distillation=run.distillation, reevaluation=run.reevaluation,
                 optimizers={"actor": actor_opt.state_dict(), "vf": vf_opt.state_dict()}, return_std=run.rewards.state_dict(),
-                diagnostics=run.diagnostics, rng=rng_state()), run.out / "online.pt")
+                diagnostics=run.diagnostics, rng=rng_state(), evaluation_s=run.evaluator.seconds), run.out / "online.pt")
             atomic_save(run.results(False, st), run.out / "results.json")  # progress so far
             next_ckpt = (global_step // args.checkpoint_every + 1) * args.checkpoint_every
         if stop:
@@ -792,6 +812,7 @@ def run_online(run: Run, pi0: GaussianActor | None, vf: Critic | None, resume: d
 
 def main(args: Args) -> dict:
     check_tracking(args)
+    args = with_family(args)  # the PPO_FAMILY_DEFAULTS values kept in args (eval_episodes)
     validate(args)
     given = args
     args = scale_budgets(args)  # from here on every step budget is the effective one (times --budget-scale)
@@ -882,6 +903,8 @@ def mode_name(args: Args) -> str:
 def parse_family(name: str) -> tuple[str, str]:
     """--family `hopper-medium-expert` (a version suffix such as -v2 is allowed) -> ("hopper", "medium-expert")."""
     m = re.fullmatch(r"([a-z0-9]+)-(.+?)(?:-v\d+)?", name)
+    if m is not None and m.group(1) == "antmaze" and m.group(2) in ANTMAZE_DATASETS:
+        return "antmaze", m.group(2)
     if m is None or m.group(1) not in D4RL_ENVS or m.group(2) not in D4RL_LEVELS:
         fail(f"unknown --family {name!r}; use <env>-<level> with env in {', '.join(D4RL_ENVS)} and level in {', '.join(D4RL_LEVELS)}")
     return m.group(1), m.group(2)
@@ -1110,6 +1133,7 @@ class Run:
         """The unfinished run of online.pt: its curve, wall-clock, diagnostics and phase summaries, its actor, reference
         actor and V, and the online loop's state."""
         self.curve, self.wall, self.diagnostics = saved["curve"], dict(saved["wall_clock_s"]), saved["diagnostics"]
+        self.evaluator.seconds += saved.get("evaluation_s", 0.0)
         self.distillation, self.reevaluation = saved["distillation"], saved["reevaluation"]
         actor = actor_from_checkpoint(saved, self.device).train()
         actor_ref = build_actor("gaussian", self.data["obs_dim"], self.data["act_dim"], saved["actor_config"]["hidden"], saved["max_action"])
@@ -1130,7 +1154,7 @@ class Run:
             mode={"name": self.mode, "reevaluate": not args.no_reevaluate, "constraint": not args.no_constraint, "reference": args.reference},
             env=self.env_name, data=self.data, seed=args.seed, offline_algo=self.ckpt["algo"], offline_checkpoint=self.ckpt_path, curve=self.curve,
             online_start_score=st["start_score"], online_steps=total_steps, online_steps_done=st["global_step"], budget_scale=args.budget_scale,
-            wall_clock_s=self.wall, finished=finished, run_dir=self.out, run_name=self.out.name, offline_actor_family=self.ckpt["actor_family"],
+            wall_clock_s=self.wall, finished=finished, run_dir=self.out, evaluation_s=self.evaluator.seconds, run_name=self.out.name, offline_actor_family=self.ckpt["actor_family"],
             update_epochs=d["update_epochs"], constraint_horizon=d["constraint_horizon"], family_row=d["family_row"], family_env=d["family_env"],
             log_std_max=d["log_std_max"], reward_transform=rw.transform(),
             reward_scaling={"mode": rw.mode, "from": "family table" if args.reward_scaling == "family" else "--reward-scaling",
@@ -1914,10 +1938,12 @@ class Evaluator:
         self.device = device
         space = self.envs[0].action_space
         self.low, self.high = space.low, space.high
+        self.seconds = 0.0  # wall-clock of every evaluation so far (results.json: evaluation_s, evaluation_share)
 
     @torch.no_grad()
     def __call__(self, act: Callable[[Tensor], Tensor]) -> np.ndarray:
         """Undiscounted returns of one episode per environment; `act` maps normalised observations to actions."""
+        t0 = time.time()
         obs = np.stack([env.reset(seed=self.seed + i)[0] for i, env in enumerate(self.envs)])
         returns = np.zeros(len(self.envs))
         alive = list(range(len(self.envs)))
@@ -1929,6 +1955,7 @@ class Evaluator:
                 returns[j] += r
                 if term or trunc:
                     alive.remove(j)
+        self.seconds += time.time() - t0
         return returns
 
     def close(self) -> None:
@@ -2263,15 +2290,20 @@ def curve_summary(curve: list[dict], online_start_score: float, online_steps: in
 
 def results_record(*, script: str, algo: str, method: str, mode: dict, env: str, data: dict, seed: int, offline_algo: str,
                    offline_checkpoint: Path, curve: list[dict], online_start_score: float, online_steps: int, online_steps_done: int,
-                   budget_scale: float, wall_clock_s: dict, finished: bool, run_dir: Path, **extra: Any) -> dict:
-    """The common part of every o2o script's results.json, then the script's own entries (`extra`)."""
+                   budget_scale: float, wall_clock_s: dict, finished: bool, run_dir: Path, evaluation_s: float, **extra: Any) -> dict:
+    """The common part of every o2o script's results.json, then the script's own entries (`extra`). evaluation_s: the
+    wall-clock of the run's evaluations (Evaluator.seconds, carried across a resume), a part of the phases' wall-clock;
+    evaluation_share = evaluation_s / the total (None before any phase has ended; while a phase runs, its evaluations
+    count before its wall-clock does, so read the share of a finished run)."""
     wall = {k: float(v) for k, v in wall_clock_s.items() if k != "total"}
+    total = sum(wall.values())
     return {"schema_version": RESULTS_SCHEMA_VERSION, "script": script, "algo": algo, "method": method, "mode": mode, "env": env,
             "dataset_ids": list(data["dataset_ids"]), "local_standin": bool(data["local_standin"]), "seed": seed,
             "offline_algo": offline_algo, "offline_checkpoint": str(offline_checkpoint),
             **curve_summary(curve, online_start_score, online_steps), "online_steps": online_steps,
             "online_steps_done": online_steps_done, "budget_scale": budget_scale, "curve": curve,
-            "wall_clock_s": {**wall, "total": sum(wall.values())}, "finished": finished, "versions": software_versions(),
+            "wall_clock_s": {**wall, "total": total}, "evaluation_s": float(evaluation_s),
+            "evaluation_share": float(evaluation_s) / total if total > 0 else None, "finished": finished, "versions": software_versions(),
             "git_commit": git_commit(), "run_dir": str(run_dir), **extra}
 
 

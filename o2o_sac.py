@@ -122,6 +122,19 @@ class Args:
     actor_grad_clip: float | None = None
     """max gradient norm of the online actor updates; 0 never clips. Default: from FAMILY_DEFAULTS (0.25 for hopper
     medium-expert / expert with --reference interval, as the official configs; no clipping otherwise)"""
+    n_critics: int | None = None
+    """critics of the new critic ensemble; every target and actor loss reads the min over them (1: the single critic's
+    value, the official double_critic off). Default: from FAMILY_DEFAULTS (2 on MuJoCo, 1 on AntMaze)"""
+    critic_layers: int | None = None
+    """hidden layers (Linear 256 -> LayerNorm -> ReLU) of the new critics. Default: from FAMILY_DEFAULTS (3 on MuJoCo, 5 on
+    AntMaze)"""
+    normalize_states: bool | None = None
+    """feed the networks states normalised with the offline actor's statistics (the checkpoint's); off: raw states,
+    which needs an offline actor trained on raw states (CQL's on AntMaze). Default: from FAMILY_DEFAULTS (on for MuJoCo,
+    off for AntMaze)"""
+    reward: str | None = None
+    """`SCALE,SHIFT`: new critics learn (offline and online) on r * SCALE + SHIFT. Default: from FAMILY_DEFAULTS (1,0 on
+    MuJoCo; 10,-5 on AntMaze, as the official configs)"""
 
     # --- offline phases ---
     distill_steps: int = 5_000
@@ -146,8 +159,8 @@ class Args:
     """stop re-evaluation once the gap to Q's limit, extrapolated from the mean target-critic value on fixed dataset
     (s, a) pairs read every 1000 steps, is below this fraction of that value; --reevaluate-steps is the cap (0 = always
     run --reevaluate-steps, the paper)"""
-    align_steps: int = 500_000
-    """value-alignment gradient steps"""
+    align_steps: int | None = None
+    """value-alignment gradient steps. Default: from FAMILY_DEFAULTS (500k on MuJoCo, 1M on AntMaze)"""
     align_actor: Literal["train", "frozen"] = "frozen"
     """train: the actor keeps training during alignment with the SAC loss (the paper); frozen: the actor stays pi0
     during alignment, only the critics align, and online fine-tuning starts from pi0 with the aligned critics (its
@@ -167,18 +180,21 @@ class Args:
     """actor learning rate of alignment and online fine-tuning (distillation uses a fixed 3e-4)"""
 
     # --- online phase ---
-    online_steps: int = 100_000
-    """online env steps (PORL: including the pre-sample stage)"""
+    online_steps: int | None = None
+    """online env steps (PORL: including the pre-sample stage). Default: from FAMILY_DEFAULTS (100k on MuJoCo, 200k on
+    AntMaze)"""
     utd: int = 10
     """gradient updates per env step"""
-    learning_starts: int = 1_000
-    """updates start after this many env steps (the policy acts from step 1, no random warm-up)"""
+    learning_starts: int | None = None
+    """updates start after this many env steps (the policy acts from step 1, no random warm-up). Default: from
+    FAMILY_DEFAULTS (1k on MuJoCo, 5k on AntMaze)"""
     pre_sample_steps: int = 5_000
     """PORL only: env steps with the frozen policy while only the critics learn"""
     alpha_lr: float = 3e-4
     """temperature learning rate (auto-tuned online, target entropy -|A|)"""
-    lambda_init: float = 1.0
-    """initial Lagrange multiplier (2.0 for hard mazes)"""
+    lambda_init: float | None = None
+    """initial Lagrange multiplier. Default: from FAMILY_DEFAULTS (1 on MuJoCo and the AntMaze umazes, 2 on the
+    medium and large mazes)"""
     lambda_lr: float = 5e-5
     """learning rate of log lambda (updated once per env step)"""
     constraint_horizon: int = 100_000
@@ -187,10 +203,11 @@ class Args:
     """lower clamp of log pi_ref(a|s) in the KL estimate"""
 
     # --- evaluation and logging ---
-    eval_every: int = 1_000
-    """evaluate every this many online env steps"""
-    eval_episodes: int = 10
-    """evaluation episodes (deterministic actions, separate env)"""
+    eval_every: int | None = None
+    """evaluate every this many online env steps. Default: from FAMILY_DEFAULTS (1k on MuJoCo, 5k on AntMaze)"""
+    eval_episodes: int | None = None
+    """evaluation episodes (deterministic actions, separate envs stepped together). Default: from FAMILY_DEFAULTS (10 on
+    MuJoCo, 100 on AntMaze)"""
     early_evals: int = 5
     """extra online evaluations inside the first tenth of the online phase, at env steps
     floor(online_steps / 10 * k / early_evals), k = 1..early_evals, on top of the --eval-every schedule (0 = none).
@@ -230,11 +247,24 @@ class Args:
 
 
 # ---------------------------------------------------------------- per-dataset-family defaults (the official O2SAC configs)
-# Keyed by the level parsed from --env; explicit --alpha0 / --eps0 / --eps-end / --actor-grad-clip / --reference-interval
-# override. "random" is not in the paper: it gets the medium values. interval_grad_clip: the actor's gradient-norm clip
-# with --reference interval (0 = none); reference_interval: the default --reference-interval (1 where a row has none);
-# a "<env>-<level>" row overrides its level's row for that environment only.
-FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
+# A dataset's row: its family's ("mujoco" or "antmaze", by the environment of --env), then its level's, then its
+# "<env>-<level>" row, each overriding the one before; explicit flags override them all (FAMILY_FIELDS are filled into
+# the args, with_family; alpha0, eps0, eps_end, actor_grad_clip and reference_interval are read by family_values).
+# "random" is not in the paper: it gets the medium values. interval_grad_clip: the actor's gradient-norm clip with
+# --reference interval (0 = none); reference_interval: the default --reference-interval (1 where a row has none).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    # the dataset families: the critics, the states and rewards they see, the budgets and the evaluation
+    "mujoco": dict(n_critics=2, critic_layers=3, normalize_states=True, reward="1,0", align_steps=500_000, online_steps=100_000,
+                   learning_starts=1_000, eval_every=1_000, eval_episodes=10, lambda_init=1.0),
+    # the official AntMaze configs (config/finetune/O2SAC/antmaze/*): double_critic false, q_n_hidden_layers 5, normalize
+    # false, reward_scale 10 / reward_bias -5, align_steps 1M, online_steps 200k, warmup_steps 5k, eval_freq 5k,
+    # n_episodes 100, threshold 0.125 -> end_threshold 2.0; alpha 0.5 and lmbda 2 on medium and large, 0.2 and 1 on umaze
+    "antmaze": dict(n_critics=1, critic_layers=5, normalize_states=False, reward="10,-5", align_steps=1_000_000, online_steps=200_000,
+                    learning_starts=5_000, eval_every=5_000, eval_episodes=100, lambda_init=2.0, alpha0=0.5, eps0=0.125, eps_end=2.0,
+                    interval_grad_clip=0.0),
+    "antmaze-umaze": dict(alpha0=0.2, lambda_init=1.0),
+    "antmaze-umaze-diverse": dict(alpha0=0.2, lambda_init=1.0),
+    # the MuJoCo levels
     "medium": dict(alpha0=0.2, eps0=0.125, eps_end=2.0, interval_grad_clip=0.0),
     "medium-replay": dict(alpha0=0.2, eps0=0.125, eps_end=2.0, interval_grad_clip=0.0),
     "random": dict(alpha0=0.2, eps0=0.125, eps_end=2.0, interval_grad_clip=0.0),
@@ -244,18 +274,41 @@ FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
     "hopper-medium-expert": dict(interval_grad_clip=0.25, reference_interval=10),
     "hopper-expert": dict(interval_grad_clip=0.25, reference_interval=10),
 }
+# the Args fields the table fills when left at None (with_family)
+FAMILY_FIELDS = ("n_critics", "critic_layers", "normalize_states", "reward", "align_steps", "online_steps", "learning_starts", "eval_every",
+                 "eval_episodes", "lambda_init")
+
+
+def family_row(args: Args) -> tuple[str, str | None, dict[str, Any]]:
+    """(family, level, row): the FAMILY_DEFAULTS rows of --env merged (family, level, "<env>-<level>"). A --dataset-id
+    run takes the level of --env if it names one (else None: the family's row only)."""
+    m = re.fullmatch(r"([a-z0-9]+)-(.+)-v\d+", args.env)
+    if args.dataset_id is None:
+        name, level = parse_env_name(args.env)  # unknown names exit 2 listing the known ones
+    elif m and (m.group(2) in D4RL_LEVELS or (m.group(1) == "antmaze" and m.group(2) in ANTMAZE_DATASETS)):
+        name, level = m.group(1), m.group(2)
+    else:
+        name, level = "", None
+    family = "antmaze" if name == "antmaze" else "mujoco"
+    level_row = FAMILY_DEFAULTS.get(level or "", {}) if family == "mujoco" else {}
+    return family, level, {**FAMILY_DEFAULTS[family], **level_row, **FAMILY_DEFAULTS.get(f"{name}-{level}", {})}
+
+
+def with_family(args: Args) -> Args:
+    """A copy of args with every FAMILY_FIELDS value it leaves at None taken from its FAMILY_DEFAULTS row (Args itself
+    is never mutated)."""
+    missing = [k for k in FAMILY_FIELDS if getattr(args, k) is None]
+    if not missing:
+        return args
+    row = family_row(args)[2]
+    return dataclasses.replace(args, **{k: row[k] for k in missing})
 
 
 def family_values(args: Args) -> dict[str, Any]:
     """alpha0, eps0, eps_end, actor_grad_clip, reference_interval: explicit flags first, else the FAMILY_DEFAULTS row of
-    --env's level (and of its environment, where the table has one)."""
-    m = re.fullmatch(r"([a-z0-9]+)-(.+)-v\d+", args.env)
-    if args.dataset_id is None:
-        name, level = parse_env_name(args.env)  # unknown names exit 2 listing the known ones
-    else:  # any Minari id: the level of --env if it names one, else the values must be given
-        name, level = (m.group(1), m.group(2)) if m and m.group(2) in D4RL_LEVELS else ("", None)
-    row = {**FAMILY_DEFAULTS.get(level or "", {}), **FAMILY_DEFAULTS.get(f"{name}-{level}", {})}
-    vals: dict[str, Any] = {"level": level}
+    --env (family_row)."""
+    family, level, row = family_row(args)
+    vals: dict[str, Any] = {"family": family, "level": level}
     for k in ("alpha0", "eps0", "eps_end"):
         v = getattr(args, k)
         if v is None:
@@ -269,6 +322,18 @@ def family_values(args: Args) -> dict[str, Any]:
     vals["actor_grad_clip"] = float(clip) if clip > 0 else None
     vals["reference_interval"] = args.reference_interval if args.reference_interval is not None else int(row.get("reference_interval", 1))
     return vals
+
+
+def reward_affine(spec: str) -> tuple[float, float]:
+    """--reward `SCALE,SHIFT` -> (scale, shift); anything else exits 2."""
+    parts = spec.split(",")
+    try:
+        scale, shift = (float(x) for x in parts)
+    except ValueError:
+        fail(f"--reward must be SCALE,SHIFT (two numbers, e.g. 10,-5), got {spec!r}")
+    if not (math.isfinite(scale) and math.isfinite(shift) and scale != 0):
+        fail(f"--reward {spec!r}: SCALE must be a non-zero finite number and SHIFT finite")
+    return scale, shift
 
 
 # ==================== ALGO LOGIC ====================
@@ -362,9 +427,10 @@ CRITIC_HIDDEN = (256, 256, 256)
 DISTILL_LR = 3e-4
 
 
-def make_critic(obs_dim: int, act_dim: int) -> Critic:
-    """Twin critics, 3 x [Linear 256 -> LayerNorm -> ReLU] -> Linear, orthogonal init gain 1, zero bias."""
-    return orthogonal_init_(Critic(obs_dim, act_dim, CRITIC_HIDDEN, n=2, layer_norm=True))
+def make_critic(obs_dim: int, act_dim: int, n: int = 2, layers: int = len(CRITIC_HIDDEN)) -> Critic:
+    """n critics (twin on MuJoCo, one on AntMaze: --n-critics), each `layers` x [Linear 256 -> LayerNorm -> ReLU] -> Linear
+    (--critic-layers), orthogonal init gain 1, zero bias."""
+    return orthogonal_init_(Critic(obs_dim, act_dim, (CRITIC_HIDDEN[0],) * layers, n=n, layer_norm=True))
 
 
 def frozen(module: nn.Module) -> nn.Module:
@@ -872,6 +938,7 @@ def run_online(run: Run, pi0: TanhGaussianActor, actor: TanhGaussianActor, qf: C
 # ---------------------------------------------------------------- main
 def main(args: Args) -> dict:
     check_tracking(args)
+    args = with_family(args)  # the FAMILY_DEFAULTS values of --env for every family flag left at None
     validate(args)
     given, args = args, resolve_budgets(args)  # from here on, the step counts and the lambda lr of --budget-scale
     device = pick_device(args.device)
@@ -891,6 +958,9 @@ def main(args: Args) -> dict:
     set_seed(args.seed)
     obs_dim, act_dim = data["obs_dim"], data["act_dim"]
     obs_stats = ckpt["obs_mean"].numpy().astype(np.float32), ckpt["obs_std"].numpy().astype(np.float32)  # the actor's own statistics
+    if not args.normalize_states and (obs_stats[0].any() or (obs_stats[1] != 1).any()):
+        fail(f"--no-normalize-states (the {fam['family']} default) needs an offline actor trained on raw states, but {ckpt_path} "
+             f"({ckpt['algo']}) normalises them; pass --normalize-states or use a checkpoint without normalisation (CQL's on AntMaze)")
     critic = critic_source(args, ckpt, ckpt_path, obs_dim, act_dim)
     rb_offline = offline_buffer(args, data, obs_stats, critic["reward_transform"], mode["buffer_mode"], online_state, device)
     run = Run(args, given, out, data, ckpt, ckpt_path, fam, mode, critic, online_state, rb_offline, obs_stats, device)
@@ -973,6 +1043,11 @@ def validate(args: Args) -> None:
         v = getattr(args, flag)
         if v is not None and not v > 0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {v}")
+    for flag in ("n_critics", "critic_layers"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            fail(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.reward is not None:
+        reward_affine(args.reward)
     if args.actor_grad_clip is not None and not args.actor_grad_clip >= 0:
         fail(f"--actor-grad-clip must be >= 0 (0 never clips), got {args.actor_grad_clip}")
     if args.eps0 is not None and args.eps_end is not None and args.eps_end < args.eps0:
@@ -996,6 +1071,7 @@ def resolve_budgets(args: Args) -> Args:
     rate divided by F (Adam moves log lambda by about lr per step, so lr / F over F times the steps reaches as far as
     the paper's protocol), the default --align-eval-every (align_steps // 10, at least 1) of the scaled budget, and the
     default --checkpoint-every (CHECKPOINT_EVERY scaled, at most online_steps // 10, at least 1)."""
+    args = with_family(args)  # the budgets of the family first (a no-op in main, which filled them already)
     f = args.budget_scale
 
     def scaled(v: int | None) -> int | None:
@@ -1062,11 +1138,16 @@ def resolve_checkpoint(args: Args) -> Path:
 def critic_source(args: Args, ckpt: dict, ckpt_path: Path, obs_dim: int, act_dim: int) -> dict:
     """Where the critics come from. --no-reevaluate keeps the checkpoint's critic when it has one, with its target
     critics and its reward scale (keeping the critic means keeping the rewards it learned on); otherwise new LayerNorm
-    critics learn on raw rewards. A damaged checkpoint critic exits 2 here, before any phase."""
+    critics (--n-critics of --critic-layers) learn on the family's rewards (--reward: raw on MuJoCo, 10 r - 5 on AntMaze).
+    A damaged checkpoint critic exits 2 here, before any phase."""
     keep = args.no_reevaluate and args.critic_init != "scratch" and bool(ckpt.get("critics")) and "qf" in ckpt["critics"]
-    if not keep:
-        return {"config": {"hidden": list(CRITIC_HIDDEN), "layer_norm": True, "from": "new"}, "reward_transform": {"scale": 1.0, "shift": 0.0},
-                "handling": "raw", "qf": None, "qf_target": None}
+    if not keep:  # new critics of the family's shape (--n-critics, --critic-layers) on the family's rewards (--reward)
+        scale, shift = reward_affine(args.reward)
+        config = {"hidden": [CRITIC_HIDDEN[0]] * args.critic_layers, "layer_norm": True, "from": "new"}
+        if args.n_critics != 2:  # recorded where it differs from the twin critics of every checkpoint
+            config["n"] = args.n_critics
+        return {"config": config, "reward_transform": {"scale": scale, "shift": shift},
+                "handling": "raw" if (scale, shift) == (1.0, 0.0) else f"family ({args.reward})", "qf": None, "qf_target": None}
     cc = ckpt["critic_config"] or {}
     config = {"hidden": list(cc.get("hidden", CRITIC_HIDDEN)), "layer_norm": bool(cc.get("layer_norm", False)), "from": "checkpoint"}
     qf_target = ((ckpt.get("train_state") or {}).get("modules") or {}).get("qf_target")
@@ -1090,7 +1171,7 @@ def make_critics(critic: dict, obs_dim: int, act_dim: int, device: torch.device)
         qf = Critic(obs_dim, act_dim, critic["config"]["hidden"], n=2, layer_norm=critic["config"]["layer_norm"]).to(device)
         qf.load_state_dict(critic["qf"])
     else:
-        qf = make_critic(obs_dim, act_dim).to(device)
+        qf = make_critic(obs_dim, act_dim, critic["config"].get("n", 2), len(critic["config"]["hidden"])).to(device)
     qf_target = frozen(qf)
     if critic["qf_target"] is not None:
         qf_target.load_state_dict(critic["qf_target"])
@@ -1261,13 +1342,14 @@ class Run:
     def progress(self, state: dict) -> dict:
         """The online phase's progress as online.pt keeps it: `state` (run_online's counters) and what this run holds."""
         return {**state, "curve": self.curve, "wall": self.wall, "reused": self.reused, "distill": self.distillation,
-                "diagnostics": self.diagnostics, "reevaluation": self.reevaluation}
+                "diagnostics": self.diagnostics, "reevaluation": self.reevaluation, "evaluation_s": self.evaluator.seconds}
 
     def load_progress(self, saved: dict) -> dict:
         """The inverse of progress, for a resumed online phase; returns run_online's counters."""
         saved = dict(saved)
         self.curve, self.wall, self.distillation = saved.pop("curve"), saved.pop("wall"), saved.pop("distill")
         self.diagnostics, self.reevaluation = saved.pop("diagnostics"), saved.pop("reevaluation")
+        self.evaluator.seconds += saved.pop("evaluation_s", 0.0)
         self.reused = sorted(set(saved.pop("reused")) | {"online"})
         return saved
 
@@ -1277,7 +1359,7 @@ class Run:
             script="o2o_sac", algo="sac", method=method_name(mode["reevaluate"], mode["align"], mode["constraint"], scratch=args.critic_init == "scratch"),
             mode=mode, env=args.env, data=self.data, seed=args.seed, offline_algo=self.ckpt["algo"], offline_checkpoint=self.ckpt_path,
             curve=c, online_start_score=state["after_align_score"], online_steps=args.online_steps, online_steps_done=state["t"],
-            budget_scale=args.budget_scale, wall_clock_s=self.wall, finished=finished, run_dir=self.out,
+            budget_scale=args.budget_scale, wall_clock_s=self.wall, finished=finished, run_dir=self.out, evaluation_s=self.evaluator.seconds,
             offline_actor_family=self.ckpt["actor_family"], critic=self.critic["config"],
             budget={**{k: getattr(args, k) for k in BUDGET_FIELDS}, "lambda_lr": args.lambda_lr},
             family_defaults=self.fam, reward_handling=self.critic["handling"], reward_transform=self.critic["reward_transform"],
@@ -2068,10 +2150,12 @@ class Evaluator:
         self.device = device
         space = self.envs[0].action_space
         self.low, self.high = space.low, space.high
+        self.seconds = 0.0  # wall-clock of every evaluation so far (results.json: evaluation_s, evaluation_share)
 
     @torch.no_grad()
     def __call__(self, act: Callable[[Tensor], Tensor]) -> np.ndarray:
         """Undiscounted returns of one episode per environment; `act` maps normalised observations to actions."""
+        t0 = time.time()
         obs = np.stack([env.reset(seed=self.seed + i)[0] for i, env in enumerate(self.envs)])
         returns = np.zeros(len(self.envs))
         alive = list(range(len(self.envs)))
@@ -2083,6 +2167,7 @@ class Evaluator:
                 returns[j] += r
                 if term or trunc:
                     alive.remove(j)
+        self.seconds += time.time() - t0
         return returns
 
     def close(self) -> None:
@@ -2366,15 +2451,20 @@ def curve_summary(curve: list[dict], online_start_score: float, online_steps: in
 
 def results_record(*, script: str, algo: str, method: str, mode: dict, env: str, data: dict, seed: int, offline_algo: str,
                    offline_checkpoint: Path, curve: list[dict], online_start_score: float, online_steps: int, online_steps_done: int,
-                   budget_scale: float, wall_clock_s: dict, finished: bool, run_dir: Path, **extra: Any) -> dict:
-    """The common part of every o2o script's results.json, then the script's own entries (`extra`)."""
+                   budget_scale: float, wall_clock_s: dict, finished: bool, run_dir: Path, evaluation_s: float, **extra: Any) -> dict:
+    """The common part of every o2o script's results.json, then the script's own entries (`extra`). evaluation_s: the
+    wall-clock of the run's evaluations (Evaluator.seconds, carried across a resume), a part of the phases' wall-clock;
+    evaluation_share = evaluation_s / the total (None before any phase has ended; while a phase runs, its evaluations
+    count before its wall-clock does, so read the share of a finished run)."""
     wall = {k: float(v) for k, v in wall_clock_s.items() if k != "total"}
+    total = sum(wall.values())
     return {"schema_version": RESULTS_SCHEMA_VERSION, "script": script, "algo": algo, "method": method, "mode": mode, "env": env,
             "dataset_ids": list(data["dataset_ids"]), "local_standin": bool(data["local_standin"]), "seed": seed,
             "offline_algo": offline_algo, "offline_checkpoint": str(offline_checkpoint),
             **curve_summary(curve, online_start_score, online_steps), "online_steps": online_steps,
             "online_steps_done": online_steps_done, "budget_scale": budget_scale, "curve": curve,
-            "wall_clock_s": {**wall, "total": sum(wall.values())}, "finished": finished, "versions": software_versions(),
+            "wall_clock_s": {**wall, "total": total}, "evaluation_s": float(evaluation_s),
+            "evaluation_share": float(evaluation_s) / total if total > 0 else None, "finished": finished, "versions": software_versions(),
             "git_commit": git_commit(), "run_dir": str(run_dir), **extra}
 
 

@@ -98,6 +98,12 @@ class Args:
     """--buffer-mode part: number of highest-return offline trajectories put in the online buffer"""
     batch_size: int = 256
     """batch size of every phase"""
+    normalize_states: bool | None = None
+    """feed the networks states normalised with the offline actor's statistics (the checkpoint's); off: raw states,
+    which needs an offline actor trained on raw states. Default: from FAMILY_DEFAULTS (on for MuJoCo and AntMaze)"""
+    reward: str | None = None
+    """`SCALE,SHIFT`: critics learned here (re-evaluation, alignment, fine-tuning; OPT's Q_on) learn on r * SCALE + SHIFT.
+    Default: from FAMILY_DEFAULTS (1,0 on MuJoCo; 1,-1 on AntMaze, the official r - 1)"""
 
     # --- distillation of a stochastic offline actor (docs/algorithms.md, section 4) ---
     distill_steps: int = 5_000
@@ -134,6 +140,9 @@ class Args:
     """stop re-evaluation once the gap to Q's limit, extrapolated from the mean target-critic value on fixed dataset
     (s, a) pairs read every 1000 steps, is below this fraction of that value; --reevaluate-steps is the cap (0 = always
     run --reevaluate-steps, the paper)"""
+    critic_layer_norm: bool | None = None
+    """LayerNorm after every hidden layer of the critics learned here. Default: from FAMILY_DEFAULTS (on for MuJoCo, off for
+    AntMaze, as the official configs' critic_layernorm)"""
     critic_init: Literal["offline", "scratch"] = "offline"
     """where the critic comes from. offline: the offline checkpoint's side, re-evaluated from the offline actor, or with
     --no-reevaluate the checkpoint's own critic when it has one (it keeps the checkpoint's reward transform); scratch:
@@ -143,8 +152,8 @@ class Args:
     # --- alignment (paper: Value Alignment, O2TD3; docs/algorithms.md, section 4.2) ---
     no_align: bool = False
     """skip value alignment (ablation)"""
-    align_steps: int = 500_000
-    """alignment gradient steps on the offline data"""
+    align_steps: int | None = None
+    """alignment gradient steps on the offline data. Default: from FAMILY_DEFAULTS (500k on MuJoCo, 1M on AntMaze)"""
     align_beta: float = 1.0
     """beta of the distance-shrunk targets"""
     align_max_distance: float = 0.2
@@ -159,8 +168,8 @@ class Args:
 
     # --- online fine-tuning (paper: Constrained Fine-Tuning, O2TD3; docs/algorithms.md, section 4.3) ---
     online_steps: int | None = None
-    """environment steps of the online phase (OPT: including its collection steps); default: the mode's budget,
-    100k for O2TD3 and naive (OCR-CFT paper), 300k with --opt (OPT paper)"""
+    """environment steps of the online phase (OPT: including its collection steps); default: the mode's budget in
+    FAMILY_DEFAULTS, 100k for O2TD3 and naive (OCR-CFT paper; 200k on AntMaze), 300k with --opt (OPT paper)"""
     learning_starts: int = 1_000
     """env steps before the first update (the policy acts from step 1)"""
     utd: int = 1
@@ -219,10 +228,11 @@ class Args:
     """balanced replay: Adam learning rate of the density-ratio network (one step per gradient update)"""
 
     # --- evaluation and logging ---
-    eval_every: int = 1_000
-    """evaluate every this many env steps"""
-    eval_episodes: int = 10
-    """evaluation episodes (deterministic actions, separate env)"""
+    eval_every: int | None = None
+    """evaluate every this many env steps. Default: from FAMILY_DEFAULTS (1k on MuJoCo, 5k on AntMaze)"""
+    eval_episodes: int | None = None
+    """evaluation episodes (deterministic actions, separate envs stepped together). Default: from FAMILY_DEFAULTS (10 on
+    MuJoCo, 100 on AntMaze)"""
     early_evals: int = 5
     """extra online evaluations inside the first tenth of the online phase, at env steps
     max(1, floor(online_steps / 10 * k / early_evals)), k = 1..early_evals (OPT: counted from the end of its
@@ -259,10 +269,21 @@ class Args:
 
 
 # ---------------------------------------------------------------- defaults per dataset family (one visible table)
-# Keyed by the level parsed from --env. Explicit flags override. "random" has no OCR-CFT value: it takes the
-# medium-replay exploration and thresholds; OPT uses kappa 1.0 -> 1.0 on random data (its offline critic is not
-# worth weighting in the actor objective).
-FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
+# A dataset's row: its family's ("mujoco" or "antmaze", by the environment of --env), then (MuJoCo) its level's; explicit
+# flags override. FAMILY_FIELDS are filled into the args (with_mode_defaults; online_steps per mode), the rest are read
+# by resolve_defaults. "random" has no OCR-CFT value: it takes the medium-replay exploration and thresholds; OPT uses
+# kappa 1.0 -> 1.0 on random data (its offline critic is not worth weighting in the actor objective).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    # the dataset families: the critics learned here, the states and rewards they see, the budgets and the evaluation
+    "mujoco": dict(critic_layer_norm=True, normalize_states=True, reward="1,0", align_steps=500_000,
+                   online_steps={"o2td3": 100_000, "opt": 300_000}, eval_every=1_000, eval_episodes=10),
+    # the official AntMaze configs (config/finetune/O2TD3/antmaze/umaze*_v2.yaml): critic_layernorm false, normalize true,
+    # rewards r - 1, align_steps 1M, online_steps 200k, eval_freq 5k, n_episodes 100, explore_noise 0.1, threshold 0.0025
+    # -> end_threshold 0.04. They cover umaze and umaze-diverse only: the medium and large mazes get the same values.
+    # OPT has no AntMaze config: its 300k budget and the medium kappa schedule.
+    "antmaze": dict(critic_layer_norm=False, normalize_states=True, reward="1,-1", align_steps=1_000_000,
+                    online_steps={"o2td3": 200_000, "opt": 300_000}, eval_every=5_000, eval_episodes=100,
+                    explore_noise=0.1, eps0=0.0025, eps_end=0.04, kappa_start=0.3, kappa_end=0.9),
     #                 exploration sigma    threshold eps0 -> eps_end         OPT kappa --kappa-begin -> --kappa-finish
     "random":        dict(explore_noise=0.1, eps0=0.0025, eps_end=0.04, kappa_start=1.0, kappa_end=1.0),
     "medium":        dict(explore_noise=0.1, eps0=0.0025, eps_end=0.04, kappa_start=0.3, kappa_end=0.9),
@@ -270,26 +291,33 @@ FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
     "medium-expert": dict(explore_noise=0.05, eps0=2.5e-5, eps_end=6.25e-4, kappa_start=0.3, kappa_end=0.9),
     "expert":        dict(explore_noise=0.05, eps0=2.5e-5, eps_end=6.25e-4, kappa_start=0.3, kappa_end=0.9),
 }
+FAMILY_FIELDS = ("critic_layer_norm", "normalize_states", "reward", "align_steps", "online_steps", "eval_every", "eval_episodes")
+LEVEL_FIELDS = ("explore_noise", "eps0", "eps_end", "kappa_start", "kappa_end")
 # The default --reference-interval where the official code does not copy the reference at every evaluation (keyed
 # "<env>-<level>"; 1 elsewhere). The official code also clips the actor's gradient on these datasets; this script does not.
 REFERENCE_INTERVAL = {"hopper-medium-expert": 10, "hopper-expert": 10, "walker2d-expert": 10}
 
 
-def dataset_level(env: str, dataset_id: str | None) -> str:
-    """The FAMILY_DEFAULTS key: the level of --env (with --dataset-id an unparsable --env falls back to medium)."""
+def family_row(env: str, dataset_id: str | None) -> tuple[str, str, dict[str, Any]]:
+    """(family, level, row): the FAMILY_DEFAULTS rows of --env merged, family first. The level of --env (with
+    --dataset-id an unparsable --env falls back to medium); an AntMaze maze has the antmaze row alone."""
     m = re.fullmatch(r"([a-z0-9]+)-(.+)-v\d+", env)
-    if m is not None and m.group(2) in FAMILY_DEFAULTS:
-        return m.group(2)
-    if dataset_id is None:
-        parse_env_name(env)  # exits 2 listing the known names
-    return "medium"
+    if m is not None and m.group(1) == "antmaze" and m.group(2) in ANTMAZE_DATASETS:
+        return "antmaze", m.group(2), dict(FAMILY_DEFAULTS["antmaze"])
+    if m is not None and m.group(2) in D4RL_LEVELS:
+        level = m.group(2)
+    else:
+        if dataset_id is None:
+            parse_env_name(env)  # exits 2 listing the known names
+        level = "medium"
+    return "mujoco", level, {**FAMILY_DEFAULTS["mujoco"], **FAMILY_DEFAULTS[level]}
 
 
 def resolve_defaults(args: Args) -> dict[str, float]:
     """Exploration sigma, thresholds and kappa: explicit flags win, else the FAMILY_DEFAULTS row; the reference interval:
     --reference-interval, else REFERENCE_INTERVAL of --env's dataset, else 1."""
-    level = dataset_level(args.env, args.dataset_id)
-    row = dict(FAMILY_DEFAULTS[level])
+    _, level, full = family_row(args.env, args.dataset_id)
+    row = {k: full[k] for k in LEVEL_FIELDS}
     if args.reference == "interval":  # a reference refreshed on a clock gets a tighter final threshold (docs/algorithms.md, section 1)
         row["eps_end"] /= 4.0
     for k in row:
@@ -299,6 +327,17 @@ def resolve_defaults(args: Args) -> dict[str, float]:
     row["reference_interval"] = (args.reference_interval if args.reference_interval is not None
                                  else REFERENCE_INTERVAL.get(f"{env.group(0) if env else ''}-{level}", 1))
     return row
+
+
+def reward_affine(spec: str) -> tuple[float, float]:
+    """--reward `SCALE,SHIFT` -> (scale, shift); anything else exits 2."""
+    try:
+        scale, shift = (float(x) for x in spec.split(","))
+    except ValueError:
+        fail(f"--reward must be SCALE,SHIFT (two numbers, e.g. 1,-1), got {spec!r}")
+    if not (math.isfinite(scale) and math.isfinite(shift) and scale != 0):
+        fail(f"--reward {spec!r}: SCALE must be a non-zero finite number and SHIFT finite")
+    return scale, shift
 
 
 # ==================== ALGO LOGIC ====================
@@ -442,8 +481,9 @@ ACTOR_HIDDEN = (256, 256)  # online deterministic actor (distillation target)
 CRITIC_HIDDEN = (256, 256)  # new online critics: 2 x [Linear 256 -> LayerNorm -> ReLU]
 
 
-def new_critic(obs_dim: int, act_dim: int) -> Critic:
-    return orthogonal_init_(Critic(obs_dim, act_dim, CRITIC_HIDDEN, n=2, layer_norm=True))
+def new_critic(obs_dim: int, act_dim: int, layer_norm: bool = True) -> Critic:
+    """Twin critics, 2 x [Linear 256 -> (LayerNorm: --critic-layer-norm) -> ReLU] -> Linear, orthogonal init."""
+    return orthogonal_init_(Critic(obs_dim, act_dim, CRITIC_HIDDEN, n=2, layer_norm=layer_norm))
 
 
 class DensityRatio(nn.Module):
@@ -1010,7 +1050,8 @@ def online_loop(run: Run, nets: O2TD3Nets | OPTNets, actor_ref: nn.Module | None
             st["best"] = max(st["best"], score)
         if global_step % a.checkpoint_every == 0 or global_step == a.online_steps:
             run.checkpoint("online", nets, run.key, {"loop": dict(st), "curve": run.curve, "phases": run.phases, "diagnostics": run.diagnostics,
-                                                     "replay": rb_online.state()}, run.curve[-1]["normalized_score"])
+                                                     "replay": rb_online.state(), "evaluation_s": run.evaluator.seconds},
+                           run.curve[-1]["normalized_score"])
         if a.stop_after is not None and global_step >= a.stop_after:
             bar.close()
             return False
@@ -1031,6 +1072,7 @@ def resume_online(run: Run, nets: O2TD3Nets | OPTNets, rb_online: OnlineReplay) 
     run.loop.update(ts["loop"])
     run.curve[:] = ts["curve"]
     run.phases.update({k: {**v, "reused": True} for k, v in ts["phases"].items() if k not in run.phases})
+    run.evaluator.seconds += ts.get("evaluation_s", 0.0)
     run.diagnostics.update({k: v for k, v in ts.get("diagnostics", {}).items() if k not in run.diagnostics})  # OPT: after pre-training
     print(f"resuming the online phase at env step {run.loop['global_step']}")
     return True
@@ -1053,6 +1095,9 @@ def main(args: Args) -> dict:
     ckpt_path = resolve_checkpoint(args)
     data = load_dataset(args.env, args.dataset_id, args.no_download)
     ckpt = load_checkpoint(ckpt_path, env_name=env_name(args), obs_dim=data["obs_dim"], act_dim=data["act_dim"])
+    if not args.normalize_states and (ckpt["obs_mean"].any() or (ckpt["obs_std"] != 1).any()):
+        fail(f"--no-normalize-states needs an offline actor trained on raw states, but {ckpt_path} ({ckpt['algo']}) normalises them; "
+             f"pass --normalize-states or use a checkpoint without normalisation")
     offline_qf = critic_from_checkpoint(ckpt)
     if args.opt and offline_qf is None:
         fail(f"--opt needs the offline critic, but {ckpt_path} ({ckpt['algo']}) has none; use a checkpoint with one, e.g. "
@@ -1091,7 +1136,7 @@ def main(args: Args) -> dict:
     obs_dim, act_dim = data["obs_dim"], data["act_dim"]
 
     if args.opt:  # Q_off: the checkpoint's critic; Q_on: a new one
-        qf, qf_on = offline_qf.to(device), new_critic(obs_dim, act_dim).to(device)
+        qf, qf_on = offline_qf.to(device), new_critic(obs_dim, act_dim, args.critic_layer_norm).to(device)
         ratio = DensityRatio(obs_dim, act_dim).to(device) if args.opt_balanced_replay else None
         nets = OPTNets(pi0, actor, actor_target, qf, copy.deepcopy(qf), qf_on, copy.deepcopy(qf_on), accel.adam(qf.parameters(), args.critic_lr),
                        accel.adam(qf_on.parameters(), args.critic_lr), accel.adam(actor.parameters(), args.opt_actor_lr), ratio,
@@ -1102,7 +1147,7 @@ def main(args: Args) -> dict:
         if not args.no_reevaluate or args.critic_init == "scratch" or offline_qf is None:
             if args.no_reevaluate and args.critic_init == "offline":
                 print(f"NOTICE: {ckpt['algo']} checkpoint has no critic; the online critic starts from random init")
-            qf = new_critic(obs_dim, act_dim).to(device)
+            qf = new_critic(obs_dim, act_dim, args.critic_layer_norm).to(device)
         else:
             qf = offline_qf.to(device)
         log_lam = nn.Parameter(torch.full((1,), math.log(args.lambda_init), device=device))
@@ -1137,17 +1182,19 @@ def main(args: Args) -> dict:
 
 # ==================== INFRASTRUCTURE ====================
 # ---------------------------------------------------------------- budgets, validation, run folder and checkpoint paths
-# Online budget per mode (env steps): OCR-CFT fine-tunes for 100k steps, OPT for 300k (collection included).
-ONLINE_STEPS = {"o2td3": 100_000, "opt": 300_000}
 CHECKPOINT_EVERY = 10_000  # the longest default interval of online.pt (env steps, before --budget-scale)
 
 
 def with_mode_defaults(args: Args) -> Args:
-    """A copy of args with the fields whose default depends on the mode filled in (--online-steps: ONLINE_STEPS);
-    the Args given are never mutated (no __post_init__ magic): main works on the resolved copy."""
-    if args.online_steps is not None:
+    """A copy of args with the fields whose default depends on the dataset family and the mode filled in (FAMILY_FIELDS
+    left at None, from FAMILY_DEFAULTS; --online-steps: the mode's budget, OCR-CFT 100k (200k on AntMaze), OPT 300k with
+    its collection); the Args given are never mutated (no __post_init__ magic): main works on the resolved copy."""
+    missing = [k for k in FAMILY_FIELDS if getattr(args, k) is None]
+    if not missing:
         return args
-    return dataclasses.replace(args, online_steps=ONLINE_STEPS["opt" if args.opt else "o2td3"])
+    row = family_row(args.env, args.dataset_id)[2]
+    row["online_steps"] = row["online_steps"]["opt" if args.opt else "o2td3"]
+    return dataclasses.replace(args, **{k: row[k] for k in missing})
 
 
 # Every step count --budget-scale multiplies (--checkpoint-every is scaled with --eval-every, see with_budget_scale).
@@ -1165,6 +1212,7 @@ def with_budget_scale(args: Args) -> Args:
     the Lagrange learning rate divided by F, and --align-eval-every resolved (default align_steps // 10, at least 1), as
     --checkpoint-every (default CHECKPOINT_EVERY scaled, at most online_steps // 10, at least 1).
     Adam moves log lambda by about lr per step: lr / F over F times the steps keeps the multiplier's reach."""
+    args = with_mode_defaults(args)  # the family's budgets first (a no-op in main, which filled them already)
     f = args.budget_scale
     if not (math.isfinite(f) and f > 0):
         fail(f"--budget-scale must be a positive number, got {f}")
@@ -1220,6 +1268,8 @@ def validate(args: Args) -> None:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.lambda_init <= 0:
         fail(f"--lambda-init must be positive, got {args.lambda_init}")
+    if args.reward is not None:
+        reward_affine(args.reward)
     d = resolve_defaults(args)  # also rejects an unknown --env
     if d["explore_noise"] < 0:
         fail(f"--explore-noise must be >= 0, got {d['explore_noise']}")
@@ -1263,7 +1313,9 @@ def reward_handling(args: Args, ckpt: dict, has_offline_critic: bool) -> dict[st
     fine-tuning of a new critic, OPT's Q_on) sees raw MuJoCo rewards, the scale OCR-CFT's thresholds and OPT were
     tuned for; only a critic kept from the checkpoint (naive / --critic-init offline, OPT's Q_off) keeps the offline
     method's transform, since its values are on that scale."""
-    raw = {"scale": 1.0, "shift": 0.0, "source": "raw"}
+    scale, shift = reward_affine(args.reward)
+    raw = {"scale": 1.0, "shift": 0.0, "source": "raw"} if (scale, shift) == (1.0, 0.0) else {"scale": scale, "shift": shift,
+                                                                                             "source": f"family ({args.reward})"}
     kept = {"scale": float(ckpt["reward_transform"]["scale"]), "shift": float(ckpt["reward_transform"]["shift"]),
             "source": f"checkpoint ({ckpt['algo']})"}
     if args.opt:
@@ -1369,9 +1421,9 @@ PHASE_FORMAT = 2  # the layout of phase, online and final checkpoints (2: pi0 an
 PHASE_FIELDS: dict[str, tuple[str, ...]] = {
     "distilled": ("env", "dataset_id", "seed", "offline_algo", "checkpoint", "distill_steps", "distill_lr", "batch_size", "device"),
     "reevaluated": ("no_reevaluate", "reevaluate_steps", "reevaluate_tau", "reevaluate_tol", "critic_init", "gamma", "tau", "critic_lr",
-                    "policy_noise", "noise_clip"),
+                    "policy_noise", "noise_clip", "critic_layer_norm"),
     "aligned": ("no_align", "align_steps", "align_beta", "align_max_distance", "actor_lr", "align_actor"),
-    "opt_pretrained": ("opt", "gamma", "tau", "critic_lr", "policy_noise", "noise_clip", "opt_collect_steps", "opt_pretrain_steps",
+    "opt_pretrained": ("opt", "gamma", "tau", "critic_lr", "policy_noise", "noise_clip", "critic_layer_norm", "opt_collect_steps", "opt_pretrain_steps",
                        "opt_inner_lr", "explore_noise", "eval_every", "buffer_mode", "part_trajectories", "opt_balanced_replay"),
 }
 # fields a resumed online phase may change: the budget, when to stop, logging and checkpoint cadence, the speed flags,
@@ -1501,6 +1553,7 @@ class Run:
             env=a.env, data=self.data, seed=a.seed, offline_algo=self.ckpt["algo"], offline_checkpoint=self.ckpt_path, curve=self.curve,
             online_start_score=start, online_steps=a.online_steps, online_steps_done=self.loop["global_step"], budget_scale=a.budget_scale,
             wall_clock_s={k: v["wall_clock_s"] for k, v in self.phases.items()}, finished=finished, run_dir=self.out,
+            evaluation_s=self.evaluator.seconds,
             offline_actor_family=self.ckpt["actor_family"], distillation=self.distillation, reevaluation=self.reevaluation,
             phases=self.phases, resolved_defaults=self.defaults, reward_handling=self.rewards, effective_budgets=effective_budgets(a),
             diagnostics=self.diagnostics)
@@ -2454,10 +2507,12 @@ class Evaluator:
         self.device = device
         space = self.envs[0].action_space
         self.low, self.high = space.low, space.high
+        self.seconds = 0.0  # wall-clock of every evaluation so far (results.json: evaluation_s, evaluation_share)
 
     @torch.no_grad()
     def __call__(self, act: Callable[[Tensor], Tensor]) -> np.ndarray:
         """Undiscounted returns of one episode per environment; `act` maps normalised observations to actions."""
+        t0 = time.time()
         obs = np.stack([env.reset(seed=self.seed + i)[0] for i, env in enumerate(self.envs)])
         returns = np.zeros(len(self.envs))
         alive = list(range(len(self.envs)))
@@ -2469,6 +2524,7 @@ class Evaluator:
                 returns[j] += r
                 if term or trunc:
                     alive.remove(j)
+        self.seconds += time.time() - t0
         return returns
 
     def close(self) -> None:
@@ -2752,15 +2808,20 @@ def curve_summary(curve: list[dict], online_start_score: float, online_steps: in
 
 def results_record(*, script: str, algo: str, method: str, mode: dict, env: str, data: dict, seed: int, offline_algo: str,
                    offline_checkpoint: Path, curve: list[dict], online_start_score: float, online_steps: int, online_steps_done: int,
-                   budget_scale: float, wall_clock_s: dict, finished: bool, run_dir: Path, **extra: Any) -> dict:
-    """The common part of every o2o script's results.json, then the script's own entries (`extra`)."""
+                   budget_scale: float, wall_clock_s: dict, finished: bool, run_dir: Path, evaluation_s: float, **extra: Any) -> dict:
+    """The common part of every o2o script's results.json, then the script's own entries (`extra`). evaluation_s: the
+    wall-clock of the run's evaluations (Evaluator.seconds, carried across a resume), a part of the phases' wall-clock;
+    evaluation_share = evaluation_s / the total (None before any phase has ended; while a phase runs, its evaluations
+    count before its wall-clock does, so read the share of a finished run)."""
     wall = {k: float(v) for k, v in wall_clock_s.items() if k != "total"}
+    total = sum(wall.values())
     return {"schema_version": RESULTS_SCHEMA_VERSION, "script": script, "algo": algo, "method": method, "mode": mode, "env": env,
             "dataset_ids": list(data["dataset_ids"]), "local_standin": bool(data["local_standin"]), "seed": seed,
             "offline_algo": offline_algo, "offline_checkpoint": str(offline_checkpoint),
             **curve_summary(curve, online_start_score, online_steps), "online_steps": online_steps,
             "online_steps_done": online_steps_done, "budget_scale": budget_scale, "curve": curve,
-            "wall_clock_s": {**wall, "total": sum(wall.values())}, "finished": finished, "versions": software_versions(),
+            "wall_clock_s": {**wall, "total": total}, "evaluation_s": float(evaluation_s),
+            "evaluation_share": float(evaluation_s) / total if total > 0 else None, "finished": finished, "versions": software_versions(),
             "git_commit": git_commit(), "run_dir": str(run_dir), **extra}
 
 

@@ -141,7 +141,7 @@ RESULTS_KEYS = {
     "seed": int, "offline_algo": str, "offline_checkpoint": str, "offline_score": float, "distilled_score": (float, type(None)),
     "aligned_score": (float, type(None)), "online_start_score": float, "min_first_tenth": float, "final_score": (float, type(None)),
     "best_score": float, "evals_in_first_tenth": int, "online_steps": int, "online_steps_done": int, "budget_scale": float, "curve": list,
-    "wall_clock_s": dict, "finished": bool, "versions": dict, "git_commit": (str, type(None)), "run_dir": str,
+    "wall_clock_s": dict, "evaluation_s": float, "evaluation_share": (float, type(None)), "finished": bool, "versions": dict, "git_commit": (str, type(None)), "run_dir": str,
 }
 
 

@@ -274,10 +274,11 @@ def test_update_reference_copies_only_on_a_new_best():
 def test_family_defaults_table_and_overrides():
     fd = lambda *a: ppo.family_defaults(tyro.cli(ppo.Args, args=list(a)))  # noqa: E731
     assert fd("--env", "hopper-medium-v2") == {"family_row": "medium", "family_env": "hopper", "update_epochs": 10, "constraint_horizon": 250_000,
-                                               "log_std_max": None, "reward_scaling": "none"}
+                                               "log_std_max": None, "reward_scaling": "none", "eval_episodes": 10}
     cap = math.log(0.05)
     assert fd("--env", "hopper-medium-expert-v2") == {"family_row": "medium-expert", "family_env": "hopper", "update_epochs": 5,
-                                                      "constraint_horizon": 500_000, "log_std_max": cap, "reward_scaling": "none"}
+                                                      "constraint_horizon": 500_000, "log_std_max": cap, "reward_scaling": "none",
+                                                      "eval_episodes": 10}
     assert fd("--env", "hopper-expert-v2")["log_std_max"] == cap and fd("--env", "walker2d-expert-v2")["log_std_max"] is None
     assert fd("--env", "walker2d-expert-v2")["update_epochs"] == 10
     assert fd("--env", "hopper-expert-v2", "--update-epochs", "7", "--constraint-horizon", "1000")["update_epochs"] == 7

@@ -69,10 +69,11 @@ def test_results_record_common_part(tmp_path):
     r = o2o.results_record(script="o2o_sac", algo="sac", method="ocr-cft", mode={"x": 1}, env="hopper-medium-v2", data=data, seed=3,
                            offline_algo="iql", offline_checkpoint=tmp_path / "c.pt", curve=curve, online_start_score=50.0, online_steps=50,
                            online_steps_done=50, budget_scale=0.5, wall_clock_s={"reevaluate": 1.5, "online": 2.0}, finished=True,
-                           run_dir=tmp_path, extra_entry=7)
+                           run_dir=tmp_path, evaluation_s=0.7, extra_entry=7)
     assert r["schema_version"] == 1 and r["dataset_ids"] == ["local/hopper/medium-v0"] and r["min_first_tenth"] == 40.0
     assert r["final_score"] == 70.0 and r["wall_clock_s"] == {"reevaluate": 1.5, "online": 2.0, "total": 3.5} and r["extra_entry"] == 7
     assert r["offline_checkpoint"] == str(tmp_path / "c.pt") and r["seed"] == 3 and r["finished"]
+    assert r["evaluation_s"] == 0.7 and r["evaluation_share"] == pytest.approx(0.2)  # a part of the total, not a phase of it
 
 
 def test_provenance(tmp_path):
