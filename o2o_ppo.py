@@ -384,12 +384,11 @@ def linear_lr(lr0: float, iteration: int, num_iterations: int) -> float:
     return lr0 * (1.0 - iteration / num_iterations)
 
 
-def early_eval_steps(total_steps: int, rollout_size: int, k: int) -> list[int]:
-    """Env steps (rollout ends) of the --early-evals extra evaluations: for each mark total/10 * j/k, j = 1..k, the last
-    rollout end at or before it; marks before the first rollout's end are dropped, marks inside one rollout share one
-    evaluation. All of them lie inside the first tenth, so a rollout no longer than total/10/k gives k of them."""
-    ends = {(total_steps * j) // (10 * k) // rollout_size * rollout_size for j in range(1, k + 1)} if k > 0 else set()
-    return sorted(e for e in ends if e > 0)
+def early_rollout_ends(total_steps: int, rollout_size: int, k: int) -> list[int]:
+    """Env steps (rollout ends) of the --early-evals extra evaluations: each of the marks `early_eval_steps` puts in the
+    first tenth, moved back to the last rollout end at or before it; marks before the first rollout's end are dropped,
+    marks inside one rollout share one evaluation. A rollout no longer than total/10/k gives k of them."""
+    return sorted({s // rollout_size * rollout_size for s in early_eval_steps(total_steps, k)} - {0})
 
 
 def normalize_advantages(advantages: Tensor, eps: float = 1e-5) -> Tensor:
@@ -737,7 +736,7 @@ def run_online(run: Run, pi0: GaussianActor | None, vf: Critic | None, resume: d
     metrics = Metrics(run.writer)
     next_log = (global_step // args.log_every + 1) * args.log_every
     next_eval = (global_step // args.eval_every + 1) * args.eval_every
-    early = early_eval_steps(num_iterations * args.rollout_size, args.rollout_size, args.early_evals)  # extra evaluations in the first tenth
+    early = early_rollout_ends(num_iterations * args.rollout_size, args.rollout_size, args.early_evals)  # extra evaluations in the first tenth
     next_ckpt = (global_step // args.checkpoint_every + 1) * args.checkpoint_every
     bar = tqdm(total=num_iterations * args.rollout_size, initial=global_step, desc=f"o2o_ppo {run.mode}", disable=None)
     sps_t0, sps_step0 = time.time(), global_step
@@ -974,23 +973,6 @@ def validate(args: Args) -> None:
         parse_family(args.family)
 
 
-def resolve_checkpoint(args: Args) -> Path:
-    """--checkpoint, else the convention runs/offline/<algo>/<env>/seed<k>/checkpoint.pt; exit 2 naming the command that
-    trains it when it does not exist."""
-    if args.checkpoint is not None:
-        ckpt_path = Path(args.checkpoint)
-        if not ckpt_path.is_file():
-            fail(f"--checkpoint {ckpt_path} does not exist; pass the path of a checkpoint written by offline_pretrain.py")
-        return ckpt_path
-    env_key = args.env if args.dataset_id is None else args.dataset_id.replace("/", "_")
-    ckpt_path = Path(args.run_dir) / "offline" / args.offline_algo / env_key / f"seed{args.seed}" / "checkpoint.pt"
-    if not ckpt_path.is_file():
-        data_flag = f"--dataset-id {args.dataset_id}" if args.dataset_id is not None else f"--env {args.env}"
-        fail(f"no offline checkpoint at {ckpt_path}; train one with: python offline_pretrain.py --algo {args.offline_algo} "
-             f"{data_flag} --seed {args.seed}" + (f" --run-dir {args.run_dir}" if args.run_dir != "runs" else "") + " (or pass --checkpoint PATH)")
-    return ckpt_path
-
-
 def dataset_states(data: dict, ckpt: dict, device: torch.device) -> Tensor:
     """The dataset's states, normalised with the checkpoint's statistics, on the device (exit 2 when they do not fit)."""
     try:
@@ -1008,20 +990,6 @@ def check_memory(args: Args, data: dict, device: torch.device) -> None:
     check_allocations([(args.rollout_size, row, f"a rollout of --rollout-size {args.rollout_size}", "lower it")]
                       + [(getattr(args, f), row, f"a batch of --{f.replace('_', '-')} {getattr(args, f)}", "lower it")
                          for f in ("minibatch_size", "distill_batch_size", "reevaluate_batch_size")], device)
-
-
-def prepare_run_folder(out: Path, args: Args) -> None:
-    """--overwrite: an earlier run's outputs deleted; the folder created; --no-resume: a stale online state deleted (a
-    later run must not resume it either)."""
-    if args.overwrite:
-        clear_run_folder(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"--run-dir: cannot create {out} ({e.strerror}); pass a folder you can write to")
-    if args.no_resume:
-        for name in ("online.pt", "final.pt", "results.json"):
-            (out / name).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- the run folder (the same rules in o2o_sac.py, o2o_td3.py, o2o_ppo.py)
@@ -1165,7 +1133,7 @@ class Run:
             budget={"given": {k: getattr(self.given, k) for k in BUDGET_STEPS},  # constraint_horizon None: the family table's
                     "effective": {k: getattr(args, k) for k in BUDGET_STEPS}},
             diagnostics={**{k: self.diagnostics.get(k) for k in ("states", "start", "reevaluated", "end")},
-                         "early_evals": {"requested": args.early_evals, "steps": early_eval_steps(total_steps, args.rollout_size, args.early_evals)},
+                         "early_evals": {"requested": args.early_evals, "steps": early_rollout_ends(total_steps, args.rollout_size, args.early_evals)},
                          "evaluations": self.diagnostics["evaluations"]})
 
     def close(self) -> None:
@@ -2098,6 +2066,40 @@ def check_allocations(buffers: Sequence[tuple[int, int, str, str]], device: torc
                 raise
             fail(f"{what} cannot be allocated on {device}; {fix}")
     del held
+
+
+def resolve_checkpoint(args: Any) -> Path:
+    """--checkpoint, else the convention <run-dir>/offline/<algo>/<env or dataset id>/seed<k>/checkpoint.pt; exit 2 naming
+    the command that trains it when it does not exist."""
+    if args.checkpoint is not None:
+        path = Path(args.checkpoint)
+        if not path.is_file():
+            fail(f"--checkpoint {path} does not exist; pass the checkpoint.pt written by offline_pretrain.py")
+        return path
+    env_key = args.env if args.dataset_id is None else args.dataset_id.replace("/", "_")
+    path = Path(args.run_dir) / "offline" / args.offline_algo / env_key / f"seed{args.seed}" / "checkpoint.pt"
+    if not path.is_file():
+        cmd = f"python offline_pretrain.py --algo {args.offline_algo} --env {args.env} --seed {args.seed}"
+        if args.dataset_id is not None:
+            cmd += f" --dataset-id {args.dataset_id}"
+        if args.run_dir != "runs":
+            cmd += f" --run-dir {args.run_dir}"
+        fail(f"no offline checkpoint at {path}; train one with: {cmd} (or pass --checkpoint PATH)")
+    return path
+
+
+def prepare_run_folder(out: Path, args: Any) -> None:
+    """--overwrite: an earlier run's outputs deleted; the folder created; --no-resume: a stale online state deleted (a
+    later run must not resume it either)."""
+    if args.overwrite:
+        clear_run_folder(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--run-dir: cannot create {out} ({e.strerror}); pass a folder you can write to")
+    if args.no_resume:
+        for name in ("online.pt", "final.pt", "results.json"):
+            (out / name).unlink(missing_ok=True)
 # --- end shared: runfolder ---
 
 
@@ -2312,6 +2314,12 @@ def results_record(*, script: str, algo: str, method: str, mode: dict, env: str,
 # online learning; OPT's pre-training and fine-tuning at the end of its collection; PORL's fine-tuning at the end of its
 # pre-sample stage. A resumed online phase logs nothing again.
 PHASE_IDS = {"offline": 0, "distill": 1, "reevaluate": 2, "align": 3, "opt_collect": 4, "opt_pretrain": 5, "pre_sample": 6, "online": 7}
+
+
+def early_eval_steps(online_steps: int, n: int) -> list[int]:
+    """The extra evaluations inside the first tenth of the online phase: floor(online_steps / 10 * k / n), k = 1..n,
+    at least step 1, without repeats (fewer than n when the first tenth has fewer than n env steps)."""
+    return sorted({max(1, online_steps * k // (10 * n)) for k in range(1, n + 1)})
 
 
 def log_phase(writer: SummaryWriter, phase: str, env_step: int) -> None:

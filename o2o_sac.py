@@ -373,12 +373,6 @@ def sac_alpha_loss(log_alpha: Tensor, logp: Tensor, target_entropy: float) -> Te
     return -(log_alpha * (logp.detach() + target_entropy)).mean()
 
 
-def early_eval_steps(online_steps: int, n: int) -> list[int]:
-    """The extra evaluations inside the first tenth of the online phase: floor(online_steps / 10 * k / n), k = 1..n,
-    at least step 1, without repeats (fewer than n when the first tenth has fewer than n env steps)."""
-    return sorted({max(1, online_steps * k // (10 * n)) for k in range(1, n + 1)})
-
-
 def reference_update_due(reference: str, score: float, best: float, scheduled: bool, n_scheduled: int, interval: int) -> bool:
     """Whether an online evaluation copies pi into pi_ref (the reference update; docs/algorithms.md, section 3.5). best:
     the score beats the best so far, at any
@@ -1117,24 +1111,6 @@ def default_run_name(args: Args, buffer_mode: str) -> str:
 
 
 # ---------------------------------------------------------------- inputs: offline checkpoint, critics, replay memory
-def resolve_checkpoint(args: Args) -> Path:
-    if args.checkpoint is not None:
-        path = Path(args.checkpoint)
-        if not path.is_file():
-            fail(f"--checkpoint {path} does not exist; pass the checkpoint.pt written by offline_pretrain.py")
-        return path
-    env_key = args.env if args.dataset_id is None else args.dataset_id.replace("/", "_")
-    path = Path(args.run_dir) / "offline" / args.offline_algo / env_key / f"seed{args.seed}" / "checkpoint.pt"
-    if not path.is_file():
-        cmd = f"python offline_pretrain.py --algo {args.offline_algo} --env {args.env} --seed {args.seed}"
-        if args.dataset_id is not None:
-            cmd += f" --dataset-id {args.dataset_id}"
-        if args.run_dir != "runs":
-            cmd += f" --run-dir {args.run_dir}"
-        fail(f"no offline checkpoint at {path}; train one with: {cmd} (or pass --checkpoint PATH)")
-    return path
-
-
 def critic_source(args: Args, ckpt: dict, ckpt_path: Path, obs_dim: int, act_dim: int) -> dict:
     """Where the critics come from. --no-reevaluate keeps the checkpoint's critic when it has one, with its target
     critics and its reward scale (keeping the critic means keeping the rewards it learned on); otherwise new LayerNorm
@@ -1198,20 +1174,6 @@ def offline_buffer(args: Args, data: dict, obs_stats: tuple[np.ndarray, np.ndarr
          "lower --online-steps" + (" or use --buffer-mode half" if n_pre else "")),
         (args.batch_size, row, f"a batch of --batch-size {args.batch_size}", "lower it")], device)
     return rb_offline
-
-
-def prepare_run_folder(out: Path, args: Args) -> None:
-    """--overwrite: an earlier run's outputs deleted; the folder created; --no-resume: a stale online state deleted (a
-    later run must not resume it either)."""
-    if args.overwrite:
-        clear_run_folder(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"--run-dir: cannot create {out} ({e.strerror}); pass a folder you can write to")
-    if args.no_resume:
-        for name in ("online.pt", "final.pt", "results.json"):
-            (out / name).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- phase keys and checkpoints
@@ -2310,6 +2272,40 @@ def check_allocations(buffers: Sequence[tuple[int, int, str, str]], device: torc
                 raise
             fail(f"{what} cannot be allocated on {device}; {fix}")
     del held
+
+
+def resolve_checkpoint(args: Any) -> Path:
+    """--checkpoint, else the convention <run-dir>/offline/<algo>/<env or dataset id>/seed<k>/checkpoint.pt; exit 2 naming
+    the command that trains it when it does not exist."""
+    if args.checkpoint is not None:
+        path = Path(args.checkpoint)
+        if not path.is_file():
+            fail(f"--checkpoint {path} does not exist; pass the checkpoint.pt written by offline_pretrain.py")
+        return path
+    env_key = args.env if args.dataset_id is None else args.dataset_id.replace("/", "_")
+    path = Path(args.run_dir) / "offline" / args.offline_algo / env_key / f"seed{args.seed}" / "checkpoint.pt"
+    if not path.is_file():
+        cmd = f"python offline_pretrain.py --algo {args.offline_algo} --env {args.env} --seed {args.seed}"
+        if args.dataset_id is not None:
+            cmd += f" --dataset-id {args.dataset_id}"
+        if args.run_dir != "runs":
+            cmd += f" --run-dir {args.run_dir}"
+        fail(f"no offline checkpoint at {path}; train one with: {cmd} (or pass --checkpoint PATH)")
+    return path
+
+
+def prepare_run_folder(out: Path, args: Any) -> None:
+    """--overwrite: an earlier run's outputs deleted; the folder created; --no-resume: a stale online state deleted (a
+    later run must not resume it either)."""
+    if args.overwrite:
+        clear_run_folder(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--run-dir: cannot create {out} ({e.strerror}); pass a folder you can write to")
+    if args.no_resume:
+        for name in ("online.pt", "final.pt", "results.json"):
+            (out / name).unlink(missing_ok=True)
 # --- end shared: runfolder ---
 
 
@@ -2473,6 +2469,12 @@ def results_record(*, script: str, algo: str, method: str, mode: dict, env: str,
 # online learning; OPT's pre-training and fine-tuning at the end of its collection; PORL's fine-tuning at the end of its
 # pre-sample stage. A resumed online phase logs nothing again.
 PHASE_IDS = {"offline": 0, "distill": 1, "reevaluate": 2, "align": 3, "opt_collect": 4, "opt_pretrain": 5, "pre_sample": 6, "online": 7}
+
+
+def early_eval_steps(online_steps: int, n: int) -> list[int]:
+    """The extra evaluations inside the first tenth of the online phase: floor(online_steps / 10 * k / n), k = 1..n,
+    at least step 1, without repeats (fewer than n when the first tenth has fewer than n env steps)."""
+    return sorted({max(1, online_steps * k // (10 * n)) for k in range(1, n + 1)})
 
 
 def log_phase(writer: SummaryWriter, phase: str, env_step: int) -> None:

@@ -443,11 +443,6 @@ def distillation_loss(pred: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(pred, target)
 
 
-def early_eval_steps(start: int, span: int, k: int) -> list[int]:
-    """--early-evals: start + max(1, floor(span / 10 * j / k)) for j = 1..k, without duplicates (an empty list for k = 0)."""
-    return sorted({start + max(1, math.floor(span / 10 * j / k)) for j in range(1, k + 1)})
-
-
 # ---------------------------------------------------------------- diagnostics at the phase boundaries (each has a unit test)
 def q_stats(q: Tensor) -> dict[str, float]:
     """Mean and (population) std over the states of the min-over-critics Q; q is (n, B)."""
@@ -921,7 +916,7 @@ def run_online(run: Run, nets: O2TD3Nets, rb_offline: ReplayBuffer) -> bool:
                                   global_step)
 
     ok = online_loop(run, nets, nets.actor_ref, rb_online, runner, update, "online", d["explore_noise"], a.utd, a.learning_starts,
-                     after_step, early_eval_steps(0, a.online_steps, a.early_evals))
+                     after_step, early_eval_steps(a.online_steps, a.early_evals))
     runner.close()
     run.phase_done("online", t0, False)
     return ok
@@ -999,7 +994,7 @@ def run_opt(run: Run, nets: OPTNets, rb_offline: ReplayBuffer) -> bool:
             run.writer.add_scalar("charts/kappa", kappa_schedule(global_step, d["kappa_start"], d["kappa_end"], a.kappa_begin, a.kappa_finish),
                                   global_step)
 
-    early = early_eval_steps(a.opt_collect_steps, a.online_steps - a.opt_collect_steps, a.early_evals)  # from the first update on
+    early = [a.opt_collect_steps + s for s in early_eval_steps(a.online_steps - a.opt_collect_steps, a.early_evals)]  # from the first update on
     ok = online_loop(run, nets, None, rb_online, runner, update, "online", d["explore_noise"], a.opt_utd, 0, after_step, early)
     runner.close()
     run.phase_done("online", t0, False)
@@ -1343,22 +1338,6 @@ def run_folder(args: Args) -> Path:
             / (args.run_name or f"{mode_name(args)}__{args.offline_algo}__seed{args.seed}"))
 
 
-def resolve_checkpoint(args: Args) -> Path:
-    """--checkpoint, else the convention runs/offline/<algo>/<env>/seed<k>/checkpoint.pt; exit 2 naming the command that
-    trains it when it does not exist."""
-    if args.checkpoint is not None:
-        ckpt_path = Path(args.checkpoint)
-        if not ckpt_path.is_file():
-            fail(f"--checkpoint {ckpt_path} does not exist; pass the path of a checkpoint.pt written by offline_pretrain.py")
-        return ckpt_path
-    ckpt_path = Path(args.run_dir) / "offline" / args.offline_algo / env_name(args).replace("/", "_") / f"seed{args.seed}" / "checkpoint.pt"
-    if not ckpt_path.is_file():
-        ds = (f" --dataset-id {args.dataset_id}" if args.dataset_id else "") + (f" --run-dir {args.run_dir}" if args.run_dir != "runs" else "")
-        fail(f"no offline checkpoint at {ckpt_path}; train it with: python offline_pretrain.py --algo {args.offline_algo} --env {args.env}{ds} --seed {args.seed}"
-             f" (or pass --checkpoint PATH)")
-    return ckpt_path
-
-
 def offline_buffer(args: Args, data: dict, ckpt: dict, rewards: dict, device: torch.device) -> ReplayBuffer:
     """The offline data on the device, normalised with the checkpoint's statistics, rewards through the transform the
     buffers store (OPT: raw; Q_off's transform is applied in its update); then the online replay (OnlineReplay: with
@@ -1380,20 +1359,6 @@ def offline_buffer(args: Args, data: dict, ckpt: dict, rewards: dict, device: to
     check_allocations([(capacity, row, buffer, lower), *priorities, (args.batch_size, row, f"a batch of --batch-size {args.batch_size}", "lower it")],
                       device)
     return rb_offline
-
-
-def prepare_run_folder(out: Path, args: Args) -> None:
-    """--overwrite: an earlier run's outputs deleted; the folder created; --no-resume: a stale online state deleted (a
-    later run must not resume it either)."""
-    if args.overwrite:
-        clear_run_folder(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"--run-dir: cannot create {out} ({e.strerror}); pass a folder you can write to")
-    if args.no_resume:
-        for name in ("online.pt", "final.pt", "results.json"):
-            (out / name).unlink(missing_ok=True)
 
 
 def critic_config_of(qf: Critic) -> dict:
@@ -2695,6 +2660,40 @@ def check_allocations(buffers: Sequence[tuple[int, int, str, str]], device: torc
                 raise
             fail(f"{what} cannot be allocated on {device}; {fix}")
     del held
+
+
+def resolve_checkpoint(args: Any) -> Path:
+    """--checkpoint, else the convention <run-dir>/offline/<algo>/<env or dataset id>/seed<k>/checkpoint.pt; exit 2 naming
+    the command that trains it when it does not exist."""
+    if args.checkpoint is not None:
+        path = Path(args.checkpoint)
+        if not path.is_file():
+            fail(f"--checkpoint {path} does not exist; pass the checkpoint.pt written by offline_pretrain.py")
+        return path
+    env_key = args.env if args.dataset_id is None else args.dataset_id.replace("/", "_")
+    path = Path(args.run_dir) / "offline" / args.offline_algo / env_key / f"seed{args.seed}" / "checkpoint.pt"
+    if not path.is_file():
+        cmd = f"python offline_pretrain.py --algo {args.offline_algo} --env {args.env} --seed {args.seed}"
+        if args.dataset_id is not None:
+            cmd += f" --dataset-id {args.dataset_id}"
+        if args.run_dir != "runs":
+            cmd += f" --run-dir {args.run_dir}"
+        fail(f"no offline checkpoint at {path}; train one with: {cmd} (or pass --checkpoint PATH)")
+    return path
+
+
+def prepare_run_folder(out: Path, args: Any) -> None:
+    """--overwrite: an earlier run's outputs deleted; the folder created; --no-resume: a stale online state deleted (a
+    later run must not resume it either)."""
+    if args.overwrite:
+        clear_run_folder(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"--run-dir: cannot create {out} ({e.strerror}); pass a folder you can write to")
+    if args.no_resume:
+        for name in ("online.pt", "final.pt", "results.json"):
+            (out / name).unlink(missing_ok=True)
 # --- end shared: runfolder ---
 
 
@@ -2830,6 +2829,12 @@ def results_record(*, script: str, algo: str, method: str, mode: dict, env: str,
 # online learning; OPT's pre-training and fine-tuning at the end of its collection; PORL's fine-tuning at the end of its
 # pre-sample stage. A resumed online phase logs nothing again.
 PHASE_IDS = {"offline": 0, "distill": 1, "reevaluate": 2, "align": 3, "opt_collect": 4, "opt_pretrain": 5, "pre_sample": 6, "online": 7}
+
+
+def early_eval_steps(online_steps: int, n: int) -> list[int]:
+    """The extra evaluations inside the first tenth of the online phase: floor(online_steps / 10 * k / n), k = 1..n,
+    at least step 1, without repeats (fewer than n when the first tenth has fewer than n env steps)."""
+    return sorted({max(1, online_steps * k // (10 * n)) for k in range(1, n + 1)})
 
 
 def log_phase(writer: SummaryWriter, phase: str, env_step: int) -> None:

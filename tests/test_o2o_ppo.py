@@ -294,13 +294,13 @@ def test_family_defaults_table_and_overrides():
     assert ppo.Args().eval_every == 2500  # the reference policy moves at evaluations: the official 2500 steps
 
 
-def test_early_eval_steps_hand_checked():
+def test_early_rollout_ends_hand_checked():
     # the paper's budget: 122 rollouts of 2048; marks 249856 * j / 50 = 4997.12, 9994.24, ... fall back to rollout ends
-    assert ppo.early_eval_steps(249_856, 2048, 5) == [4096, 8192, 14336, 18432, 24576]  # all <= 24985.6: inside the tenth
-    assert ppo.early_eval_steps(1280, 64, 2) == [64, 128]  # marks 64 and 128 are rollout ends
-    assert ppo.early_eval_steps(1280, 64, 4) == [64, 128]  # marks 32 (before the first end), 64, 96 (shares 64's), 128
-    assert ppo.early_eval_steps(256, 64, 5) == []  # one rollout is longer than the first tenth (25.6 steps)
-    assert ppo.early_eval_steps(1280, 64, 0) == []  # --early-evals 0
+    assert ppo.early_rollout_ends(249_856, 2048, 5) == [4096, 8192, 14336, 18432, 24576]  # all <= 24985.6: inside the tenth
+    assert ppo.early_rollout_ends(1280, 64, 2) == [64, 128]  # marks 64 and 128 are rollout ends
+    assert ppo.early_rollout_ends(1280, 64, 4) == [64, 128]  # marks 32 (before the first end), 64, 96 (shares 64's), 128
+    assert ppo.early_rollout_ends(256, 64, 5) == []  # one rollout is longer than the first tenth (25.6 steps)
+    assert ppo.early_rollout_ends(1280, 64, 0) == []  # --early-evals 0
 
 
 def test_value_stats_and_actor_stats_hand_checked():

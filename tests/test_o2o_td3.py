@@ -189,10 +189,10 @@ def test_density_ratio_loss_and_balanced_priority():
 
 
 def test_early_eval_steps():
-    assert td3.early_eval_steps(0, 100, 5) == [2, 4, 6, 8, 10]  # floor(100 / 10 * k / 5)
-    assert td3.early_eval_steps(0, 40, 5) == [1, 2, 3, 4]  # floor(0.8) -> at least 1; floor(1.6) = 1 counted once
-    assert td3.early_eval_steps(25, 100, 2) == [30, 35]  # OPT: counted from the end of the collection
-    assert td3.early_eval_steps(0, 100_000, 0) == []
+    assert td3.early_eval_steps(100, 5) == [2, 4, 6, 8, 10]  # floor(100 / 10 * k / 5)
+    assert td3.early_eval_steps(40, 5) == [1, 2, 3, 4]  # floor(0.8) -> at least 1; floor(1.6) = 1 counted once
+    assert [25 + s for s in td3.early_eval_steps(100, 2)] == [30, 35]  # OPT: counted from the end of the collection
+    assert td3.early_eval_steps(100_000, 0) == []
 
 
 def test_fqe_gap_extrapolates_a_geometric_approach():
@@ -1274,7 +1274,7 @@ def test_missing_checkpoint_names_the_command(tmp_path, tiny_dataset, capsys):
     with pytest.raises(SystemExit) as e:
         td3.main(tyro.cli(td3.Args, args=[*TINY, "--run-dir", str(tmp_path), "--seed", "3"]))
     assert e.value.code == 2
-    assert f"python offline_pretrain.py --algo td3_bc --env hopper-medium-v2 --run-dir {tmp_path} --seed 3" in capsys.readouterr().err
+    assert f"python offline_pretrain.py --algo td3_bc --env hopper-medium-v2 --seed 3 --run-dir {tmp_path}" in capsys.readouterr().err
 
 
 def test_bad_checkpoints_exit_2(tmp_path, offline_checkpoints, capsys):
