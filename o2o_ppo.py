@@ -81,8 +81,8 @@ class Args:
     device: str = "auto"
     """auto (CUDA when present), cpu or cuda"""
     family: str | None = None
-    """dataset family `<env>-<level>` (e.g. hopper-medium-expert) whose PPO_FAMILY_DEFAULTS row and environment entry
-    apply; default: the one of --env (a --dataset-id run: the "other" row, any environment)"""
+    """dataset family `<env>-<level>` (e.g. hopper-medium-expert, antmaze-umaze) whose PPO_FAMILY_DEFAULTS row and environment entry apply; default:
+    the one --env names (a --dataset-id run whose --env names no D4RL dataset must pass it)"""
     budget_scale: float = 1.0
     """multiplies every step count given or defaulted: --distill-steps, --reevaluate-steps, --online-steps,
     --constraint-horizon (the family table's too), --eval-every, --log-every, --checkpoint-every, each rounded to an
@@ -200,7 +200,7 @@ class Args:
 # --constraint-horizon, --log-std-max and --reward-scaling override. Rows: level -> constraint_horizon (T_end), and per
 # environment ("*" = any other): PPO epochs,
 # the log-std cap of actor and reference (None = none) and the reward handling of V (see --reward-scaling).
-# A --dataset-id run without --family uses the "other" row; every AntMaze maze the "antmaze" row (the official AntMaze
+# The row is the level --family or --env names (dataset_family); every AntMaze maze takes the "antmaze" row (the official AntMaze
 # configs: raw 0/1 rewards, 100 evaluation episodes, 250k steps as every family: --online-steps' default).
 RAW_EXCEPT_HALFCHEETAH = {"halfcheetah": "return-std", "*": "none"}  # official: raw rewards, "dynamic" scaling for halfcheetah
 HOPPER_STD_CAP = {"hopper": math.log(0.05), "*": None}
@@ -215,7 +215,6 @@ PPO_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
                           eval_episodes=10),
     "expert": dict(constraint_horizon=500_000, update_epochs={"hopper": 5, "*": 10}, log_std_max=HOPPER_STD_CAP, reward_scaling=RAW_EXCEPT_HALFCHEETAH,
                    eval_episodes=10),
-    "other": dict(constraint_horizon=250_000, update_epochs={"*": 10}, log_std_max={"*": None}, reward_scaling={"*": "none"}, eval_episodes=10),
     "antmaze": dict(constraint_horizon=250_000, update_epochs={"*": 10}, log_std_max={"*": None}, reward_scaling={"*": "none"}, eval_episodes=100),
 }
 ACTOR_HIDDEN = (256, 256)  # the Gaussian actor a non-Gaussian offline actor is distilled into
@@ -225,14 +224,9 @@ DETERMINISTIC_LOG_STD = math.log(0.2)  # distilled std of a deterministic actor:
 
 def family_defaults(args: Args) -> dict[str, Any]:
     """update_epochs, constraint_horizon, log_std_max, the reward handling and eval_episodes: the explicit flag, else the
-    PPO_FAMILY_DEFAULTS row of the dataset's level (--family, else --env; a --dataset-id run: the "other" row; any
+    PPO_FAMILY_DEFAULTS row of the dataset's level (dataset_family: --family, else --env; any
     AntMaze maze: the "antmaze" row), entry of its environment."""
-    if args.family is not None:
-        env, level = parse_family(args.family)
-    elif args.dataset_id is None:
-        env, level = parse_env_name(args.env)
-    else:
-        env, level = "*", "other"
+    env, level = dataset_family(args.env, args.dataset_id, args.family)
     if env == "antmaze":
         level = "antmaze"
     row = PPO_FAMILY_DEFAULTS[level]
@@ -899,16 +893,6 @@ def mode_name(args: Args) -> str:
     return "no_reevaluate" if args.no_reevaluate else "no_constraint" if args.no_constraint else "o2ppo"
 
 
-def parse_family(name: str) -> tuple[str, str]:
-    """--family `hopper-medium-expert` (a version suffix such as -v2 is allowed) -> ("hopper", "medium-expert")."""
-    m = re.fullmatch(r"([a-z0-9]+)-(.+?)(?:-v\d+)?", name)
-    if m is not None and m.group(1) == "antmaze" and m.group(2) in ANTMAZE_DATASETS:
-        return "antmaze", m.group(2)
-    if m is None or m.group(1) not in D4RL_ENVS or m.group(2) not in D4RL_LEVELS:
-        fail(f"unknown --family {name!r}; use <env>-<level> with env in {', '.join(D4RL_ENVS)} and level in {', '.join(D4RL_LEVELS)}")
-    return m.group(1), m.group(2)
-
-
 BUDGET_STEPS = ("reevaluate_steps", "online_steps", "constraint_horizon", "eval_every", "log_every", "checkpoint_every")
 
 
@@ -970,7 +954,7 @@ def validate(args: Args) -> None:
     if args.dataset_id is None:
         parse_env_name(args.env)  # unknown names exit 2 listing the known ones
     if args.family is not None:
-        parse_family(args.family)
+        dataset_family(args.env, args.dataset_id, args.family)
 
 
 def dataset_states(data: dict, ckpt: dict, device: torch.device) -> Tensor:
@@ -2101,6 +2085,40 @@ def prepare_run_folder(out: Path, args: Any) -> None:
         for name in ("online.pt", "final.pt", "results.json"):
             (out / name).unlink(missing_ok=True)
 # --- end shared: runfolder ---
+
+
+# --- shared: family ---
+# Which row of a script's family table applies: the dataset family `<env>-<level>` of --family, else the D4RL-style
+# name --env gives (also for a --dataset-id run: --env, or --family, says which official configuration to follow).
+def dataset_family(env: str, dataset_id: str | None, family: str | None) -> tuple[str, str]:
+    """(environment, level), e.g. ("hopper", "medium-expert") or ("antmaze", "umaze-diverse"); a -vN suffix is allowed.
+    Exit 2 for an unknown --family, an unknown --env, or a --dataset-id run whose --env names no D4RL dataset (then
+    --family says which values apply)."""
+    name = family if family is not None else env
+    m = re.fullmatch(r"([a-z0-9]+)-(.+?)(?:-v\d+)?", name)
+    if m is not None and m.group(1) == "antmaze" and m.group(2) in ANTMAZE_DATASETS:
+        return "antmaze", m.group(2)
+    if m is not None and m.group(1) in D4RL_ENVS and m.group(2) in D4RL_LEVELS:
+        return m.group(1), m.group(2)
+    if family is not None:
+        fail(f"unknown --family {family!r}; use <env>-<level> with env in {', '.join(D4RL_ENVS)} and level in "
+             f"{', '.join(D4RL_LEVELS)}, or antmaze-<maze> with maze in {', '.join(ANTMAZE_DATASETS)}")
+    if dataset_id is None:
+        parse_env_name(env)  # exits 2 listing the known names
+    fail(f"--env {env!r} names no D4RL dataset, so the per-family values for --dataset-id {dataset_id} are unknown; "
+         "pass --family <env>-<level> (e.g. hopper-medium) to choose them")
+
+
+def reward_affine(spec: str) -> tuple[float, float]:
+    """--reward `SCALE,SHIFT` -> (scale, shift); anything else exits 2."""
+    try:
+        scale, shift = (float(x) for x in spec.split(","))
+    except ValueError:
+        fail(f"--reward must be SCALE,SHIFT (two numbers, e.g. 10,-5 or 1,-1), got {spec!r}")
+    if not (math.isfinite(scale) and math.isfinite(shift) and scale != 0):
+        fail(f"--reward {spec!r}: SCALE must be a non-zero finite number and SHIFT finite")
+    return scale, shift
+# --- end shared: family ---
 
 
 # --- shared: phases ---

@@ -55,6 +55,9 @@ class Args:
     """D4RL-style dataset name (resolved to a Minari dataset); its level picks the per-family defaults"""
     dataset_id: str | None = None
     """any Minari dataset id; overrides the name resolution of --env"""
+    family: str | None = None
+    """dataset family `<env>-<level>` (e.g. hopper-medium-expert, antmaze-umaze) whose per-family values apply; default:
+    the one --env names (a --dataset-id run whose --env names no D4RL dataset must pass it)"""
     no_download: bool = False
     """never try to download a hosted dataset"""
     seed: int = 0
@@ -279,18 +282,12 @@ FAMILY_FIELDS = ("n_critics", "critic_layers", "normalize_states", "reward", "al
                  "eval_episodes", "lambda_init")
 
 
-def family_row(args: Args) -> tuple[str, str | None, dict[str, Any]]:
-    """(family, level, row): the FAMILY_DEFAULTS rows of --env merged (family, level, "<env>-<level>"). A --dataset-id
-    run takes the level of --env if it names one (else None: the family's row only)."""
-    m = re.fullmatch(r"([a-z0-9]+)-(.+)-v\d+", args.env)
-    if args.dataset_id is None:
-        name, level = parse_env_name(args.env)  # unknown names exit 2 listing the known ones
-    elif m and (m.group(2) in D4RL_LEVELS or (m.group(1) == "antmaze" and m.group(2) in ANTMAZE_DATASETS)):
-        name, level = m.group(1), m.group(2)
-    else:
-        name, level = "", None
+def family_row(args: Args) -> tuple[str, str, dict[str, Any]]:
+    """(family, level, row): the FAMILY_DEFAULTS rows of the run's dataset family (dataset_family: --family, else
+    --env) merged: "mujoco" or "antmaze", then the level's (MuJoCo), then "<env>-<level>"."""
+    name, level = dataset_family(args.env, args.dataset_id, args.family)
     family = "antmaze" if name == "antmaze" else "mujoco"
-    level_row = FAMILY_DEFAULTS.get(level or "", {}) if family == "mujoco" else {}
+    level_row = FAMILY_DEFAULTS.get(level, {}) if family == "mujoco" else {}
     return family, level, {**FAMILY_DEFAULTS[family], **level_row, **FAMILY_DEFAULTS.get(f"{name}-{level}", {})}
 
 
@@ -322,18 +319,6 @@ def family_values(args: Args) -> dict[str, Any]:
     vals["actor_grad_clip"] = float(clip) if clip > 0 else None
     vals["reference_interval"] = args.reference_interval if args.reference_interval is not None else int(row.get("reference_interval", 1))
     return vals
-
-
-def reward_affine(spec: str) -> tuple[float, float]:
-    """--reward `SCALE,SHIFT` -> (scale, shift); anything else exits 2."""
-    parts = spec.split(",")
-    try:
-        scale, shift = (float(x) for x in parts)
-    except ValueError:
-        fail(f"--reward must be SCALE,SHIFT (two numbers, e.g. 10,-5), got {spec!r}")
-    if not (math.isfinite(scale) and math.isfinite(shift) and scale != 0):
-        fail(f"--reward {spec!r}: SCALE must be a non-zero finite number and SHIFT finite")
-    return scale, shift
 
 
 # ==================== ALGO LOGIC ====================
@@ -2480,6 +2465,40 @@ def early_eval_steps(online_steps: int, n: int) -> list[int]:
 def log_phase(writer: SummaryWriter, phase: str, env_step: int) -> None:
     writer.add_scalar("charts/phase", PHASE_IDS[phase], env_step)
 # --- end shared: results ---
+
+
+# --- shared: family ---
+# Which row of a script's family table applies: the dataset family `<env>-<level>` of --family, else the D4RL-style
+# name --env gives (also for a --dataset-id run: --env, or --family, says which official configuration to follow).
+def dataset_family(env: str, dataset_id: str | None, family: str | None) -> tuple[str, str]:
+    """(environment, level), e.g. ("hopper", "medium-expert") or ("antmaze", "umaze-diverse"); a -vN suffix is allowed.
+    Exit 2 for an unknown --family, an unknown --env, or a --dataset-id run whose --env names no D4RL dataset (then
+    --family says which values apply)."""
+    name = family if family is not None else env
+    m = re.fullmatch(r"([a-z0-9]+)-(.+?)(?:-v\d+)?", name)
+    if m is not None and m.group(1) == "antmaze" and m.group(2) in ANTMAZE_DATASETS:
+        return "antmaze", m.group(2)
+    if m is not None and m.group(1) in D4RL_ENVS and m.group(2) in D4RL_LEVELS:
+        return m.group(1), m.group(2)
+    if family is not None:
+        fail(f"unknown --family {family!r}; use <env>-<level> with env in {', '.join(D4RL_ENVS)} and level in "
+             f"{', '.join(D4RL_LEVELS)}, or antmaze-<maze> with maze in {', '.join(ANTMAZE_DATASETS)}")
+    if dataset_id is None:
+        parse_env_name(env)  # exits 2 listing the known names
+    fail(f"--env {env!r} names no D4RL dataset, so the per-family values for --dataset-id {dataset_id} are unknown; "
+         "pass --family <env>-<level> (e.g. hopper-medium) to choose them")
+
+
+def reward_affine(spec: str) -> tuple[float, float]:
+    """--reward `SCALE,SHIFT` -> (scale, shift); anything else exits 2."""
+    try:
+        scale, shift = (float(x) for x in spec.split(","))
+    except ValueError:
+        fail(f"--reward must be SCALE,SHIFT (two numbers, e.g. 10,-5 or 1,-1), got {spec!r}")
+    if not (math.isfinite(scale) and math.isfinite(shift) and scale != 0):
+        fail(f"--reward {spec!r}: SCALE must be a non-zero finite number and SHIFT finite")
+    return scale, shift
+# --- end shared: family ---
 
 
 # --- shared: phases ---

@@ -59,6 +59,9 @@ class Args:
     """D4RL-style dataset name (resolved to a Minari dataset); its level picks the defaults of FAMILY_DEFAULTS"""
     dataset_id: str | None = None
     """any Minari dataset id; overrides the name resolution of --env"""
+    family: str | None = None
+    """dataset family `<env>-<level>` (e.g. hopper-medium-expert, antmaze-umaze) whose per-family values apply; default:
+    the one --env names (a --dataset-id run whose --env names no D4RL dataset must pass it)"""
     no_download: bool = False
     """never try to download a hosted dataset"""
     seed: int = 0
@@ -298,25 +301,19 @@ LEVEL_FIELDS = ("explore_noise", "eps0", "eps_end", "kappa_start", "kappa_end")
 REFERENCE_INTERVAL = {"hopper-medium-expert": 10, "hopper-expert": 10, "walker2d-expert": 10}
 
 
-def family_row(env: str, dataset_id: str | None) -> tuple[str, str, dict[str, Any]]:
-    """(family, level, row): the FAMILY_DEFAULTS rows of --env merged, family first. The level of --env (with
-    --dataset-id an unparsable --env falls back to medium); an AntMaze maze has the antmaze row alone."""
-    m = re.fullmatch(r"([a-z0-9]+)-(.+)-v\d+", env)
-    if m is not None and m.group(1) == "antmaze" and m.group(2) in ANTMAZE_DATASETS:
-        return "antmaze", m.group(2), dict(FAMILY_DEFAULTS["antmaze"])
-    if m is not None and m.group(2) in D4RL_LEVELS:
-        level = m.group(2)
-    else:
-        if dataset_id is None:
-            parse_env_name(env)  # exits 2 listing the known names
-        level = "medium"
+def family_row(args: Args) -> tuple[str, str, dict[str, Any]]:
+    """(family, level, row): the FAMILY_DEFAULTS rows of the run's dataset family (dataset_family: --family, else
+    --env) merged, family first; an AntMaze maze has the antmaze row alone."""
+    name, level = dataset_family(args.env, args.dataset_id, args.family)
+    if name == "antmaze":
+        return "antmaze", level, dict(FAMILY_DEFAULTS["antmaze"])
     return "mujoco", level, {**FAMILY_DEFAULTS["mujoco"], **FAMILY_DEFAULTS[level]}
 
 
 def resolve_defaults(args: Args) -> dict[str, float]:
     """Exploration sigma, thresholds and kappa: explicit flags win, else the FAMILY_DEFAULTS row; the reference interval:
     --reference-interval, else REFERENCE_INTERVAL of --env's dataset, else 1."""
-    _, level, full = family_row(args.env, args.dataset_id)
+    _, level, full = family_row(args)
     row = {k: full[k] for k in LEVEL_FIELDS}
     if args.reference == "interval":  # a reference refreshed on a clock gets a tighter final threshold (docs/algorithms.md, section 1)
         row["eps_end"] /= 4.0
@@ -327,17 +324,6 @@ def resolve_defaults(args: Args) -> dict[str, float]:
     row["reference_interval"] = (args.reference_interval if args.reference_interval is not None
                                  else REFERENCE_INTERVAL.get(f"{env.group(0) if env else ''}-{level}", 1))
     return row
-
-
-def reward_affine(spec: str) -> tuple[float, float]:
-    """--reward `SCALE,SHIFT` -> (scale, shift); anything else exits 2."""
-    try:
-        scale, shift = (float(x) for x in spec.split(","))
-    except ValueError:
-        fail(f"--reward must be SCALE,SHIFT (two numbers, e.g. 1,-1), got {spec!r}")
-    if not (math.isfinite(scale) and math.isfinite(shift) and scale != 0):
-        fail(f"--reward {spec!r}: SCALE must be a non-zero finite number and SHIFT finite")
-    return scale, shift
 
 
 # ==================== ALGO LOGIC ====================
@@ -1187,7 +1173,7 @@ def with_mode_defaults(args: Args) -> Args:
     missing = [k for k in FAMILY_FIELDS if getattr(args, k) is None]
     if not missing:
         return args
-    row = family_row(args.env, args.dataset_id)[2]
+    row = family_row(args)[2]
     row["online_steps"] = row["online_steps"]["opt" if args.opt else "o2td3"]
     return dataclasses.replace(args, **{k: row[k] for k in missing})
 
@@ -2840,6 +2826,40 @@ def early_eval_steps(online_steps: int, n: int) -> list[int]:
 def log_phase(writer: SummaryWriter, phase: str, env_step: int) -> None:
     writer.add_scalar("charts/phase", PHASE_IDS[phase], env_step)
 # --- end shared: results ---
+
+# --- shared: family ---
+# Which row of a script's family table applies: the dataset family `<env>-<level>` of --family, else the D4RL-style
+# name --env gives (also for a --dataset-id run: --env, or --family, says which official configuration to follow).
+def dataset_family(env: str, dataset_id: str | None, family: str | None) -> tuple[str, str]:
+    """(environment, level), e.g. ("hopper", "medium-expert") or ("antmaze", "umaze-diverse"); a -vN suffix is allowed.
+    Exit 2 for an unknown --family, an unknown --env, or a --dataset-id run whose --env names no D4RL dataset (then
+    --family says which values apply)."""
+    name = family if family is not None else env
+    m = re.fullmatch(r"([a-z0-9]+)-(.+?)(?:-v\d+)?", name)
+    if m is not None and m.group(1) == "antmaze" and m.group(2) in ANTMAZE_DATASETS:
+        return "antmaze", m.group(2)
+    if m is not None and m.group(1) in D4RL_ENVS and m.group(2) in D4RL_LEVELS:
+        return m.group(1), m.group(2)
+    if family is not None:
+        fail(f"unknown --family {family!r}; use <env>-<level> with env in {', '.join(D4RL_ENVS)} and level in "
+             f"{', '.join(D4RL_LEVELS)}, or antmaze-<maze> with maze in {', '.join(ANTMAZE_DATASETS)}")
+    if dataset_id is None:
+        parse_env_name(env)  # exits 2 listing the known names
+    fail(f"--env {env!r} names no D4RL dataset, so the per-family values for --dataset-id {dataset_id} are unknown; "
+         "pass --family <env>-<level> (e.g. hopper-medium) to choose them")
+
+
+def reward_affine(spec: str) -> tuple[float, float]:
+    """--reward `SCALE,SHIFT` -> (scale, shift); anything else exits 2."""
+    try:
+        scale, shift = (float(x) for x in spec.split(","))
+    except ValueError:
+        fail(f"--reward must be SCALE,SHIFT (two numbers, e.g. 10,-5 or 1,-1), got {spec!r}")
+    if not (math.isfinite(scale) and math.isfinite(shift) and scale != 0):
+        fail(f"--reward {spec!r}: SCALE must be a non-zero finite number and SHIFT finite")
+    return scale, shift
+# --- end shared: family ---
+
 
 # --- shared: phases ---
 # A phase (distillation, re-evaluation, alignment, ...) is saved as `<out>/<phase>.pt` with the key of everything it

@@ -284,7 +284,8 @@ def test_family_defaults_table_and_overrides():
     assert fd("--env", "hopper-expert-v2", "--update-epochs", "7", "--constraint-horizon", "1000")["update_epochs"] == 7
     assert fd("--env", "hopper-expert-v2", "--constraint-horizon", "1000")["constraint_horizon"] == 1000
     assert fd("--env", "hopper-expert-v2", "--log-std-max", "-1")["log_std_max"] == -1.0
-    assert fd("--dataset-id", "x/y-v0")["family_row"] == "other" and fd("--dataset-id", "x/y-v0")["reward_scaling"] == "none"
+    # a --dataset-id run follows the family --env names (here the default hopper-medium-v2) unless --family says otherwise
+    assert fd("--dataset-id", "x/y-v0") == fd("--env", "hopper-medium-v2")
     # rewards of V: raw for hopper and walker2d, the running return-std for halfcheetah; the checkpoint's only when asked
     assert [fd("--env", f"{e}-medium-v2")["reward_scaling"] for e in ("hopper", "walker2d", "halfcheetah")] == ["none", "none", "return-std"]
     assert fd("--env", "halfcheetah-medium-v2", "--reward-scaling", "checkpoint")["reward_scaling"] == "checkpoint"

@@ -16,17 +16,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CANONICAL = ROOT / "offline_pretrain.py"
 HOME = {"runfolder": ROOT / "o2o_sac.py", "fqe-stop": ROOT / "o2o_sac.py", "results": ROOT / "o2o_sac.py", "phases": ROOT / "o2o_sac.py",
-        "constraint": ROOT / "o2o_sac.py"}  # blocks offline_pretrain.py does not use: their canonical copy
+        "constraint": ROOT / "o2o_sac.py", "family": ROOT / "o2o_sac.py"}  # blocks offline_pretrain.py does not use: their canonical copy
 BLOCK_RE = re.compile(r"^# --- shared: (?P<name>[\w-]+) ---\n.*?^# --- end shared: (?P=name) ---$", re.S | re.M)
 # which blocks each script must carry
 REQUIRED = {
     "make_dataset.py": {"utils", "networks", "dataset", "evaluation"},
     "o2o_sac.py": {"utils", "networks", "accel", "dataset", "buffer", "evaluation", "checkpoint", "runfolder", "fqe-stop", "provenance", "results",
-                   "tracking", "phases", "constraint"},
+                   "tracking", "phases", "constraint", "family"},
     "o2o_td3.py": {"utils", "networks", "accel", "dataset", "buffer", "evaluation", "checkpoint", "runfolder", "fqe-stop", "provenance", "results",
-                   "tracking", "phases", "constraint"},
+                   "tracking", "phases", "constraint", "family"},
     "o2o_ppo.py": {"utils", "networks", "accel", "dataset", "evaluation", "checkpoint", "runfolder", "provenance", "results", "tracking",
-                   "phases"},
+                   "phases", "family"},
 }
 
 
