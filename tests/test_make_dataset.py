@@ -98,7 +98,7 @@ def test_bad_input(tiny_dataset, tmp_path, capsys):
     expect_exit2(capsys, lambda: md.main(md.Args(env="hopper-medium-replay-v2", policy=(str(bad),), overwrite=True)), "snapshot chain")
 
 
-def _run_until(marker, env, cmd, timeout=90.0):
+def _run_until(marker, env, cmd, timeout=300.0):
     """Start make_dataset.py, wait until it reaches the pause hook that creates `marker`, and SIGKILL it there."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + timeout
