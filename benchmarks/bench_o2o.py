@@ -187,29 +187,30 @@ def measure_td3(mod: ModuleType, device: torch.device, a: Args, seconds: float, 
 
 
 def measure_ppo(mod: ModuleType, device: torch.device, a: Args, seconds: float, accel) -> dict[str, dict[str, float]]:
-    """o2o_ppo.py: reevaluate_update (V on Monte-Carlo returns, batch 512) and online_update (one minibatch of 128, with and
-    without the reference-advantage constraint); one PPO iteration of the paper is 10 epochs x 16 minibatches."""
+    """o2o_ppo.py: reevaluate_update (V on Monte-Carlo returns, batch 512), online_update (one PPO minibatch of 128) and
+    rollout_advantages over a rollout of 2048 with and without the reference advantage (the constraint acts there, once
+    per rollout); one PPO iteration of the paper is one rollout_advantages and 10 epochs x 16 minibatches."""
     pa = mod.Args()
     actor = mod.GaussianActor(a.obs_dim, a.act_dim, (256, 256)).to(device)
-    ref = mod.GaussianActor(a.obs_dim, a.act_dim, (256, 256)).to(device).requires_grad_(False)
     vf = mod.build_value(a.obs_dim).to(device)
     aopt = accel.adam(actor.parameters(), 3e-5, eps=pa.adam_eps)
     vopt = accel.adam(vf.parameters(), 2e-4, eps=pa.adam_eps)
     ropt = accel.adam(vf.parameters(), 1e-4)
-    mb = 128
+    mb, n = 128, 2048
     obs, act = torch.randn(8, mb, a.obs_dim, device=device), torch.rand(8, mb, a.act_dim, device=device) * 2 - 1
-    logp, adv, ret = torch.randn(8, mb, device=device) - 3, torch.randn(8, mb, 1, device=device), torch.randn(8, mb, device=device)
+    logp, adv, ret = torch.randn(8, mb, device=device) - 3, torch.randn(8, mb, device=device), torch.randn(8, mb, device=device)
     obs512, ret512 = torch.randn(8, 512, a.obs_dim, device=device), torch.randn(8, 512, device=device)
-    w = accel.scalar(0.9)
-    const = dict(clip_coef=pa.clip_coef, ent_coef=pa.ent_coef, max_grad_norm=pa.max_grad_norm)
+    r_adv, r_act = torch.randn(n, 1, device=device), torch.rand(n, a.act_dim, device=device) * 2 - 1
+    r_mean, r_std = torch.zeros(n, a.act_dim, device=device), torch.full((n, a.act_dim), 0.3, device=device)
     reeval = accel.update(functools.partial(mod.reevaluate_update, vf, ropt))
-    constrained = accel.update(functools.partial(mod.online_update, actor, vf, ref, aopt, vopt, constraint=True, **const))
-    unconstrained = accel.update(functools.partial(mod.online_update, actor, vf, ref, aopt, vopt, constraint=False, **const))
-    per = seconds / 3
+    online = accel.update(functools.partial(mod.online_update, actor, vf, aopt, vopt, clip_coef=pa.clip_coef, ent_coef=pa.ent_coef,
+                                            max_grad_norm=pa.max_grad_norm, log_std_max=None))
+    per = seconds / 4
     return {
         "reevaluate": time_steps(lambda i: reeval(obs512[i % 8], ret512[i % 8]), per, device),
-        "online_constrained": time_steps(lambda i: constrained(obs[i % 8], act[i % 8], logp[i % 8], adv[i % 8], ret[i % 8], w), per, device),
-        "online_unconstrained": time_steps(lambda i: unconstrained(obs[i % 8], act[i % 8], logp[i % 8], adv[i % 8], ret[i % 8], w), per, device),
+        "online_minibatch": time_steps(lambda i: online(obs[i % 8], act[i % 8], logp[i % 8], adv[i % 8], ret[i % 8]), per, device),
+        "rollout_advantages_constrained": time_steps(lambda i: mod.rollout_advantages(r_adv, r_act, r_mean, r_std, 0.9), per, device),
+        "rollout_advantages_unconstrained": time_steps(lambda i: mod.rollout_advantages(r_adv, r_act, None, None, 0.9), per, device),
     }
 
 
