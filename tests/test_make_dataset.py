@@ -114,7 +114,7 @@ def _run_until(marker, env, cmd, timeout=300.0):
 def test_overwrite_killed_keeps_old_dataset(tiny_dataset, tmp_path, monkeypatch):
     """A kill of `make_dataset.py --overwrite` before or inside the swap never loses the old dataset."""
     store = tmp_path / "store"
-    shutil.copytree(tiny_dataset["home"] / "local", store / "local")  # a store of its own: the session store stays intact
+    shutil.copytree(tiny_dataset["home"] / "local" / "hopper", store / "local" / "hopper")  # a store of its own (hopper only): the session store stays intact
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(store))
     old = minari.load_dataset("local/hopper/medium-v0")
     old_episodes, old_steps = old.total_episodes, old.total_steps
