@@ -11,8 +11,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import pytest
-import torch
+# one thread per process, subprocesses included (scripts, Ray workers, compile workers inherit it): the networks are
+# tiny, and on a 2-core machine two 2-thread processes slow each other down many times over
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
