@@ -87,12 +87,12 @@ class Args:
     """auto (CUDA when present), cpu or cuda"""
     budget_scale: float = 1.0
     """multiplies every step count given or defaulted (distill, re-evaluation, alignment and online steps, learning
-    starts, the threshold horizon --constraint-horizon, the eval / align-eval / checkpoint / log intervals, --stop-after, OPT's
+    starts, the eval / align-eval / checkpoint / log intervals, --stop-after, OPT's
     collect and pre-train steps and its kappa schedule --kappa-begin / --kappa-finish), rounded to an integer >= 1
     (0 stays 0; --checkpoint-every keeps its ratio to --eval-every), and divides the Lagrange multiplier's learning
     rate by it, so that log lambda can move as far over a compressed online phase as over the paper's: F < 1 gives a
-    miniature of the paper's protocol rather than a truncation of it. 1 = the paper's protocol; the effective values
-    go to results.json"""
+    miniature of the paper's protocol rather than a truncation of it; the threshold horizon only with
+    --scale-constraint-horizon. 1 = the paper's protocol; the effective values go to results.json"""
 
     # --- data ---
     buffer_mode: Literal["half", "all", "part", "none"] = "half"
@@ -189,6 +189,10 @@ class Args:
     """final threshold; default from FAMILY_DEFAULTS (divided by 4 with --reference interval)"""
     constraint_horizon: int = 100_000
     """env steps over which the threshold loosens linearly from eps0 to eps_end (the constraint's schedule)"""
+    scale_constraint_horizon: bool = False
+    """with --budget-scale F: also multiply --constraint-horizon by F, so the threshold reaches eps_end at the end of the
+    shortened online phase. Off by default: the threshold loosens per env step of experience as in the paper's run, and a
+    miniature covers the first F of that schedule (O2SAC's measurement, README, "No drop at the switch")"""
     lambda_init: float = 1.0
     """initial Lagrange multiplier"""
     lambda_lr: float = 5e-5
@@ -1189,7 +1193,8 @@ def scale_steps(n: int, factor: float) -> int:
 
 
 def with_budget_scale(args: Args) -> Args:
-    """A copy of args (after with_mode_defaults) with every step count of BUDGET_FIELDS multiplied by --budget-scale F,
+    """A copy of args (after with_mode_defaults) with every step count of BUDGET_FIELDS multiplied by --budget-scale F
+    (--constraint-horizon only with --scale-constraint-horizon),
     the Lagrange learning rate divided by F, and --align-eval-every resolved (default align_steps // 10, at least 1), as
     --checkpoint-every (default CHECKPOINT_EVERY scaled, at most online_steps // 10, at least 1).
     Adam moves log lambda by about lr per step: lr / F over F times the steps keeps the multiplier's reach."""
@@ -1200,7 +1205,8 @@ def with_budget_scale(args: Args) -> Args:
     changes: dict[str, Any] = {}
     if f != 1.0:
         changes = {k: scale_steps(getattr(args, k), f) for k in BUDGET_FIELDS
-                   if getattr(args, k) is not None and getattr(args, k) >= 0}  # negatives are left for validate to reject
+                   if getattr(args, k) is not None and getattr(args, k) >= 0  # negatives are left for validate to reject
+                   and (k != "constraint_horizon" or args.scale_constraint_horizon)}
         if args.checkpoint_every is None:
             pass  # the default below, of the scaled budget
         elif args.eval_every > 0 and args.checkpoint_every % args.eval_every == 0:  # a multiple of --eval-every stays one

@@ -322,12 +322,15 @@ def test_scale_budgets_scales_given_and_defaulted_steps(capsys):
     args = tyro.cli(ppo.Args, args=["--budget-scale", "0.5"])
     s = ppo.scale_budgets(args)
     assert {k: getattr(s, k) for k in ppo.BUDGET_STEPS} == {
-        "reevaluate_steps": 500_000, "online_steps": 125_000, "constraint_horizon": 125_000,  # the table's 250k
+        "reevaluate_steps": 500_000, "online_steps": 125_000, "constraint_horizon": 250_000,  # the table's 250k, not scaled
         "eval_every": 1250, "log_every": 1024, "checkpoint_every": 10_240}
     assert s.distill_steps == 5000  # distillation fits the offline actor: not scaled
     assert s.rollout_size == 2048 and s.stop_after is None and args.constraint_horizon is None and args.online_steps == 250_000  # args untouched
-    assert ppo.scale_budgets(tyro.cli(ppo.Args, args=["--budget-scale", "0.5", "--env", "hopper-expert-v2"])).constraint_horizon == 250_000
-    assert ppo.scale_budgets(tyro.cli(ppo.Args, args=["--budget-scale", "0.5", "--constraint-horizon", "1001", "--eval-every", "3"])).constraint_horizon == 501
+    assert ppo.scale_budgets(tyro.cli(ppo.Args, args=["--budget-scale", "0.5", "--env", "hopper-expert-v2"])).constraint_horizon == 500_000
+    assert ppo.scale_budgets(tyro.cli(ppo.Args, args=["--budget-scale", "0.5", "--constraint-horizon", "1001", "--eval-every", "3"])).constraint_horizon == 1001
+    squeeze = ["--budget-scale", "0.5", "--scale-constraint-horizon"]  # the schedule compressed too
+    assert ppo.scale_budgets(tyro.cli(ppo.Args, args=[*squeeze, "--env", "hopper-expert-v2"])).constraint_horizon == 250_000
+    assert ppo.scale_budgets(tyro.cli(ppo.Args, args=[*squeeze, "--constraint-horizon", "1001", "--eval-every", "3"])).constraint_horizon == 501
     tiny = ppo.scale_budgets(tyro.cli(ppo.Args, args=["--budget-scale", "0.001", "--online-steps", "4_096_000"]))
     assert (tiny.distill_steps, tiny.eval_every, tiny.log_every, tiny.online_steps) == (5000, 3, 2, 4096)  # 2.5 rounds up; >= 1
     one = tyro.cli(ppo.Args, args=[])
@@ -785,7 +788,7 @@ def test_diagnostics_and_early_evaluations_in_results(offline_checkpoints, tmp_p
 
 def test_budget_scale_halves_every_budget(offline_checkpoints, tmp_path, monkeypatch):
     """--budget-scale 0.5 on explicit budgets: 20 distillation and 10 re-evaluation updates, 128 env steps in two rollouts,
-    T_end 256 (w_t 0.75 then 0.5), evaluations, logs and online.pt every 64 / 16 / 64 steps; results.json records them."""
+    T_end 512 as given (not scaled: w_t 0.875 then 0.75), evaluations, logs and online.pt every 64 / 16 / 64 steps; results.json records them."""
     calls = {"distill": 0, "reeval": 0, "ppo": 0, "env_steps": 0, "online_pt": 0}
 
     def count(name, key):
@@ -817,13 +820,13 @@ def test_budget_scale_halves_every_budget(offline_checkpoints, tmp_path, monkeyp
     res = ppo.main(tyro.cli(ppo.Args, args=["--env", "hopper-medium-v2", "--checkpoint", str(offline_checkpoints["cql"]), "--run-dir",
                                             str(tmp_path), "--rollout-size", "64", "--minibatch-size", "32", "--update-epochs", "1",
                                             "--eval-episodes", "1", "--device", "cpu", "--distill-steps", "40", *flags, "--budget-scale", "0.5"]))
-    half = {k: v // 2 for k, v in given.items()}
+    half = {k: v if k == "constraint_horizon" else v // 2 for k, v in given.items()}
     assert calls == {"distill": 40, "reeval": 10, "ppo": 2 * 2, "env_steps": 128, "online_pt": 2}
-    assert res["online_steps_done"] == 128 and res["constraint_horizon"] == 256 and res["distillation"]["steps"] == 40 and res["reevaluation"]["steps"] == 10
+    assert res["online_steps_done"] == 128 and res["constraint_horizon"] == 512 and res["distillation"]["steps"] == 40 and res["reevaluation"]["steps"] == 10
     assert [e["step"] for e in res["curve"] if e["phase"] == "online"] == [0, 64, 128]
     out = tmp_path / "o2o_ppo/hopper-medium-v2/o2ppo_seed0"
     s = scalars(out)
-    assert s["charts/constraint_weight"] == pytest.approx([1 - 64 / 256, 1 - 128 / 256])
+    assert s["charts/constraint_weight"] == pytest.approx([1 - 64 / 512, 1 - 128 / 512])
     assert scalar_steps(out)["distill/loss"] == [16, 32, 40]  # 40 steps (not scaled), logged every 16 and at the end
     budget = {"given": given, "effective": half}
     assert res["budget"] == budget and json.loads((out / "results.json").read_text())["budget"] == budget

@@ -740,10 +740,10 @@ def test_budget_scale_halves_every_budget(offline_checkpoints, monkeypatch, tmp_
     counts = {n: spy(monkeypatch, n, lambda i, args, kw: {}) for n in ("distill_update", "reevaluate_update", "align_update")}
     on_calls, _ = spy_online(monkeypatch)
     res = wiring_run(offline_checkpoints["iql"], tmp_path, "--budget-scale", "0.5", "--align-eval-every", "4", "--early-evals", "0")
-    on, starts, horizon = ONLINE // 2, STARTS // 2, ONLINE // 2
+    on, starts, horizon = ONLINE // 2, STARTS // 2, ONLINE  # the horizon is not scaled (no --scale-constraint-horizon)
     assert [len(counts[n]) for n in counts] == [10, R_STEPS // 2, A_STEPS // 2]  # distillation is not scaled
     assert len(on_calls) == (on - starts) * UTD
-    for j, c in enumerate(on_calls):  # the KL threshold loosens over the halved horizon
+    for j, c in enumerate(on_calls):  # the KL threshold loosens per env step over the given horizon
         assert c["eps"] == pytest.approx(o2o.constraint_threshold(starts + 1 + j // UTD, EPS0, EPS_END, horizon), rel=1e-6), j
     assert on_calls[0]["lambda_lr"] == pytest.approx(5e-5 / 0.5)
     assert [p["step"] for p in res["curve"] if p["phase"] == "align"] == [2, 4, 6, 8, 10]
@@ -761,7 +761,9 @@ def test_budget_scale_halves_every_budget(offline_checkpoints, monkeypatch, tmp_
 
 def test_budget_scale_rounds_and_keeps_zero():
     eff = o2o.resolve_budgets(o2o.Args(budget_scale=0.03, learning_starts=0, align_eval_every=0))
-    assert (eff.reevaluate_steps, eff.online_steps, eff.constraint_horizon, eff.eval_every, eff.pre_sample_steps) == (15_000, 3_000, 3_000, 30, 150)
+    assert (eff.reevaluate_steps, eff.online_steps, eff.constraint_horizon, eff.eval_every, eff.pre_sample_steps) == (15_000, 3_000, 100_000, 30, 150)
+    squeezed = o2o.resolve_budgets(o2o.Args(budget_scale=0.03, scale_constraint_horizon=True))
+    assert (squeezed.constraint_horizon, squeezed.online_steps) == (3_000, 3_000)  # the threshold's schedule compressed too
     assert (eff.learning_starts, eff.align_eval_every, eff.stop_after) == (0, 0, None)  # 0 and None are not step counts
     assert eff.lambda_lr == pytest.approx(5e-5 / 0.03)
     assert o2o.resolve_budgets(o2o.Args(budget_scale=1e-6, learning_starts=0)).eval_every == 1  # at least 1

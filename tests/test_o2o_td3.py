@@ -240,7 +240,8 @@ def test_budget_scale_resolution():
     a = td3.with_budget_scale(td3.with_mode_defaults(given))
     assert given.online_steps is None and given.align_eval_every is None and given.reevaluate_steps == 500_000  # never mutated
     assert (a.distill_steps, a.reevaluate_steps, a.align_steps, a.online_steps, a.learning_starts) == (5_000, 15_000, 15_000, 3_000, 30)  # distillation not scaled
-    assert (a.constraint_horizon, a.eval_every, a.checkpoint_every, a.log_every, a.align_eval_every) == (3_000, 30, 300, 30, 1_500)
+    assert (a.constraint_horizon, a.eval_every, a.checkpoint_every, a.log_every, a.align_eval_every) == (100_000, 30, 300, 30, 1_500)
+    assert td3.with_budget_scale(td3.with_mode_defaults(A(budget_scale=0.03, scale_constraint_horizon=True))).constraint_horizon == 3_000
     assert a.lambda_lr == pytest.approx(5e-5 / 0.03) and a.stop_after is None
     o = td3.with_budget_scale(td3.with_mode_defaults(A(opt=True, budget_scale=0.03)))
     assert (o.online_steps, o.opt_collect_steps, o.opt_pretrain_steps, o.kappa_begin, o.kappa_finish) == (9_000, 750, 1_500, 750, 4_500)
@@ -1207,8 +1208,8 @@ def test_budget_scale_halves_every_budget_through_main(tmp_path, offline_checkpo
     assert [len(calls[n]) for n in ("distill_update", "reevaluate_update", "align_update")] == [40, 20, 20]  # distillation not scaled
     d = td3.resolve_defaults(td3.Args())
     online_steps = range(10, 41)  # --learning-starts 10 of --online-steps 40, UTD 1
-    assert [c[0] for c in calls["online_update"]] == pytest.approx([td3.constraint_threshold(t, d["eps0"], d["eps_end"], 30) for t in online_steps],
-                                                                  rel=1e-6)  # the threshold horizon is 30 env steps
+    assert [c[0] for c in calls["online_update"]] == pytest.approx([td3.constraint_threshold(t, d["eps0"], d["eps_end"], 60) for t in online_steps],
+                                                                  rel=1e-6)  # the threshold horizon stays 60 env steps (not scaled)
     assert [c["step"] for c in res["curve"] if c["phase"] == "online"] == [0, 20, 40]
     assert [c["step"] for c in res["curve"] if c["phase"] == "align"] == [10, 20]
     steps = scalar_steps(res["run_dir"])
@@ -1223,7 +1224,7 @@ def test_budget_scale_halves_every_budget_through_main(tmp_path, offline_checkpo
     assert "distill_steps" not in eff  # distillation fits the offline actor: not scaled
     assert {k: eff[k] for k in ("reevaluate_steps", "align_steps", "online_steps", "learning_starts", "constraint_horizon",
                                 "eval_every", "checkpoint_every", "log_every", "align_eval_every")} == {
-        "reevaluate_steps": 20, "align_steps": 20, "online_steps": 40, "learning_starts": 10, "constraint_horizon": 30,
+        "reevaluate_steps": 20, "align_steps": 20, "online_steps": 40, "learning_starts": 10, "constraint_horizon": 60,
         "eval_every": 20, "checkpoint_every": 20, "log_every": 10, "align_eval_every": 10}
     assert eff["lambda_lr"] == pytest.approx(1e-4) and eff["stop_after"] is None
     given = json.loads((out / "args.json").read_text())["args_given"]
