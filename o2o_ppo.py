@@ -911,12 +911,11 @@ def scale_budgets(args: Args) -> Args:
     """--budget-scale: a copy of args whose BUDGET_STEPS are the effective ones, given or defaulted (the constraint
     horizon: the family table's when --constraint-horizon is not given, times the scale only with
     --scale-constraint-horizon; --checkpoint-every: CHECKPOINT_EVERY, at most a tenth of the scaled online steps, at
-    least 1) times the scale. Exits 2 when the online budget is less than one
-    rollout."""
+    least 1) times the scale. Exits 2 when the online budget is less than one rollout."""
     horizon = args.constraint_horizon if args.constraint_horizon is not None else family_defaults(args)["constraint_horizon"]
     given = {**{k: getattr(args, k) for k in BUDGET_STEPS}, "constraint_horizon": horizon}
-    scaled = {k: scaled_steps(v, args.budget_scale) if v is not None and (k != "constraint_horizon" or args.scale_constraint_horizon) else v
-              for k, v in given.items()}
+    fields = [k for k in BUDGET_STEPS if k != "constraint_horizon" or args.scale_constraint_horizon]
+    scaled = {k: scaled_steps(v, args.budget_scale) if v is not None and k in fields else v for k, v in given.items()}
     if scaled["checkpoint_every"] is None:  # a killed short run keeps most of its online phase
         scaled["checkpoint_every"] = min(scaled_steps(CHECKPOINT_EVERY, args.budget_scale), max(1, scaled["online_steps"] // 10))
     if scaled["online_steps"] < args.rollout_size:

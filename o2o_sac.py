@@ -1053,8 +1053,8 @@ BUDGET_FIELDS = ("reevaluate_steps", "align_steps", "online_steps", "pre_sample_
 
 def resolve_budgets(args: Args) -> Args:
     """The effective args of a run (Args itself is never mutated): every step count in BUDGET_FIELDS given or defaulted
-    (--constraint-horizon only with --scale-constraint-horizon) times --budget-scale F, rounded to an integer >= 1 (0 and None stay as they are), the Lagrange multiplier's learning
-    rate divided by F (Adam moves log lambda by about lr per step, so lr / F over F times the steps reaches as far as
+    (--constraint-horizon only with --scale-constraint-horizon) times --budget-scale F, rounded to an integer >= 1 (0
+    and None stay as they are), the Lagrange multiplier's learning rate divided by F (Adam moves log lambda by about lr per step, so lr / F over F times the steps reaches as far as
     the paper's protocol), the default --align-eval-every (align_steps // 10, at least 1) of the scaled budget, and the
     default --checkpoint-every (CHECKPOINT_EVERY scaled, at most online_steps // 10, at least 1)."""
     args = with_family(args)  # the budgets of the family first (a no-op in main, which filled them already)

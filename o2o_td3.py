@@ -1204,9 +1204,9 @@ def with_budget_scale(args: Args) -> Args:
         fail(f"--budget-scale must be a positive number, got {f}")
     changes: dict[str, Any] = {}
     if f != 1.0:
-        changes = {k: scale_steps(getattr(args, k), f) for k in BUDGET_FIELDS
-                   if getattr(args, k) is not None and getattr(args, k) >= 0  # negatives are left for validate to reject
-                   and (k != "constraint_horizon" or args.scale_constraint_horizon)}
+        fields = [k for k in BUDGET_FIELDS if k != "constraint_horizon" or args.scale_constraint_horizon]
+        changes = {k: scale_steps(getattr(args, k), f) for k in fields
+                   if getattr(args, k) is not None and getattr(args, k) >= 0}  # negatives are left for validate to reject
         if args.checkpoint_every is None:
             pass  # the default below, of the scaled budget
         elif args.eval_every > 0 and args.checkpoint_every % args.eval_every == 0:  # a multiple of --eval-every stays one
