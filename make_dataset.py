@@ -738,17 +738,20 @@ class Evaluator:
         self.seconds = 0.0  # wall-clock of every evaluation so far (results.json: evaluation_s, evaluation_share)
 
     @torch.no_grad()
-    def __call__(self, act: Callable[[Tensor], Tensor]) -> np.ndarray:
-        """Undiscounted returns of one episode per environment; `act` maps normalised observations to actions."""
+    def __call__(self, act: Callable[[Tensor], Tensor], n_episodes: int | None = None) -> np.ndarray:
+        """Undiscounted returns of one episode per environment (the first n_episodes of them; None: all); `act` maps
+        normalised observations to actions. Episode i always starts from seed + i, so a smaller evaluation's start
+        states are the first ones of a larger one."""
         t0 = time.time()
-        obs = np.stack([env.reset(seed=self.seed + i)[0] for i, env in enumerate(self.envs)])
-        returns = np.zeros(len(self.envs))
-        alive = list(range(len(self.envs)))
+        envs = self.envs[:n_episodes]
+        obs = np.stack([env.reset(seed=self.seed + i)[0] for i, env in enumerate(envs)])
+        returns = np.zeros(len(envs))
+        alive = list(range(len(envs)))
         while alive:
             o = torch.as_tensor(obs[alive], dtype=torch.float32, device=self.device)
             actions = act((o - self.obs_mean) / self.obs_std).cpu().numpy()
             for j, a in zip(list(alive), np.clip(actions, self.low, self.high)):
-                obs[j], r, term, trunc, _ = self.envs[j].step(a)
+                obs[j], r, term, trunc, _ = envs[j].step(a)
                 returns[j] += r
                 if term or trunc:
                     alive.remove(j)

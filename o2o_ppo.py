@@ -169,6 +169,11 @@ class Args:
     eval_episodes: int | None = None
     """evaluation episodes (deterministic actions, separate envs stepped together); default from PPO_FAMILY_DEFAULTS (10;
     100 on AntMaze, as the official configs)"""
+    headline_eval_episodes: int = 50
+    """episodes of the evaluations results.json's headline numbers rest on: the offline policy, the distilled one, every
+    online evaluation in the first tenth of online learning and the last one (the first --eval-episodes of them start
+    where the others do). A 5-point drop cannot be read from 5 or 10 episodes: the same hopper policy scores 43-56 over
+    5. 0 or fewer than --eval-episodes: --eval-episodes"""
     early_evals: int = 5
     """extra evaluations inside the first tenth of the online steps (0 = none): one at the last rollout end at or before
     each mark total/10 * k/K, k = 1..K. Marks before the first rollout's end get none and marks inside one rollout share
@@ -648,7 +653,7 @@ def run_distillation(run: Run, teacher: nn.Module, obs_all: Tensor, key: dict) -
     else:
         torch.manual_seed(run.args.seed + 1)  # every phase draws from its own seed: a reused phase leaves the next ones unchanged
         pi0, run.distillation = distill_actor(run.args, teacher, obs_all, run.writer, run.accel)
-        ret, score = run.evaluate(pi0)
+        ret, score = run.evaluate(pi0, headline=True)
         atomic_save(run.checkpoint(pi0, None, score, key, grad_steps=run.args.distill_steps, distillation=run.distillation, eval_return=ret),
                     run.out / "distilled.pt")
     run.record(0, ret, score, "distilled")
@@ -780,7 +785,7 @@ def run_online(run: Run, pi0: GaussianActor | None, vf: Critic | None, resume: d
             run.writer.add_scalar("charts/SPS", (global_step - sps_step0) / max(time.time() - sps_t0, 1e-9), global_step)
             next_log = (global_step // args.log_every + 1) * args.log_every
         if global_step >= next_eval or global_step in early or last:
-            ret, score = run.evaluate(actor)
+            ret, score = run.evaluate(actor, headline=global_step <= num_iterations * args.rollout_size / 10 or last)
             run.record(global_step, ret, score, "online")
             run.diagnostics["evaluations"].append(run.diagnose("eval", global_step, actor, vf))
             bar.set_postfix(score=f"{score:.1f}")
@@ -855,7 +860,7 @@ def main(args: Args) -> dict:
         t0 = time.time()
         run.enter("offline")
         teacher = actor_from_checkpoint(ckpt, device)
-        run.record(0, *run.evaluate(teacher), "offline")
+        run.record(0, *run.evaluate(teacher, headline=True), "offline")
         run.phase_done("offline_eval", t0)
         # --- any family -> Gaussian (docs/algorithms.md, section 5); a Gaussian actor is copied exactly
         pi0 = teacher if isinstance(teacher, GaussianActor) else run_distillation(run, teacher, obs_all, phase_key(args, "distilled", digest, device))
@@ -938,8 +943,8 @@ def validate(args: Args) -> None:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if not (args.budget_scale > 0.0 and math.isfinite(args.budget_scale)):
         fail(f"--budget-scale must be a positive number, got {args.budget_scale}")
-    if args.early_evals < 0:
-        fail(f"--early-evals must be >= 0 (0 = none), got {args.early_evals}")
+    if args.early_evals < 0 or args.headline_eval_episodes < 0:
+        fail(f"--early-evals and --headline-eval-episodes must be >= 0 (0 = none), got {args.early_evals}, {args.headline_eval_episodes}")
     if not args.no_reevaluate and args.reevaluate_steps <= 0:
         fail(f"--reevaluate-steps must be positive, got {args.reevaluate_steps} (or pass --no-reevaluate)")
     if args.rollout_size % args.num_envs:
@@ -1024,7 +1029,8 @@ class Run:
         self.defaults, self.rewards, self.accel, self.device = defaults, rewards, accel, obs_all.device
         self.mode = mode_name(args)
         self.env_name = args.env if args.dataset_id is None else args.dataset_id
-        self.evaluator = Evaluator(data["env_spec"], args.eval_episodes, args.seed + 100, ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy(), self.device)
+        self.evaluator = Evaluator(data["env_spec"], max(args.eval_episodes, args.headline_eval_episodes), args.seed + 100, ckpt["obs_mean"].numpy(),
+                                   ckpt["obs_std"].numpy(), self.device)
         self.writer = SummaryWriter(str(out))
         self.writer.add_text("args", json.dumps(json.loads(json.dumps(asdict(args)))))
         self.writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
@@ -1040,9 +1046,10 @@ class Run:
         self.mc_raw, self.mc_ones = (torch.as_tensor(monte_carlo_returns(r, data["ends"], args.gamma)[probe], device=self.device)
                                      for r in (data["rewards"], np.ones_like(data["rewards"])))
 
-    def evaluate(self, actor: nn.Module) -> tuple[float, float]:
+    def evaluate(self, actor: nn.Module, headline: bool = False) -> tuple[float, float]:
+        """Mean return and normalised score over --eval-episodes episodes, or --headline-eval-episodes for a headline."""
         actor.eval()
-        returns = self.evaluator(actor.act)
+        returns = self.evaluator(actor.act, None if headline else self.args.eval_episodes)
         actor.train()
         ret = float(returns.mean())
         return ret, float(normalized_score(ret, self.data["ref_min_score"], self.data["ref_max_score"]))
@@ -1900,17 +1907,20 @@ class Evaluator:
         self.seconds = 0.0  # wall-clock of every evaluation so far (results.json: evaluation_s, evaluation_share)
 
     @torch.no_grad()
-    def __call__(self, act: Callable[[Tensor], Tensor]) -> np.ndarray:
-        """Undiscounted returns of one episode per environment; `act` maps normalised observations to actions."""
+    def __call__(self, act: Callable[[Tensor], Tensor], n_episodes: int | None = None) -> np.ndarray:
+        """Undiscounted returns of one episode per environment (the first n_episodes of them; None: all); `act` maps
+        normalised observations to actions. Episode i always starts from seed + i, so a smaller evaluation's start
+        states are the first ones of a larger one."""
         t0 = time.time()
-        obs = np.stack([env.reset(seed=self.seed + i)[0] for i, env in enumerate(self.envs)])
-        returns = np.zeros(len(self.envs))
-        alive = list(range(len(self.envs)))
+        envs = self.envs[:n_episodes]
+        obs = np.stack([env.reset(seed=self.seed + i)[0] for i, env in enumerate(envs)])
+        returns = np.zeros(len(envs))
+        alive = list(range(len(envs)))
         while alive:
             o = torch.as_tensor(obs[alive], dtype=torch.float32, device=self.device)
             actions = act((o - self.obs_mean) / self.obs_std).cpu().numpy()
             for j, a in zip(list(alive), np.clip(actions, self.low, self.high)):
-                obs[j], r, term, trunc, _ = self.envs[j].step(a)
+                obs[j], r, term, trunc, _ = envs[j].step(a)
                 returns[j] += r
                 if term or trunc:
                     alive.remove(j)

@@ -240,6 +240,11 @@ class Args:
     eval_episodes: int | None = None
     """evaluation episodes (deterministic actions, separate envs stepped together). Default: from FAMILY_DEFAULTS (10 on
     MuJoCo, 100 on AntMaze)"""
+    headline_eval_episodes: int = 50
+    """episodes of the evaluations results.json's headline numbers rest on: the offline policy, the distilled one, the
+    one after alignment, every online evaluation in the first tenth of online learning and the last one (the first
+    --eval-episodes of them start where the others do). A 5-point drop cannot be read from 5 or 10 episodes: the same
+    hopper policy scores 43-56 over 5. 0 or fewer than --eval-episodes: --eval-episodes"""
     early_evals: int = 5
     """extra online evaluations inside the first tenth of the online phase, at env steps
     max(1, floor(online_steps / 10 * k / early_evals)), k = 1..early_evals (OPT: counted from the end of its
@@ -790,7 +795,7 @@ def run_distillation(run: Run, offline_actor: nn.Module, rb_offline: ReplayBuffe
         with torch.no_grad():  # distillation error on (up to) 10k fixed dataset states
             obs = rb_offline.data["obs"][: min(rb_offline.size, 10_000)]
             err = float(distillation_loss(actor(obs), offline_actor.act(obs)))
-        ret, score = run.evaluate(actor)
+        ret, score = run.evaluate(actor, headline=True)
         info = {"distill_error": err, "distilled_return": ret, "distilled_score": score, "from_family": run.ckpt["actor_family"]}
         run.checkpoint("distilled", nets, key, {"distill": info}, score)
     run.writer.add_scalar("distill/action_mse", info["distill_error"], a.distill_steps)
@@ -870,9 +875,9 @@ def run_alignment(run: Run, nets: O2TD3Nets, rb_offline: ReplayBuffer, key: dict
         run.metrics.flush(offset + a.align_steps, "alignment")
         nets.qf_target.load_state_dict(nets.qf.state_dict())
         nets.actor_target.load_state_dict(nets.actor.state_dict())
-        ret, score = run.evaluate(nets.actor)
+        ret, score = run.evaluate(nets.actor, headline=True)
         if a.align_eval_every and a.align_steps % a.align_eval_every == 0:
-            run.record(a.align_steps, ret, score, "align", quiet=True, tag="align")
+            run.record(a.align_steps, *run.evaluate(nets.actor), "align", quiet=True, tag="align")
         run.checkpoint("aligned", nets, key, {"aligned_return": ret, "aligned_score": score, "align_curve": run.curve[n0:]}, score)
     run.record(0, ret, score, "aligned")
     run.phase_done("aligned", t0, saved is not None)
@@ -1022,7 +1027,7 @@ def online_loop(run: Run, nets: O2TD3Nets | OPTNets, actor_ref: nn.Module | None
             run.writer.add_scalar("charts/SPS", (global_step - s0) / max(time.time() - t0, 1e-9), global_step)
         regular = global_step % a.eval_every == 0 or global_step == a.online_steps  # the last step is always evaluated
         if regular or global_step in early:
-            ret, score = run.evaluate(actor)
+            ret, score = run.evaluate(actor, headline=global_step <= a.online_steps / 10 or global_step == a.online_steps)
             st["n_evals"] += int(regular)
             run.record(global_step, ret, score, phase)
             atomic_save(run.results(False), run.out / "results.json")  # progress so far
@@ -1107,7 +1112,7 @@ def main(args: Args) -> dict:
     t0 = time.time()
     offline_actor = actor_from_checkpoint(ckpt, device)
     run.enter("offline")
-    ret, offline_score = run.evaluate(offline_actor)
+    ret, offline_score = run.evaluate(offline_actor, headline=True)
     run.record(0, ret, offline_score, "offline")
     run.phase_done("offline", t0, False)
     pi0, pi0_score = offline_actor, offline_score
@@ -1235,7 +1240,7 @@ def validate(args: Args) -> None:
                  "constraint_horizon", "part_trajectories", "opt_utd", "ratio_temperature"):
         if getattr(args, flag) <= 0:
             fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    for flag in ("distill_steps", "learning_starts", "opt_pretrain_steps", "align_eval_every", "early_evals"):
+    for flag in ("distill_steps", "learning_starts", "opt_pretrain_steps", "align_eval_every", "early_evals", "headline_eval_episodes"):
         if getattr(args, flag) < 0:
             fail(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if not args.no_reevaluate and args.reevaluate_steps <= 0:
@@ -1374,7 +1379,7 @@ def critic_from_checkpoint(ckpt: dict) -> Critic | None:
 
 
 # ---------------------------------------------------------------- what each saved phase depends on
-PHASE_FORMAT = 2  # the layout of phase, online and final checkpoints (2: pi0 and the RNG states of the shared phases block)
+PHASE_FORMAT = 3  # the layout of phase, online and final checkpoints (2: pi0 and the RNG states of the shared phases block; 3: re-evaluation stops after two consecutive converged readings)
 PHASE_FIELDS: dict[str, tuple[str, ...]] = {
     "distilled": ("env", "dataset_id", "seed", "offline_algo", "checkpoint", "distill_steps", "distill_lr", "batch_size", "device"),
     "reevaluated": ("no_reevaluate", "reevaluate_steps", "reevaluate_tau", "reevaluate_tol", "critic_init", "gamma", "tau", "critic_lr",
@@ -1431,7 +1436,8 @@ class Run:
         self.obs_mean, self.obs_std = ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy()
         self.writer = SummaryWriter(str(out))
         self.metrics = Metrics(self.writer)
-        self.evaluator = Evaluator(data["env_spec"], args.eval_episodes, args.seed + 100, self.obs_mean, self.obs_std, device)
+        self.evaluator = Evaluator(data["env_spec"], max(args.eval_episodes, args.headline_eval_episodes), args.seed + 100, self.obs_mean,
+                                   self.obs_std, device)
         self.curve: list[dict] = []
         self.phases: dict[str, dict] = {}
         self.diagnostics: dict[str, dict[str, float]] = {}  # boundary -> statistics (diagnose)
@@ -1445,10 +1451,11 @@ class Run:
         self.writer.add_text("args", json.dumps(asdict(args)))
         self.writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
 
-    def evaluate(self, actor: nn.Module) -> tuple[float, float]:
+    def evaluate(self, actor: nn.Module, headline: bool = False) -> tuple[float, float]:
+        """Mean return and normalised score over --eval-episodes episodes, or --headline-eval-episodes for a headline."""
         was_training = actor.training
         actor.eval()
-        ret = float(self.evaluator(actor.act).mean())
+        ret = float(self.evaluator(actor.act, None if headline else self.args.eval_episodes).mean())
         actor.train(was_training)
         return ret, float(normalized_score(ret, self.ckpt["ref_min_score"], self.ckpt["ref_max_score"]))
 
@@ -2467,17 +2474,20 @@ class Evaluator:
         self.seconds = 0.0  # wall-clock of every evaluation so far (results.json: evaluation_s, evaluation_share)
 
     @torch.no_grad()
-    def __call__(self, act: Callable[[Tensor], Tensor]) -> np.ndarray:
-        """Undiscounted returns of one episode per environment; `act` maps normalised observations to actions."""
+    def __call__(self, act: Callable[[Tensor], Tensor], n_episodes: int | None = None) -> np.ndarray:
+        """Undiscounted returns of one episode per environment (the first n_episodes of them; None: all); `act` maps
+        normalised observations to actions. Episode i always starts from seed + i, so a smaller evaluation's start
+        states are the first ones of a larger one."""
         t0 = time.time()
-        obs = np.stack([env.reset(seed=self.seed + i)[0] for i, env in enumerate(self.envs)])
-        returns = np.zeros(len(self.envs))
-        alive = list(range(len(self.envs)))
+        envs = self.envs[:n_episodes]
+        obs = np.stack([env.reset(seed=self.seed + i)[0] for i, env in enumerate(envs)])
+        returns = np.zeros(len(envs))
+        alive = list(range(len(envs)))
         while alive:
             o = torch.as_tensor(obs[alive], dtype=torch.float32, device=self.device)
             actions = act((o - self.obs_mean) / self.obs_std).cpu().numpy()
             for j, a in zip(list(alive), np.clip(actions, self.low, self.high)):
-                obs[j], r, term, trunc, _ = self.envs[j].step(a)
+                obs[j], r, term, trunc, _ = envs[j].step(a)
                 returns[j] += r
                 if term or trunc:
                     alive.remove(j)
@@ -2574,8 +2584,11 @@ def fqe_gap(history: Sequence[float]) -> float:
 
 
 def fqe_converged(history: Sequence[float], tol: float) -> bool:
-    """The re-evaluation stopping rule: the extrapolated gap is below tol times the size of the values (tol 0: never)."""
-    return tol > 0 and fqe_gap(history) <= tol * max(abs(history[-1]), 1.0)
+    """The re-evaluation stopping rule: the extrapolated gap is below tol times the size of the values at the last two
+    readings (tol 0: never). One passing reading is not enough: where the critic's fast first fit bends into its slow
+    growth (halfcheetah-medium: 72.7, 141.1, 148.0, then on to ~430) three readings look like a geometric approach."""
+    return tol > 0 and len(history) >= 4 and all(fqe_gap(history[:n]) <= tol * max(abs(history[n - 1]), 1.0)
+                                                  for n in (len(history) - 1, len(history)))
 # --- end shared: fqe-stop ---
 
 

@@ -27,10 +27,10 @@ OFFLINE_TINY = ["--total-steps", "20", "--eval-every", "20", "--log-every", "10"
                 "--cql-n-actions", "2", "--device", "cpu"]
 # one evaluation episode (up to 700 ant steps) each; no evaluations inside alignment or early online
 SAC_TINY = ["--reevaluate-steps", "20", "--align-steps", "20", "--align-eval-every", "0", "--online-steps", "60", "--learning-starts", "20",
-            "--utd", "1", "--eval-every", "60", "--eval-episodes", "1", "--early-evals", "0", "--batch-size", "32", "--log-every", "20",
+            "--utd", "1", "--eval-every", "60", "--eval-episodes", "1", "--headline-eval-episodes", "0", "--early-evals", "0", "--batch-size", "32", "--log-every", "20",
             "--checkpoint-every", "20", "--device", "cpu"]
 TD3_TINY = ["--batch-size", "32", "--reevaluate-steps", "20", "--align-steps", "20", "--align-eval-every", "0", "--online-steps", "40",
-            "--learning-starts", "10", "--eval-every", "40", "--eval-episodes", "1", "--early-evals", "0", "--log-every", "10",
+            "--learning-starts", "10", "--eval-every", "40", "--eval-episodes", "1", "--headline-eval-episodes", "0", "--early-evals", "0", "--log-every", "10",
             "--checkpoint-every", "20", "--device", "cpu"]
 PPO_TINY = ["--rollout-size", "32", "--minibatch-size", "16", "--update-epochs", "1", "--online-steps", "32", "--reevaluate-steps", "20",
             "--eval-every", "32", "--early-evals", "0", "--log-every", "32", "--checkpoint-every", "32", "--device", "cpu"]

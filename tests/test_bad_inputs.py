@@ -119,13 +119,13 @@ O2O_DIR = {SAC: "o2o_sac", TD3: "o2o_td3", PPO: "o2o_ppo"}
 # tiny budgets of every phase (IQL's Gaussian actor: SAC and TD3 distil it, PPO copies it); a later flag overrides one here
 O2O_TINY = {
     SAC: ["--distill-steps", "10", "--reevaluate-steps", "10", "--align-steps", "10", "--online-steps", "40", "--learning-starts", "20",
-          "--utd", "1", "--eval-every", "20", "--eval-episodes", "1", "--batch-size", "32", "--log-every", "10", "--early-evals", "0",
+          "--utd", "1", "--eval-every", "20", "--eval-episodes", "1", "--headline-eval-episodes", "0", "--batch-size", "32", "--log-every", "10", "--early-evals", "0",
           "--align-eval-every", "0"],
     TD3: ["--distill-steps", "10", "--reevaluate-steps", "10", "--align-steps", "10", "--online-steps", "40", "--learning-starts", "20",
-          "--eval-every", "20", "--eval-episodes", "1", "--batch-size", "32", "--log-every", "10", "--early-evals", "0",
+          "--eval-every", "20", "--eval-episodes", "1", "--headline-eval-episodes", "0", "--batch-size", "32", "--log-every", "10", "--early-evals", "0",
           "--align-eval-every", "0"],
     PPO: ["--distill-steps", "10", "--reevaluate-steps", "10", "--rollout-size", "32", "--minibatch-size", "32", "--update-epochs", "1",
-          "--online-steps", "64", "--eval-every", "32", "--eval-episodes", "1", "--log-every", "32", "--early-evals", "0"],
+          "--online-steps", "64", "--eval-every", "32", "--eval-episodes", "1", "--headline-eval-episodes", "0", "--log-every", "32", "--early-evals", "0"],
 }
 
 

@@ -26,7 +26,7 @@ ppo = load_script("o2o_ppo")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 TINY = ["--rollout-size", "64", "--minibatch-size", "32", "--update-epochs", "2", "--online-steps", "256",
-        "--reevaluate-steps", "50", "--distill-steps", "50", "--eval-every", "128", "--eval-episodes", "2",
+        "--reevaluate-steps", "50", "--distill-steps", "50", "--eval-every", "128", "--eval-episodes", "2", "--headline-eval-episodes", "0",
         "--log-every", "64", "--checkpoint-every", "128", "--device", "cpu"]
 
 
@@ -563,7 +563,7 @@ def test_default_checkpoint_interval_is_a_tenth_of_a_short_run(offline_checkpoin
 # These tests run main() with spies on the script's functions and check what each phase received against a hand
 # computation: they fail when a piece is wired wrongly even if every pure function is right.
 FAST = ["--rollout-size", "64", "--minibatch-size", "16", "--update-epochs", "1", "--online-steps", "128", "--reevaluate-steps", "5",
-        "--eval-every", "128", "--eval-episodes", "1", "--log-every", "64", "--checkpoint-every", "128", "--device", "cpu"]
+        "--eval-every", "128", "--eval-episodes", "1", "--headline-eval-episodes", "0", "--log-every", "64", "--checkpoint-every", "128", "--device", "cpu"]
 
 
 def spied_run(monkeypatch, ckpt: Path, run_dir: Path, *extra: str, time_limit: int | None = None) -> tuple[dict, dict]:
@@ -741,6 +741,25 @@ def test_time_limit_ends_bootstrap_in_what_the_update_sees(offline_checkpoints, 
 BOUNDARY_KEYS = {"step", "v_mean", "v_std", "v_mean_error", "v_mean_abs_error", "mc_return_mean", "entropy", "mean_abs_action", "saturation"}
 
 
+def test_headline_evaluations_use_more_episodes(offline_checkpoints, tmp_path, monkeypatch):
+    """--headline-eval-episodes reaches exactly the evaluations results.json's headline numbers rest on (offline,
+    distilled, every online evaluation in the first tenth, the last one); the rest of online uses --eval-episodes. The
+    stand-in's every return is the episode count asked for."""
+    def count(self, act, n_episodes=None):
+        n = len(self.envs[:n_episodes])
+        return np.full(n, float(n))
+
+    monkeypatch.setattr(ppo.Evaluator, "__call__", count)
+    res = ppo.main(tyro.cli(ppo.Args, args=["--env", "hopper-medium-v2", "--checkpoint", str(offline_checkpoints["td3_bc"]), "--run-dir",
+                                            str(tmp_path), "--rollout-size", "32", "--minibatch-size", "16", "--update-epochs", "1",
+                                            "--online-steps", "640", "--reevaluate-steps", "5", "--distill-steps", "5", "--eval-every", "320",
+                                            "--eval-episodes", "1", "--headline-eval-episodes", "3", "--log-every", "320", "--early-evals", "2",
+                                            "--device", "cpu"]))
+    got = [(p["phase"], p["step"], p["return"]) for p in res["curve"]]
+    assert got == [("offline", 0, 3), ("distilled", 0, 3), ("online", 0, 3), ("online", 32, 3), ("online", 64, 3), ("online", 320, 1),
+                   ("online", 640, 3)]
+
+
 def test_diagnostics_and_early_evaluations_in_results(offline_checkpoints, tmp_path, monkeypatch):
     """V and actor statistics at start, after re-evaluation and at the end reach results.json (finite, on the 2048 states of
     the run's seed, against a hand computation at the switch); --early-evals 2 over 640 steps (first tenth: 64) adds
@@ -751,7 +770,7 @@ def test_diagnostics_and_early_evaluations_in_results(offline_checkpoints, tmp_p
     ck = offline_checkpoints["iql"]
     res = ppo.main(tyro.cli(ppo.Args, args=["--env", "hopper-medium-v2", "--checkpoint", str(ck), "--run-dir", str(tmp_path),
                                             "--rollout-size", "32", "--minibatch-size", "16", "--update-epochs", "1", "--online-steps", "640",
-                                            "--reevaluate-steps", "20", "--eval-every", "640", "--eval-episodes", "1", "--log-every", "320",
+                                            "--reevaluate-steps", "20", "--eval-every", "640", "--eval-episodes", "1", "--headline-eval-episodes", "0", "--log-every", "320",
                                             "--checkpoint-every", "640", "--early-evals", "2", "--device", "cpu"]))
     out = tmp_path / "o2o_ppo/hopper-medium-v2/o2ppo_seed0"
     diag = json.loads((out / "results.json").read_text())["diagnostics"]
@@ -819,7 +838,7 @@ def test_budget_scale_halves_every_budget(offline_checkpoints, tmp_path, monkeyp
     flags = [x for k, v in given.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     res = ppo.main(tyro.cli(ppo.Args, args=["--env", "hopper-medium-v2", "--checkpoint", str(offline_checkpoints["cql"]), "--run-dir",
                                             str(tmp_path), "--rollout-size", "64", "--minibatch-size", "32", "--update-epochs", "1",
-                                            "--eval-episodes", "1", "--device", "cpu", "--distill-steps", "40", *flags, "--budget-scale", "0.5"]))
+                                            "--eval-episodes", "1", "--headline-eval-episodes", "0", "--device", "cpu", "--distill-steps", "40", *flags, "--budget-scale", "0.5"]))
     half = {k: v if k == "constraint_horizon" else v // 2 for k, v in given.items()}
     assert calls == {"distill": 40, "reeval": 10, "ppo": 2 * 2, "env_steps": 128, "online_pt": 2}
     assert res["online_steps_done"] == 128 and res["constraint_horizon"] == 512 and res["distillation"]["steps"] == 40 and res["reevaluation"]["steps"] == 10

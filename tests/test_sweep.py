@@ -22,7 +22,7 @@ report = load_script("report")
 
 # o2o_sac writes online.pt at episode ends: 400 env steps hold a few episodes of the fixture's weak policies
 TINY_SAC = ["--reevaluate-steps", "20", "--align-steps", "10", "--online-steps", "500", "--learning-starts", "10", "--utd", "1",
-            "--eval-every", "250", "--eval-episodes", "1", "--early-evals", "1", "--align-eval-every", "0", "--batch-size", "32",
+            "--eval-every", "250", "--eval-episodes", "1", "--headline-eval-episodes", "0", "--early-evals", "1", "--align-eval-every", "0", "--batch-size", "32",
             "--log-every", "100", "--checkpoint-every", "10", "--distill-steps", "20"]
 
 
