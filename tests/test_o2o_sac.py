@@ -693,7 +693,7 @@ def test_fqe_gap_extrapolates_a_geometric_approach():
 
 def test_fqe_stop_needs_two_consecutive_passing_readings():
     """halfcheetah-medium's probe: 72.7, 141.1, 148.0 looks converged (gap 0.77 < 1% of 148) where the fast first fit bends
-    into a slow growth that continues to ~430; the rule waits for a second passing reading, which the growth denies."""
+    into a slow growth (162.1 next, 171 after 10k steps); the rule waits for a second passing reading, which the growth denies."""
     hc = [72.7, 141.1, 148.0]
     assert o2o.fqe_gap(hc) <= 0.01 * hc[-1]  # one reading passes ...
     assert not o2o.fqe_converged(hc, 0.01) and not o2o.fqe_converged([*hc, 160.0], 0.01)  # ... the next one does not

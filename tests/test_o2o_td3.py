@@ -205,7 +205,7 @@ def test_fqe_gap_extrapolates_a_geometric_approach():
     assert td3.fqe_gap([3.0, 3.0, 3.0]) == 0.0
     assert td3.fqe_converged(q, 0.07) and not td3.fqe_converged(q, 0.04)  # readings 4 and 5 pass 7% (gap 6.25 against 93.75), not 4%
     assert not td3.fqe_converged([1.0, 1.0, 1.0, 1.0], 0.0)  # tol 0 = never: the paper's fixed step count
-    hc = [72.7, 141.1, 148.0]  # halfcheetah-medium: the fast first fit bending into a slow growth (on to ~430)
+    hc = [72.7, 141.1, 148.0]  # halfcheetah-medium: the fast first fit bending into a slow growth (on to 171)
     assert td3.fqe_gap(hc) <= 0.01 * hc[-1] and not td3.fqe_converged(hc, 0.01) and not td3.fqe_converged([*hc, 160.0], 0.01)
     assert not td3.fqe_converged(q[:4], 0.07)  # reading 4 passes 7%, reading 3 (gap 12.5) does not
 
