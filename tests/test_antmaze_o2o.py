@@ -183,15 +183,16 @@ def test_o2td3_end_to_end_and_resume(antmaze, tmp_path, capsys):
 def test_o2ppo_end_to_end_raw_rewards_and_100_episodes(antmaze, tmp_path, monkeypatch):
     """The default evaluation has 100 episodes (an evaluator that only counts them, 100 real ones would take minutes);
     V learns from the raw 0/1 rewards."""
-    sizes = []
+    sizes, asked = [], []
 
     class CountingEvaluator:
         def __init__(self, env_spec, n_episodes, *a):
             sizes.append(n_episodes)
             self.n, self.seconds = n_episodes, 0.0
 
-        def __call__(self, act):
-            return np.zeros(self.n)
+        def __call__(self, act, n_episodes=None):  # None: all of them (a headline evaluation)
+            asked.append(self.n if n_episodes is None else n_episodes)
+            return np.zeros(asked[-1])
 
         def close(self):
             pass
@@ -199,5 +200,5 @@ def test_o2ppo_end_to_end_raw_rewards_and_100_episodes(antmaze, tmp_path, monkey
     monkeypatch.setattr(ppo, "Evaluator", CountingEvaluator)
     res = run(ppo, PPO_TINY, antmaze["iql"], tmp_path)
     assert_results_schema(res, "o2o_ppo")
-    assert sizes == [100] and res["finished"] and [p["step"] for p in res["curve"] if p["phase"] == "online"] == [0, 32]
+    assert sizes == [100] and set(asked) == {100} and len(asked) == 2 and res["finished"]  # the offline and the last evaluation and [p["step"] for p in res["curve"] if p["phase"] == "online"] == [0, 32]
     assert res["reward_scaling"]["mode"] == "none" and res["reward_transform"] == {"scale": 1.0, "shift": 0.0} and res["family_row"] == "antmaze"
