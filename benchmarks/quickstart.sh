@@ -14,11 +14,11 @@ OUT=runs/quickstart
 $PY make_dataset.py --env hopper-medium-v2 --policy benchmarks/behavior_policies/hopper/medium_policy.pt \
     --size 100000 --overwrite
 $PY offline_pretrain.py --algo td3_bc --env hopper-medium-v2 --total-steps 10000 --eval-every 10000 --run-dir $OUT --overwrite
-# re-evaluation until Q has converged (at most 20k steps), 3k alignment steps, 6k online env steps (threshold horizon
+# re-evaluation until Q has converged (at most 8k steps), 3k alignment steps, 6k online env steps (threshold horizon
 # 6k, updates from env step 60), an evaluation every 500 env steps and five more in the first tenth; 5 episodes
 # per evaluation, 20 for the ones the printed scores rest on (offline, aligned, the first tenth, the last)
 $PY o2o_td3.py --env hopper-medium-v2 --offline-algo td3_bc --run-dir $OUT --run-name quickstart \
-    --reevaluate-steps 20000 --align-steps 3000 --online-steps 6000 --constraint-horizon 6000 --learning-starts 60 \
+    --reevaluate-steps 8000 --align-steps 3000 --online-steps 6000 --constraint-horizon 6000 --learning-starts 60 \
     --eval-every 500 --eval-episodes 5 --headline-eval-episodes 20 --overwrite
 RUN=$OUT/o2o_td3/hopper-medium-v2/quickstart
 echo
