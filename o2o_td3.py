@@ -877,7 +877,7 @@ def run_alignment(run: Run, nets: O2TD3Nets, rb_offline: ReplayBuffer, key: dict
         nets.actor_target.load_state_dict(nets.actor.state_dict())
         ret, score = run.evaluate(nets.actor, headline=True)
         if a.align_eval_every and a.align_steps % a.align_eval_every == 0:
-            run.record(a.align_steps, *run.evaluate(nets.actor), "align", quiet=True, tag="align")
+            run.record(a.align_steps, ret, score, "align", quiet=True, tag="align")
         run.checkpoint("aligned", nets, key, {"aligned_return": ret, "aligned_score": score, "align_curve": run.curve[n0:]}, score)
     run.record(0, ret, score, "aligned")
     run.phase_done("aligned", t0, saved is not None)
