@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The README's no-drop check at --budget-scale 0.02: each job one o2o run with the scripts' defaults scaled by 0.02
 # (O2SAC: 5k distillation steps, re-evaluation until converged, at most 10k, 10k alignment steps with the actor held at
-# pi0, 2k env steps at UTD 10; O2TD3: the same phases, 2k env steps at UTD 1; O2PPO: 20k re-evaluation steps, 5k env
-# steps), 5 evaluation episodes every 200 env steps, 50 for the headline evaluations (offline, distilled, aligned,
-# the first tenth of online learning, the last). One torch thread per run, P runs at a time (default 2), in the order
-# given; each run's results.json is copied to OUT/<job>.json for benchmarks/no_drop_table.py.
+# pi0, 2k env steps at UTD 10; O2TD3: the same phases, 2k env steps at UTD 1), 5 evaluation episodes every 200 env
+# steps, 50 for the headline evaluations (offline, distilled, aligned, the first tenth of online learning, the last).
+# O2PPO jobs run at --budget-scale 0.1 instead (500 distillation steps, 20k re-evaluation steps, 25k env steps = 12
+# PPO updates of 2048 transitions, an evaluation after every update): at 0.02 its online phase is two updates. One
+# torch thread per run, P runs at a time (default 2), in the order given; each run's results.json is copied to
+# OUT/<job>.json for benchmarks/no_drop_table.py.
 #
 #   bash benchmarks/no_drop_grid.sh IQL_CKPT TD3BC_CKPT OUT [ENV [JOB ...]]
 #
@@ -28,8 +30,9 @@ printf '%s\n' "${JOBS[@]}" | xargs -P "${P:-2}" -I{} bash -c '
   name={}; IFS=_ read -r script mode ck seed <<< "$name"; seed=${seed#s}
   ckpt=$([ "$ck" = iql ] && echo "$IQL" || echo "$TD3BC")
   flags=$([ "$mode" = naive ] && echo "--no-reevaluate --no-constraint $([ "$script" != ppo ] && echo --no-align)")
+  scale=$([ "$script" = ppo ] && echo "0.1 --reevaluate-steps 200000" || echo 0.02)
   t0=$SECONDS
-  $PY o2o_$script.py --env "$ENV" --seed "$seed" --checkpoint "$ckpt" --budget-scale 0.02 --eval-every 10000 --eval-episodes 5 \
+  $PY o2o_$script.py --env "$ENV" --seed "$seed" --checkpoint "$ckpt" --budget-scale $scale --eval-every 10000 --eval-episodes 5 \
       --threads 1 --device cpu --run-dir "$OUT/runs" --run-name "$name" $flags > "$OUT/$name.log" 2>&1; rc=$?
   res=$(ls "$OUT"/runs/o2o_*/*/"$name"/results.json 2>/dev/null | head -1)
   [ -n "$res" ] && cp "$res" "$OUT/$name.json"
