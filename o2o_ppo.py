@@ -84,11 +84,11 @@ class Args:
     """dataset family `<env>-<level>` (e.g. hopper-medium-expert, antmaze-umaze) whose PPO_FAMILY_DEFAULTS row and environment entry apply; default:
     the one --env names (a --dataset-id run whose --env names no D4RL dataset must pass it)"""
     budget_scale: float = 1.0
-    """multiplies every step count given or defaulted: --distill-steps, --reevaluate-steps, --online-steps,
-    --eval-every, --log-every, --checkpoint-every, each rounded to an integer >= 1 (not --rollout-size, kept at 2048,
-    nor --stop-after, an absolute step; --constraint-horizon only with --scale-constraint-horizon). 1 = the paper's
-    protocol; F = 0.03 compresses it (the learning-rate decay and the evaluation clock shrink with the budget)
-    instead of truncating it"""
+    """multiplies every step count given or defaulted: --reevaluate-steps, --online-steps, --eval-every, --log-every,
+    --checkpoint-every, each rounded to an integer >= 1 (not --distill-steps, which fits the offline actor to an
+    accuracy, nor --rollout-size, kept at 2048, nor --stop-after, an absolute step; --constraint-horizon only with
+    --scale-constraint-horizon). 1 = the paper's protocol; F = 0.03 compresses it (the learning-rate decay and the
+    evaluation clock shrink with the budget) instead of truncating it"""
 
     # --- any offline actor -> Gaussian actor (docs/algorithms.md, section 5) ---
     distill_steps: int = 5_000

@@ -3,10 +3,10 @@
 # (O2SAC: 5k distillation steps, re-evaluation until converged, at most 10k, 10k alignment steps with the actor held at
 # pi0, 2k env steps at UTD 10; O2TD3: the same phases, 2k env steps at UTD 1), 5 evaluation episodes every 200 env
 # steps, 50 for the headline evaluations (offline, distilled, aligned, the first tenth of online learning, the last).
-# O2PPO jobs run at --budget-scale 0.1 instead (500 distillation steps, 20k re-evaluation steps, 25k env steps = 12
-# PPO updates of 2048 transitions, an evaluation after every update): at 0.02 its online phase is two updates. One
-# torch thread per run, P runs at a time (default 2), in the order given; each run's results.json is copied to
-# OUT/<job>.json for benchmarks/no_drop_table.py.
+# O2PPO jobs run at --budget-scale 0.1 instead (5k distillation steps, 20k re-evaluation steps, 25k env steps = 12
+# PPO updates of 2048 transitions, an evaluation after every update; PPO_SCALE=F sets another scale, re-evaluation
+# stays at 20k steps): at 0.02 its online phase is two updates. One torch thread per run, P runs at a time (default
+# 2), in the order given; each run's results.json is copied to OUT/<job>.json for benchmarks/no_drop_table.py.
 #
 #   bash benchmarks/no_drop_grid.sh IQL_CKPT TD3BC_CKPT OUT [ENV [JOB ...]]
 #
@@ -25,12 +25,12 @@ if [ ${#JOBS[@]} -eq 0 ]; then
   for s in 0 1 2; do JOBS+=("sac_naive_iql_s$s" "td3_naive_td3bc_s$s" "ppo_naive_iql_s$s"); done
 fi
 mkdir -p "$OUT"
-export OMP_NUM_THREADS=1 PY=${PY:-.venv/bin/python} OUT ENV IQL TD3BC
+export OMP_NUM_THREADS=1 PY=${PY:-.venv/bin/python} OUT ENV IQL TD3BC PPO_SCALE=${PPO_SCALE:-0.1}
 printf '%s\n' "${JOBS[@]}" | xargs -P "${P:-2}" -I{} bash -c '
   name={}; IFS=_ read -r script mode ck seed <<< "$name"; seed=${seed#s}
   ckpt=$([ "$ck" = iql ] && echo "$IQL" || echo "$TD3BC")
   flags=$([ "$mode" = naive ] && echo "--no-reevaluate --no-constraint $([ "$script" != ppo ] && echo --no-align)")
-  scale=$([ "$script" = ppo ] && echo "0.1 --reevaluate-steps 200000" || echo 0.02)
+  scale=$([ "$script" = ppo ] && echo "$PPO_SCALE --reevaluate-steps $(awk "BEGIN { print int(20000 / $PPO_SCALE + 0.5) }")" || echo 0.02)
   t0=$SECONDS
   $PY o2o_$script.py --env "$ENV" --seed "$seed" --checkpoint "$ckpt" --budget-scale $scale --eval-every 10000 --eval-episodes 5 \
       --threads 1 --device cpu --run-dir "$OUT/runs" --run-name "$name" $flags > "$OUT/$name.log" 2>&1; rc=$?
