@@ -3,8 +3,8 @@
 # (O2SAC: 5k distillation steps, re-evaluation until converged, at most 10k, 10k alignment steps with the actor held at
 # pi0, 2k env steps at UTD 10; O2TD3: the same phases, 2k env steps at UTD 1), 5 evaluation episodes every 200 env
 # steps, 50 for the headline evaluations (offline, distilled, aligned, the first tenth of online learning, the last).
-# O2PPO jobs run at --budget-scale 0.1 instead (5k distillation steps, 20k re-evaluation steps, 25k env steps = 12
-# PPO updates of 2048 transitions, an evaluation after every update; PPO_SCALE=F sets another scale, re-evaluation
+# O2PPO jobs run at --budget-scale 0.4 instead (5k distillation steps, 20k re-evaluation steps, 100k env steps = 48
+# PPO updates of 2048 transitions, an evaluation every 4k env steps; PPO_SCALE=F sets another scale, re-evaluation
 # stays at 20k steps): at 0.02 its online phase is two updates. One torch thread per run, P runs at a time (default
 # 2), in the order given; each run's results.json is copied to OUT/<job>.json for benchmarks/no_drop_table.py.
 #
@@ -25,7 +25,7 @@ if [ ${#JOBS[@]} -eq 0 ]; then
   for s in 0 1 2; do JOBS+=("sac_naive_iql_s$s" "td3_naive_td3bc_s$s" "ppo_naive_iql_s$s"); done
 fi
 mkdir -p "$OUT"
-export OMP_NUM_THREADS=1 PY=${PY:-.venv/bin/python} OUT ENV IQL TD3BC PPO_SCALE=${PPO_SCALE:-0.1}
+export OMP_NUM_THREADS=1 PY=${PY:-.venv/bin/python} OUT ENV IQL TD3BC PPO_SCALE=${PPO_SCALE:-0.4}
 printf '%s\n' "${JOBS[@]}" | xargs -P "${P:-2}" -I{} bash -c '
   name={}; IFS=_ read -r script mode ck seed <<< "$name"; seed=${seed#s}
   ckpt=$([ "$ck" = iql ] && echo "$IQL" || echo "$TD3BC")
