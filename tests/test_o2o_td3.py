@@ -242,7 +242,7 @@ def test_budget_scale_resolution():
     given = A(budget_scale=0.03)
     a = td3.with_budget_scale(td3.with_mode_defaults(given))
     assert given.online_steps is None and given.align_eval_every is None and given.reevaluate_steps == 500_000  # never mutated
-    assert (a.distill_steps, a.reevaluate_steps, a.align_steps, a.online_steps, a.learning_starts) == (5_000, 15_000, 15_000, 3_000, 30)  # distillation not scaled
+    assert (a.distill_steps, a.reevaluate_steps, a.align_steps, a.online_steps, a.learning_starts) == (20_000, 15_000, 15_000, 3_000, 30)  # distillation not scaled
     assert (a.constraint_horizon, a.eval_every, a.checkpoint_every, a.log_every, a.align_eval_every) == (100_000, 30, 300, 30, 1_500)
     assert td3.with_budget_scale(td3.with_mode_defaults(A(budget_scale=0.03, scale_constraint_horizon=True))).constraint_horizon == 3_000
     assert a.lambda_lr == pytest.approx(5e-5 / 0.03) and a.stop_after is None
