@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The README's no-drop check at --budget-scale 0.02: each job one o2o run with the scripts' defaults scaled by 0.02
 # (O2SAC: 5k distillation steps, re-evaluation until converged, at most 10k, 10k alignment steps with the actor held at
-# pi0, 2k env steps at UTD 10; O2TD3: the same phases, 2k env steps at UTD 1), 5 evaluation episodes every 200 env
-# steps, 50 for the headline evaluations (offline, distilled, aligned, the first tenth of online learning, the last).
+# pi0, 2k env steps at UTD 10; O2TD3: the same phases with 20k distillation steps, 2k env steps at UTD 1), 5
+# evaluation episodes every 200 env steps, 50 for the headline evaluations (offline, distilled, aligned, the first
+# tenth of online learning, the last).
 # O2PPO jobs run at --budget-scale 0.4 instead (5k distillation steps, 20k re-evaluation steps, 100k env steps = 48
 # PPO updates of 2048 transitions, an evaluation every 4k env steps; PPO_SCALE=F sets another scale, re-evaluation
 # stays at 20k steps): at 0.02 its online phase is two updates. One torch thread per run, P runs at a time (default
