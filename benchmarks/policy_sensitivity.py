@@ -35,14 +35,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import o2o_ppo  # noqa: E402
-
-
-def actor_of(saved: dict, state: dict) -> torch.nn.Module:
-    hidden = saved["actor_config"]["hidden"]
-    actor = o2o_ppo.build_actor(saved["actor_family"], saved["obs_dim"], saved["act_dim"], hidden, saved.get("max_action", 1.0))
-    actor.load_state_dict(state)
-    return actor.eval()
+from eval_policy import actor_of  # noqa: E402  (the actor of a checkpoint or an o2o file, any family)
 
 
 def perturbed(actor: torch.nn.Module, size: float, seed: int) -> torch.nn.Module:
