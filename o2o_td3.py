@@ -518,7 +518,8 @@ class Nets:
                 "log_lam": log_lam.detach().cpu().clone() if log_lam is not None else None}
 
     def load(self, state: dict, accel: Accel, names: Sequence[str] | None = None) -> None:
-        """The saved networks and optimisers of `state` (only those in `names` when given) into these."""
+        """The saved networks and optimisers of `state` (only those in `names` when given) into these; log lambda only
+        with everything (a resumed online phase): a reused phase keeps this run's --lambda-init, which no phase key holds."""
         for k, m in self.modules().items():
             if k in state["modules"] and (names is None or k in names):
                 m.load_state_dict(state["modules"][k])
@@ -526,7 +527,7 @@ class Nets:
             if k in state["optimizers"] and (names is None or k in names):
                 accel.load_optimizer(o, state["optimizers"][k])
         log_lam = self.log_lambda()
-        if state.get("log_lam") is not None and log_lam is not None:
+        if state.get("log_lam") is not None and log_lam is not None and names is None:
             with torch.no_grad():
                 log_lam.copy_(state["log_lam"])
 

@@ -710,6 +710,12 @@ def test_resume_after_kill_and_phase_reuse(tmp_path, offline_checkpoints):
     full = run(ck, tmp_path, *extra, "--run-name", "full")
     killed = run(ck, tmp_path, *extra, "--run-name", "killed", "--stop-after", "30")
     assert not killed["finished"] and not (Path(killed["run_dir"]) / "final.pt").exists()
+    # the multiplier resumes where it was, not at --lambda-init: a copy of the killed run, resumed with nothing left to do
+    saved = torch.load(Path(killed["run_dir"]) / "online.pt", weights_only=True)["lagrange"]["log_lambda"]
+    shutil.copytree(killed["run_dir"], tmp_path / "copy" / Path(killed["run_dir"]).relative_to(tmp_path))
+    done = run(ck, tmp_path / "copy", *extra[:1], "30", *extra[2:], "--run-name", "killed")
+    assert done["finished"] and saved.item() != 0.0
+    assert torch.equal(torch.load(Path(done["run_dir"]) / "final.pt", weights_only=True)["lagrange"]["log_lambda"], saved)
     resumed = run(ck, tmp_path, *extra, "--run-name", "killed")
     assert resumed["finished"] and resumed["phases"]["aligned"]["reused"]
     assert phase_marks(resumed["run_dir"]) == phase_marks(full["run_dir"])  # a resumed run marks no phase again
@@ -1042,6 +1048,20 @@ def test_optimisers_carry_over_phases_and_phase_reuse(o2td3_trace, scaled_checkp
     assert f"NOTICE: {out / 'aligned.pt'} was made with other arguments; recomputing phase aligned" in capsys.readouterr().out
     steps = _adam_steps(torch.load(out / "final.pt", weights_only=True))
     assert (steps["qf_opt"], steps["actor_opt"]) == (30 + n_updates, 10 + n_actor)
+
+
+def test_reused_phases_keep_this_runs_lambda_init(o2td3_trace, scaled_checkpoint, tmp_path):
+    """--lambda-init is in no phase key: a run reusing another's re-evaluation and alignment starts its multiplier at
+    its own --lambda-init, not at the one saved with the phases."""
+    src = Path(o2td3_trace["res"]["run_dir"])
+    dst = tmp_path / src.relative_to(src.parents[2])
+    dst.mkdir(parents=True)
+    for name in ("reevaluated", "aligned"):  # as the trace run saved them (a test above recomputes its aligned.pt)
+        torch.save(o2td3_trace[name], dst / f"{name}.pt")
+    again = _trace(tmp_path, scaled_checkpoint, *O2TD3_TRACE, "--lambda-init", "5")
+    assert again["res"]["phases"]["reevaluated"]["reused"] and again["res"]["phases"]["aligned"]["reused"]
+    assert o2td3_trace["o2td3"][0]["lam_before"] == pytest.approx(0.0)
+    assert again["o2td3"][0]["lam_before"] == pytest.approx(math.log(5.0))
 
 
 def test_opt_rewards_per_critic_and_pretrain_target_cadence(opt_trace):
