@@ -258,9 +258,9 @@ class Args:
     log_every: int = 1_000
     """write losses to tensorboard every this many steps"""
     checkpoint_every: int | None = None
-    """write online.pt every this many env steps (any interval; a resumed run continues from the step it holds).
-    Default: 10000 (times --budget-scale), at most a tenth of --online-steps, so a short run's online phase survives a
-    kill too"""
+    """write online.pt at the first episode end this many env steps after the last one, and at the last step (any
+    interval; a resumed run continues from the step it holds, as the uninterrupted run would). Default: 10000 (times
+    --budget-scale), at most a tenth of --online-steps, so a short run's online phase survives a kill too"""
 
     # --- speed (same math; eager is the reference) ---
     compile: bool = False
@@ -896,7 +896,8 @@ def run_online(run: Run, nets: O2TD3Nets, rb_offline: ReplayBuffer) -> bool:
     rb_online = OnlineReplay(rb_offline, run.data, a.buffer_mode, a.online_steps, a.part_trajectories, False, run.device)
     run.enter("online", 0)
     resume_online(run, nets, rb_online)
-    runner = EnvRunner(run.data["env_spec"], a.seed + run.loop["global_step"], run.obs_mean, run.obs_std, run.rewards["qf"], run.device)
+    runner = EnvRunner(run.data["env_spec"], a.seed + run.loop["global_step"], run.obs_mean, run.obs_std, run.rewards["qf"], run.device,
+                       run.loop["env_rng"])
     if constraint:
         run.writer.add_scalar("charts/kl_threshold", d["eps0"], 0)
     step_fn = run.accel.update(functools.partial(online_update, nets.actor, nets.actor_target, nets.actor_ref, nets.qf, nets.qf_target,
@@ -972,7 +973,8 @@ def run_opt(run: Run, nets: OPTNets, rb_offline: ReplayBuffer) -> bool:
     rb_online = OnlineReplay(rb_offline, run.data, a.buffer_mode, a.online_steps, a.part_trajectories, a.opt_balanced_replay, run.device)
     runner = None if resume_online(run, nets, rb_online) else run_opt_pretraining(run, nets, rb_offline, rb_online)
     if runner is None:
-        runner = EnvRunner(run.data["env_spec"], a.seed + run.loop["global_step"], run.obs_mean, run.obs_std, run.rewards["qf_on"], run.device)
+        runner = EnvRunner(run.data["env_spec"], a.seed + run.loop["global_step"], run.obs_mean, run.obs_std, run.rewards["qf_on"], run.device,
+                           run.loop["env_rng"])
     t0 = time.time()
     off_rt = run.rewards["qf"]
     step_fn = run.accel.update(functools.partial(opt_finetune_update, nets.actor, nets.actor_target, nets.qf, nets.qf_target, nets.qf_on,
@@ -1041,7 +1043,10 @@ def online_loop(run: Run, nets: O2TD3Nets | OPTNets, actor_ref: nn.Module | None
                 elif a.reference == "interval" and regular and st["n_evals"] % a.reference_interval == 0:
                     actor_ref.load_state_dict(actor.state_dict())
             st["best"] = max(st["best"], score)
-        if global_step % a.checkpoint_every == 0 or global_step == a.online_steps:
+        # online.pt at the first episode end --checkpoint-every env steps after the last one (and at the last step): a
+        # resumed run redraws the next episode start from the env's saved random state and is the uninterrupted run
+        if (ep_ret is not None and global_step - st["ckpt_step"] >= a.checkpoint_every) or global_step == a.online_steps:
+            st["ckpt_step"], st["env_rng"] = global_step, runner.env_rng if ep_ret is not None else None
             run.checkpoint("online", nets, run.key, {"loop": dict(st), "curve": run.curve, "phases": run.phases, "diagnostics": run.diagnostics,
                                                      "replay": rb_online.state(), "evaluation_s": run.evaluator.seconds},
                            run.curve[-1]["normalized_score"])
@@ -1055,7 +1060,9 @@ def online_loop(run: Run, nets: O2TD3Nets | OPTNets, actor_ref: nn.Module | None
 
 def resume_online(run: Run, nets: O2TD3Nets | OPTNets, rb_online: OnlineReplay) -> bool:
     """Continue a killed run from online.pt (same arguments up to RESUMABLE_CHANGES, checked by check_run_folder before
-    any phase ran); a fresh training episode starts. False: nothing to resume."""
+    any phase ran): online.pt was written at an episode end with the env's random state, so the run continues as the
+    uninterrupted one would (bit for bit on CPU); from the last step of a finished run (possibly mid-episode) a longer
+    budget starts a fresh episode. False: nothing to resume."""
     saved = run.online_state
     if saved is None:
         return False
@@ -1450,7 +1457,7 @@ class Run:
         self.reevaluation: dict | None = None  # how re-evaluation ended (run_reevaluation); None when it is skipped
         self.online_state = online_state  # the online.pt to resume (check_run_folder); None: the online phase starts afresh
         # the resumable state of the online env loop (online_loop); best: the best score so far (--reference best)
-        self.loop: dict[str, Any] = {"global_step": 0, "n_updates": 0, "n_evals": 0, "best": -math.inf}
+        self.loop: dict[str, Any] = {"global_step": 0, "n_updates": 0, "n_evals": 0, "best": -math.inf, "ckpt_step": 0, "env_rng": None}
         self.writer.add_text("args", json.dumps(asdict(args)))
         self.writer.add_text("dataset", f"{','.join(data['dataset_ids'])} (local stand-in: {data['local_standin']})")
 
@@ -1673,10 +1680,15 @@ class EnvRunner:
     """The training environment: one step of pi(s) + N(0, sigma^2), clipped; returns the transition as device tensors.
     The EXECUTED (noisy, clipped) action is what the buffer stores (docs/algorithms.md, section 7)."""
 
-    def __init__(self, env_spec: str, seed: int, obs_mean: np.ndarray, obs_std: np.ndarray, reward_transform: dict, device: torch.device):
+    def __init__(self, env_spec: str, seed: int, obs_mean: np.ndarray, obs_std: np.ndarray, reward_transform: dict, device: torch.device,
+                 env_rng: str | None = None):
         self.env = make_env(env_spec)
         self.env.action_space.seed(seed)
         self.obs, _ = self.env.reset(seed=seed)
+        if env_rng is not None:  # a resumed run: the episode start the interrupted run drew next
+            self.env.unwrapped.np_random.bit_generator.state = json.loads(env_rng)
+            self.obs, _ = self.env.reset()
+        self.env_rng: str | None = None  # the env's random state before the last episode's reset (set at episode ends)
         self.mean = torch.as_tensor(obs_mean, dtype=torch.float32, device=device)
         self.std = torch.as_tensor(obs_std, dtype=torch.float32, device=device)
         self.scale, self.shift = float(reward_transform["scale"]), float(reward_transform["shift"])
@@ -1701,6 +1713,7 @@ class EnvRunner:
         if term or trunc:
             finished = self.ep_return
             self.ep_return, self.ep_len = 0.0, 0
+            self.env_rng = json.dumps(self.env.unwrapped.np_random.bit_generator.state)
             self.obs, _ = self.env.reset()
         else:
             self.obs = next_obs

@@ -109,6 +109,18 @@ def scalars(run_dir: Path | str) -> dict[str, list[float]]:
     return {tag: [e.value for e in ev] for tag, ev in _scalar_events(run_dir).items()}
 
 
+def flat_tensors(tree, prefix: str = "") -> dict:
+    """Every tensor of a nested dict / list (a checkpoint), keyed by its path: two checkpoints are the same run when
+    these match key for key and tensor for tensor."""
+    import torch
+
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    out = {prefix: tree} if torch.is_tensor(tree) else {}
+    for k, v in items:
+        out.update(flat_tensors(v, f"{prefix}/{k}"))
+    return out
+
+
 def scalar_steps(run_dir: Path | str) -> dict[str, list[int]]:
     """Every tensorboard scalar of the run folder: tag -> the steps it was logged at, in logged order."""
     return {tag: [e.step for e in ev] for tag, ev in _scalar_events(run_dir).items()}

@@ -171,12 +171,14 @@ def test_o2td3_end_to_end_and_resume(antmaze, tmp_path, capsys):
     assert final["obs_std"].ne(1).any()  # TD3+BC's normalised states
     args = json.loads((Path(res["run_dir"]) / "args.json").read_text())
     assert (args["critic_layer_norm"], args["normalize_states"], args["reward"]) == (False, True, "1,-1")
-    # killed at env step 20 (online.pt every 20 steps), then resumed from online.pt: the same run
+    # killed inside the first 700-step episode (online.pt waits for an episode end): the rerun reuses the saved phases
+    # and is the same run
     run(td3, TD3_TINY, antmaze["td3_bc"], tmp_path / "resumed", "--stop-after", "20")
     capsys.readouterr()
     resumed = run(td3, TD3_TINY, antmaze["td3_bc"], tmp_path / "resumed")
-    assert "online.pt (pass --no-resume" in capsys.readouterr().out
+    assert "online.pt (pass --no-resume" not in capsys.readouterr().out
     assert_results_schema(resumed, "o2o_td3")
+    assert resumed["phases"]["reevaluated"]["reused"] and resumed["phases"]["aligned"]["reused"]
     assert resumed["curve"] == res["curve"]
 
 

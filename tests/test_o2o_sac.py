@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import tyro
-from conftest import PHASE_IDS, assert_results_schema, load_script, phase_marks, run_o2o, scalars
+from conftest import PHASE_IDS, assert_results_schema, flat_tensors, load_script, phase_marks, run_o2o, scalars
 
 o2o = load_script("o2o_sac")
 
@@ -280,15 +280,19 @@ def test_smoke_mode(name, smoke_runs):
 
 
 def test_resume_after_kill_gives_the_same_curve(smoke_runs, offline_checkpoints, tmp_path):
-    """Killed after 170 env steps (online.pt at an episode end before that), resumed: the whole curve equals the
-    uninterrupted run's, so the same seed gives the same results and the resume restores every state."""
+    """Killed after 250 env steps (online.pt at an episode end before that, after updates began at step 100), resumed:
+    the whole curve and every saved tensor equal the uninterrupted run's, so the resume restores every state."""
     full, _ = smoke_runs["o2sac_cql"]
-    killed = run(offline_checkpoints["cql"], tmp_path, "--run-name", "k", "--stop-after", "170")
-    assert killed["stopped_at"] == 170 and not (Path(killed["run_dir"]) / "final.pt").exists()
+    killed = run(offline_checkpoints["cql"], tmp_path, "--run-name", "k", "--stop-after", "250")
+    assert killed["stopped_at"] == 250 and not (Path(killed["run_dir"]) / "final.pt").exists()
+    assert 100 < torch.load(Path(killed["run_dir"]) / "online.pt", weights_only=True)["o2o"]["run"]["t"] < 250  # learned state to restore
     resumed = run(offline_checkpoints["cql"], tmp_path, "--run-name", "k")
     assert "online" in resumed["reused_phases"]
     assert phase_marks(resumed["run_dir"]) == phase_marks(smoke_runs["o2sac_cql"][1])  # a resumed run marks no phase again
     assert resumed["curve"] == full["curve"]
+    # and the same weights, optimiser states, temperature, multiplier and replay, bit for bit
+    ends = [flat_tensors(torch.load(Path(r["run_dir"]) / "final.pt", weights_only=True)) for r in (full, resumed)]
+    assert ends[0].keys() == ends[1].keys() and all(torch.equal(v, ends[1][k]) for k, v in ends[0].items())
     # a rerun with the same args and a longer budget continues from the final online state, prefix unchanged
     longer = run(offline_checkpoints["cql"], tmp_path, "--run-name", "k", "--online-steps", "400")
     assert longer["curve"][: len(full["curve"])] == full["curve"] and longer["curve"][-1]["step"] == 400

@@ -16,7 +16,7 @@ import pytest
 import torch
 import tyro
 
-from conftest import assert_results_schema, load_script, phase_marks, run_o2o, scalar_steps, scalars
+from conftest import assert_results_schema, flat_tensors, load_script, phase_marks, run_o2o, scalar_steps, scalars
 
 td3 = load_script("o2o_td3")
 
@@ -706,25 +706,29 @@ def test_checkpoint_families(tmp_path, offline_checkpoints, name, family):
 
 def test_resume_after_kill_and_phase_reuse(tmp_path, offline_checkpoints):
     ck = offline_checkpoints["td3_bc"]
-    extra = ["--online-steps", "60", "--eval-every", "10", "--checkpoint-every", "10"]
+    extra = ["--online-steps", "120", "--eval-every", "20", "--checkpoint-every", "10"]  # training episodes: ~40-50 env steps
     full = run(ck, tmp_path, *extra, "--run-name", "full")
-    killed = run(ck, tmp_path, *extra, "--run-name", "killed", "--stop-after", "30")
+    killed = run(ck, tmp_path, *extra, "--run-name", "killed", "--stop-after", "110")
     assert not killed["finished"] and not (Path(killed["run_dir"]) / "final.pt").exists()
+    online = torch.load(Path(killed["run_dir"]) / "online.pt", weights_only=True)
+    at = online["train_state"]["loop"]["global_step"]  # the last episode end at least 10 env steps after the previous one
+    assert 50 <= at < 110 and online["train_state"]["loop"]["env_rng"] is not None
     # the multiplier resumes where it was, not at --lambda-init: a copy of the killed run, resumed with nothing left to do
-    saved = torch.load(Path(killed["run_dir"]) / "online.pt", weights_only=True)["lagrange"]["log_lambda"]
     shutil.copytree(killed["run_dir"], tmp_path / "copy" / Path(killed["run_dir"]).relative_to(tmp_path))
-    done = run(ck, tmp_path / "copy", *extra[:1], "30", *extra[2:], "--run-name", "killed")
+    done = run(ck, tmp_path / "copy", *extra[:1], str(at), *extra[2:], "--run-name", "killed")
+    saved = online["lagrange"]["log_lambda"]
     assert done["finished"] and saved.item() != 0.0
     assert torch.equal(torch.load(Path(done["run_dir"]) / "final.pt", weights_only=True)["lagrange"]["log_lambda"], saved)
     resumed = run(ck, tmp_path, *extra, "--run-name", "killed")
     assert resumed["finished"] and resumed["phases"]["aligned"]["reused"]
     assert phase_marks(resumed["run_dir"]) == phase_marks(full["run_dir"])  # a resumed run marks no phase again
-    assert [c["step"] for c in resumed["curve"]] == [c["step"] for c in full["curve"]]
-    prefix = [c for c in full["curve"] if c["step"] <= 30]
-    assert resumed["curve"][: len(prefix)] == prefix  # identical up to the kill
+    assert resumed["curve"] == full["curve"]
+    # the resumed run is the uninterrupted one: every network, optimiser state, the multiplier and the online buffer
+    ends = [flat_tensors(torch.load(Path(r["run_dir"]) / "final.pt", weights_only=True)) for r in (full, resumed)]
+    assert ends[0].keys() == ends[1].keys() and all(torch.equal(v, ends[1][k]) for k, v in ends[0].items())
     # a longer budget with the same run name continues from the end of the shorter one
-    longer = run(ck, tmp_path, *extra[:1], "80", *extra[2:], "--run-name", "killed")
-    assert longer["curve"][: len(resumed["curve"])] == resumed["curve"] and longer["curve"][-1]["step"] == 80
+    longer = run(ck, tmp_path, *extra[:1], "140", *extra[2:], "--run-name", "killed")
+    assert longer["curve"][: len(resumed["curve"])] == resumed["curve"] and longer["curve"][-1]["step"] == 140
     # phase checkpoints reused, online phase recomputed -> the same run (the RNG state is restored with the phase)
     out = Path(full["run_dir"])
     (out / "online.pt").unlink()
@@ -790,30 +794,33 @@ def test_unfinished_run_of_other_settings_needs_no_resume(tmp_path, offline_chec
     """online.pt of other settings: refused before any phase runs, never resumed or recomputed silently; --no-resume
     starts the run afresh (every phase recomputed)."""
     ck = offline_checkpoints["td3_bc"]
-    killed = run(ck, tmp_path, "--run-name", "k", "--stop-after", "30")
+    killed = run(ck, tmp_path, "--run-name", "k", "--online-steps", "80", "--stop-after", "60")  # online.pt at the episode end ~44
     d = Path(killed["run_dir"])
     with pytest.raises(SystemExit) as e:
-        run(ck, tmp_path, "--run-name", "k", "--explore-noise", "0.2")
+        run(ck, tmp_path, "--run-name", "k", "--online-steps", "80", "--explore-noise", "0.2")
     err = capsys.readouterr().err
     assert e.value.code == 2 and "unfinished run with other settings (--explore-noise None (now 0.2))" in err and "--no-resume" in err
-    assert torch.load(d / "online.pt", weights_only=True)["train_state"]["loop"]["global_step"] == 20
+    assert 20 <= torch.load(d / "online.pt", weights_only=True)["train_state"]["loop"]["global_step"] < 60
     res = run(ck, tmp_path, "--run-name", "k", "--explore-noise", "0.2", "--no-resume")
     assert res["finished"] and not any(p["reused"] for p in res["phases"].values())
 
 
 def test_default_checkpoint_interval_and_any_eval_every(tmp_path, offline_checkpoints):
-    """Without --checkpoint-every, online.pt comes every online_steps // 10 env steps (here 4 of 40), whatever
-    --eval-every is: --eval-every 3000 runs (it used to stop with '--checkpoint-every 10000 must be a multiple of
-    --eval-every 3000'); killed at step 30 the run resumes from step 28."""
+    """Without --checkpoint-every, online.pt comes at the first episode end every online_steps // 10 env steps (here 8
+    of 80), whatever --eval-every is: --eval-every 3000 runs (it used to stop with '--checkpoint-every 10000 must be a
+    multiple of --eval-every 3000'); killed at step 70 the run resumes from its last episode end (training episodes
+    here last about 40-50 env steps)."""
     i = TINY.index("--checkpoint-every")
     tiny = TINY[:i] + TINY[i + 2:]
-    argv = [*tiny, "--checkpoint", str(offline_checkpoints["td3_bc"]), "--run-dir", str(tmp_path), "--eval-every", "3000", "--run-name", "c"]
-    killed = td3.main(tyro.cli(td3.Args, args=[*argv, "--stop-after", "30"]))
-    assert not killed["finished"] and killed["effective_budgets"]["checkpoint_every"] == 4
+    argv = [*tiny, "--checkpoint", str(offline_checkpoints["td3_bc"]), "--run-dir", str(tmp_path), "--eval-every", "3000", "--run-name", "c",
+            "--online-steps", "80"]
+    killed = td3.main(tyro.cli(td3.Args, args=[*argv, "--stop-after", "70"]))
+    assert not killed["finished"] and killed["effective_budgets"]["checkpoint_every"] == 8
     out = Path(killed["run_dir"])
-    assert torch.load(out / "online.pt", weights_only=True)["train_state"]["loop"]["global_step"] == 28
+    loop = torch.load(out / "online.pt", weights_only=True)["train_state"]["loop"]
+    assert 8 <= loop["global_step"] < 70 and loop["env_rng"] is not None
     res = td3.main(tyro.cli(td3.Args, args=argv))
-    assert res["finished"] and json.loads((out / "results.json").read_text())["effective_budgets"]["checkpoint_every"] == 4
+    assert res["finished"] and json.loads((out / "results.json").read_text())["effective_budgets"]["checkpoint_every"] == 8
     # an explicit interval needs no relation to --eval-every either
     assert run(offline_checkpoints["td3_bc"], tmp_path, "--checkpoint-every", "30", "--run-name", "e")["finished"]
 
