@@ -566,7 +566,8 @@ def test_headline_evaluations_use_more_episodes(offline_checkpoints, monkeypatch
         return np.full(n, float(n))
 
     monkeypatch.setattr(td3.Evaluator, "__call__", count)
-    res = run(offline_checkpoints["iql"], tmp_path, "--headline-eval-episodes", "3", "--align-eval-every", "10", "--early-evals", "2")
+    res = run(offline_checkpoints["iql"], tmp_path, "--headline-eval-episodes", "3", "--align-eval-every", "10", "--early-evals", "2",
+              "--no-copy-mean-net")
     got = [(p["phase"], p["step"], p["return"]) for p in res["curve"]]
     # the last alignment point is the after-alignment (headline) evaluation of the same actor, not a second one
     assert got == [("offline", 0, 3), ("distilled", 0, 3), ("align", 10, 1), ("align", 20, 3), ("aligned", 0, 3), ("online", 0, 3),
@@ -690,7 +691,8 @@ def test_buffer_modes(tmp_path, offline_checkpoints, buffer_mode):
 
 @pytest.mark.parametrize("name, family", [("cql", "tanh_gaussian"), ("iql", "gaussian"), ("bc", "tanh_gaussian"), ("bc_det", "deterministic")])
 def test_checkpoint_families(tmp_path, offline_checkpoints, name, family):
-    res = run(offline_checkpoints[name], tmp_path, "--no-reevaluate", "--align-steps", "5", "--online-steps", "20")
+    copy = ["--no-copy-mean-net"] if name == "iql" else []  # the distillation path of a Gaussian (its copy: the next test)
+    res = run(offline_checkpoints[name], tmp_path, "--no-reevaluate", "--align-steps", "5", "--online-steps", "20", *copy)
     check_outputs(res, (["distilled"] if family != "deterministic" else []) + ["aligned"], n_online_evals=1)
     assert res["offline_actor_family"] == family
     if family == "deterministic":
@@ -702,6 +704,30 @@ def test_checkpoint_families(tmp_path, offline_checkpoints, name, family):
         assert "distill/action_mse" in scalars(res["run_dir"])
     distill = [(0, "distill")] if family != "deterministic" else []
     assert phase_marks(res["run_dir"]) == [(0, "offline"), *distill, (0, "align"), (0, "online")]
+
+
+def test_iql_mean_network_is_copied_not_distilled(tmp_path, offline_checkpoints, monkeypatch):
+    """An IQL Gaussian of the online actor's layer sizes hands its mean network to pi0 and the online actor exactly:
+    nothing is distilled, pi0 acts as the offline mean on every state, and alignment and online learning start from it."""
+    calls = _count_calls(monkeypatch, ("distill_update", "align_update"))
+    res = run(offline_checkpoints["iql"], tmp_path, "--no-reevaluate", "--align-steps", "5", "--online-steps", "20")
+    check_outputs(res, ["aligned"], n_online_evals=1)
+    out = Path(res["run_dir"])
+    assert calls["distill_update"] == [] and len(calls["align_update"]) == 5
+    assert res["distillation"] is None and not (out / "distilled.pt").exists() and "distill/action_mse" not in scalars(out)
+    assert phase_marks(out) == [(0, "offline"), (0, "align"), (0, "online")]
+    teacher = td3.actor_from_checkpoint(td3.load_checkpoint(offline_checkpoints["iql"], env_name="hopper-medium-v2"))
+    pi0 = td3.DeterministicActor(teacher.net[0].in_features, teacher.net[-1].out_features, td3.ACTOR_HIDDEN)
+    pi0.load_state_dict(torch.load(out / "final.pt", weights_only=True)["train_state"]["modules"]["pi0"])
+    obs = torch.randn(512, teacher.net[0].in_features) * 3
+    with torch.no_grad():
+        assert torch.equal(pi0(obs), teacher.act(obs))
+    # the aligned score is the offline one (alignment holds the actor at pi0): the copy acts exactly as the teacher
+    assert res["aligned_score"] == res["offline_score"]
+    # other layer sizes cannot be copied: distilled
+    small = td3.GaussianActor(11, 3, (64, 64))
+    assert td3.mean_net_copy(small, {"actor_config": {"hidden": [64, 64]}, "obs_dim": 11, "act_dim": 3, "max_action": 1.0}) is None
+    assert td3.mean_net_copy(td3.DeterministicActor(11, 3, td3.ACTOR_HIDDEN), {"actor_config": {"hidden": [256, 256]}}) is None
 
 
 def test_resume_after_kill_and_phase_reuse(tmp_path, offline_checkpoints):
@@ -1250,7 +1276,7 @@ BUDGETS_X2 = ["--distill-steps", "40", "--reevaluate-steps", "40", "--align-step
 def test_budget_scale_halves_every_budget_through_main(tmp_path, offline_checkpoints, monkeypatch):
     """TINY's budgets doubled, run at --budget-scale 0.5: the TINY run's update counts, schedules and intervals."""
     calls = _count_calls(monkeypatch, ("distill_update", "reevaluate_update", "align_update", "online_update"))
-    res = run(offline_checkpoints["iql"], tmp_path, *BUDGETS_X2, "--budget-scale", "0.5")  # iql: its actor is distilled
+    res = run(offline_checkpoints["iql"], tmp_path, *BUDGETS_X2, "--budget-scale", "0.5", "--no-copy-mean-net")  # iql, distilled
     assert [len(calls[n]) for n in ("distill_update", "reevaluate_update", "align_update")] == [40, 20, 20]  # distillation not scaled
     d = td3.resolve_defaults(td3.Args())
     online_steps = range(10, 41)  # --learning-starts 10 of --online-steps 40, UTD 1
