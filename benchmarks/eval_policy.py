@@ -8,6 +8,10 @@ checkpoint, or an o2o script's aligned.pt / online.pt / final.pt) and, where the
 
     python benchmarks/eval_policy.py --env hopper-medium-v2 --episodes 50 FILE [FILE ...] --out scores.json
 
+With --sampled, each policy is also scored acting on its own samples (the actions online training explores with,
+clipped to the box; torch seed 0 for every policy): the objective PPO improves, next to the deterministic score the
+no-drop check reads.
+
 Prints one line per policy (mean normalised score +- standard error, median) and writes them as JSON. Needs the
 dataset in the Minari store (MINARI_DATASETS_PATH) for its reference scores and env; imports o2o_sac.py from the
 repository root.
@@ -34,12 +38,18 @@ def actor_of(saved: dict, state: dict) -> torch.nn.Module:
     return actor.eval()
 
 
+def sampled(actor: torch.nn.Module, max_action: float):
+    """The policy acting on its own samples, clipped to the action box (as the o2o scripts' training envs get them)."""
+    return lambda obs: actor.sample(obs)[0].clamp(-max_action, max_action)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--env", default="hopper-medium-v2")
     p.add_argument("--episodes", type=int, default=50)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--sampled", action="store_true", help="also score each policy on sampled actions")
     a = p.parse_args()
     torch.set_num_threads(1)
     data = o2o_sac.load_dataset(a.env, quiet=True)
@@ -52,8 +62,12 @@ def main() -> None:
             pi0.load_state_dict(saved["o2o"]["pi0"])
             policies.append(("pi0", pi0.eval()))
         ev = o2o_sac.Evaluator(data["env_spec"], a.episodes, 1000, saved["obs_mean"].numpy(), saved["obs_std"].numpy(), torch.device("cpu"))
-        for name, actor in policies:
-            scores = o2o_sac.normalized_score(ev(actor.act), data["ref_min_score"], data["ref_max_score"])
+        runs = [(name, actor.act) for name, actor in policies]
+        if a.sampled:
+            runs += [(f"{name} sampled", sampled(actor, saved.get("max_action", 1.0))) for name, actor in policies]
+        for name, act in runs:
+            torch.manual_seed(0)
+            scores = o2o_sac.normalized_score(ev(act), data["ref_min_score"], data["ref_max_score"])
             row = {"file": str(path), "policy": name, "episodes": a.episodes, "mean": float(scores.mean()),
                    "stderr": float(scores.std(ddof=1) / np.sqrt(len(scores))), "median": float(np.median(scores))}
             results.append(row)
