@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's no-drop check at --budget-scale 0.02: each job one o2o run with the scripts' defaults scaled by 0.02
 # (O2SAC: 5k distillation steps, re-evaluation until converged, at most 10k, 10k alignment steps with the actor held at
-# pi0, 2k env steps at UTD 10; O2TD3: the same phases with 20k distillation steps, 2k env steps at UTD 1), 5
+# pi0, 2k env steps at UTD 10; O2TD3: the same phases, an IQL actor's mean network copied, 2k env steps at UTD 1), 5
 # evaluation episodes every 200 env steps, 50 for the headline evaluations (offline, distilled, aligned, the first
 # tenth of online learning, the last).
 # O2PPO jobs run at --budget-scale 0.4 instead (5k distillation steps, 20k re-evaluation steps, 100k env steps = 48
