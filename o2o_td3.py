@@ -1144,10 +1144,11 @@ def main(args: Args) -> dict:
     pi0, pi0_score = offline_actor, offline_score
     mean_net = mean_net_copy(offline_actor, ckpt) if args.copy_mean_net else None
     if mean_net is not None:  # the same deterministic actions as the offline actor's mean: its score, nothing to distil
-        pi0 = mean_net
+        pi0, run.pi0_from = mean_net, "mean_network_copied"
         print(f"the {ckpt['actor_family']} actor's mean network copied exactly into the deterministic actor (--no-copy-mean-net: distil it)")
     elif ckpt["actor_family"] != "deterministic":
         pi0, run.distillation = run_distillation(run, offline_actor, rb_offline, phase_key(args, "distilled", run.source, rewards))
+        run.pi0_from = "distilled"
         pi0_score = run.distillation["distilled_score"]
     pi0.requires_grad_(False)
     actor = copy.deepcopy(pi0).requires_grad_(True)
@@ -1475,6 +1476,7 @@ class Run:
         self.diag_obs: Tensor | None = None  # the fixed dataset states (and their actions) every diagnostic reads
         self.diag_actions: Tensor | None = None
         self.distillation: dict | None = None  # how distillation ended (run_distillation); None for a deterministic offline actor
+        self.pi0_from = "copied"  # how pi0 was made from the offline actor: copied | mean_network_copied | distilled
         self.reevaluation: dict | None = None  # how re-evaluation ended (run_reevaluation); None when it is skipped
         self.online_state = online_state  # the online.pt to resume (check_run_folder); None: the online phase starts afresh
         # the resumable state of the online env loop (online_loop); best: the best score so far (--reference best)
@@ -1549,7 +1551,7 @@ class Run:
             online_start_score=start, online_steps=a.online_steps, online_steps_done=self.loop["global_step"], budget_scale=a.budget_scale,
             wall_clock_s={k: v["wall_clock_s"] for k, v in self.phases.items()}, finished=finished, run_dir=self.out,
             evaluation_s=self.evaluator.seconds,
-            offline_actor_family=self.ckpt["actor_family"], distillation=self.distillation, reevaluation=self.reevaluation,
+            offline_actor_family=self.ckpt["actor_family"], pi0_from=self.pi0_from, distillation=self.distillation, reevaluation=self.reevaluation,
             phases=self.phases, resolved_defaults=self.defaults, reward_handling=self.rewards, effective_budgets=effective_budgets(a),
             diagnostics=self.diagnostics)
 

@@ -695,6 +695,7 @@ def test_checkpoint_families(tmp_path, offline_checkpoints, name, family):
     res = run(offline_checkpoints[name], tmp_path, "--no-reevaluate", "--align-steps", "5", "--online-steps", "20", *copy)
     check_outputs(res, (["distilled"] if family != "deterministic" else []) + ["aligned"], n_online_evals=1)
     assert res["offline_actor_family"] == family
+    assert res["pi0_from"] == ("copied" if family == "deterministic" else "distilled")
     if family == "deterministic":
         assert res["distillation"] is None
     else:
@@ -714,6 +715,7 @@ def test_iql_mean_network_is_copied_not_distilled(tmp_path, offline_checkpoints,
     check_outputs(res, ["aligned"], n_online_evals=1)
     out = Path(res["run_dir"])
     assert calls["distill_update"] == [] and len(calls["align_update"]) == 5
+    assert res["pi0_from"] == "mean_network_copied"
     assert res["distillation"] is None and not (out / "distilled.pt").exists() and "distill/action_mse" not in scalars(out)
     assert phase_marks(out) == [(0, "offline"), (0, "align"), (0, "online")]
     teacher = td3.actor_from_checkpoint(td3.load_checkpoint(offline_checkpoints["iql"], env_name="hopper-medium-v2"))
