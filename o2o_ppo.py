@@ -880,7 +880,7 @@ def main(args: Args) -> dict:
     finish_tracking(tracker)
     result = run.results(st["finished"], st)
     if not st["finished"]:  # as if killed: only online.pt (and what came before) is on disk
-        print(f"stopped after {st['global_step']} env steps (--stop-after); rerun the same command without it to resume")
+        print(stop_notice(st["global_step"], st["global_step"]))  # online.pt is written at the stop
         return result
     grad_steps = st["iteration"] * defaults["update_epochs"] * (args.rollout_size // args.minibatch_size)
     atomic_save(run.checkpoint(actor, vf, run.curve[-1]["normalized_score"], online_key, grad_steps=grad_steps, env_steps=st["global_step"],
@@ -2101,6 +2101,15 @@ def prepare_run_folder(out: Path, args: Any) -> None:
     if args.no_resume:
         for name in ("online.pt", "final.pt", "results.json"):
             (out / name).unlink(missing_ok=True)
+
+
+def stop_notice(step: int, saved_step: int | None) -> str:
+    """What a run stopped by --stop-after (as if killed) tells its user: where a rerun of the same command continues."""
+    if saved_step is None:
+        return (f"stopped after {step} env steps (--stop-after, as if killed); no online.pt was written yet: a rerun reuses the "
+                f"saved phases and starts online learning again")
+    return (f"stopped after {step} env steps (--stop-after, as if killed); online.pt holds env step {saved_step}: rerun the same "
+            f"command without --stop-after to resume from there")
 # --- end shared: runfolder ---
 
 

@@ -912,7 +912,7 @@ def run_online(run: Run, pi0: TanhGaussianActor, actor: TanhGaussianActor, qf: C
         if args.stop_after is not None and global_step >= args.stop_after and global_step < args.online_steps:
             bar.close()
             env.close()
-            return {"finished": False, "step": global_step}
+            return {"finished": False, "step": global_step, "saved_step": ckpt_t if (run.out / "online.pt").exists() else None}
     bar.close()
     env.close()
     run.phase_done("online", t_phase)
@@ -974,6 +974,7 @@ def main(args: Args) -> dict:
     end = run_online(run, pi0, actor, qf, qf_target, qf_opt, actor_opt, rb_offline, accel, start)
     if not end["finished"]:  # --stop-after: as if killed, without final outputs
         run.close()
+        print(stop_notice(end["step"], end["saved_step"]))
         return {"stopped_at": end["step"], "run_dir": str(out)}
 
     run.save_checkpoint("final", actor, qf, qf_target, end["step"], end["score"], end["o2o"])
@@ -2307,6 +2308,15 @@ def prepare_run_folder(out: Path, args: Any) -> None:
     if args.no_resume:
         for name in ("online.pt", "final.pt", "results.json"):
             (out / name).unlink(missing_ok=True)
+
+
+def stop_notice(step: int, saved_step: int | None) -> str:
+    """What a run stopped by --stop-after (as if killed) tells its user: where a rerun of the same command continues."""
+    if saved_step is None:
+        return (f"stopped after {step} env steps (--stop-after, as if killed); no online.pt was written yet: a rerun reuses the "
+                f"saved phases and starts online learning again")
+    return (f"stopped after {step} env steps (--stop-after, as if killed); online.pt holds env step {saved_step}: rerun the same "
+            f"command without --stop-after to resume from there")
 # --- end shared: runfolder ---
 
 

@@ -1189,6 +1189,8 @@ def main(args: Args) -> dict:
 
     if ok:
         diagnose(run, nets, "end")
+    else:  # --stop-after: as if killed; only online.pt (and the phases before it) is kept
+        print(stop_notice(run.loop["global_step"], run.loop["ckpt_step"] if run.phase_path("online").exists() else None))
     result = run.results(ok)
     if ok:
         run.checkpoint("final", nets, run.key, {}, run.curve[-1]["normalized_score"])
@@ -2738,6 +2740,15 @@ def prepare_run_folder(out: Path, args: Any) -> None:
     if args.no_resume:
         for name in ("online.pt", "final.pt", "results.json"):
             (out / name).unlink(missing_ok=True)
+
+
+def stop_notice(step: int, saved_step: int | None) -> str:
+    """What a run stopped by --stop-after (as if killed) tells its user: where a rerun of the same command continues."""
+    if saved_step is None:
+        return (f"stopped after {step} env steps (--stop-after, as if killed); no online.pt was written yet: a rerun reuses the "
+                f"saved phases and starts online learning again")
+    return (f"stopped after {step} env steps (--stop-after, as if killed); online.pt holds env step {saved_step}: rerun the same "
+            f"command without --stop-after to resume from there")
 # --- end shared: runfolder ---
 
 

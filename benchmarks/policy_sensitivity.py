@@ -85,7 +85,8 @@ def main() -> None:
             rows.append(measure("random", perturbed(base, size, k), size=size, draw=k))
     for path in a.compare:
         other = torch.load(path, map_location="cpu", weights_only=False)
-        rows.append(measure("compare", actor_of(saved, other["actor"]), file=str(path), env_steps=other.get("env_steps")))
+        # in its own family: an O2TD3 file holds a deterministic actor, whatever the offline checkpoint's family
+        rows.append(measure("compare", actor_of(other, other["actor"]), file=str(path), env_steps=other.get("env_steps")))
     ev.close()
     summary = []
     for size in a.sizes:

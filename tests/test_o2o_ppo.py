@@ -451,6 +451,7 @@ def test_resume_after_kill_and_longer_budget(offline_checkpoints, tmp_path, caps
     assert not killed["finished"] and killed["online_steps_done"] == 128
     assert (out / "online.pt").exists() and not (out / "final.pt").exists()
     assert json.loads((out / "results.json").read_text())["finished"] is False  # a killed run's results say so
+    assert "stopped after 128 env steps (--stop-after, as if killed); online.pt holds env step 128:" in capsys.readouterr().out
     resumed = run(ck, tmp_path)
     assert "resuming" in capsys.readouterr().out
     assert resumed["resumed_from"] == 128 and resumed["online_steps_done"] == 256 and resumed["finished"]

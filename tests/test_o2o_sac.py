@@ -279,13 +279,15 @@ def test_smoke_mode(name, smoke_runs):
     assert phase_marks(d) == marks + ([(0, "pre_sample"), (150, "online")] if porl else [(0, "online")])
 
 
-def test_resume_after_kill_gives_the_same_curve(smoke_runs, offline_checkpoints, tmp_path):
+def test_resume_after_kill_gives_the_same_curve(smoke_runs, offline_checkpoints, tmp_path, capsys):
     """Killed after 250 env steps (online.pt at an episode end before that, after updates began at step 100), resumed:
     the whole curve and every saved tensor equal the uninterrupted run's, so the resume restores every state."""
     full, _ = smoke_runs["o2sac_cql"]
     killed = run(offline_checkpoints["cql"], tmp_path, "--run-name", "k", "--stop-after", "250")
     assert killed["stopped_at"] == 250 and not (Path(killed["run_dir"]) / "final.pt").exists()
-    assert 100 < torch.load(Path(killed["run_dir"]) / "online.pt", weights_only=True)["o2o"]["run"]["t"] < 250  # learned state to restore
+    saved_at = torch.load(Path(killed["run_dir"]) / "online.pt", weights_only=True)["o2o"]["run"]["t"]
+    assert 100 < saved_at < 250  # learned state to restore
+    assert f"stopped after 250 env steps (--stop-after, as if killed); online.pt holds env step {saved_at}:" in capsys.readouterr().out
     resumed = run(offline_checkpoints["cql"], tmp_path, "--run-name", "k")
     assert "online" in resumed["reused_phases"]
     assert phase_marks(resumed["run_dir"]) == phase_marks(smoke_runs["o2sac_cql"][1])  # a resumed run marks no phase again

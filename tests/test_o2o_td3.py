@@ -732,7 +732,7 @@ def test_iql_mean_network_is_copied_not_distilled(tmp_path, offline_checkpoints,
     assert td3.mean_net_copy(td3.DeterministicActor(11, 3, td3.ACTOR_HIDDEN), {"actor_config": {"hidden": [256, 256]}}) is None
 
 
-def test_resume_after_kill_and_phase_reuse(tmp_path, offline_checkpoints):
+def test_resume_after_kill_and_phase_reuse(tmp_path, offline_checkpoints, capsys):
     ck = offline_checkpoints["td3_bc"]
     extra = ["--online-steps", "120", "--eval-every", "20", "--checkpoint-every", "10"]  # training episodes: ~40-50 env steps
     full = run(ck, tmp_path, *extra, "--run-name", "full")
@@ -741,6 +741,11 @@ def test_resume_after_kill_and_phase_reuse(tmp_path, offline_checkpoints):
     online = torch.load(Path(killed["run_dir"]) / "online.pt", weights_only=True)
     at = online["train_state"]["loop"]["global_step"]  # the last episode end at least 10 env steps after the previous one
     assert 50 <= at < 110 and online["train_state"]["loop"]["env_rng"] is not None
+    assert f"stopped after 110 env steps (--stop-after, as if killed); online.pt holds env step {at}:" in capsys.readouterr().out
+    # stopped before the first online.pt (due at an episode end): it says a rerun starts online learning again
+    early = run(ck, tmp_path, *extra, "--run-name", "early", "--stop-after", "5")
+    assert not (Path(early["run_dir"]) / "online.pt").exists() and not early["finished"]
+    assert "stopped after 5 env steps (--stop-after, as if killed); no online.pt was written yet" in capsys.readouterr().out
     # the multiplier resumes where it was, not at --lambda-init: a copy of the killed run, resumed with nothing left to do
     shutil.copytree(killed["run_dir"], tmp_path / "copy" / Path(killed["run_dir"]).relative_to(tmp_path))
     done = run(ck, tmp_path / "copy", *extra[:1], str(at), *extra[2:], "--run-name", "killed")
