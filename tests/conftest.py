@@ -6,6 +6,7 @@ Everything lives under pytest's tmp dirs; MINARI_DATASETS_PATH points there, so 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -26,6 +27,14 @@ torch.set_num_threads(1)  # tiny networks: threads cost more than they give
 def load_script(name: str):
     """Import a top-level script (offline_pretrain, o2o_sac, ...) as a module."""
     return importlib.import_module(name)
+
+
+def load_benchmark(name: str):
+    """Import a script of benchmarks/ (eval_policy, policy_sensitivity, ...) as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
-from conftest import ROOT, load_script
+from conftest import load_benchmark, load_script
 
 ppo = load_script("o2o_ppo")
-_spec = importlib.util.spec_from_file_location("eval_policy", ROOT / "benchmarks" / "eval_policy.py")
-ev = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ev)
+ev = load_benchmark("eval_policy")
 
 
 def test_sampled_actions_follow_the_policy_and_stay_in_the_box():

@@ -3,16 +3,12 @@ noise of the given size, one draw per seed)."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
-from conftest import ROOT, load_script
+from conftest import load_benchmark, load_script
 
 ppo = load_script("o2o_ppo")
-_spec = importlib.util.spec_from_file_location("policy_sensitivity", ROOT / "benchmarks" / "policy_sensitivity.py")
-sens = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sens)
+sens = load_benchmark("policy_sensitivity")
 
 
 def test_perturbed_copy_shifts_only_the_mean_network_by_the_given_size():
