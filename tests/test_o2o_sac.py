@@ -330,15 +330,16 @@ def test_retrained_checkpoint_at_the_same_path_invalidates_saved_phases(smoke_ru
     _, d = smoke_runs["o2sac_cql"]
     ckpt_path = tmp_path / "cql_checkpoint.pt"
     shutil.copy(offline_checkpoints["cql"], ckpt_path)
-    first = run(ckpt_path, tmp_path, "--run-name", "retrained")
+    short = ["--run-name", "retrained", "--online-steps", "40", "--learning-starts", "20", "--eval-every", "40"]  # phases matter here
+    first = run(ckpt_path, tmp_path, *short)
     assert first["reused_phases"] == []
     (tmp_path / "o2o_sac" / "hopper-medium-v2" / "retrained" / "online.pt").unlink()
-    assert set(run(ckpt_path, tmp_path, "--run-name", "retrained")["reused_phases"]) == {"reevaluated", "aligned"}
+    assert set(run(ckpt_path, tmp_path, *short)["reused_phases"]) == {"reevaluated", "aligned"}
     ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # "retrain": other weights, same grad_steps
     ck["actor"] = {k: v + 0.01 for k, v in ck["actor"].items()}
     torch.save(ck, ckpt_path)
     unfinish(tmp_path / "o2o_sac" / "hopper-medium-v2" / "retrained")  # a finished run of another checkpoint is refused
-    assert run(ckpt_path, tmp_path, "--run-name", "retrained")["reused_phases"] == []
+    assert run(ckpt_path, tmp_path, *short)["reused_phases"] == []
 
 
 def test_run_folder_of_other_settings_refused_then_overwritten(offline_checkpoints, tmp_path, capsys):
