@@ -743,7 +743,7 @@ def test_resume_after_kill_and_phase_reuse(tmp_path, offline_checkpoints, capsys
     assert 50 <= at < 110 and online["train_state"]["loop"]["env_rng"] is not None
     assert f"stopped after 110 env steps (--stop-after, as if killed); online.pt holds env step {at}:" in capsys.readouterr().out
     # stopped before the first online.pt (due at an episode end): it says a rerun starts online learning again
-    early = run(ck, tmp_path, *extra, "--run-name", "early", "--stop-after", "5")
+    early = run(ck, tmp_path, *extra, "--run-name", "early", "--stop-after", "5", "--no-reevaluate", "--no-align")  # no phases to compute
     assert not (Path(early["run_dir"]) / "online.pt").exists() and not early["finished"]
     assert "stopped after 5 env steps (--stop-after, as if killed); no online.pt was written yet" in capsys.readouterr().out
     # the multiplier resumes where it was, not at --lambda-init: a copy of the killed run, resumed with nothing left to do
